@@ -1,0 +1,90 @@
+"""Hugging Face Inference Endpoints custom handler: a thin adapter over remote_vae.
+
+The toolkit calls `EndpointHandler(path)` once, then `handler(data)` per
+request with `data = {"inputs": ..., "parameters": {...}}`. `inputs` may be a
+torch tensor, raw bytes, a base64 string or a PIL image. Tensor results come
+back as `{"inputs": "<base64>", "parameters": {"shape": [...], "dtype": "..."}}`,
+image results as a PIL image (the toolkit encodes it for image/* Accept).
+
+The stock toolkit passes only JSON and image bodies; serving `tensor/binary`
+needs the package's own HTTP server (`python -m remote_vae serve`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import PIL.Image
+import torch
+
+from remote_vae import families
+from remote_vae.errors import RequestError
+from remote_vae.media import dtype_name, encode_image, stack_vertically, tensor_to_bytes
+from remote_vae.service import Limits, VaeService
+from remote_vae.vae import default_source, load_vae, resolve_device, resolve_dtype
+from remote_vae.wire import Params, dispatch, first_accepted
+
+
+def _family_for(path: str) -> families.Family:
+    names = os.environ.get("REMOTE_VAE_FAMILIES", "").split()
+    if names:
+        return families.load_family(names[0])
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        raise families.FamilyError(f"{path} has no config.json; set REMOTE_VAE_FAMILIES to a family name")
+    return families.match_model_config(json.loads(config.read_text()))
+
+
+class EndpointHandler:
+    def __init__(self, path: str = ""):
+        family = _family_for(path)
+        random_weights = os.environ.get("REMOTE_VAE_RANDOM_WEIGHTS", "").lower() in ("1", "true", "yes")
+        source = default_source(family, path or os.environ.get("HF_MODEL_DIR"), several=False)
+        device = resolve_device(os.environ.get("REMOTE_VAE_DEVICE", "auto"))
+        dtype = resolve_dtype(os.environ.get("REMOTE_VAE_DTYPE", "auto"), family, device)
+        limits = Limits(
+            max_body_bytes=int(os.environ.get("REMOTE_VAE_MAX_BODY_BYTES", Limits.max_body_bytes)),
+            max_pixels=int(os.environ.get("REMOTE_VAE_MAX_PIXELS", Limits.max_pixels)),
+        )
+        self.service = VaeService(load_vae(family, source, device, dtype, random_weights=random_weights), limits)
+
+    def __call__(self, data: dict[str, Any]) -> dict[str, Any] | PIL.Image.Image:
+        inputs = data.get("inputs", data) if isinstance(data, dict) else data
+        parameters = dict(data.get("parameters") or {}) if isinstance(data, dict) else {}
+        operation = parameters.pop("operation", None)
+        accept = first_accepted(parameters.pop("accept", ""))
+        payload, content_type = self._payload(inputs, parameters)
+        params = Params()
+        params.overlay_json(parameters)
+        outcome = dispatch(self.service, params, payload, content_type, accept, operation)
+        if outcome.form == "image":
+            return stack_vertically(outcome.value)
+        tensor = outcome.value
+        return {
+            "inputs": base64.b64encode(tensor_to_bytes(tensor)).decode(),
+            "parameters": {"shape": list(tensor.shape), "dtype": dtype_name(tensor.dtype)},
+        }
+
+    @staticmethod
+    def _payload(inputs: Any, parameters: dict[str, Any]) -> tuple[bytes, str]:
+        """Raw bytes and a content type for the wire, from whatever the toolkit handed over."""
+        if isinstance(inputs, torch.Tensor):
+            parameters.setdefault("shape", list(inputs.shape))
+            parameters.setdefault("dtype", dtype_name(inputs.dtype))
+            return tensor_to_bytes(inputs), "tensor/binary" if inputs.shape[1:2] != (3,) else ""
+        if isinstance(inputs, PIL.Image.Image):
+            return encode_image(inputs, "PNG", 0), "image/png"
+        if isinstance(inputs, (bytes, bytearray)):
+            return bytes(inputs), ""
+        if isinstance(inputs, str):
+            try:
+                return base64.b64decode(inputs, validate=True), ""
+            except (binascii.Error, ValueError) as exc:
+                raise RequestError(f'"inputs" is not valid base64 ({exc})') from None
+        raise RequestError(f'"inputs" is a {type(inputs).__name__}; expected a tensor, bytes, a base64 string or a PIL image')
+

@@ -1,0 +1,115 @@
+"""Command line: `python -m remote_vae serve FAMILY [FAMILY ...] [options]`.
+
+Every option has an environment variable (REMOTE_VAE_<OPTION>), so a
+container is configured by its environment alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from . import families
+from .families import Family, FamilyError
+from .service import Limits, VaeService
+
+log = logging.getLogger("remote_vae")
+
+ENV_PREFIX = "REMOTE_VAE_"
+
+
+def env(name: str, default=None):
+    return os.environ.get(ENV_PREFIX + name, default)
+
+
+def env_flag(name: str) -> bool:
+    return str(env(name, "")).strip().lower() in ("1", "true", "yes", "on")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m remote_vae", description="Serve diffusion-model VAEs over HTTP.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve one or more VAE families")
+    serve.add_argument("families", nargs="*", metavar="FAMILY", help=f"a name in configs/ ({', '.join(families.available())}) or a config file path [env {ENV_PREFIX}FAMILIES, space-separated]")
+    serve.add_argument("--model", action="append", default=None, metavar="[FAMILY=]PATH_OR_HUB_ID", help="weights: a diffusers model directory or a Hub id org/name[/subfolder]; FAMILY= picks the family when serving several [env REMOTE_VAE_MODEL, space-separated]")
+    serve.add_argument("--host", default=env("HOST", "0.0.0.0"), help="address to listen on [env REMOTE_VAE_HOST] (default 0.0.0.0)")
+    serve.add_argument("--port", type=int, default=int(env("PORT", os.environ.get("PORT", "8000"))), help="port [env REMOTE_VAE_PORT or PORT] (default 8000)")
+    serve.add_argument("--device", default=env("DEVICE", "auto"), help="auto, cuda, cuda:N or cpu [env REMOTE_VAE_DEVICE] (default auto)")
+    serve.add_argument("--dtype", default=env("DTYPE", "auto"), choices=["auto", "float16", "bfloat16", "float32"], help="compute dtype; auto = the family's GPU dtype on CUDA, float32 on CPU [env REMOTE_VAE_DTYPE]")
+    serve.add_argument("--random-weights", action="store_true", default=env_flag("RANDOM_WEIGHTS"), help="build the architecture with seeded random weights, no download (for trying it out) [env REMOTE_VAE_RANDOM_WEIGHTS=1]")
+    serve.add_argument("--max-body-bytes", type=int, default=int(env("MAX_BODY_BYTES", Limits.max_body_bytes)), help=f"largest request body; larger gets 413 [env REMOTE_VAE_MAX_BODY_BYTES] (default {Limits.max_body_bytes})")
+    serve.add_argument("--max-pixels", type=int, default=int(env("MAX_PIXELS", Limits.max_pixels)), help=f"most pixels (over the batch) a decode returns or an encode takes; more gets 413 [env REMOTE_VAE_MAX_PIXELS] (default {Limits.max_pixels})")
+    serve.add_argument("--log-level", default=env("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"], help="[env REMOTE_VAE_LOG_LEVEL]")
+
+    commands.add_parser("families", help="list the families in configs/")
+    return parser
+
+
+def model_sources(names: list[str], specs: list[str]) -> dict[str, str]:
+    """--model values by family: 'FAMILY=SOURCE', or a bare SOURCE when serving one family."""
+    sources: dict[str, str] = {}
+    for spec in specs:
+        family, sep, source = spec.partition("=")
+        if not sep:
+            if len(names) != 1:
+                raise FamilyError(f"--model {spec!r} is ambiguous with several families; write --model FAMILY={spec}")
+            family, source = names[0], spec
+        if family not in names:
+            raise FamilyError(f"--model {spec!r} names family {family!r}, which is not being served ({', '.join(names)})")
+        sources[family] = source
+    return sources
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .server import Registry, Slot, create_app, load_in_background
+    from .vae import default_source, load_vae, resolve_device, resolve_dtype
+
+    names = args.families or env("FAMILIES", "").split()
+    if not names:
+        raise FamilyError(f"name at least one family to serve: {', '.join(families.available())}")
+    loaded: list[Family] = [families.load_family(name) for name in names]
+    if len({family.name for family in loaded}) != len(loaded):
+        raise FamilyError(f"a family is named twice in {names}")
+    specs = args.model if args.model is not None else env("MODEL", "").split()
+    sources = model_sources([family.name for family in loaded], specs)
+    limits = Limits(max_body_bytes=args.max_body_bytes, max_pixels=args.max_pixels)
+    registry = Registry({family.name: Slot(family) for family in loaded}, limits)
+
+    device = resolve_device(args.device)
+    model_dir = os.environ.get("HF_MODEL_DIR")
+
+    def load(family: Family) -> VaeService:
+        source = sources.get(family.name) or default_source(family, model_dir, several=len(loaded) > 1)
+        dtype = resolve_dtype(args.dtype, family, device)
+        return VaeService(load_vae(family, source, device, dtype, random_weights=args.random_weights), limits)
+
+    config = uvicorn.Config(create_app(registry), host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30)
+    server = uvicorn.Server(config)
+
+    def on_failure(message: str) -> None:
+        server.should_exit = True
+
+    load_in_background(registry, load, on_failure)
+    server.run()
+    failed = [slot for slot in registry.slots.values() if slot.error]
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(args, "log_level", "info").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "families":
+            for name in families.available():
+                family = families.load_family(name)
+                print(f"{name:12} {family.hub_repo}{'/' + family.hub_subfolder if family.hub_subfolder else ''}  {family.description}")
+            return 0
+        return serve(args)
+    except FamilyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,13 @@
+"""The one error type a request can raise on purpose.
+
+Everything a client can get wrong is a RequestError: it carries the HTTP
+status and a message that says what was wrong and what was expected. Any
+other exception is a bug and is answered with a 500 that hides its details.
+"""
+
+
+class RequestError(Exception):
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.message = message
+        self.status = status

@@ -1,0 +1,106 @@
+"""Model families as data: one JSON file in configs/ per family.
+
+Adding a VAE is adding a file; nothing in the request path branches on a
+family's name. A family says where its weights live, which diffusers class
+builds it, its latent layout and scaling, and the full diffusers model config
+(`architecture`) so the model can be built with random weights and no download.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+OPERATIONS = ("decode", "encode")
+DTYPES = ("float16", "bfloat16", "float32")
+
+
+class FamilyError(ValueError):
+    """A family name or config file that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    hub_repo: str
+    model_class: str
+    architecture: dict[str, Any]
+    latent_channels: int
+    spatial_compression: int
+    scaling_factor: float | None = None
+    shift_factor: float | None = None
+    hub_subfolder: str | None = None
+    compute_dtype: dict[str, str] = field(default_factory=lambda: {"cuda": "float16", "cpu": "float32"})
+    operations: tuple[str, ...] = OPERATIONS
+    description: str = ""
+
+    def dtype_for(self, device_type: str) -> str:
+        """The compute dtype this family runs in on a device type ('cuda', 'cpu', ...)."""
+        return self.compute_dtype.get(device_type, self.compute_dtype.get("cpu", "float32"))
+
+    def serves(self, operation: str) -> bool:
+        return operation in self.operations
+
+
+def _family_from_dict(data: dict[str, Any], source: str) -> Family:
+    required = ("name", "hub_repo", "model_class", "architecture", "latent_channels", "spatial_compression")
+    missing = [key for key in required if key not in data]
+    if missing:
+        raise FamilyError(f"{source}: missing keys {missing}")
+    known = set(Family.__dataclass_fields__)
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise FamilyError(f"{source}: unknown keys {unknown}; known keys are {sorted(known)}")
+    values = dict(data)
+    values["operations"] = tuple(values.get("operations", OPERATIONS))
+    bad_ops = [op for op in values["operations"] if op not in OPERATIONS]
+    if bad_ops:
+        raise FamilyError(f"{source}: unknown operations {bad_ops}; expected a subset of {list(OPERATIONS)}")
+    for device_type, dtype in values.get("compute_dtype", {}).items():
+        if dtype not in DTYPES:
+            raise FamilyError(f"{source}: compute_dtype[{device_type!r}] = {dtype!r}; expected one of {list(DTYPES)}")
+    if values.get("scaling_factor") == 0:
+        raise FamilyError(f"{source}: scaling_factor must not be 0")
+    return Family(**values)
+
+
+def available() -> list[str]:
+    """Names of the families shipped in configs/."""
+    return sorted(path.stem for path in CONFIG_DIR.glob("*.json"))
+
+
+def load_family(name_or_path: str) -> Family:
+    """A family by name (a file in configs/) or by the path of a config file."""
+    path = Path(name_or_path)
+    if not (path.suffix == ".json" and path.is_file()):
+        path = CONFIG_DIR / f"{name_or_path}.json"
+        if not path.is_file():
+            raise FamilyError(f"unknown family {name_or_path!r}; known families: {', '.join(available())} (or pass a config file path)")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise FamilyError(f"{path}: cannot read family config: {exc}") from exc
+    if not isinstance(data, dict):
+        raise FamilyError(f"{path}: a family config is a JSON object")
+    return _family_from_dict(data, str(path))
+
+
+def match_model_config(config: dict[str, Any]) -> Family:
+    """The shipped family whose class, latent channels and scaling factor match a diffusers model config."""
+    candidates = [
+        family
+        for family in map(load_family, available())
+        if family.model_class == config.get("_class_name") and family.latent_channels == config.get("latent_channels")
+    ]
+    exact = [family for family in candidates if family.scaling_factor == config.get("scaling_factor")]
+    if len(exact) == 1 or (not exact and len(candidates) == 1):
+        return (exact or candidates)[0]
+    names = [family.name for family in (exact or candidates)]
+    raise FamilyError(
+        f"cannot tell the family of a {config.get('_class_name')} with {config.get('latent_channels')} latent channels "
+        f"(candidates: {names or 'none'}); set REMOTE_VAE_FAMILIES"
+    )

@@ -1,0 +1,139 @@
+"""The VAE stage: load a family's model, then encode and decode on its device.
+
+Models are diffusers classes named by the family config. Batches run one
+sample at a time (diffusers' slicing), so peak memory is that of one image
+whatever the batch size; results are identical to a whole-batch call because
+every layer of these VAEs treats samples independently.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import diffusers
+import torch
+from diffusers.models.modeling_utils import ModelMixin
+
+from .families import Family
+from .media import TENSOR_DTYPES
+
+log = logging.getLogger("remote_vae")
+
+RANDOM_WEIGHTS_SEED = 0
+
+
+class LoadError(RuntimeError):
+    """A model that cannot be loaded as configured."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LoadError("--device cuda was asked for, but torch sees no CUDA device")
+    return device
+
+
+def resolve_dtype(name: str, family: Family, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        name = family.dtype_for(device.type)
+    if name not in ("float16", "bfloat16", "float32"):
+        raise LoadError(f"unknown dtype {name!r}; expected auto, float16, bfloat16 or float32")
+    return TENSOR_DTYPES[name]
+
+
+def model_class(family: Family) -> type[ModelMixin]:
+    cls = getattr(diffusers, family.model_class, None)
+    if not (isinstance(cls, type) and issubclass(cls, ModelMixin)):
+        raise LoadError(f"family {family.name}: model_class {family.model_class!r} is not a diffusers model class")
+    return cls
+
+
+def _has_weights(directory: Path) -> bool:
+    return (directory / "config.json").is_file()
+
+
+def default_source(family: Family, model_dir: str | None, several: bool) -> str:
+    """Where weights come from when --model is not given.
+
+    A mounted model directory (HF_MODEL_DIR, /repository on Inference Endpoints)
+    wins when it holds weights: for several families, its subdirectory named
+    after the family; else the family's Hub repository.
+    """
+    if model_dir:
+        root = Path(model_dir)
+        candidate = root / family.name if several else root
+        if _has_weights(candidate) or (family.hub_subfolder and _has_weights(candidate / family.hub_subfolder)):
+            return str(candidate)
+    return f"{family.hub_repo}/{family.hub_subfolder}" if family.hub_subfolder else family.hub_repo
+
+
+def _pretrained_args(family: Family, source: str) -> tuple[str, dict]:
+    """`from_pretrained` arguments for a local directory or a Hub id `org/name[/subfolder]`."""
+    path = Path(source)
+    if path.is_dir():
+        if _has_weights(path):
+            return str(path), {}
+        if family.hub_subfolder and _has_weights(path / family.hub_subfolder):
+            return str(path), {"subfolder": family.hub_subfolder}
+        raise LoadError(f"{path} has no config.json (expected a diffusers model directory: config.json + diffusion_pytorch_model.safetensors)")
+    parts = source.strip("/").split("/")
+    if len(parts) < 2 or source.startswith((".", "/")):
+        raise LoadError(f"--model {source!r} is neither a directory nor a Hub id like org/name[/subfolder]")
+    repo_id, subfolder = "/".join(parts[:2]), "/".join(parts[2:]) or None
+    return repo_id, ({"subfolder": subfolder} if subfolder else {})
+
+
+@dataclass
+class LoadedVae:
+    family: Family
+    model: ModelMixin
+    device: torch.device
+    dtype: torch.dtype
+    source: str
+
+    def __post_init__(self):
+        # One inference at a time per model: the device is the bottleneck, and
+        # interleaving two large decodes only doubles peak memory.
+        self._lock = threading.Lock()
+
+    def decode(self, latents: torch.Tensor, postprocess):
+        """Decode [B, C, h, w] latents and postprocess on the device; returns what `postprocess` returns."""
+        with self._lock, torch.inference_mode():
+            sample = self.model.decode(latents.to(self.device, self.dtype)).sample
+            return postprocess(sample)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Encode [B, 3, H, W] images in -1..1 to the latent distribution's mean (deterministic)."""
+        with self._lock, torch.inference_mode():
+            return self.model.encode(images.to(self.device, self.dtype)).latent_dist.mean
+
+
+def load_vae(family: Family, source: str | None, device: torch.device, dtype: torch.dtype, random_weights: bool = False) -> LoadedVae:
+    cls = model_class(family)
+    if random_weights:
+        torch.manual_seed(RANDOM_WEIGHTS_SEED)
+        model = cls.from_config(family.architecture)
+        source = "random weights"
+    else:
+        name, kwargs = _pretrained_args(family, source)
+        log.info("loading %s from %s %s", family.name, name, kwargs or "")
+        try:
+            model = cls.from_pretrained(name, **kwargs)
+        except (OSError, ValueError, EnvironmentError) as exc:
+            offline = " (HF_HUB_OFFLINE is set: the model must already be in the Hugging Face cache)" if os.environ.get("HF_HUB_OFFLINE") else ""
+            hint = "; without Hub access pass --model DIR (a diffusers model directory) or --random-weights"
+            raise LoadError(f"cannot load {family.name} from {source}{offline}: {exc}{hint}") from exc
+    channels = model.config.get("latent_channels")
+    if channels is not None and channels != family.latent_channels:
+        raise LoadError(f"{source} has {channels} latent channels, but family {family.name} expects {family.latent_channels}")
+    model = model.to(device=device, dtype=dtype).eval()
+    if hasattr(model, "enable_slicing"):
+        model.enable_slicing()
+    log.info("loaded %s (%s) on %s as %s", family.name, source, device, str(dtype).removeprefix("torch."))
+    return LoadedVae(family, model, device, dtype, source)

@@ -1,0 +1,346 @@
+"""The wire: HTTP request in, HTTP reply out (PROTOCOL.md).
+
+Parses every request form real clients send (tensor/binary with a query
+string, tensor/base64, the toolkit's JSON, bare image files), tells decode
+from encode, negotiates the body of the reply from output_type and Accept,
+and renders results and errors. It knows nothing of Starlette: server.py
+hands it the parts of a request and sends back what it returns.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs
+
+import PIL.Image
+import torch
+
+from .errors import RequestError
+from .latents import Scaling
+from .media import IMAGE_FORMATS, MEDIA_TYPES, dtype_name, encode_image, is_image_file, stack_vertically, tensor_to_bytes
+from .service import DecodeRequest, EncodeRequest, RawTensor, VaeService
+
+log = logging.getLogger("remote_vae")
+
+MAX_SHAPE_DIMS = 8
+DEFAULT_JPEG_QUALITY = 90
+JSON_TYPES = ("application/json", "tensor/base64")
+
+
+def media_type(header: str | None) -> str:
+    """'Image/PNG; charset=x' -> 'image/png'; '' when absent."""
+    return (header or "").split(";")[0].strip().lower()
+
+
+def first_accepted(header: str | None) -> str:
+    """The first media type of an Accept header; clients send one."""
+    return media_type((header or "").split(",")[0])
+
+
+class Params:
+    """Request parameters by name, from a query string and/or a JSON object.
+
+    Query values are strings as `requests` encodes them (lists as repeated
+    keys, booleans as True/False); JSON values keep their JSON types.
+    """
+
+    def __init__(self, values: dict[str, list[Any]] | None = None):
+        self.values = values or {}
+
+    @classmethod
+    def from_query(cls, query: str) -> "Params":
+        try:
+            return cls(parse_qs(query, keep_blank_values=True, strict_parsing=False, max_num_fields=256))
+        except ValueError as exc:
+            raise RequestError(f"query string cannot be parsed: {exc}") from exc
+
+    def overlay_json(self, parameters: Any) -> None:
+        """JSON parameters fill in whatever the query string did not say."""
+        if parameters is None:
+            return
+        if not isinstance(parameters, dict):
+            raise RequestError(f'"parameters" is a {type(parameters).__name__}; expected a JSON object')
+        for name, value in parameters.items():
+            self.values.setdefault(str(name), value if isinstance(value, list) and name == "shape" else [value])
+
+    def _last(self, name: str) -> Any:
+        values = self.values.get(name)
+        if not values:
+            return None
+        value = values[-1]
+        return None if value in ("", "None", None) else value
+
+    def text(self, name: str) -> str | None:
+        value = self._last(name)
+        return None if value is None else str(value)
+
+    def choice(self, name: str, choices: tuple[str, ...]) -> str | None:
+        value = self.text(name)
+        if value is None:
+            return None
+        if value.lower() not in choices:
+            raise RequestError(f"{name}={value!r} is not supported; expected one of {', '.join(choices)}")
+        return value.lower()
+
+    def flag(self, name: str) -> bool | None:
+        value = self._last(name)
+        if value is None or isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("true", "1", "yes", "on"):
+            return True
+        if text in ("false", "0", "no", "off"):
+            return False
+        raise RequestError(f"{name}={value!r} is not a boolean; expected True or False")
+
+    def number(self, name: str) -> float | None:
+        value = self._last(name)
+        if value is None:
+            return None
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise RequestError(f"{name}={value!r} is not a number; expected e.g. {name}=0.18215") from None
+        if isinstance(value, bool) or not math.isfinite(number):
+            raise RequestError(f"{name}={value!r} must be a finite number")
+        return number
+
+    def integer(self, name: str, low: int = 1, high: int = 1 << 20) -> int | None:
+        value = self._last(name)
+        if value is None:
+            return None
+        parsed = _as_int(value)
+        if parsed is None or not low <= parsed <= high:
+            raise RequestError(f"{name}={value!r} must be an integer from {low} to {high}")
+        return parsed
+
+    def shape(self) -> tuple[int, ...] | None:
+        values = self.values.get("shape")
+        if not values:
+            return None
+        if len(values) == 1 and isinstance(values[0], str) and ("," in values[0] or "[" in values[0]):
+            # curl users write shape=[1,4,64,64] or shape=1,4,64,64
+            values = values[0].strip("[] ").split(",")
+        if len(values) > MAX_SHAPE_DIMS:
+            raise RequestError(f"shape has {len(values)} dimensions; at most {MAX_SHAPE_DIMS} are accepted")
+        dims = [_as_int(value) for value in values]
+        if any(dim is None for dim in dims):
+            raise RequestError(f"shape {values} must be a list of integers, e.g. shape=1&shape=4&shape=64&shape=64")
+        return tuple(dims)
+
+
+def _as_int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        return None
+
+
+@dataclass
+class HttpCall:
+    """The parts of an HTTP request the wire needs."""
+
+    body: bytes
+    query: str = ""
+    content_type: str = ""
+    accept: str = ""
+    operation: str | None = None  # "decode" / "encode" for explicit routes, None to infer
+
+
+@dataclass
+class HttpReply:
+    status: int
+    body: bytes
+    media_type: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def error_reply(status: int, message: str) -> HttpReply:
+    return HttpReply(status, json.dumps({"error": message}).encode(), "application/json")
+
+
+# -- parsing -----------------------------------------------------------------
+
+
+def read_payload(call: HttpCall) -> tuple[Params, bytes]:
+    """The request's parameters and the bytes it carries (raw tensor memory or an image file)."""
+    params = Params.from_query(call.query)
+    content_type = media_type(call.content_type)
+    if content_type not in JSON_TYPES:
+        return params, call.body
+    body = call.body.strip()
+    if body.startswith(b"{"):
+        try:
+            document = json.loads(body)
+        except (ValueError, RecursionError) as exc:
+            raise RequestError(f"body is not valid JSON ({exc}); expected {{\"inputs\": \"<base64>\", \"parameters\": {{...}}}}") from None
+        if not isinstance(document, dict) or "inputs" not in document:
+            raise RequestError('JSON body must be an object with "inputs" (base64 of the tensor bytes or image file)')
+        params.overlay_json(document.get("parameters"))
+        inputs = document["inputs"]
+    elif content_type == "tensor/base64":
+        inputs = body.decode("ascii", errors="replace")
+    else:
+        raise RequestError('body is not a JSON object; expected {"inputs": "<base64>", "parameters": {...}}')
+    if not isinstance(inputs, str):
+        raise RequestError(f'"inputs" is a {type(inputs).__name__}; expected a base64 string')
+    try:
+        return params, base64.b64decode(inputs, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise RequestError(f'"inputs" is not valid base64 ({exc})') from None
+
+
+def infer_operation(content_type: str, data: bytes, shape: tuple[int, ...] | None) -> str:
+    """Decode or encode on the shared routes (PROTOCOL §3)."""
+    if content_type.startswith("tensor/"):
+        return "decode"
+    if content_type.startswith("image/") or is_image_file(data):
+        return "encode"
+    if shape is not None:
+        # An image tensor has 3 channels; no latent does.
+        return "encode" if len(shape) >= 4 and shape[1] == 3 else "decode"
+    raise RequestError(
+        "cannot tell what to do with this request: to decode, send Content-Type: tensor/binary with "
+        "shape and dtype; to encode, send an image file (PNG, JPEG, WebP) or a [B, 3, H, W] tensor with shape and dtype"
+    )
+
+
+def raw_tensor(params: Params, data: bytes) -> RawTensor:
+    shape = params.shape()
+    if shape is None:
+        raise RequestError("shape is missing; send it as repeated query keys, e.g. shape=1&shape=4&shape=64&shape=64")
+    dtype = params.text("dtype")
+    if dtype is None:
+        raise RequestError("dtype is missing; expected dtype=float16, bfloat16 or float32")
+    return RawTensor(shape, dtype, data)
+
+
+def scaling(params: Params) -> Scaling:
+    factor = params.number("scaling_factor")
+    if factor == 0:
+        raise RequestError("scaling_factor=0 would divide by zero; expected e.g. 0.18215")
+    return Scaling(factor, params.number("shift_factor"), params.flag("do_scaling"))
+
+
+@dataclass
+class ReplyShape:
+    """What the reply body will be: a tensor (binary or base64 JSON) or an image file."""
+
+    tensor_encoding: str = "binary"  # or the base64 media type
+    image_format: str = "JPEG"
+    image_quality: int = DEFAULT_JPEG_QUALITY
+
+
+def negotiate_decode(params: Params, accept: str) -> tuple[str, ReplyShape]:
+    """(decode form, reply shape) from output_type, partial_postprocess, image_format and Accept."""
+    output_type = params.choice("output_type", ("pt", "pil", "mp4"))
+    reply = ReplyShape(
+        tensor_encoding=accept if accept in JSON_TYPES else "binary",
+        image_quality=params.integer("quality", 1, 100) or DEFAULT_JPEG_QUALITY,
+    )
+    wants_tensor = accept.startswith("tensor/") or accept in JSON_TYPES
+    if output_type is None:
+        # Old clients send no output_type: Accept says what they want.
+        output_type = "pt" if wants_tensor else "pil"
+    if output_type == "mp4":
+        return "mp4", reply
+    if output_type == "pt":
+        return ("uint8" if params.flag("partial_postprocess") else "raw"), reply
+    if wants_tensor:
+        return "unit", reply  # pil with a client-side processor
+    accepted_format = {media: name for name, media in MEDIA_TYPES.items()}.get(accept)
+    requested = params.choice("image_format", tuple(IMAGE_FORMATS)) or "jpg"
+    reply.image_format = accepted_format or IMAGE_FORMATS[requested]
+    return "image", reply
+
+
+def parse_decode(params: Params, data: bytes) -> DecodeRequest:
+    latent = raw_tensor(params, data)
+    request = DecodeRequest(latent=latent, scaling=scaling(params))
+    if len(latent.shape) == 3:
+        # Only packed latents need pixel sizes; other clients send nonsense ones.
+        request.height = params.integer("height")
+        request.width = params.integer("width")
+    return request
+
+
+def parse_encode(content_type: str, params: Params, data: bytes) -> EncodeRequest:
+    request = EncodeRequest(scaling=scaling(params))
+    if content_type.startswith("image/") or is_image_file(data) or params.shape() is None:
+        request.image = data
+    else:
+        request.tensor = raw_tensor(params, data)
+    return request
+
+
+# -- rendering ---------------------------------------------------------------
+
+
+def tensor_reply(tensor: torch.Tensor, encoding: str) -> HttpReply:
+    shape, dtype = list(tensor.shape), dtype_name(tensor.dtype)
+    headers = {"shape": json.dumps(shape, separators=(",", ":")), "dtype": dtype}
+    data = tensor_to_bytes(tensor)
+    if encoding in JSON_TYPES:
+        document = {"inputs": base64.b64encode(data).decode(), "parameters": {"shape": shape, "dtype": dtype}}
+        return HttpReply(200, json.dumps(document).encode(), encoding, headers)
+    return HttpReply(200, data, "tensor/binary", headers)
+
+
+def image_reply(images: list[PIL.Image.Image], reply: ReplyShape) -> HttpReply:
+    # A batch comes back as one image, the samples stacked top to bottom.
+    sheet = stack_vertically(images)
+    headers = {"image-count": str(len(images))}
+    return HttpReply(200, encode_image(sheet, reply.image_format, reply.image_quality), MEDIA_TYPES[reply.image_format], headers)
+
+
+# -- one call ----------------------------------------------------------------
+
+
+def answer(service: VaeService, call: HttpCall) -> HttpReply:
+    """Run one request through the service; every failure becomes a JSON error reply."""
+    try:
+        return _answer(service, call)
+    except RequestError as exc:
+        return error_reply(exc.status, exc.message)
+    except Exception:  # a bug, not the client's fault: log it, hide it
+        log.exception("unexpected error while serving a request")
+        return error_reply(500, "internal error while processing the request; see the server log")
+
+
+@dataclass
+class Outcome:
+    """A served request before rendering: latents or a decode result, and how the reply should look."""
+
+    form: str  # "latents" for encode, else the decode form
+    value: torch.Tensor | list[PIL.Image.Image]
+    reply: ReplyShape
+
+
+def dispatch(service: VaeService, params: Params, data: bytes, content_type: str = "", accept: str = "", operation: str | None = None) -> Outcome:
+    """Parse, run and shape one request; shared by the HTTP server and handler.py."""
+    operation = operation or infer_operation(content_type, data, params.shape())
+    if operation == "encode":
+        latents = service.encode(parse_encode(content_type, params, data))
+        return Outcome("latents", latents, ReplyShape(tensor_encoding=accept if accept in JSON_TYPES else "binary"))
+    form, reply = negotiate_decode(params, accept)
+    request = parse_decode(params, data)
+    request.form = form
+    return Outcome(form, service.decode(request), reply)
+
+
+def _answer(service: VaeService, call: HttpCall) -> HttpReply:
+    params, data = read_payload(call)
+    outcome = dispatch(service, params, data, media_type(call.content_type), first_accepted(call.accept), call.operation)
+    if outcome.form == "image":
+        return image_reply(outcome.value, outcome.reply)
+    return tensor_reply(outcome.value, outcome.reply.tensor_encoding)

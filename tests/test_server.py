@@ -1,0 +1,93 @@
+"""The HTTP layer: health while loading, the multi-family index, 500s, and start-up failures."""
+
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import requests
+import uvicorn
+from conftest import ROOT, free_port, offline_env
+
+from remote_vae.families import load_family
+from remote_vae.server import Registry, Slot, create_app
+from remote_vae.wire import HttpCall, answer
+
+
+@pytest.fixture
+def unloaded_server():
+    """An app whose model has not loaded yet, served in-process."""
+    registry = Registry({"sd15": Slot(load_family("sd15"))})
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(registry), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", registry
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_loading_answers_503_json(unloaded_server):
+    url, registry = unloaded_server
+    for path in ("/", "/health"):
+        response = requests.get(url + path)
+        assert response.status_code == 503 and response.json()["status"] == "loading"
+    response = requests.post(url + "/", data=b"x", headers={"Content-Type": "tensor/binary"})
+    assert response.status_code == 503 and "loading" in response.json()["error"] and response.headers["Retry-After"]
+    registry.slots["sd15"].error = "boom"
+    assert requests.get(url + "/health").json()["families"] == {"sd15": "failed"}
+
+
+def test_multi_family_index(multi_server):
+    index = requests.get(multi_server.url + "/").json()
+    assert index["status"] == "ok"
+    assert index["families"]["sd15"] == {"path": "/sd15/", "status": "ready", "operations": ["decode", "encode"]}
+    assert set(index["families"]) == {"sd15", "flux"}
+    assert requests.get(multi_server.url + "/flux/health").status_code == 200
+
+
+def test_unexpected_errors_are_500_json_without_details():
+    class Broken:
+        def decode(self, request):
+            raise ZeroDivisionError("secret internals")
+
+    call = HttpCall(body=bytes(512), query="shape=1&shape=4&shape=8&shape=8&dtype=float16", content_type="tensor/binary")
+    reply = answer(Broken(), call)
+    assert reply.status == 500 and reply.media_type == "application/json"
+    assert b"secret" not in reply.body and b"Traceback" not in reply.body
+
+
+def run_cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "remote_vae", *args]
+    return subprocess.run(command, cwd=ROOT, env=offline_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def test_unknown_family_exits_2():
+    result = run_cli("serve", "nope", "--port", str(free_port()))
+    assert result.returncode == 2 and "unknown family 'nope'" in result.stderr
+
+
+def test_ambiguous_model_exits_2():
+    result = run_cli("serve", "sd15", "flux", "--model", "/tmp/x", "--port", str(free_port()))
+    assert result.returncode == 2 and "FAMILY=" in result.stderr
+
+
+def test_unloadable_model_exits_1(tmp_path):
+    result = run_cli("serve", "sd15", "--model", str(tmp_path), "--host", "127.0.0.1", "--port", str(free_port()), "--device", "cpu")
+    assert result.returncode == 1 and "no config.json" in result.stderr
+
+
+def test_missing_hub_model_offline_exits_1(tmp_path):
+    env = {**offline_env(), "HF_HUB_CACHE": str(tmp_path)}
+    command = [sys.executable, "-m", "remote_vae", "serve", "sdxl", "--host", "127.0.0.1", "--port", str(free_port()), "--device", "cpu"]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "HF_HUB_OFFLINE" in result.stderr
+
+
+def test_families_command():
+    result = run_cli("families")
+    assert result.returncode == 0 and "madebyollin/sdxl-vae-fp16-fix" in result.stdout

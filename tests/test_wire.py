@@ -1,0 +1,78 @@
+"""The wire stage: parameter parsing as `requests` encodes it, decode/encode detection, negotiation."""
+
+import pytest
+from requests.models import RequestEncodingMixin
+
+from remote_vae.errors import RequestError
+from remote_vae.wire import Params, infer_operation, negotiate_decode
+
+
+def query(**params) -> Params:
+    return Params.from_query(RequestEncodingMixin._encode_params(params))
+
+
+def test_params_as_requests_encodes_them():
+    params = query(shape=[1, 4, 64, 64], dtype="float16", partial_postprocess=True, do_scaling=False, scaling_factor=0.18215)
+    assert params.shape() == (1, 4, 64, 64)
+    assert params.flag("partial_postprocess") is True and params.flag("do_scaling") is False
+    assert params.number("scaling_factor") == 0.18215
+    assert params.text("dtype") == "float16" and params.text("height") is None
+
+
+@pytest.mark.parametrize("text", ["True", "true", "TRUE", "1"])
+def test_booleans_any_case(text):
+    assert Params.from_query(f"flag={text}").flag("flag") is True
+
+
+def test_json_parameters_fill_in_under_the_query():
+    params = Params.from_query("dtype=float32")
+    params.overlay_json({"dtype": "float16", "shape": [1, 4, 8, 8], "partial_postprocess": True})
+    assert params.text("dtype") == "float32" and params.shape() == (1, 4, 8, 8) and params.flag("partial_postprocess") is True
+
+
+def test_bool_is_not_a_number():
+    params = Params()
+    params.overlay_json({"scaling_factor": True, "shape": [True, 4]})
+    with pytest.raises(RequestError):
+        params.number("scaling_factor")
+    with pytest.raises(RequestError):
+        params.shape()
+
+
+@pytest.mark.parametrize(
+    "content_type,data,shape,operation",
+    [
+        ("tensor/binary", b"", (1, 3, 8, 8), "decode"),
+        ("image/png", b"", None, "encode"),
+        ("", b"\x89PNG\r\n\x1a\n....", None, "encode"),
+        ("", b"\xff\xd8\xff\xe0", None, "encode"),
+        ("", b"", (1, 3, 64, 64), "encode"),
+        ("", b"", (1, 4, 64, 64), "decode"),
+        ("application/json", b"", (1, 4096, 64), "decode"),
+    ],
+)
+def test_infer_operation(content_type, data, shape, operation):
+    assert infer_operation(content_type, data, shape) == operation
+
+
+@pytest.mark.parametrize(
+    "params,accept,form,fmt",
+    [
+        (dict(output_type="pt"), "tensor/binary", "raw", None),
+        (dict(output_type="pt", partial_postprocess=True), "tensor/binary", "uint8", None),
+        (dict(output_type="pil"), "tensor/binary", "unit", None),
+        (dict(output_type="pil", image_format="jpg"), "image/jpeg", "image", "JPEG"),
+        (dict(output_type="pil", image_format="png"), "image/png", "image", "PNG"),
+        (dict(output_type="pil", image_format="png"), "*/*", "image", "PNG"),
+        (dict(), "image/webp", "image", "WEBP"),
+        (dict(), "tensor/binary", "raw", None),
+        (dict(), "application/json", "raw", None),
+        (dict(), "", "image", "JPEG"),
+        (dict(output_type="mp4"), "text/plain", "mp4", None),
+    ],
+)
+def test_negotiation_table(params, accept, form, fmt):
+    chosen, reply = negotiate_decode(query(**params), accept)
+    assert chosen == form
+    if fmt:
+        assert reply.image_format == fmt
