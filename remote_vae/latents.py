@@ -6,7 +6,6 @@ request for an absurd output is refused without allocating anything.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -143,6 +142,3 @@ def check_output_size(plan: LatentPlan, family: Family, max_pixels: int) -> None
             status=413,
         )
 
-
-def finite_numbers(values: list[float]) -> bool:
-    return all(math.isfinite(value) for value in values)

@@ -150,8 +150,13 @@ def create_app(registry: Registry) -> Starlette:
     for slot in slots:
         routes += family_routes(f"/{slot.family.name}", slot, registry.limits)
 
+    routes_hint = "POST / (or /predict, /decode, /encode)" if len(slots) == 1 else "POST /<family>/ for " + ", ".join(f"/{s.family.name}/" for s in slots)
+
     async def http_error(request: Request, exc: HTTPException) -> Response:
-        messages = {404: f"no route {request.method} {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
+        messages = {
+            404: f"no route {request.method} {request.url.path}; this server answers {routes_hint}",
+            405: f"{request.method} is not allowed on {request.url.path}; this server answers {routes_hint}",
+        }
         return json_error(exc.status_code, messages.get(exc.status_code, exc.detail), getattr(exc, "headers", None))
 
     async def server_error(request: Request, exc: Exception) -> Response:

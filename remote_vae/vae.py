@@ -124,7 +124,8 @@ def load_vae(family: Family, source: str | None, device: torch.device, dtype: to
         name, kwargs = _pretrained_args(family, source)
         log.info("loading %s from %s %s", family.name, name, kwargs or "")
         try:
-            model = cls.from_pretrained(name, **kwargs)
+            # torch_dtype here, not .to(dtype) later: diffusers keeps modules it must run in float32.
+            model = cls.from_pretrained(name, torch_dtype=dtype, **kwargs)
         except (OSError, ValueError, EnvironmentError) as exc:
             offline = " (HF_HUB_OFFLINE is set: the model must already be in the Hugging Face cache)" if os.environ.get("HF_HUB_OFFLINE") else ""
             hint = "; without Hub access pass --model DIR (a diffusers model directory) or --random-weights"
@@ -132,7 +133,9 @@ def load_vae(family: Family, source: str | None, device: torch.device, dtype: to
     channels = model.config.get("latent_channels")
     if channels is not None and channels != family.latent_channels:
         raise LoadError(f"{source} has {channels} latent channels, but family {family.name} expects {family.latent_channels}")
-    model = model.to(device=device, dtype=dtype).eval()
+    if random_weights:
+        model = model.to(dtype=dtype)
+    model = model.to(device=device).eval()
     if hasattr(model, "enable_slicing"):
         model.enable_slicing()
     log.info("loaded %s (%s) on %s as %s", family.name, source, device, str(dtype).removeprefix("torch."))

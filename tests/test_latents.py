@@ -12,13 +12,24 @@ FLUX = load_family("flux")
 SD15 = load_family("sd15")
 
 
-@pytest.mark.parametrize("height,width", [(1024, 1024), (1208, 1384), (320, 512), (72, 56)])
-def test_unpack_matches_diffusers(height, width):
-    h, w = 2 * (height // 16), 2 * (width // 16)
-    packed = torch.randn(2, (h // 2) * (w // 2), 64)
-    plan = latents.plan_decode(tuple(packed.shape), FLUX, height, width)
-    expected = FluxPipeline._unpack_latents(packed, height, width, 8)
-    assert torch.equal(latents.unpack(packed, plan), expected)
+# diffusers' slow remote tests sweep every pair of these sides.
+SIDES = (320, 512, 640, 704, 896, 1024, 1208, 1384, 1536, 1608, 1864, 2048)
+
+
+@pytest.mark.parametrize("height", SIDES)
+def test_unpack_matches_diffusers_for_every_protocol_size(height):
+    for width in SIDES:
+        h, w = 2 * (height // 16), 2 * (width // 16)
+        packed = torch.randn(1, (h // 2) * (w // 2), 64)
+        plan = latents.plan_decode(tuple(packed.shape), FLUX, height, width)
+        expected = FluxPipeline._unpack_latents(packed, height, width, 8)
+        assert torch.equal(latents.unpack(packed, plan), expected)
+        assert plan.output_pixels(FLUX) == expected.shape[2] * 8 * expected.shape[3] * 8
+
+
+@pytest.mark.parametrize("side", [s for s in SIDES if s % 16])
+def test_encode_sizes_multiple_of_8_not_16_are_accepted(side):
+    latents.check_image_size(1, side, side, FLUX, 2048 * 2048)
 
 
 def test_plan_ignores_height_width_for_4d():
