@@ -121,16 +121,16 @@ def family_routes(prefix: str, slot: Slot, limits: Limits) -> list[Route]:
 
         return endpoint
 
+    either = predict(None)
     routes = [
         Route(f"{prefix}/health", health, methods=["GET"]),
-        Route(f"{prefix}/predict", predict(None), methods=["POST"]),
+        Route(f"{prefix}/predict", either, methods=["POST"]),
         Route(f"{prefix}/decode", predict("decode"), methods=["POST"]),
         Route(f"{prefix}/encode", predict("encode"), methods=["POST"]),
     ]
-    if prefix:
-        routes += [Route(prefix, health, methods=["GET"]), Route(f"{prefix}/", health, methods=["GET"]), Route(f"{prefix}/", predict(None), methods=["POST"]), Route(prefix, predict(None), methods=["POST"])]
-    else:
-        routes += [Route("/", health, methods=["GET"]), Route("/", predict(None), methods=["POST"])]
+    # The family's root, with and without the trailing slash (no redirect for POST bodies).
+    for root in {f"{prefix}/", prefix or "/"}:
+        routes += [Route(root, health, methods=["GET"]), Route(root, either, methods=["POST"])]
     return routes
 
 

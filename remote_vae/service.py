@@ -81,7 +81,7 @@ class VaeService:
         latent_ops.check_output_size(plan, self.family, self.limits.max_pixels)
         latents = tensor_from_bytes(raw.data, raw.shape, parse_dtype(raw.dtype))
         latents = latent_ops.unpack(latents, plan)
-        # Scale in the compute dtype: a float16 latent divided in float16 loses bits.
+        # Convert, then scale: on CPU a float16 latent is scaled in float32, not in float16.
         latents = latents.to(self.vae.dtype)
         latents = latent_ops.unscale(latents, request.scaling.factors(self.family))
         return self.vae.decode(latents, getattr(self.post, request.form))

@@ -89,7 +89,7 @@ def bench_image(args: argparse.Namespace) -> None:
             side = size // family.spatial_compression
             latents = torch.randn(1, family.latent_channels, side, side, generator=torch.Generator().manual_seed(size))
 
-            def local():
+            def local(latents=latents):
                 with torch.inference_mode():
                     sample = vae.decode(latents.to(device, dtype)).sample
                     return processor.postprocess(sample, output_type="pil")[0]
@@ -97,7 +97,7 @@ def bench_image(args: argparse.Namespace) -> None:
             local(), remote_decode(url, tensor=latents, do_scaling=False, **OUTPUTS["png"])  # warm-up both
             local_time, local_image = timed(local, args.repeats, synchronize)
             for name in args.outputs:
-                service_time, result = timed(lambda: remote_decode(url, tensor=latents, do_scaling=False, **OUTPUTS[name]), args.repeats, lambda: None)
+                service_time, result = timed(lambda latents=latents, name=name: remote_decode(url, tensor=latents, do_scaling=False, **OUTPUTS[name]), args.repeats, lambda: None)
                 check = ""
                 if name == "png":
                     worst = np.abs(np.asarray(result).astype(int) - np.asarray(local_image).astype(int)).max()
