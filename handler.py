@@ -23,15 +23,14 @@ import PIL.Image
 import torch
 
 from remote_vae import families
+from remote_vae.cli import build_parser, env, load_service
 from remote_vae.errors import RequestError
 from remote_vae.media import dtype_name, encode_image, stack_vertically, tensor_to_bytes
-from remote_vae.service import Limits, VaeService
-from remote_vae.vae import default_source, load_vae, resolve_device, resolve_dtype
+from remote_vae.vae import default_source
 from remote_vae.wire import Params, dispatch, first_accepted
 
 
-def _family_for(path: str) -> families.Family:
-    names = os.environ.get("REMOTE_VAE_FAMILIES", "").split()
+def _family_for(path: str, names: list[str]) -> families.Family:
     if names:
         return families.load_family(names[0])
     config = Path(path) / "config.json"
@@ -42,16 +41,11 @@ def _family_for(path: str) -> families.Family:
 
 class EndpointHandler:
     def __init__(self, path: str = ""):
-        family = _family_for(path)
-        random_weights = os.environ.get("REMOTE_VAE_RANDOM_WEIGHTS", "").lower() in ("1", "true", "yes")
+        # The same settings `serve` reads from REMOTE_VAE_* environment variables.
+        options = build_parser().parse_args(["serve"])
+        family = _family_for(path, env("FAMILIES", "").split())
         source = default_source(family, path or os.environ.get("HF_MODEL_DIR"), several=False)
-        device = resolve_device(os.environ.get("REMOTE_VAE_DEVICE", "auto"))
-        dtype = resolve_dtype(os.environ.get("REMOTE_VAE_DTYPE", "auto"), family, device)
-        limits = Limits(
-            max_body_bytes=int(os.environ.get("REMOTE_VAE_MAX_BODY_BYTES", Limits.max_body_bytes)),
-            max_pixels=int(os.environ.get("REMOTE_VAE_MAX_PIXELS", Limits.max_pixels)),
-        )
-        self.service = VaeService(load_vae(family, source, device, dtype, random_weights=random_weights), limits)
+        self.service = load_service(family, source, options)
 
     def __call__(self, data: dict[str, Any]) -> dict[str, Any] | PIL.Image.Image:
         inputs = data.get("inputs", data) if isinstance(data, dict) else data

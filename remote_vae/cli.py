@@ -63,11 +63,24 @@ def model_sources(names: list[str], specs: list[str]) -> dict[str, str]:
     return sources
 
 
+def limits_from(args: argparse.Namespace) -> Limits:
+    return Limits(max_body_bytes=args.max_body_bytes, max_pixels=args.max_pixels)
+
+
+def load_service(family: Family, source: str, args: argparse.Namespace) -> VaeService:
+    """A family's service as the serve options (flags or their environment variables) describe it."""
+    from .vae import load_vae, resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, family, device)
+    return VaeService(load_vae(family, source, device, dtype, random_weights=args.random_weights), limits_from(args))
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .server import Registry, Slot, create_app, load_in_background
-    from .vae import default_source, load_vae, resolve_device, resolve_dtype
+    from .vae import default_source
 
     names = args.families or env("FAMILIES", "").split()
     if not names:
@@ -77,16 +90,13 @@ def serve(args: argparse.Namespace) -> int:
         raise FamilyError(f"a family is named twice in {names}")
     specs = args.model if args.model is not None else env("MODEL", "").split()
     sources = model_sources([family.name for family in loaded], specs)
-    limits = Limits(max_body_bytes=args.max_body_bytes, max_pixels=args.max_pixels)
-    registry = Registry({family.name: Slot(family) for family in loaded}, limits)
+    registry = Registry({family.name: Slot(family) for family in loaded}, limits_from(args))
 
-    device = resolve_device(args.device)
     model_dir = os.environ.get("HF_MODEL_DIR")
 
     def load(family: Family) -> VaeService:
         source = sources.get(family.name) or default_source(family, model_dir, several=len(loaded) > 1)
-        dtype = resolve_dtype(args.dtype, family, device)
-        return VaeService(load_vae(family, source, device, dtype, random_weights=args.random_weights), limits)
+        return load_service(family, source, args)
 
     config = uvicorn.Config(create_app(registry), host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30)
     server = uvicorn.Server(config)

@@ -142,9 +142,9 @@ def create_app(registry: Registry) -> Starlette:
     else:
 
         async def index(request: Request) -> Response:
-            response = health_response(slots)
+            ready = registry.ready()
             families = {slot.family.name: {"path": f"/{slot.family.name}/", "status": slot.status, "operations": list(slot.family.operations)} for slot in slots}
-            return JSONResponse({"status": "ok" if registry.ready() else "loading", "families": families}, status_code=response.status_code)
+            return JSONResponse({"status": "ok" if ready else "loading", "families": families}, status_code=200 if ready else 503)
 
         routes += [Route("/", index, methods=["GET"]), Route("/health", index, methods=["GET"])]
     for slot in slots:

@@ -31,6 +31,7 @@ log = logging.getLogger("remote_vae")
 MAX_SHAPE_DIMS = 8
 DEFAULT_JPEG_QUALITY = 90
 JSON_TYPES = ("application/json", "tensor/base64")
+FORMATS_BY_MEDIA_TYPE = {media: name for name, media in MEDIA_TYPES.items()}
 
 
 def media_type(header: str | None) -> str:
@@ -258,7 +259,7 @@ def negotiate_decode(params: Params, accept: str) -> tuple[str, ReplyShape]:
         return ("uint8" if params.flag("partial_postprocess") else "raw"), reply
     if wants_tensor:
         return "unit", reply  # pil with a client-side processor
-    accepted_format = {media: name for name, media in MEDIA_TYPES.items()}.get(accept)
+    accepted_format = FORMATS_BY_MEDIA_TYPE.get(accept)
     requested = params.choice("image_format", tuple(IMAGE_FORMATS)) or "jpg"
     reply.image_format = accepted_format or IMAGE_FORMATS[requested]
     return "image", reply

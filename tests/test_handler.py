@@ -20,6 +20,7 @@ processor = VaeImageProcessor(vae_scale_factor=8)
 @pytest.fixture(scope="module")
 def handler(model_dirs, monkeypatch_module):
     monkeypatch_module.setenv("REMOTE_VAE_DEVICE", "cpu")
+    monkeypatch_module.setenv("REMOTE_VAE_MAX_PIXELS", "123456")
     monkeypatch_module.delenv("REMOTE_VAE_FAMILIES", raising=False)
     return EndpointHandler(str(model_dirs["sd15"]))  # family found from config.json
 
@@ -37,6 +38,11 @@ def from_reply(reply: dict) -> torch.Tensor:
 
 def test_family_is_inferred(handler):
     assert handler.service.family.name == "sd15"
+
+
+def test_settings_come_from_the_serve_environment(handler):
+    assert handler.service.limits.max_pixels == 123456
+    assert handler.service.vae.device.type == "cpu"
 
 
 def test_tensor_inputs(handler, reference):
