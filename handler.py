@@ -4,7 +4,8 @@ The toolkit calls `EndpointHandler(path)` once, then `handler(data)` per
 request with `data = {"inputs": ..., "parameters": {...}}`. `inputs` may be a
 torch tensor, raw bytes, a base64 string or a PIL image. Tensor results come
 back as `{"inputs": "<base64>", "parameters": {"shape": [...], "dtype": "..."}}`,
-image results as a PIL image (the toolkit encodes it for image/* Accept).
+image results as a PIL image (the toolkit encodes it for image/* Accept),
+MP4 results as `{"inputs": "<base64 of the MP4>", "parameters": {"media_type": "video/mp4", ...}}`.
 
 The stock toolkit passes only JSON and image bodies; serving `tensor/binary`
 needs the package's own HTTP server (`python -m remote_vae serve`).
@@ -58,10 +59,13 @@ class EndpointHandler:
         outcome = dispatch(self.service, params, payload, content_type, accept, operation)
         if outcome.form == "image":
             return stack_vertically(outcome.value)
+        counts = {name.replace("-", "_"): int(value) for name, value in outcome.headers.items()}
+        if outcome.form == "mp4":
+            return {"inputs": base64.b64encode(outcome.value).decode(), "parameters": {"media_type": "video/mp4", **counts}}
         tensor = outcome.value
         return {
             "inputs": base64.b64encode(tensor_to_bytes(tensor)).decode(),
-            "parameters": {"shape": list(tensor.shape), "dtype": dtype_name(tensor.dtype)},
+            "parameters": {"shape": list(tensor.shape), "dtype": dtype_name(tensor.dtype), **counts},
         }
 
     @staticmethod

@@ -42,10 +42,26 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--random-weights", action="store_true", default=env_flag("RANDOM_WEIGHTS"), help="build the architecture with seeded random weights, no download (for trying it out) [env REMOTE_VAE_RANDOM_WEIGHTS=1]")
     serve.add_argument("--max-body-bytes", type=int, default=int(env("MAX_BODY_BYTES", Limits.max_body_bytes)), help=f"largest request body; larger gets 413 [env REMOTE_VAE_MAX_BODY_BYTES] (default {Limits.max_body_bytes})")
     serve.add_argument("--max-pixels", type=int, default=int(env("MAX_PIXELS", Limits.max_pixels)), help=f"most pixels (over the batch) a decode returns or an encode takes; more gets 413 [env REMOTE_VAE_MAX_PIXELS] (default {Limits.max_pixels})")
+    serve.add_argument("--max-video-pixels", type=int, default=int(env("MAX_VIDEO_PIXELS", Limits.max_video_pixels)), help=f"the same for videos, counting every frame; more gets 413 [env REMOTE_VAE_MAX_VIDEO_PIXELS] (default {Limits.max_video_pixels}, room for 129 frames of 1280x720)")
+    serve.add_argument("--tile-above-pixels", type=tile_threshold, default=tile_threshold(env("TILE_ABOVE_PIXELS", "family")), metavar="N|family|never", help="decode/encode in tiles when an image or frame has more than N pixels (0 = always); 'family' keeps each family's own setting (video: on above 512x512 / 1280x720, images: never) [env REMOTE_VAE_TILE_ABOVE_PIXELS]")
     serve.add_argument("--log-level", default=env("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"], help="[env REMOTE_VAE_LOG_LEVEL]")
 
     commands.add_parser("families", help="list the families in configs/")
     return parser
+
+
+def tile_threshold(value: str) -> int | None | str:
+    """--tile-above-pixels: a pixel count, 'family' (the config's) or 'never'."""
+    text = str(value).strip().lower()
+    if text in ("family", "never"):
+        return None if text == "never" else "family"
+    try:
+        pixels = int(text)
+    except ValueError:
+        pixels = -1
+    if pixels < 0:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected a pixel count (0 or more), 'family' or 'never'")
+    return pixels
 
 
 def model_sources(names: list[str], specs: list[str]) -> dict[str, str]:
@@ -64,7 +80,7 @@ def model_sources(names: list[str], specs: list[str]) -> dict[str, str]:
 
 
 def limits_from(args: argparse.Namespace) -> Limits:
-    return Limits(max_body_bytes=args.max_body_bytes, max_pixels=args.max_pixels)
+    return Limits(max_body_bytes=args.max_body_bytes, max_pixels=args.max_pixels, max_video_pixels=args.max_video_pixels)
 
 
 def load_service(family: Family, source: str, args: argparse.Namespace) -> VaeService:
@@ -73,7 +89,8 @@ def load_service(family: Family, source: str, args: argparse.Namespace) -> VaeSe
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, family, device)
-    return VaeService(load_vae(family, source, device, dtype, random_weights=args.random_weights), limits_from(args))
+    vae = load_vae(family, source, device, dtype, random_weights=args.random_weights, tile_above_pixels=args.tile_above_pixels)
+    return VaeService(vae, limits_from(args))
 
 
 def serve(args: argparse.Namespace) -> int:

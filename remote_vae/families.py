@@ -4,6 +4,12 @@ Adding a VAE is adding a file; nothing in the request path branches on a
 family's name. A family says where its weights live, which diffusers class
 builds it, its latent layout and scaling, and the full diffusers model config
 (`architecture`) so the model can be built with random weights and no download.
+
+Video families add `temporal_compression` (latent frames T decode to
+`temporal_compression * (T - 1) + 1` frames). Families normalised per channel
+(Wan) give `latents_mean` / `latents_std` instead of a scalar scaling factor.
+`tile_above_pixels` switches the model's own tiled decoding on for frames
+larger than that many pixels, with `tiling_options` passed to `enable_tiling`.
 """
 
 from __future__ import annotations
@@ -37,6 +43,19 @@ class Family:
     compute_dtype: dict[str, str] = field(default_factory=lambda: {"cuda": "float16", "cpu": "float32"})
     operations: tuple[str, ...] = OPERATIONS
     description: str = ""
+    temporal_compression: int | None = None
+    latents_mean: tuple[float, ...] | None = None
+    latents_std: tuple[float, ...] | None = None
+    tile_above_pixels: int | None = None
+    tiling_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_video(self) -> bool:
+        return self.temporal_compression is not None
+
+    def frames_for(self, latent_frames: int) -> int:
+        """Decoded frames for T latent frames: the first latent frame is one frame, each further one is several."""
+        return self.temporal_compression * (latent_frames - 1) + 1
 
     def dtype_for(self, device_type: str) -> str:
         """The compute dtype this family runs in on a device type ('cuda', 'cpu', ...)."""
@@ -65,6 +84,25 @@ def _family_from_dict(data: dict[str, Any], source: str) -> Family:
             raise FamilyError(f"{source}: compute_dtype[{device_type!r}] = {dtype!r}; expected one of {list(DTYPES)}")
     if values.get("scaling_factor") == 0:
         raise FamilyError(f"{source}: scaling_factor must not be 0")
+    temporal = values.get("temporal_compression")
+    if temporal is not None and not (isinstance(temporal, int) and temporal >= 1):
+        raise FamilyError(f"{source}: temporal_compression must be a positive integer or null")
+    for key in ("latents_mean", "latents_std"):
+        stats = values.get(key)
+        if stats is None:
+            continue
+        if not (isinstance(stats, list) and len(stats) == values["latent_channels"] and all(isinstance(v, (int, float)) for v in stats)):
+            raise FamilyError(f"{source}: {key} must be a list of {values['latent_channels']} numbers (one per latent channel)")
+        values[key] = tuple(float(v) for v in stats)
+    if (values.get("latents_mean") is None) != (values.get("latents_std") is None):
+        raise FamilyError(f"{source}: latents_mean and latents_std come together")
+    if values.get("latents_std") and 0 in values["latents_std"]:
+        raise FamilyError(f"{source}: latents_std must not contain 0")
+    if values.get("latents_mean") and values.get("scaling_factor") is not None:
+        raise FamilyError(f"{source}: give either scaling_factor/shift_factor or latents_mean/latents_std, not both")
+    tile_above = values.get("tile_above_pixels")
+    if tile_above is not None and not (isinstance(tile_above, int) and tile_above >= 0):
+        raise FamilyError(f"{source}: tile_above_pixels must be a non-negative integer or null (never tile)")
     return Family(**values)
 
 
@@ -91,16 +129,22 @@ def load_family(name_or_path: str) -> Family:
 
 def match_model_config(config: dict[str, Any]) -> Family:
     """The shipped family whose class, latent channels and scaling factor match a diffusers model config."""
+    channels = config_latent_channels(config)
     candidates = [
         family
         for family in map(load_family, available())
-        if family.model_class == config.get("_class_name") and family.latent_channels == config.get("latent_channels")
+        if family.model_class == config.get("_class_name") and family.latent_channels == channels
     ]
     exact = [family for family in candidates if family.scaling_factor == config.get("scaling_factor")]
     if len(exact) == 1 or (not exact and len(candidates) == 1):
         return (exact or candidates)[0]
     names = [family.name for family in (exact or candidates)]
     raise FamilyError(
-        f"cannot tell the family of a {config.get('_class_name')} with {config.get('latent_channels')} latent channels "
+        f"cannot tell the family of a {config.get('_class_name')} with {channels} latent channels "
         f"(candidates: {names or 'none'}); set REMOTE_VAE_FAMILIES"
     )
+
+
+def config_latent_channels(config: dict[str, Any]) -> int | None:
+    """Latent channels from a diffusers model config (Wan calls them z_dim)."""
+    return config.get("latent_channels", config.get("z_dim"))

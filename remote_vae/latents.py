@@ -15,6 +15,66 @@ from .families import Family
 
 
 @dataclass(frozen=True)
+class ScalarFactors:
+    """Images and HunyuanVideo: one scaling factor and an optional shift (PROTOCOL §5)."""
+
+    scaling_factor: float | None = None
+    shift_factor: float | None = None
+
+    def unscale(self, latents: torch.Tensor) -> torch.Tensor:
+        """Before decode: z / scaling_factor + shift_factor."""
+        if self.scaling_factor is not None:
+            latents = latents / self.scaling_factor
+        if self.shift_factor is not None:
+            latents = latents + self.shift_factor
+        return latents
+
+    def scale(self, latents: torch.Tensor) -> torch.Tensor:
+        """After encode: (z - shift_factor) * scaling_factor."""
+        if self.shift_factor is not None:
+            latents = latents - self.shift_factor
+        if self.scaling_factor is not None:
+            latents = latents * self.scaling_factor
+        return latents
+
+
+@dataclass(frozen=True)
+class ChannelStats:
+    """Wan: latents normalised per channel, z_norm = (z - mean) / std.
+
+    The arithmetic is the Wan pipelines' own (divide by 1/std, multiply by
+    1/std), so results match them bit for bit rather than to rounding.
+    """
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def _stats(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        view = (1, len(self.mean)) + (1,) * (latents.ndim - 2)
+        mean = torch.tensor(self.mean).view(view).to(latents.device, latents.dtype)
+        inverse_std = (1.0 / torch.tensor(self.std)).view(view).to(latents.device, latents.dtype)
+        return mean, inverse_std
+
+    def unscale(self, latents: torch.Tensor) -> torch.Tensor:
+        mean, inverse_std = self._stats(latents)
+        return latents / inverse_std + mean
+
+    def scale(self, latents: torch.Tensor) -> torch.Tensor:
+        mean, inverse_std = self._stats(latents)
+        return (latents - mean) * inverse_std
+
+
+Normalisation = ScalarFactors | ChannelStats
+
+
+def own_normalisation(family: Family) -> Normalisation:
+    """The family's own latent normalisation, what do_scaling=True asks for."""
+    if family.latents_mean is not None:
+        return ChannelStats(family.latents_mean, family.latents_std)
+    return ScalarFactors(family.scaling_factor, family.shift_factor)
+
+
+@dataclass(frozen=True)
 class Scaling:
     """What the client asked for: explicit factors and/or the deprecated do_scaling switch."""
 
@@ -22,30 +82,39 @@ class Scaling:
     shift_factor: float | None = None
     do_scaling: bool | None = None
 
-    def factors(self, family: Family) -> tuple[float | None, float | None]:
-        # Explicit factors win; do_scaling=True alone means "this family's own factors";
+    def normalisation(self, family: Family) -> Normalisation:
+        # Explicit factors win; do_scaling=True alone means "this family's own normalisation";
         # anything else means the latent is already scaled (ComfyUI sends do_scaling=False).
         if self.scaling_factor is not None or self.shift_factor is not None:
-            return self.scaling_factor, self.shift_factor
+            return ScalarFactors(self.scaling_factor, self.shift_factor)
         if self.do_scaling:
-            return family.scaling_factor, family.shift_factor
-        return None, None
+            return own_normalisation(family)
+        return ScalarFactors()
 
 
 @dataclass(frozen=True)
 class LatentPlan:
-    """A decode request's latent, validated: its wire shape and the [B, C, h, w] it unpacks to."""
+    """A decode request's latent, validated: its wire shape and the [B, C, (T,) h, w] it unpacks to."""
 
     wire_shape: tuple[int, ...]
     batch: int
     channels: int
     height: int
     width: int
-    packed: bool
+    packed: bool = False
+    latent_frames: int | None = None  # video only
+
+    def output_frames(self, family: Family) -> int:
+        """Frames per sample: 1 for an image."""
+        return 1 if self.latent_frames is None else family.frames_for(self.latent_frames)
+
+    def output_size(self, family: Family) -> tuple[int, int]:
+        """(width, height) in pixels of each decoded image or frame."""
+        return self.width * family.spatial_compression, self.height * family.spatial_compression
 
     def output_pixels(self, family: Family) -> int:
-        scale = family.spatial_compression
-        return self.batch * self.height * scale * self.width * scale
+        width, height = self.output_size(family)
+        return self.batch * self.output_frames(family) * width * height
 
 
 def check_dims(shape: tuple[int, ...]) -> None:
@@ -58,6 +127,14 @@ def check_dims(shape: tuple[int, ...]) -> None:
 def plan_decode(shape: tuple[int, ...], family: Family, height: int | None, width: int | None) -> LatentPlan:
     check_dims(shape)
     channels = family.latent_channels
+    if family.is_video:
+        expected = f"this family ({family.name}) decodes video latents [B, {channels}, T, h, w]"
+        if len(shape) != 5:
+            kind = {4: "an image latent", 3: "a packed latent"}.get(len(shape), "a latent")
+            raise RequestError(f"got {kind} of {len(shape)} dimensions {list(shape)}, but {expected}")
+        if shape[1] != channels:
+            raise RequestError(f"latent has {shape[1]} channels, but {expected}")
+        return LatentPlan(shape, shape[0], channels, shape[3], shape[4], latent_frames=shape[2])
     expected = (
         f"this family ({family.name}) decodes image latents [B, {channels}, h, w] "
         f"or packed latents [B, seq, {channels * 4}] with height and width"
@@ -65,7 +142,7 @@ def plan_decode(shape: tuple[int, ...], family: Family, height: int | None, widt
     if len(shape) == 4:
         if shape[1] != channels:
             raise RequestError(f"latent has {shape[1]} channels, but {expected}")
-        return LatentPlan(shape, shape[0], shape[1], shape[2], shape[3], packed=False)
+        return LatentPlan(shape, shape[0], shape[1], shape[2], shape[3])
     if len(shape) == 3:
         return _plan_packed(shape, family, height, width, expected)
     if len(shape) == 5:
@@ -99,46 +176,61 @@ def unpack(latents: torch.Tensor, plan: LatentPlan) -> torch.Tensor:
     return patches.permute(0, 3, 1, 4, 2, 5).reshape(batch, channels, h, w)
 
 
-def unscale(latents: torch.Tensor, factors: tuple[float | None, float | None]) -> torch.Tensor:
-    """Before decode: z / scaling_factor + shift_factor."""
-    scaling_factor, shift_factor = factors
-    if scaling_factor is not None:
-        latents = latents / scaling_factor
-    if shift_factor is not None:
-        latents = latents + shift_factor
-    return latents
-
-
-def scale(latents: torch.Tensor, factors: tuple[float | None, float | None]) -> torch.Tensor:
-    """After encode: (z - shift_factor) * scaling_factor."""
-    scaling_factor, shift_factor = factors
-    if shift_factor is not None:
-        latents = latents - shift_factor
-    if scaling_factor is not None:
-        latents = latents * scaling_factor
-    return latents
+def check_sides(height: int, width: int, family: Family, what: str = "image") -> None:
+    """Both sides of an image or frame to encode must be multiples of the spatial compression."""
+    step = family.spatial_compression
+    if height % step or width % step:
+        raise RequestError(
+            f"{what} is {width}x{height}; both sides must be multiples of {step} "
+            f"(e.g. {width - width % step or step}x{height - height % step or step})"
+        )
 
 
 def check_image_size(batch: int, height: int, width: int, family: Family, max_pixels: int) -> None:
     """An image to encode: sides divisible by the compression, total pixels within the limit."""
-    step = family.spatial_compression
-    if height % step or width % step:
-        raise RequestError(
-            f"image is {width}x{height}; both sides must be multiples of {step} "
-            f"(e.g. {width - width % step or step}x{height - height % step or step})"
-        )
+    check_sides(height, width, family)
     pixels = batch * height * width
     if pixels > max_pixels:
         raise RequestError(f"{batch} image(s) of {width}x{height} = {pixels} pixels; this server accepts at most {max_pixels}", status=413)
 
 
+def nearest_frame_counts(frames: int, family: Family) -> tuple[int, ...]:
+    """The valid frame counts (k * temporal_compression + 1) either side of `frames`."""
+    step = family.temporal_compression
+    below = (frames - 1) // step * step + 1
+    return (below, below + step) if below >= 1 else (below + step,)
+
+
+def check_frame_count(frames: int, family: Family) -> None:
+    """A video to encode has k * temporal_compression + 1 frames: one latent frame for the first, one per further group."""
+    step = family.temporal_compression
+    if frames < 1 or (frames - 1) % step:
+        nearest = " or ".join(str(count) for count in nearest_frame_counts(max(frames, 1), family))
+        raise RequestError(
+            f"video has {frames} frames; {family.name} encodes {step}k+1 frames (1, {step + 1}, {2 * step + 1}, ...): "
+            f"the nearest valid counts are {nearest}"
+        )
+
+
+def check_video_size(batch: int, frames: int, height: int, width: int, family: Family, max_pixels: int) -> None:
+    """A video to encode: sides, frame count and total pixels over all frames."""
+    check_sides(height, width, family, "video frame")
+    pixels = batch * frames * height * width
+    if pixels > max_pixels:
+        raise RequestError(
+            f"{batch} video(s) of {frames} frames of {width}x{height} = {pixels} pixels; this server accepts at most {max_pixels}",
+            status=413,
+        )
+    check_frame_count(frames, family)
+
+
 def check_output_size(plan: LatentPlan, family: Family, max_pixels: int) -> None:
     pixels = plan.output_pixels(family)
     if pixels > max_pixels:
-        scale_ = family.spatial_compression
+        width, height = plan.output_size(family)
+        what = f"{plan.batch} video(s) of {plan.output_frames(family)} frames" if plan.latent_frames else f"{plan.batch} image(s)"
         raise RequestError(
-            f"latent {list(plan.wire_shape)} decodes to {plan.batch} image(s) of "
-            f"{plan.width * scale_}x{plan.height * scale_} = {pixels} pixels; this server returns at most {max_pixels}",
+            f"latent {list(plan.wire_shape)} decodes to {what} of {width}x{height} = {pixels} pixels; "
+            f"this server returns at most {max_pixels}",
             status=413,
         )
-

@@ -4,27 +4,32 @@ The HTTP server (server.py via wire.py) and the Inference Endpoints adapter
 (handler.py) both build a DecodeRequest or EncodeRequest and call a
 VaeService, so there is one path from request to pixels. Stages in order:
 latents (check, unpack, scale) -> vae (decode / encode) -> media (postprocess).
+Image and video families share the path; the family's data says which.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
+import numpy as np
 import PIL.Image
 import torch
 
 from . import latents as latent_ops
 from .errors import RequestError
 from .families import Family
-from .media import Postprocessor, open_image, parse_dtype, tensor_from_bytes
+from .media import VIDEO_TYPES, Mp4Options, Postprocessor, VideoFile, VideoPostprocessor, is_image_file, open_image, parse_dtype, tensor_from_bytes, video_demuxer
 from .vae import LoadedVae
 
-# What a decode returns, by name:
-#   raw:   [B, 3, H, W] decoder output in the model dtype (about -1..1)
-#   uint8: [B, H, W, 3] denormalised 0..255
-#   unit:  [B, 3, H, W] float in 0..1
-#   image: PIL images (the wire encodes them as JPEG / PNG / WebP)
-DECODE_FORMS = ("raw", "uint8", "unit", "image")
+# What a decode returns, by name (images / videos; a video batch's clips follow one another):
+#   raw:   [B, 3, H, W] / [B, 3, F, H, W] decoder output in the model dtype (about -1..1)
+#   uint8: [B, H, W, 3] / [B*F, H, W, 3] denormalised 0..255
+#   unit:  [B, 3, H, W] / [B*F, 3, H, W] float in 0..1
+#   image: PIL images (the wire encodes them as JPEG / PNG / WebP); images only
+#   mp4:   the bytes of an H.264 MP4; videos only
+IMAGE_FORMS = ("raw", "uint8", "unit", "image")
+VIDEO_FORMS = ("raw", "uint8", "unit", "mp4")
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,8 @@ class Limits:
     max_body_bytes: int = 256 * 1024 * 1024
     # Pixels over the whole batch, of a decode's output or an encode's input.
     max_pixels: int = 4 * 2048 * 2048
+    # The same over every frame of a video batch: 2^27 holds 129 frames of 1280x720.
+    max_video_pixels: int = 1 << 27
 
 
 @dataclass
@@ -50,12 +57,22 @@ class DecodeRequest:
     scaling: latent_ops.Scaling = field(default_factory=latent_ops.Scaling)
     height: int | None = None
     width: int | None = None
+    mp4: Mp4Options = field(default_factory=Mp4Options)
+
+
+@dataclass
+class Decoded:
+    """A decode's result and what it holds: `count` images or videos of `frames` frames each."""
+
+    value: torch.Tensor | list[PIL.Image.Image] | bytes
+    count: int
+    frames: int | None = None  # None for images
 
 
 @dataclass
 class EncodeRequest:
-    image: PIL.Image.Image | bytes | None = None  # an image, or its file bytes
-    tensor: RawTensor | None = None  # or [B, 3, H, W] in -1..1
+    image: PIL.Image.Image | bytes | None = None  # an image, or an image or video file's bytes
+    tensor: RawTensor | None = None  # or [B, 3, H, W] / [B, 3, F, H, W] in -1..1
     scaling: latent_ops.Scaling = field(default_factory=latent_ops.Scaling)
 
 
@@ -64,51 +81,92 @@ class VaeService:
         self.vae = vae
         self.family: Family = vae.family
         self.limits = limits
-        self.post = Postprocessor(self.family.spatial_compression)
+        video = self.family.is_video
+        self.post = (VideoPostprocessor if video else Postprocessor)(self.family.spatial_compression)
+        self.forms = VIDEO_FORMS if video else IMAGE_FORMS
+        self.max_pixels = limits.max_video_pixels if video else limits.max_pixels
 
     def _require(self, operation: str) -> None:
         if not self.family.serves(operation):
             raise RequestError(f"family {self.family.name} does not {operation}; it serves: {', '.join(self.family.operations)}")
 
-    def decode(self, request: DecodeRequest) -> torch.Tensor | list[PIL.Image.Image]:
+    def decode(self, request: DecodeRequest) -> Decoded:
         self._require("decode")
-        if request.form == "mp4":
-            raise RequestError(f"output_type=mp4 is for video families; {self.family.name} decodes images: use output_type=pil or pt")
-        if request.form not in DECODE_FORMS:
-            raise RequestError(f"unknown decode output {request.form!r}; expected one of {DECODE_FORMS}")
         raw = request.latent
         plan = latent_ops.plan_decode(raw.shape, self.family, request.height, request.width)
-        latent_ops.check_output_size(plan, self.family, self.limits.max_pixels)
+        latent_ops.check_output_size(plan, self.family, self.max_pixels)
+        if request.form not in self.forms:
+            if self.family.is_video:
+                hint = "decodes videos: ask for output_type=mp4, pt, or pil with a client-side processor (Accept: tensor/binary), not an image file"
+            else:
+                hint = "decodes images: output_type=mp4 is for video families; use output_type=pil or pt"
+            raise RequestError(f"{self.family.name} {hint}")
         latents = tensor_from_bytes(raw.data, raw.shape, parse_dtype(raw.dtype))
         latents = latent_ops.unpack(latents, plan)
         # Convert, then scale: on CPU a float16 latent is scaled in float32, not in float16.
         latents = latents.to(self.vae.dtype)
-        latents = latent_ops.unscale(latents, request.scaling.factors(self.family))
-        return self.vae.decode(latents, getattr(self.post, request.form))
+        latents = request.scaling.normalisation(self.family).unscale(latents)
+        postprocess = getattr(self.post, request.form)
+        if request.form == "mp4":
+            postprocess = partial(postprocess, options=request.mp4)
+        value = self.vae.decode(latents, postprocess)
+        return Decoded(value, plan.batch, plan.output_frames(self.family) if plan.latent_frames else None)
 
     def encode(self, request: EncodeRequest) -> torch.Tensor:
         self._require("encode")
-        images = self._images(request)
-        latents = self.vae.encode(images)
-        return latent_ops.scale(latents, request.scaling.factors(self.family)).cpu()
-
-    def _images(self, request: EncodeRequest) -> torch.Tensor:
         if request.tensor is not None:
-            raw = request.tensor
-            latent_ops.check_dims(raw.shape)
-            if len(raw.shape) != 4 or raw.shape[1] != 3:
-                raise RequestError(f"image tensor has shape {list(raw.shape)}; expected [B, 3, H, W] in -1..1")
-            latent_ops.check_image_size(raw.shape[0], raw.shape[2], raw.shape[3], self.family, self.limits.max_pixels)
-            images = tensor_from_bytes(raw.data, raw.shape, parse_dtype(raw.dtype))
-            if not torch.isfinite(images).all():
-                raise RequestError("image tensor holds NaN or infinite values; expected finite values in -1..1")
-            return images
-        image = request.image
+            pixels = self._pixel_tensor(request.tensor)
+        else:
+            pixels = self._video_file(request.image) if self.family.is_video else self._image_file(request.image)
+        latents = self.vae.encode(pixels)
+        return request.scaling.normalisation(self.family).scale(latents).cpu()
+
+    def _pixel_tensor(self, raw: RawTensor) -> torch.Tensor:
+        """Images [B, 3, H, W] or videos [B, 3, F, H, W] in -1..1, their size checked before allocation."""
+        latent_ops.check_dims(raw.shape)
+        video = self.family.is_video
+        kind, layout = ("video", "[B, 3, F, H, W] in -1..1 (F = 1 for a single image)") if video else ("image", "[B, 3, H, W] in -1..1")
+        if len(raw.shape) != (5 if video else 4) or raw.shape[1] != 3:
+            raise RequestError(f"{kind} tensor has shape {list(raw.shape)}; expected {layout}")
+        if video:
+            batch, _, frames, height, width = raw.shape
+            latent_ops.check_video_size(batch, frames, height, width, self.family, self.max_pixels)
+        else:
+            latent_ops.check_image_size(raw.shape[0], raw.shape[2], raw.shape[3], self.family, self.max_pixels)
+        pixels = tensor_from_bytes(raw.data, raw.shape, parse_dtype(raw.dtype))
+        if not torch.isfinite(pixels).all():
+            raise RequestError(f"{kind} tensor holds NaN or infinite values; expected finite values in -1..1")
+        return pixels
+
+    def _image_file(self, image: PIL.Image.Image | bytes | None) -> torch.Tensor:
+        """[1, 3, H, W] in -1..1 from an image or its file bytes."""
         if image is None:
             raise RequestError("nothing to encode: send an image file (PNG, JPEG, WebP) or a tensor with shape and dtype")
         if isinstance(image, (bytes, bytearray)):
-            image = open_image(bytes(image), self.limits.max_pixels)
+            if video_demuxer(image) and not is_image_file(image):
+                raise RequestError(f"{self.family.name} encodes images; this is a video file: send it to a video family")
+            image = open_image(bytes(image), self.max_pixels)
         else:
             image = image.convert("RGB")
-        latent_ops.check_image_size(1, image.height, image.width, self.family, self.limits.max_pixels)
+        latent_ops.check_image_size(1, image.height, image.width, self.family, self.max_pixels)
         return self.post.preprocess(image)
+
+    def _video_file(self, data: PIL.Image.Image | bytes | None) -> torch.Tensor:
+        """[1, 3, F, H, W] in -1..1 from a video file, or from an image (a one-frame video)."""
+        if data is None:
+            raise RequestError("nothing to encode: send a video file (MP4, WebM, GIF), an image, or a [B, 3, F, H, W] tensor with shape and dtype")
+        if isinstance(data, PIL.Image.Image):
+            frames = np.asarray(data.convert("RGB"))[None]
+        elif video_demuxer(data):
+            frames = self._read_video(bytes(data))
+        elif is_image_file(data):
+            frames = np.asarray(open_image(bytes(data), self.max_pixels))[None]
+        else:
+            raise RequestError(f"body is neither a video file ({VIDEO_TYPES}) nor an image file (PNG, JPEG, WebP)")
+        latent_ops.check_video_size(1, frames.shape[0], frames.shape[1], frames.shape[2], self.family, self.max_pixels)
+        return self.post.preprocess_frames(frames)
+
+    def _read_video(self, data: bytes) -> np.ndarray:
+        with VideoFile(data) as video:
+            latent_ops.check_sides(video.height, video.width, self.family, "video frame")
+            return video.frames(max_frames=max(1, self.max_pixels // (video.width * video.height)))

@@ -4,6 +4,12 @@ Models are diffusers classes named by the family config. Batches run one
 sample at a time (diffusers' slicing), so peak memory is that of one image
 whatever the batch size; results are identical to a whole-batch call because
 every layer of these VAEs treats samples independently.
+
+Video models already decode a few latent frames at a time (HunyuanVideo's
+frame-wise decoding, Wan's causal cache). On top of that, the model's own
+spatial tiling is switched on per call when a frame is larger than the
+family's `tile_above_pixels` (or --tile-above-pixels), so peak memory stays
+bounded at high resolutions; below it, output is diffusers' untiled output.
 """
 
 from __future__ import annotations
@@ -15,10 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import diffusers
+import numpy as np
 import torch
 from diffusers.models.modeling_utils import ModelMixin
 
-from .families import Family
+from .families import Family, config_latent_channels
 from .media import TENSOR_DTYPES
 
 log = logging.getLogger("remote_vae")
@@ -96,25 +103,44 @@ class LoadedVae:
     device: torch.device
     dtype: torch.dtype
     source: str
+    tile_above_pixels: int | None = None  # None: never tile
 
     def __post_init__(self):
         # One inference at a time per model: the device is the bottleneck, and
         # interleaving two large decodes only doubles peak memory.
         self._lock = threading.Lock()
 
+    def tiles(self, frame_pixels: int) -> bool:
+        """Whether an image or frame of this many pixels is decoded / encoded in tiles."""
+        return self.tile_above_pixels is not None and frame_pixels > self.tile_above_pixels
+
+    def _switch_tiling(self, frame_pixels: int) -> None:
+        if hasattr(self.model, "use_tiling"):
+            self.model.use_tiling = self.tiles(frame_pixels)
+
     def decode(self, latents: torch.Tensor, postprocess):
-        """Decode [B, C, h, w] latents and postprocess on the device; returns what `postprocess` returns."""
+        """Decode [B, C, (T,) h, w] latents and postprocess on the device; returns what `postprocess` returns."""
         with self._lock, torch.inference_mode():
+            self._switch_tiling(latents.shape[-2] * latents.shape[-1] * self.family.spatial_compression**2)
             sample = self.model.decode(latents.to(self.device, self.dtype)).sample
             return postprocess(sample)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Encode [B, 3, H, W] images in -1..1 to the latent distribution's mean (deterministic)."""
+        """Encode [B, 3, (F,) H, W] pixels in -1..1 to the latent distribution's mean (deterministic)."""
         with self._lock, torch.inference_mode():
+            self._switch_tiling(images.shape[-2] * images.shape[-1])
             return self.model.encode(images.to(self.device, self.dtype)).latent_dist.mean
 
 
-def load_vae(family: Family, source: str | None, device: torch.device, dtype: torch.dtype, random_weights: bool = False) -> LoadedVae:
+def load_vae(
+    family: Family,
+    source: str | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    random_weights: bool = False,
+    tile_above_pixels: int | None | str = "family",
+) -> LoadedVae:
+    """The family's model on its device; tile_above_pixels overrides the family's ("family" keeps it, None never tiles)."""
     cls = model_class(family)
     if random_weights:
         torch.manual_seed(RANDOM_WEIGHTS_SEED)
@@ -130,7 +156,7 @@ def load_vae(family: Family, source: str | None, device: torch.device, dtype: to
             offline = " (HF_HUB_OFFLINE is set: the model must already be in the Hugging Face cache)" if os.environ.get("HF_HUB_OFFLINE") else ""
             hint = "; without Hub access pass --model DIR (a diffusers model directory) or --random-weights"
             raise LoadError(f"cannot load {family.name} from {source}{offline}: {exc}{hint}") from exc
-    channels = model.config.get("latent_channels")
+    channels = config_latent_channels(model.config)
     if channels is not None and channels != family.latent_channels:
         raise LoadError(f"{source} has {channels} latent channels, but family {family.name} expects {family.latent_channels}")
     if random_weights:
@@ -138,5 +164,22 @@ def load_vae(family: Family, source: str | None, device: torch.device, dtype: to
     model = model.to(device=device).eval()
     if hasattr(model, "enable_slicing"):
         model.enable_slicing()
-    log.info("loaded %s (%s) on %s as %s", family.name, source, device, str(dtype).removeprefix("torch."))
-    return LoadedVae(family, model, device, dtype, source)
+    _warn_on_other_normalisation(family, model.config, source)
+    tile_above = family.tile_above_pixels if tile_above_pixels == "family" else tile_above_pixels
+    if tile_above is not None and hasattr(model, "enable_tiling"):
+        # Tile sizes are set once; decode/encode switch use_tiling per call.
+        model.enable_tiling(**family.tiling_options)
+        model.use_tiling = False
+    log.info("loaded %s (%s) on %s as %s%s", family.name, source, device, str(dtype).removeprefix("torch."),
+             f", tiling frames above {tile_above} pixels" if tile_above is not None else "")
+    return LoadedVae(family, model, device, dtype, source, tile_above)
+
+
+def _warn_on_other_normalisation(family: Family, config, source: str) -> None:
+    """do_scaling=True uses the family's factors; say so when the weights' own config disagrees."""
+    pairs = [("scaling_factor", family.scaling_factor), ("shift_factor", family.shift_factor),
+             ("latents_mean", family.latents_mean), ("latents_std", family.latents_std)]
+    for key, ours in pairs:
+        theirs = config.get(key)
+        if ours is not None and theirs is not None and tuple(np.atleast_1d(theirs)) != tuple(np.atleast_1d(ours)):
+            log.warning("%s: the model config's %s is %s, family %s says %s; do_scaling=True uses the family's", source, key, theirs, family.name, ours)

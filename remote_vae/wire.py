@@ -23,8 +23,8 @@ import torch
 
 from .errors import RequestError
 from .latents import Scaling
-from .media import IMAGE_FORMATS, MEDIA_TYPES, dtype_name, encode_image, is_image_file, stack_vertically, tensor_to_bytes
-from .service import DecodeRequest, EncodeRequest, RawTensor, VaeService
+from .media import IMAGE_FORMATS, MEDIA_TYPES, Mp4Options, dtype_name, encode_image, is_image_file, is_video_file, stack_vertically, tensor_to_bytes
+from .service import Decoded, DecodeRequest, EncodeRequest, RawTensor, VaeService
 
 log = logging.getLogger("remote_vae")
 
@@ -205,14 +205,15 @@ def infer_operation(content_type: str, data: bytes, shape: tuple[int, ...] | Non
     """Decode or encode on the shared routes (PROTOCOL §3)."""
     if content_type.startswith("tensor/"):
         return "decode"
-    if content_type.startswith("image/") or is_image_file(data):
+    if content_type.startswith(("image/", "video/")) or is_image_file(data) or is_video_file(data):
         return "encode"
     if shape is not None:
         # An image tensor has 3 channels; no latent does.
         return "encode" if len(shape) >= 4 and shape[1] == 3 else "decode"
     raise RequestError(
         "cannot tell what to do with this request: to decode, send Content-Type: tensor/binary with "
-        "shape and dtype; to encode, send an image file (PNG, JPEG, WebP) or a [B, 3, H, W] tensor with shape and dtype"
+        "shape and dtype; to encode, send an image file (PNG, JPEG, WebP), a video file (MP4, WebM, GIF) "
+        "or a [B, 3, H, W] / [B, 3, F, H, W] tensor with shape and dtype"
     )
 
 
@@ -235,7 +236,7 @@ def scaling(params: Params) -> Scaling:
 
 @dataclass
 class ReplyShape:
-    """What the reply body will be: a tensor (binary or base64 JSON) or an image file."""
+    """What the reply body will be: a tensor (binary or base64 JSON), an image file or an MP4."""
 
     tensor_encoding: str = "binary"  # or the base64 media type
     image_format: str = "JPEG"
@@ -245,14 +246,11 @@ class ReplyShape:
 def negotiate_decode(params: Params, accept: str) -> tuple[str, ReplyShape]:
     """(decode form, reply shape) from output_type, partial_postprocess, image_format and Accept."""
     output_type = params.choice("output_type", ("pt", "pil", "mp4"))
-    reply = ReplyShape(
-        tensor_encoding=accept if accept in JSON_TYPES else "binary",
-        image_quality=params.integer("quality", 1, 100) or DEFAULT_JPEG_QUALITY,
-    )
+    reply = ReplyShape(tensor_encoding=accept if accept in JSON_TYPES else "binary")
     wants_tensor = accept.startswith("tensor/") or accept in JSON_TYPES
     if output_type is None:
         # Old clients send no output_type: Accept says what they want.
-        output_type = "pt" if wants_tensor else "pil"
+        output_type = "mp4" if accept == "video/mp4" else "pt" if wants_tensor else "pil"
     if output_type == "mp4":
         return "mp4", reply
     if output_type == "pt":
@@ -262,7 +260,22 @@ def negotiate_decode(params: Params, accept: str) -> tuple[str, ReplyShape]:
     accepted_format = FORMATS_BY_MEDIA_TYPE.get(accept)
     requested = params.choice("image_format", tuple(IMAGE_FORMATS)) or "jpg"
     reply.image_format = accepted_format or IMAGE_FORMATS[requested]
+    reply.image_quality = params.integer("quality", 1, 100) or DEFAULT_JPEG_QUALITY
     return "image", reply
+
+
+def mp4_options(params: Params) -> Mp4Options:
+    """fps, and crf (x264's 0..51, lower is better) or quality (imageio's 0..10, higher is better)."""
+    fps = params.number("fps")
+    if fps is not None and not 1 <= fps <= 240:
+        raise RequestError(f"fps={fps:g} is out of range; expected a frame rate from 1 to 240 (default {Mp4Options.fps:g})")
+    crf = params.integer("crf", 0, 51)
+    quality = params.number("quality")
+    if crf is None and quality is not None:
+        if not 0 <= quality <= 10:
+            raise RequestError(f"quality={quality:g} is out of range for mp4; expected 0..10 (imageio's scale, 10 best) or crf=0..51")
+        crf = int((1 - quality / 10) * 51)  # imageio-ffmpeg's own mapping, as in diffusers' export_to_video
+    return Mp4Options(fps=fps or Mp4Options.fps, crf=Mp4Options.crf if crf is None else crf)
 
 
 def parse_decode(params: Params, data: bytes) -> DecodeRequest:
@@ -277,7 +290,8 @@ def parse_decode(params: Params, data: bytes) -> DecodeRequest:
 
 def parse_encode(content_type: str, params: Params, data: bytes) -> EncodeRequest:
     request = EncodeRequest(scaling=scaling(params))
-    if content_type.startswith("image/") or is_image_file(data) or params.shape() is None:
+    is_file = content_type.startswith(("image/", "video/")) or is_image_file(data) or is_video_file(data)
+    if is_file or params.shape() is None:
         request.image = data
     else:
         request.tensor = raw_tensor(params, data)
@@ -287,9 +301,9 @@ def parse_encode(content_type: str, params: Params, data: bytes) -> EncodeReques
 # -- rendering ---------------------------------------------------------------
 
 
-def tensor_reply(tensor: torch.Tensor, encoding: str) -> HttpReply:
+def tensor_reply(tensor: torch.Tensor, encoding: str, headers: dict[str, str] | None = None) -> HttpReply:
     shape, dtype = list(tensor.shape), dtype_name(tensor.dtype)
-    headers = {"shape": json.dumps(shape, separators=(",", ":")), "dtype": dtype}
+    headers = {**(headers or {}), "shape": json.dumps(shape, separators=(",", ":")), "dtype": dtype}
     data = tensor_to_bytes(tensor)
     if encoding in JSON_TYPES:
         document = {"inputs": base64.b64encode(data).decode(), "parameters": {"shape": shape, "dtype": dtype}}
@@ -297,11 +311,17 @@ def tensor_reply(tensor: torch.Tensor, encoding: str) -> HttpReply:
     return HttpReply(200, data, "tensor/binary", headers)
 
 
-def image_reply(images: list[PIL.Image.Image], reply: ReplyShape) -> HttpReply:
+def image_reply(images: list[PIL.Image.Image], reply: ReplyShape, headers: dict[str, str]) -> HttpReply:
     # A batch comes back as one image, the samples stacked top to bottom.
     sheet = stack_vertically(images)
-    headers = {"image-count": str(len(images))}
     return HttpReply(200, encode_image(sheet, reply.image_format, reply.image_quality), MEDIA_TYPES[reply.image_format], headers)
+
+
+def count_headers(decoded: Decoded) -> dict[str, str]:
+    """How many images, or videos and frames per video, a decode reply holds."""
+    if decoded.frames is None:
+        return {"image-count": str(decoded.count)}
+    return {"video-count": str(decoded.count), "frame-count": str(decoded.frames)}
 
 
 # -- one call ----------------------------------------------------------------
@@ -323,8 +343,9 @@ class Outcome:
     """A served request before rendering: latents or a decode result, and how the reply should look."""
 
     form: str  # "latents" for encode, else the decode form
-    value: torch.Tensor | list[PIL.Image.Image]
+    value: torch.Tensor | list[PIL.Image.Image] | bytes
     reply: ReplyShape
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 def dispatch(service: VaeService, params: Params, data: bytes, content_type: str = "", accept: str = "", operation: str | None = None) -> Outcome:
@@ -336,12 +357,17 @@ def dispatch(service: VaeService, params: Params, data: bytes, content_type: str
     form, reply = negotiate_decode(params, accept)
     request = parse_decode(params, data)
     request.form = form
-    return Outcome(form, service.decode(request), reply)
+    if form == "mp4":
+        request.mp4 = mp4_options(params)
+    decoded = service.decode(request)
+    return Outcome(form, decoded.value, reply, count_headers(decoded))
 
 
 def _answer(service: VaeService, call: HttpCall) -> HttpReply:
     params, data = read_payload(call)
     outcome = dispatch(service, params, data, media_type(call.content_type), first_accepted(call.accept), call.operation)
     if outcome.form == "image":
-        return image_reply(outcome.value, outcome.reply)
-    return tensor_reply(outcome.value, outcome.reply.tensor_encoding)
+        return image_reply(outcome.value, outcome.reply, outcome.headers)
+    if outcome.form == "mp4":
+        return HttpReply(200, outcome.value, "video/mp4", outcome.headers)
+    return tensor_reply(outcome.value, outcome.reply.tensor_encoding, outcome.headers)

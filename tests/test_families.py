@@ -12,7 +12,11 @@ from remote_vae import families
 from remote_vae.families import FamilyError, load_family, match_model_config
 from remote_vae.vae import default_source, model_class
 
-EXPECTED_FACTORS = {"sd15": (0.18215, None), "sdxl": (0.13025, None), "flux": (0.3611, 0.1159)}
+EXPECTED_FACTORS = {
+    "sd15": (0.18215, None), "sdxl": (0.13025, None), "flux": (0.3611, 0.1159),
+    "hunyuanvideo": (0.476986, None), "wan21": (None, None),  # Wan normalises per channel instead
+}
+VIDEO_FAMILIES = ("hunyuanvideo", "wan21")
 
 
 def test_shipped_families():
@@ -24,11 +28,23 @@ def test_config_builds_its_architecture(name):
     family = load_family(name)
     with torch.device("meta"):  # full size, no memory, no download
         model = model_class(family).from_config(family.architecture)
-    assert model.config.latent_channels == family.latent_channels
-    assert 2 ** (len(model.config.block_out_channels) - 1) == family.spatial_compression
-    assert model.config.scaling_factor == family.scaling_factor
+    config = model.config
+    assert families.config_latent_channels(config) == family.latent_channels
+    spatial = getattr(model, "spatial_compression_ratio", None) or 2 ** (len(config.block_out_channels) - 1)
+    assert spatial == family.spatial_compression
+    assert config.get("temporal_compression_ratio", config.get("scale_factor_temporal")) == family.temporal_compression
+    assert config.get("scaling_factor") == family.scaling_factor
+    assert tuple(config.get("latents_mean") or ()) == (family.latents_mean or ())
+    assert tuple(config.get("latents_std") or ()) == (family.latents_std or ())
     if name in EXPECTED_FACTORS:
         assert (family.scaling_factor, family.shift_factor) == EXPECTED_FACTORS[name]
+    assert family.is_video == (name in VIDEO_FAMILIES)
+
+
+def test_video_frame_arithmetic():
+    family = load_family("hunyuanvideo")
+    # PROTOCOL's reference case: [1, 16, 3, 40, 64] decodes to 9 frames.
+    assert [family.frames_for(t) for t in (1, 2, 3, 33)] == [1, 5, 9, 129]
 
 
 def test_bad_configs_are_refused(tmp_path):
@@ -41,6 +57,17 @@ def test_bad_configs_are_refused(tmp_path):
     path.write_text(json.dumps({**json.loads((families.CONFIG_DIR / "sd15.json").read_text()), "colour": "red"}))
     with pytest.raises(FamilyError, match="unknown keys"):
         load_family(str(path))
+    wan = json.loads((families.CONFIG_DIR / "wan21.json").read_text())
+    for change, message in [
+        ({"latents_std": wan["latents_std"][:3]}, "16 numbers"),
+        ({"latents_std": None}, "come together"),
+        ({"scaling_factor": 0.5}, "either scaling_factor"),
+        ({"temporal_compression": 0}, "temporal_compression"),
+        ({"tile_above_pixels": -1}, "tile_above_pixels"),
+    ]:
+        path.write_text(json.dumps({**wan, **change}))
+        with pytest.raises(FamilyError, match=message):
+            load_family(str(path))
 
 
 def test_match_model_config():
@@ -48,6 +75,8 @@ def test_match_model_config():
     assert match_model_config({"_class_name": "AutoencoderKL", "latent_channels": 16}).name == "flux"
     with pytest.raises(FamilyError):
         match_model_config({"_class_name": "AutoencoderKL", "latent_channels": 4, "scaling_factor": 1.0})
+    assert match_model_config({"_class_name": "AutoencoderKLWan", "z_dim": 16}).name == "wan21"
+    assert match_model_config({"_class_name": "AutoencoderKLHunyuanVideo", "latent_channels": 16, "scaling_factor": 0.476986}).name == "hunyuanvideo"
 
 
 def test_default_source(tmp_path):

@@ -89,3 +89,21 @@ def test_bad_inputs_raise_request_errors(handler):
         handler({"inputs": "@@not base64@@"})
     with pytest.raises(RequestError, match="expected a tensor"):
         handler({"inputs": 42})
+
+
+def test_video_family_through_the_handler(model_dirs, reference, monkeypatch_module):
+    """A Wan model directory: the family comes from config.json (z_dim), MP4 replies come back base64."""
+    video_handler = EndpointHandler(str(model_dirs["wan21"]))
+    assert video_handler.service.family.name == "wan21"
+    latents = seeded(1, 16, 2, 2, 3)
+    reply = video_handler({"inputs": latents, "parameters": {"output_type": "mp4", "fps": 8}})
+    assert reply["parameters"] == {"media_type": "video/mp4", "video_count": 1, "frame_count": 5}
+    mp4 = base64.b64decode(reply["inputs"])
+    assert mp4[4:8] == b"ftyp"
+    latents_back = from_reply(video_handler({"inputs": mp4}))  # the MP4 bytes, encoded again
+    assert latents_back.shape == (1, 16, 2, 2, 3)
+    reply = video_handler({"inputs": latents, "parameters": {"output_type": "pt"}})
+    with torch.no_grad():
+        expected = reference["wan21"].decode(latents).sample
+    torch.testing.assert_close(from_reply(reply), expected, atol=1e-4, rtol=1e-4)
+    assert reply["parameters"]["frame_count"] == 5

@@ -10,6 +10,8 @@ from remote_vae.families import load_family
 
 FLUX = load_family("flux")
 SD15 = load_family("sd15")
+HUNYUAN = load_family("hunyuanvideo")
+WAN = load_family("wan21")
 
 
 # diffusers' slow remote tests sweep every pair of these sides.
@@ -47,15 +49,61 @@ def test_output_limit_is_checked_from_numbers_alone():
 
 def test_scaling_rules():
     family = FLUX
-    assert latents.Scaling().factors(family) == (None, None)
-    assert latents.Scaling(do_scaling=False).factors(family) == (None, None)
-    assert latents.Scaling(do_scaling=True).factors(family) == (0.3611, 0.1159)
-    assert latents.Scaling(0.5, None, do_scaling=True).factors(family) == (0.5, None)  # explicit wins
-    assert latents.Scaling(0.5, 0.1, do_scaling=False).factors(family) == (0.5, 0.1)
+    none = latents.ScalarFactors()
+    assert latents.Scaling().normalisation(family) == none
+    assert latents.Scaling(do_scaling=False).normalisation(family) == none
+    assert latents.Scaling(do_scaling=True).normalisation(family) == latents.ScalarFactors(0.3611, 0.1159)
+    assert latents.Scaling(0.5, None, do_scaling=True).normalisation(family) == latents.ScalarFactors(0.5, None)  # explicit wins
+    assert latents.Scaling(0.5, 0.1, do_scaling=False).normalisation(family) == latents.ScalarFactors(0.5, 0.1)
+
+
+def test_wan_scaling_rules():
+    own = latents.Scaling(do_scaling=True).normalisation(WAN)
+    assert own == latents.ChannelStats(WAN.latents_mean, WAN.latents_std)
+    assert latents.Scaling(0.5, do_scaling=True).normalisation(WAN) == latents.ScalarFactors(0.5, None)  # explicit wins
+    assert latents.Scaling().normalisation(WAN) == latents.ScalarFactors()
+    assert latents.Scaling(do_scaling=True).normalisation(HUNYUAN) == latents.ScalarFactors(0.476986, None)
 
 
 def test_scale_inverts_unscale():
     z = torch.randn(1, 16, 4, 4, dtype=torch.float64)
-    factors = (0.3611, 0.1159)
-    torch.testing.assert_close(latents.scale(latents.unscale(z, factors), factors), z)
-    torch.testing.assert_close(latents.unscale(z, factors), z / 0.3611 + 0.1159)
+    factors = latents.ScalarFactors(0.3611, 0.1159)
+    torch.testing.assert_close(factors.scale(factors.unscale(z)), z)
+    torch.testing.assert_close(factors.unscale(z), z / 0.3611 + 0.1159)
+
+
+def test_channel_stats_are_per_channel():
+    stats = latents.ChannelStats(WAN.latents_mean, WAN.latents_std)
+    z = torch.randn(2, 16, 3, 4, 4, dtype=torch.float64)
+    mean = torch.tensor(WAN.latents_mean, dtype=torch.float64).view(1, 16, 1, 1, 1)
+    std = torch.tensor(WAN.latents_std, dtype=torch.float64).view(1, 16, 1, 1, 1)
+    torch.testing.assert_close(stats.unscale(z), z * std + mean)
+    torch.testing.assert_close(stats.scale(z), (z - mean) / std)
+    torch.testing.assert_close(stats.scale(stats.unscale(z)), z)
+
+
+def test_video_plans():
+    plan = latents.plan_decode((1, 16, 3, 40, 64), HUNYUAN, 7, 7)  # PROTOCOL's reference case
+    assert plan.output_frames(HUNYUAN) == 9
+    assert plan.output_size(HUNYUAN) == (512, 320)
+    assert plan.output_pixels(HUNYUAN) == 9 * 512 * 320
+    for shape, message in [((1, 16, 40, 64), "image latent"), ((1, 4096, 64), "packed"), ((1, 4, 3, 8, 8), "channels")]:
+        with pytest.raises(RequestError, match=message):
+            latents.plan_decode(shape, WAN, None, None)
+    huge = latents.plan_decode((1, 16, 10**6, 8, 8), HUNYUAN, None, None)
+    with pytest.raises(RequestError) as error:
+        latents.check_output_size(huge, HUNYUAN, 1 << 27)
+    assert error.value.status == 413 and "3999997 frames" in error.value.message
+
+
+@pytest.mark.parametrize("frames, nearest", [(2, "1 or 5"), (8, "5 or 9"), (10, "9 or 13"), (16, "13 or 17")])
+def test_frame_counts_must_be_4k_plus_1(frames, nearest):
+    with pytest.raises(RequestError, match=nearest):
+        latents.check_frame_count(frames, WAN)
+
+
+def test_valid_frame_counts():
+    for frames in (1, 5, 9, 13, 129):
+        latents.check_video_size(1, frames, 64, 64, HUNYUAN, 1 << 27)
+    with pytest.raises(RequestError, match="multiples of 8"):
+        latents.check_video_size(1, 9, 60, 64, HUNYUAN, 1 << 27)

@@ -49,6 +49,11 @@ def test_bool_is_not_a_number():
         ("", b"", (1, 3, 64, 64), "encode"),
         ("", b"", (1, 4, 64, 64), "decode"),
         ("application/json", b"", (1, 4096, 64), "decode"),
+        ("", b"\x00\x00\x00\x20ftypisom", None, "encode"),  # MP4
+        ("", b"\x1a\x45\xdf\xa3\x01", None, "encode"),  # WebM
+        ("video/mp4", b"", None, "encode"),
+        ("", b"", (1, 3, 9, 64, 64), "encode"),  # a video tensor
+        ("", b"", (1, 16, 3, 8, 8), "decode"),  # a video latent
     ],
 )
 def test_infer_operation(content_type, data, shape, operation):
@@ -69,6 +74,7 @@ def test_infer_operation(content_type, data, shape, operation):
         (dict(), "application/json", "raw", None),
         (dict(), "", "image", "JPEG"),
         (dict(output_type="mp4"), "text/plain", "mp4", None),
+        (dict(), "video/mp4", "mp4", None),
     ],
 )
 def test_negotiation_table(params, accept, form, fmt):
@@ -76,3 +82,16 @@ def test_negotiation_table(params, accept, form, fmt):
     assert chosen == form
     if fmt:
         assert reply.image_format == fmt
+
+
+def test_mp4_options():
+    from remote_vae.media import Mp4Options
+    from remote_vae.wire import mp4_options
+
+    assert mp4_options(query()) == Mp4Options(fps=24, crf=18)
+    assert mp4_options(query(fps="12.5", crf="0")) == Mp4Options(fps=12.5, crf=0)
+    assert mp4_options(query(quality="5")) == Mp4Options(crf=25)  # diffusers' export_to_video default
+    assert mp4_options(query(quality="5", crf="30")).crf == 30  # crf wins
+    for bad in (dict(fps="0"), dict(fps="nan"), dict(crf="52"), dict(quality="11")):
+        with pytest.raises(RequestError):
+            mp4_options(query(**bad))
