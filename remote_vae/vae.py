@@ -166,7 +166,9 @@ def load_vae(
         model.enable_slicing()
     _warn_on_other_normalisation(family, model.config, source)
     tile_above = family.tile_above_pixels if tile_above_pixels == "family" else tile_above_pixels
-    if tile_above is not None and hasattr(model, "enable_tiling"):
+    if not hasattr(model, "enable_tiling"):
+        tile_above = None  # a model without tiling decodes whole, whatever the threshold
+    if tile_above is not None:
         # Tile sizes are set once; decode/encode switch use_tiling per call.
         model.enable_tiling(**family.tiling_options)
         model.use_tiling = False
