@@ -194,11 +194,11 @@ def check_image_size(batch: int, height: int, width: int, family: Family, max_pi
         raise RequestError(f"{batch} image(s) of {width}x{height} = {pixels} pixels; this server accepts at most {max_pixels}", status=413)
 
 
-def nearest_frame_counts(frames: int, family: Family) -> tuple[int, ...]:
-    """The valid frame counts (k * temporal_compression + 1) either side of `frames`."""
+def nearest_frame_counts(frames: int, family: Family) -> tuple[int, int]:
+    """The valid frame counts (k * temporal_compression + 1) either side of `frames` (at least 1)."""
     step = family.temporal_compression
     below = (frames - 1) // step * step + 1
-    return (below, below + step) if below >= 1 else (below + step,)
+    return below, below + step
 
 
 def check_frame_count(frames: int, family: Family) -> None:

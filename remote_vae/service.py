@@ -19,7 +19,7 @@ import torch
 from . import latents as latent_ops
 from .errors import RequestError
 from .families import Family
-from .media import VIDEO_TYPES, Mp4Options, Postprocessor, VideoFile, VideoPostprocessor, is_image_file, open_image, parse_dtype, tensor_from_bytes, video_demuxer
+from .media import VIDEO_TYPES, Mp4Options, Postprocessor, VideoFile, VideoPostprocessor, is_image_file, is_video_file, open_image, parse_dtype, tensor_from_bytes, video_demuxer
 from .vae import LoadedVae
 
 # What a decode returns, by name (images / videos; a video batch's clips follow one another):
@@ -143,7 +143,7 @@ class VaeService:
         if image is None:
             raise RequestError("nothing to encode: send an image file (PNG, JPEG, WebP) or a tensor with shape and dtype")
         if isinstance(image, (bytes, bytearray)):
-            if video_demuxer(image) and not is_image_file(image):
+            if is_video_file(image):
                 raise RequestError(f"{self.family.name} encodes images; this is a video file: send it to a video family")
             image = open_image(bytes(image), self.max_pixels)
         else:
