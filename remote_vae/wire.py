@@ -201,11 +201,16 @@ def read_payload(call: HttpCall) -> tuple[Params, bytes]:
         raise RequestError(f'"inputs" is not valid base64 ({exc})') from None
 
 
+def is_file_upload(content_type: str, data: bytes) -> bool:
+    """An image or video file, by its Content-Type or its magic bytes."""
+    return content_type.startswith(("image/", "video/")) or is_image_file(data) or is_video_file(data)
+
+
 def infer_operation(content_type: str, data: bytes, shape: tuple[int, ...] | None) -> str:
     """Decode or encode on the shared routes (PROTOCOL §3)."""
     if content_type.startswith("tensor/"):
         return "decode"
-    if content_type.startswith(("image/", "video/")) or is_image_file(data) or is_video_file(data):
+    if is_file_upload(content_type, data):
         return "encode"
     if shape is not None:
         # An image tensor has 3 channels; no latent does.
@@ -290,8 +295,7 @@ def parse_decode(params: Params, data: bytes) -> DecodeRequest:
 
 def parse_encode(content_type: str, params: Params, data: bytes) -> EncodeRequest:
     request = EncodeRequest(scaling=scaling(params))
-    is_file = content_type.startswith(("image/", "video/")) or is_image_file(data) or is_video_file(data)
-    if is_file or params.shape() is None:
+    if is_file_upload(content_type, data) or params.shape() is None:
         request.image = data
     else:
         request.tensor = raw_tensor(params, data)

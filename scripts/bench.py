@@ -38,7 +38,7 @@ from diffusers.utils.remote_utils import remote_decode
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from remote_vae.families import load_family  # noqa: E402
+from remote_vae.families import Family, load_family  # noqa: E402
 from remote_vae.vae import RANDOM_WEIGHTS_SEED, model_class, resolve_device, resolve_dtype  # noqa: E402
 
 OUTPUTS = {
@@ -49,12 +49,12 @@ OUTPUTS = {
 }
 
 
-def start_server(family: str, device: str, extra: list[str] | None = None) -> tuple[subprocess.Popen, str]:
+def start_server(family: str, device: str, serve_options: list[str] | None = None) -> tuple[subprocess.Popen, str]:
+    """`serve FAMILY` on a free loopback port with serve_options (default: --random-weights), once healthy."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    weights = extra if extra else ["--random-weights"]
-    command = [sys.executable, "-m", "remote_vae", "serve", family, *weights, "--device", device,
+    command = [sys.executable, "-m", "remote_vae", "serve", family, *(serve_options or ["--random-weights"]), "--device", device,
                "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
     process = subprocess.Popen(command, cwd=ROOT)
     url = f"http://127.0.0.1:{port}/"
@@ -175,6 +175,13 @@ class PeakMemory:
         return (self.peak - self.base) / 2**20
 
 
+def video_latents(family: Family, size: int, frames: int) -> torch.Tensor:
+    """The seeded latent of one clip of `frames` frames of size², the same in every process."""
+    side = size // family.spatial_compression
+    latent_frames = (frames - 1) // family.temporal_compression + 1
+    return torch.randn(1, family.latent_channels, latent_frames, side, side, generator=torch.Generator().manual_seed(frames))
+
+
 def video_worker(args: argparse.Namespace) -> None:
     """One measurement in a fresh process (so peaks do not mix): prints a JSON line."""
     from remote_vae.cli import tile_threshold
@@ -191,9 +198,7 @@ def video_worker(args: argparse.Namespace) -> None:
     if args.way == "whole" and hasattr(vae.model, "use_framewise_decoding"):
         vae.model.use_framewise_decoding = False  # the whole clip in one pass (Wan's causal decoder has no such pass)
     service = VaeService(vae, Limits(max_video_pixels=1 << 40))
-    side = args.size // family.spatial_compression
-    latent_frames = (args.frames - 1) // family.temporal_compression + 1
-    latents = torch.randn(1, family.latent_channels, latent_frames, side, side, generator=torch.Generator().manual_seed(args.frames))
+    latents = video_latents(family, args.size, args.frames)
     request = DecodeRequest(RawTensor(tuple(latents.shape), "float32", latents.numpy().tobytes()), form="mp4", scaling=Scaling(), mp4=Mp4Options())
     service.decode(request)  # warm-up: kernels, allocator
     if device.type == "cuda":
@@ -245,8 +250,7 @@ def bench_video(args: argparse.Namespace) -> None:
                 for frames in args.frames:
                     served = measure(args, model, size, frames, "service")
                     whole = measure(args, model, size, frames, "whole")
-                    side = size // family.spatial_compression
-                    latents = torch.randn(1, family.latent_channels, (frames - 1) // family.temporal_compression + 1, side, side, generator=torch.Generator().manual_seed(frames))
+                    latents = video_latents(family, size, frames)
                     remote_decode(url, tensor=latents, output_type="mp4", return_type="mp4", do_scaling=False)  # warm-up
                     http_seconds, _ = timed(lambda latents=latents: remote_decode(url, tensor=latents, output_type="mp4", return_type="mp4", do_scaling=False), args.repeats, lambda: None)
                     rows.append((size, frames, served, whole, http_seconds))
