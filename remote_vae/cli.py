@@ -7,17 +7,25 @@ container is configured by its environment alone.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 
 from . import families
+from .admission import QueueSettings
+from .auth import ApiKeyError, load_api_keys
 from .families import Family, FamilyError
+from .server import ServeOptions
 from .service import Limits, VaeService
 
 log = logging.getLogger("remote_vae")
 
 ENV_PREFIX = "REMOTE_VAE_"
+
+
+class SettingsError(ValueError):
+    """Serve options that do not fit together; reported, then exit 2."""
 
 
 def env(name: str, default=None):
@@ -43,6 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-bytes", type=int, default=int(env("MAX_BODY_BYTES", Limits.max_body_bytes)), help=f"largest request body; larger gets 413 [env REMOTE_VAE_MAX_BODY_BYTES] (default {Limits.max_body_bytes})")
     serve.add_argument("--max-pixels", type=int, default=int(env("MAX_PIXELS", Limits.max_pixels)), help=f"most pixels (over the batch) a decode returns or an encode takes; more gets 413 [env REMOTE_VAE_MAX_PIXELS] (default {Limits.max_pixels})")
     serve.add_argument("--max-video-pixels", type=int, default=int(env("MAX_VIDEO_PIXELS", Limits.max_video_pixels)), help=f"the same for videos, counting every frame; more gets 413 [env REMOTE_VAE_MAX_VIDEO_PIXELS] (default {Limits.max_video_pixels}, room for 129 frames of 1280x720)")
+    serve.add_argument("--max-batch", type=int, default=int(env("MAX_BATCH", Limits.max_batch)), help=f"most images or videos in one request; more gets 413 [env REMOTE_VAE_MAX_BATCH] (default {Limits.max_batch})")
+    serve.add_argument("--max-queue", type=int, default=int(env("MAX_QUEUE", QueueSettings.max_waiting)), help=f"requests held beyond the one on the device; more get 503 with Retry-After, before their body is read [env REMOTE_VAE_MAX_QUEUE] (default {QueueSettings.max_waiting})")
+    serve.add_argument("--queue-timeout", type=float, default=float(env("QUEUE_TIMEOUT", QueueSettings.wait_timeout)), help=f"seconds a request may wait for the device; longer gets 503 [env REMOTE_VAE_QUEUE_TIMEOUT] (default {QueueSettings.wait_timeout:g})")
+    serve.add_argument("--body-timeout", type=float, default=float(env("BODY_TIMEOUT", ServeOptions.body_timeout)), help=f"seconds to receive a request body; slower gets 408 [env REMOTE_VAE_BODY_TIMEOUT] (default {ServeOptions.body_timeout:g})")
+    serve.add_argument("--api-key", default=env("API_KEY"), help="require 'Authorization: Bearer KEY' on every POST (health and /metrics stay open) [env REMOTE_VAE_API_KEY]")
+    serve.add_argument("--api-key-file", default=env("API_KEY_FILE"), help="the same with keys read from a file, one per line (several for rotation) [env REMOTE_VAE_API_KEY_FILE]")
+    serve.add_argument("--ssl-certfile", default=env("SSL_CERTFILE"), help="serve HTTPS with this PEM certificate (chain) [env REMOTE_VAE_SSL_CERTFILE]")
+    serve.add_argument("--ssl-keyfile", default=env("SSL_KEYFILE"), help="the certificate's PEM private key [env REMOTE_VAE_SSL_KEYFILE]")
+    serve.add_argument("--graceful-timeout", type=float, default=float(env("GRACEFUL_TIMEOUT", 30)), help="on SIGTERM, stop accepting and give in-flight requests this many seconds to finish, then exit 0 [env REMOTE_VAE_GRACEFUL_TIMEOUT] (default 30)")
     serve.add_argument("--tile-above-pixels", type=tile_threshold, default=tile_threshold(env("TILE_ABOVE_PIXELS", "family")), metavar="N|family|never", help="decode/encode in tiles when an image or frame has more than N pixels (0 = always); 'family' keeps each family's own setting (video: on above 512x512 / 1280x720, images: never) [env REMOTE_VAE_TILE_ABOVE_PIXELS]")
     serve.add_argument("--log-level", default=env("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"], help="[env REMOTE_VAE_LOG_LEVEL]")
 
@@ -80,17 +97,40 @@ def model_sources(names: list[str], specs: list[str]) -> dict[str, str]:
 
 
 def limits_from(args: argparse.Namespace) -> Limits:
-    return Limits(max_body_bytes=args.max_body_bytes, max_pixels=args.max_pixels, max_video_pixels=args.max_video_pixels)
+    return Limits(max_body_bytes=args.max_body_bytes, max_pixels=args.max_pixels, max_video_pixels=args.max_video_pixels, max_batch=args.max_batch)
+
+
+def serve_options(args: argparse.Namespace) -> ServeOptions:
+    for name in ("max_body_bytes", "max_pixels", "max_video_pixels", "max_batch"):
+        if getattr(args, name) < 1:
+            raise SettingsError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_queue < 0 or args.queue_timeout <= 0 or args.body_timeout <= 0 or args.graceful_timeout < 0:
+        raise SettingsError("--max-queue must be 0 or more and --queue-timeout / --body-timeout positive")
+    if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
+        raise SettingsError("HTTPS needs both --ssl-certfile and --ssl-keyfile")
+    for path in filter(None, (args.ssl_certfile, args.ssl_keyfile)):
+        if not os.path.isfile(path):
+            raise SettingsError(f"{path} is not a file")
+    try:
+        keys = load_api_keys(args.api_key, args.api_key_file)
+    except ApiKeyError as exc:
+        raise SettingsError(str(exc)) from None
+    queue = QueueSettings(max_waiting=args.max_queue, wait_timeout=args.queue_timeout)
+    return ServeOptions(queue=queue, body_timeout=args.body_timeout, api_keys=keys)
 
 
 def load_service(family: Family, source: str, args: argparse.Namespace) -> VaeService:
     """A family's service as the serve options (flags or their environment variables) describe it."""
     from .vae import load_vae, resolve_device, resolve_dtype
 
+    from .media import guard_decompression_bombs
+
+    limits = limits_from(args)
+    guard_decompression_bombs(max(limits.max_pixels, limits.max_video_pixels))
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, family, device)
     vae = load_vae(family, source, device, dtype, random_weights=args.random_weights, tile_above_pixels=args.tile_above_pixels)
-    return VaeService(vae, limits_from(args))
+    return VaeService(vae, limits)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -98,6 +138,8 @@ def serve(args: argparse.Namespace) -> int:
 
     from .server import Registry, Slot, create_app, load_in_background
     from .vae import default_source
+
+    GracefulServer = _uvicorn_server()
 
     names = args.families or env("FAMILIES", "").split()
     if not names:
@@ -108,6 +150,7 @@ def serve(args: argparse.Namespace) -> int:
     specs = args.model if args.model is not None else env("MODEL", "").split()
     sources = model_sources([family.name for family in loaded], specs)
     registry = Registry({family.name: Slot(family) for family in loaded}, limits_from(args))
+    options = serve_options(args)
 
     model_dir = os.environ.get("HF_MODEL_DIR")
 
@@ -115,8 +158,13 @@ def serve(args: argparse.Namespace) -> int:
         source = sources.get(family.name) or default_source(family, model_dir, several=len(loaded) > 1)
         return load_service(family, source, args)
 
-    config = uvicorn.Config(create_app(registry), host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30)
-    server = uvicorn.Server(config)
+    config = uvicorn.Config(
+        create_app(registry, options), host=args.host, port=args.port, log_level=args.log_level,
+        access_log=False,  # observability.RequestLog writes one line per request, with its id
+        timeout_graceful_shutdown=args.graceful_timeout, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
+    )
+    server = GracefulServer(config)
+    log.info("API key %s; %s", "required on POST" if options.api_keys else "not required", "HTTPS" if args.ssl_certfile else "plain HTTP")
 
     def on_failure(message: str) -> None:
         server.should_exit = True
@@ -125,6 +173,25 @@ def serve(args: argparse.Namespace) -> int:
     server.run()
     failed = [slot for slot in registry.slots.values() if slot.error]
     return 1 if failed else 0
+
+
+def _uvicorn_server():
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn, but a SIGTERM / SIGINT that shut the server down cleanly ends the process with 0.
+
+        uvicorn re-raises the signal after its graceful shutdown, which makes the exit status 143;
+        orchestrators read that as a crash.
+        """
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            with super().capture_signals():
+                yield
+                self._captured_signals.clear()
+
+    return GracefulServer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,6 +204,6 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name:12} {family.hub_repo}{'/' + family.hub_subfolder if family.hub_subfolder else ''}  {family.description}")
             return 0
         return serve(args)
-    except FamilyError as exc:
+    except (FamilyError, SettingsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -7,7 +7,8 @@ other exception is a bug and is answered with a 500 that hides its details.
 
 
 class RequestError(Exception):
-    def __init__(self, message: str, status: int = 400):
+    def __init__(self, message: str, status: int = 400, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message = message
         self.status = status
+        self.headers = headers or {}  # e.g. Retry-After on a 503

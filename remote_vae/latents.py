@@ -176,6 +176,18 @@ def unpack(latents: torch.Tensor, plan: LatentPlan) -> torch.Tensor:
     return patches.permute(0, 3, 1, 4, 2, 5).reshape(batch, channels, h, w)
 
 
+def check_batch(batch: int, max_batch: int) -> None:
+    if batch > max_batch:
+        raise RequestError(f"batch of {batch}; this server takes at most {max_batch} images or videos per request", status=413)
+
+
+def check_finite(values: torch.Tensor, what: str, expected: str = "") -> None:
+    """NaN or infinity in is refused, not decoded: it would come out as black or garbage pixels."""
+    bad = values.numel() - int(torch.isfinite(values).sum())
+    if bad:
+        raise RequestError(f"{what} holds {bad} NaN or infinite value(s); expected finite values{' ' + expected if expected else ''}")
+
+
 def check_sides(height: int, width: int, family: Family, what: str = "image") -> None:
     """Both sides of an image or frame to encode must be multiples of the spatial compression."""
     step = family.spatial_compression

@@ -78,6 +78,14 @@ def is_image_file(data: bytes) -> bool:
     return data.startswith(IMAGE_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
 
 
+def guard_decompression_bombs(max_pixels: int) -> None:
+    """Pillow's own guard, process-wide: it refuses (DecompressionBombError) images over twice this size on open.
+
+    open_image checks each image against the request's limit as well, before any pixel is decoded.
+    """
+    PIL.Image.MAX_IMAGE_PIXELS = max_pixels
+
+
 def open_image(data: bytes, max_pixels: int) -> PIL.Image.Image:
     """An RGB image from file bytes, refusing oversized images before decoding their pixels."""
     try:
@@ -283,11 +291,11 @@ class VideoPostprocessor(Postprocessor):
             out[index] = torch.from_numpy(to_uint8(self.processor, frame)[0])
         return out
 
-    def mp4(self, sample: torch.Tensor, options: Mp4Options) -> bytes:
-        """The clip(s) as one MP4, each frame converted and handed to the encoder in turn."""
-        height, width = sample.shape[-2:]
-        frames = (to_uint8(self.processor, frame)[0] for frame in self._frames(sample))
-        return write_mp4(frames, width, height, options)
+    @staticmethod
+    def mp4(frames: torch.Tensor, options: Mp4Options) -> bytes:
+        """uint8 [N, H, W, 3] frames (a batch's clips one after another) as one MP4."""
+        height, width = frames.shape[1:3]
+        return write_mp4((frame.numpy() for frame in frames), width, height, options)
 
     def preprocess_frames(self, frames: np.ndarray) -> torch.Tensor:
         """[1, 3, F, H, W] in -1..1 from uint8 [F, H, W, 3] frames, as VideoProcessor.preprocess_video prepares them."""

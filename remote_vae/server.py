@@ -2,16 +2,25 @@
 
 One family is served at `/`; several are served each under `/<family>/`
 (a single family is also reachable under its own prefix). Models load in a
-background thread so health answers 503 while loading; inference runs in a
-worker thread so the event loop keeps accepting requests.
+background thread so health answers 503 while loading.
+
+A POST goes: API key (auth.py) -> a place in the bounded queue, before the
+body is read (admission.py) -> read the body -> parse and check it (a worker
+thread) -> wait for the device -> the model (a worker thread) -> media
+encoding (a worker thread) -> reply. Only the model step is serialised, so a
+bad request is answered at once and MP4 / PNG encoding overlaps the next
+request's inference. Around it all, every request gets an id, an access-log
+line and its metrics (observability.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Awaitable, Callable
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -20,10 +29,13 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from .admission import ClientGone, QueueSettings, WorkQueue
+from .auth import ApiKeyMiddleware
 from .errors import RequestError
 from .families import Family
+from .observability import Metrics, RequestLog, StageTimer
 from .service import Limits, VaeService
-from .wire import HttpCall, answer
+from .wire import HttpCall, HttpReply, failure_reply, prepare_call, render
 
 log = logging.getLogger("remote_vae")
 
@@ -49,6 +61,18 @@ class Registry:
     def ready(self) -> bool:
         return all(slot.service for slot in self.slots.values())
 
+    def vaes(self):
+        return [slot.service.vae for slot in self.slots.values() if slot.service]
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """How the HTTP layer guards the service."""
+
+    queue: QueueSettings = field(default_factory=QueueSettings)
+    body_timeout: float = 120.0  # seconds to receive a whole body; slower gets 408
+    api_keys: tuple[str, ...] = ()  # none: no key needed
+
 
 def load_in_background(registry: Registry, load: Callable[[Family], VaeService], on_failure: Callable[[str], None]) -> threading.Thread:
     def run():
@@ -71,21 +95,42 @@ def json_error(status: int, message: str, headers: dict[str, str] | None = None)
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refusing one over `limit` bytes before reading the rest."""
+def http_response(reply: HttpReply) -> Response:
+    return Response(reply.body, status_code=reply.status, media_type=reply.media_type, headers=reply.headers)
+
+
+async def read_body(request: Request, limit: int, timeout: float) -> bytes:
+    """The body, refusing one over `limit` bytes before reading the rest, or one slower than `timeout` seconds."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
             raise RequestError(f"Content-Length {declared!r} is not a byte count")
         if int(declared) > limit:
             raise RequestError(f"body is {declared} bytes; this server accepts at most {limit}", status=413)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(f"body is over {limit} bytes; this server accepts at most {limit}", status=413)
-        chunks.append(chunk)
-    return b"".join(chunks)
+
+    async def read() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(f"body is over {limit} bytes; this server accepts at most {limit}", status=413)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        return await asyncio.wait_for(read(), timeout)
+    except TimeoutError:
+        raise RequestError(f"the body did not arrive within {timeout:g} s", status=408) from None
+
+
+def until_disconnected(request: Request) -> Callable[[], Awaitable[None]]:
+    """A waiter that returns once the client has closed its connection (the body already read)."""
+
+    async def wait() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            await asyncio.sleep(0.05)  # nothing else should arrive; never spin if it does
+
+    return wait
 
 
 def health_response(slots: list[Slot]) -> JSONResponse:
@@ -95,29 +140,22 @@ def health_response(slots: list[Slot]) -> JSONResponse:
     return JSONResponse(body, status_code=200 if ready else 503)
 
 
-def family_routes(prefix: str, slot: Slot, limits: Limits) -> list[Route]:
+def family_routes(prefix: str, slot: Slot, limits: Limits, guard: "Guard") -> list[Route]:
     async def health(request: Request) -> Response:
+        request.state.family, request.state.operation = slot.family.name, "health"
         return health_response([slot])
 
     def predict(operation: str | None):
         async def endpoint(request: Request) -> Response:
+            request.state.family, request.state.operation = slot.family.name, operation or "-"
             if slot.service is None:
                 return json_error(503, f"{slot.family.name} is {slot.status}; retry when GET {prefix or '/'} answers 200", {"Retry-After": "5"})
             try:
-                body = await read_body(request, limits.max_body_bytes)
-            except RequestError as exc:
-                return json_error(exc.status, exc.message)
+                return http_response(await guard.serve(request, slot.service, operation, limits))
+            except ClientGone:
+                return Response(status_code=499)  # nginx's "client closed request": for the log and metrics only
             except ClientDisconnect:
                 return Response(status_code=400)
-            call = HttpCall(
-                body=body,
-                query=request.url.query,
-                content_type=request.headers.get("content-type", ""),
-                accept=request.headers.get("accept", ""),
-                operation=operation,
-            )
-            reply = await run_in_threadpool(answer, slot.service, call)
-            return Response(reply.body, status_code=reply.status, media_type=reply.media_type, headers=reply.headers)
 
         return endpoint
 
@@ -134,21 +172,66 @@ def family_routes(prefix: str, slot: Slot, limits: Limits) -> list[Route]:
     return routes
 
 
-def create_app(registry: Registry) -> Starlette:
+class Guard:
+    """One POST through the queue and the three steps of wire.py, each step timed."""
+
+    def __init__(self, queue: WorkQueue, metrics: Metrics, options: ServeOptions):
+        self.queue = queue
+        self.metrics = metrics
+        self.options = options
+
+    async def serve(self, request: Request, service: VaeService, operation: str | None, limits: Limits) -> HttpReply:
+        timer = StageTimer(self.metrics, service.family.name)
+        try:
+            async with self.queue.place():
+                started = time.monotonic()
+                body = await read_body(request, limits.max_body_bytes, self.options.body_timeout)
+                call = HttpCall(body, request.url.query, request.headers.get("content-type", ""), request.headers.get("accept", ""), operation)
+                prepared = await run_in_threadpool(prepare_call, service, call)
+                request.state.operation = "encode" if prepared.form == "latents" else "decode"
+                timer.observe("parse", started)
+                started = time.monotonic()
+                async with self.queue.turn(until_disconnected(request), prepared.job.count):
+                    timer.observe("queue", started)
+                    self.metrics.batch_size.labels(service.family.name, request.state.operation).observe(prepared.job.count)
+                    started = time.monotonic()
+                    result = await run_in_threadpool(prepared.job.run)
+                timer.observe("inference", started)
+                started = time.monotonic()
+                reply = await run_in_threadpool(render, prepared, result)
+                timer.observe("media", started)
+                return reply
+        except (ClientGone, ClientDisconnect):
+            raise
+        except Exception as exc:
+            return failure_reply(exc)
+
+
+def create_app(registry: Registry, options: ServeOptions = ServeOptions()):
+    """The ASGI app: request log and metrics outermost, then the API key check, then the routes."""
+    queue = WorkQueue(options.queue)
+    metrics = Metrics(queue, registry.vaes)
+    guard = Guard(queue, metrics, options)
     slots = list(registry.slots.values())
-    routes: list[Route] = []
+
+    async def metrics_endpoint(request: Request) -> Response:
+        request.state.operation = "metrics"
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    routes: list[Route] = [Route("/metrics", metrics_endpoint, methods=["GET"])]
     if len(slots) == 1:
-        routes += family_routes("", slots[0], registry.limits)
+        routes += family_routes("", slots[0], registry.limits, guard)
     else:
 
         async def index(request: Request) -> Response:
+            request.state.operation = "health"
             ready = registry.ready()
             families = {slot.family.name: {"path": f"/{slot.family.name}/", "status": slot.status, "operations": list(slot.family.operations)} for slot in slots}
             return JSONResponse({"status": "ok" if ready else "loading", "families": families}, status_code=200 if ready else 503)
 
         routes += [Route("/", index, methods=["GET"]), Route("/health", index, methods=["GET"])]
     for slot in slots:
-        routes += family_routes(f"/{slot.family.name}", slot, registry.limits)
+        routes += family_routes(f"/{slot.family.name}", slot, registry.limits, guard)
 
     routes_hint = "POST / (or /predict, /decode, /encode)" if len(slots) == 1 else "POST /<family>/ for " + ", ".join(f"/{s.family.name}/" for s in slots)
 
@@ -163,4 +246,7 @@ def create_app(registry: Registry) -> Starlette:
         log.exception("unexpected error", exc_info=exc)
         return json_error(500, "internal error while processing the request; see the server log")
 
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error})
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error})
+    if options.api_keys:
+        app = ApiKeyMiddleware(app, options.api_keys)
+    return RequestLog(app, metrics)

@@ -5,12 +5,17 @@ The HTTP server (server.py via wire.py) and the Inference Endpoints adapter
 VaeService, so there is one path from request to pixels. Stages in order:
 latents (check, unpack, scale) -> vae (decode / encode) -> media (postprocess).
 Image and video families share the path; the family's data says which.
+
+A request becomes a Job in three steps, so a server can queue only the part
+that needs the device: `prepare_*` checks and builds tensors (CPU, no model),
+`Job.run` uses the model, `Job.finish` does CPU-only media work (MP4 writing).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any, Callable
 
 import numpy as np
 import PIL.Image
@@ -39,6 +44,8 @@ class Limits:
     max_pixels: int = 4 * 2048 * 2048
     # The same over every frame of a video batch: 2^27 holds 129 frames of 1280x720.
     max_video_pixels: int = 1 << 27
+    # Images or videos in one request.
+    max_batch: int = 64
 
 
 @dataclass
@@ -69,6 +76,26 @@ class Decoded:
     frames: int | None = None  # None for images
 
 
+def _unchanged(value: Any) -> Any:
+    return value
+
+
+@dataclass
+class Job:
+    """A checked request: `run` does the device work, `finish` the CPU-only media work on its result.
+
+    `count` images or videos (of `frames` frames; None for images) go in or come out.
+    """
+
+    run: Callable[[], Any]
+    count: int
+    frames: int | None = None
+    finish: Callable[[Any], Any] = _unchanged
+
+    def __call__(self) -> Any:
+        return self.finish(self.run())
+
+
 @dataclass
 class EncodeRequest:
     image: PIL.Image.Image | bytes | None = None  # an image, or an image or video file's bytes
@@ -90,10 +117,11 @@ class VaeService:
         if not self.family.serves(operation):
             raise RequestError(f"family {self.family.name} does not {operation}; it serves: {', '.join(self.family.operations)}")
 
-    def decode(self, request: DecodeRequest) -> Decoded:
+    def prepare_decode(self, request: DecodeRequest) -> Job:
         self._require("decode")
         raw = request.latent
         plan = latent_ops.plan_decode(raw.shape, self.family, request.height, request.width)
+        latent_ops.check_batch(plan.batch, self.limits.max_batch)
         latent_ops.check_output_size(plan, self.family, self.max_pixels)
         if request.form not in self.forms:
             if self.family.is_video:
@@ -102,24 +130,36 @@ class VaeService:
                 hint = "decodes images: output_type=mp4 is for video families; use output_type=pil or pt"
             raise RequestError(f"{self.family.name} {hint}")
         latents = tensor_from_bytes(raw.data, raw.shape, parse_dtype(raw.dtype))
+        latent_ops.check_finite(latents, "latent")
         latents = latent_ops.unpack(latents, plan)
         # Convert, then scale: on CPU a float16 latent is scaled in float32, not in float16.
         latents = latents.to(self.vae.dtype)
         latents = request.scaling.normalisation(self.family).unscale(latents)
-        postprocess = getattr(self.post, request.form)
+        frames = plan.output_frames(self.family) if plan.latent_frames else None
         if request.form == "mp4":
-            postprocess = partial(postprocess, options=request.mp4)
-        value = self.vae.decode(latents, postprocess)
-        return Decoded(value, plan.batch, plan.output_frames(self.family) if plan.latent_frames else None)
+            # The device's part ends at uint8 frames; the MP4 is written after the model is free again.
+            return Job(partial(self.vae.decode, latents, self.post.uint8), plan.batch, frames, partial(self.post.mp4, options=request.mp4))
+        return Job(partial(self.vae.decode, latents, getattr(self.post, request.form)), plan.batch, frames)
 
-    def encode(self, request: EncodeRequest) -> torch.Tensor:
+    def decode(self, request: DecodeRequest) -> Decoded:
+        job = self.prepare_decode(request)
+        return Decoded(job(), job.count, job.frames)
+
+    def prepare_encode(self, request: EncodeRequest) -> Job:
         self._require("encode")
         if request.tensor is not None:
             pixels = self._pixel_tensor(request.tensor)
         else:
             pixels = self._video_file(request.image) if self.family.is_video else self._image_file(request.image)
-        latents = self.vae.encode(pixels)
-        return request.scaling.normalisation(self.family).scale(latents).cpu()
+        normalisation = request.scaling.normalisation(self.family)
+
+        def run() -> torch.Tensor:
+            return normalisation.scale(self.vae.encode(pixels)).cpu()
+
+        return Job(run, pixels.shape[0], pixels.shape[2] if pixels.ndim == 5 else None)
+
+    def encode(self, request: EncodeRequest) -> torch.Tensor:
+        return self.prepare_encode(request)()
 
     def _pixel_tensor(self, raw: RawTensor) -> torch.Tensor:
         """Images [B, 3, H, W] or videos [B, 3, F, H, W] in -1..1, their size checked before allocation."""
@@ -128,14 +168,14 @@ class VaeService:
         kind, layout = ("video", "[B, 3, F, H, W] in -1..1 (F = 1 for a single image)") if video else ("image", "[B, 3, H, W] in -1..1")
         if len(raw.shape) != (5 if video else 4) or raw.shape[1] != 3:
             raise RequestError(f"{kind} tensor has shape {list(raw.shape)}; expected {layout}")
+        latent_ops.check_batch(raw.shape[0], self.limits.max_batch)
         if video:
             batch, _, frames, height, width = raw.shape
             latent_ops.check_video_size(batch, frames, height, width, self.family, self.max_pixels)
         else:
             latent_ops.check_image_size(raw.shape[0], raw.shape[2], raw.shape[3], self.family, self.max_pixels)
         pixels = tensor_from_bytes(raw.data, raw.shape, parse_dtype(raw.dtype))
-        if not torch.isfinite(pixels).all():
-            raise RequestError(f"{kind} tensor holds NaN or infinite values; expected finite values in -1..1")
+        latent_ops.check_finite(pixels, f"{kind} tensor", "in -1..1")
         return pixels
 
     def _image_file(self, image: PIL.Image.Image | bytes | None) -> torch.Tensor:

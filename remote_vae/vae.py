@@ -10,6 +10,10 @@ frame-wise decoding, Wan's causal cache). On top of that, the model's own
 spatial tiling is switched on per call when a frame is larger than the
 family's `tile_above_pixels` (or --tile-above-pixels), so peak memory stays
 bounded at high resolutions; below it, output is diffusers' untiled output.
+
+A call that runs out of device memory frees the allocator's cache and, when
+it was not tiled and the model can tile, runs once more tiled; otherwise it
+is refused with a 503. Either way the process and the model live on.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import numpy as np
 import torch
 from diffusers.models.modeling_utils import ModelMixin
 
+from .errors import RequestError
 from .families import Family, config_latent_channels
 from .media import TENSOR_DTYPES
 
@@ -109,27 +114,60 @@ class LoadedVae:
         # One inference at a time per model: the device is the bottleneck, and
         # interleaving two large decodes only doubles peak memory.
         self._lock = threading.Lock()
+        self.can_tile = hasattr(self.model, "enable_tiling")
+        # Out-of-memory events by outcome, read by /metrics.
+        self.oom_events = {"retried_tiled": 0, "refused": 0}
 
     def tiles(self, frame_pixels: int) -> bool:
         """Whether an image or frame of this many pixels is decoded / encoded in tiles."""
-        return self.tile_above_pixels is not None and frame_pixels > self.tile_above_pixels
-
-    def _switch_tiling(self, frame_pixels: int) -> None:
-        if hasattr(self.model, "use_tiling"):
-            self.model.use_tiling = self.tiles(frame_pixels)
+        return self.can_tile and self.tile_above_pixels is not None and frame_pixels > self.tile_above_pixels
 
     def decode(self, latents: torch.Tensor, postprocess):
         """Decode [B, C, (T,) h, w] latents and postprocess on the device; returns what `postprocess` returns."""
-        with self._lock, torch.inference_mode():
-            self._switch_tiling(latents.shape[-2] * latents.shape[-1] * self.family.spatial_compression**2)
-            sample = self.model.decode(latents.to(self.device, self.dtype)).sample
-            return postprocess(sample)
+
+        def run():
+            return postprocess(self.model.decode(latents.to(self.device, self.dtype)).sample)
+
+        return self._run(run, latents.shape[-2] * latents.shape[-1] * self.family.spatial_compression**2)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Encode [B, 3, (F,) H, W] pixels in -1..1 to the latent distribution's mean (deterministic)."""
+        return self._run(lambda: self.model.encode(images.to(self.device, self.dtype)).latent_dist.mean, images.shape[-2] * images.shape[-1])
+
+    def _run(self, run, frame_pixels: int):
         with self._lock, torch.inference_mode():
-            self._switch_tiling(images.shape[-2] * images.shape[-1])
-            return self.model.encode(images.to(self.device, self.dtype)).latent_dist.mean
+            tiled = self.tiles(frame_pixels)
+            result = self._attempt(run, tiled)
+            if result is _OUT_OF_MEMORY and not tiled and self.can_tile:
+                log.warning("%s: out of device memory on %d-pixel frames; retrying tiled", self.family.name, frame_pixels)
+                self.oom_events["retried_tiled"] += 1
+                result = self._attempt(run, True)
+            if result is _OUT_OF_MEMORY:
+                self.oom_events["refused"] += 1
+                raise RequestError(
+                    f"{self.family.name}: the device ran out of memory on this request{' even tiled' if self.can_tile else ''}; "
+                    "retry later, or send a smaller batch or size", status=503, headers={"Retry-After": "10"})
+            return result
+
+    def _attempt(self, run, tiled: bool):
+        """run() with tiling on or off; _OUT_OF_MEMORY, with the cache freed, if the device ran out."""
+        if self.can_tile:
+            self.model.use_tiling = tiled
+        try:
+            return run()
+        except torch.cuda.OutOfMemoryError:
+            pass
+        # Outside the except block: the exception and its frames' tensors are gone, so their memory can be freed.
+        free_device_memory(self.device)
+        return _OUT_OF_MEMORY
+
+
+_OUT_OF_MEMORY = object()
+
+
+def free_device_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def load_vae(
@@ -168,8 +206,8 @@ def load_vae(
     tile_above = family.tile_above_pixels if tile_above_pixels == "family" else tile_above_pixels
     if not hasattr(model, "enable_tiling"):
         tile_above = None  # a model without tiling decodes whole, whatever the threshold
-    if tile_above is not None:
-        # Tile sizes are set once; decode/encode switch use_tiling per call.
+    else:
+        # Tile sizes are set once; each call switches use_tiling (above the threshold, or after running out of memory).
         model.enable_tiling(**family.tiling_options)
         model.use_tiling = False
     log.info("loaded %s (%s) on %s as %s%s", family.name, source, device, str(dtype).removeprefix("torch."),

@@ -24,7 +24,7 @@ import torch
 from .errors import RequestError
 from .latents import Scaling
 from .media import IMAGE_FORMATS, MEDIA_TYPES, Mp4Options, dtype_name, encode_image, is_image_file, is_video_file, stack_vertically, tensor_to_bytes
-from .service import Decoded, DecodeRequest, EncodeRequest, RawTensor, VaeService
+from .service import DecodeRequest, EncodeRequest, Job, RawTensor, VaeService
 
 log = logging.getLogger("remote_vae")
 
@@ -166,8 +166,8 @@ class HttpReply:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-def error_reply(status: int, message: str) -> HttpReply:
-    return HttpReply(status, json.dumps({"error": message}).encode(), "application/json")
+def error_reply(status: int, message: str, headers: dict[str, str] | None = None) -> HttpReply:
+    return HttpReply(status, json.dumps({"error": message}).encode(), "application/json", dict(headers or {}))
 
 
 # -- parsing -----------------------------------------------------------------
@@ -321,57 +321,95 @@ def image_reply(images: list[PIL.Image.Image], reply: ReplyShape, headers: dict[
     return HttpReply(200, encode_image(sheet, reply.image_format, reply.image_quality), MEDIA_TYPES[reply.image_format], headers)
 
 
-def count_headers(decoded: Decoded) -> dict[str, str]:
+def count_headers(job: Job) -> dict[str, str]:
     """How many images, or videos and frames per video, a decode reply holds."""
-    if decoded.frames is None:
-        return {"image-count": str(decoded.count)}
-    return {"video-count": str(decoded.count), "frame-count": str(decoded.frames)}
+    if job.frames is None:
+        return {"image-count": str(job.count)}
+    return {"video-count": str(job.count), "frame-count": str(job.frames)}
 
 
 # -- one call ----------------------------------------------------------------
+# A call goes through three steps, so the server can queue only the middle one:
+#   prepare (parse and check; CPU) -> job.run() (the model; one at a time) -> render (media; CPU).
 
 
-def answer(service: VaeService, call: HttpCall) -> HttpReply:
-    """Run one request through the service; every failure becomes a JSON error reply."""
-    try:
-        return _answer(service, call)
-    except RequestError as exc:
-        return error_reply(exc.status, exc.message)
-    except Exception:  # a bug, not the client's fault: log it, hide it
-        log.exception("unexpected error while serving a request")
-        return error_reply(500, "internal error while processing the request; see the server log")
+@dataclass
+class Prepared:
+    """A parsed and checked request: the service's job and how its reply will look."""
+
+    job: Job
+    form: str  # "latents" for encode, else the decode form
+    reply: ReplyShape
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def prepare(service: VaeService, params: Params, data: bytes, content_type: str = "", accept: str = "", operation: str | None = None) -> Prepared:
+    """Parse and check one request, up to the point where it needs the model; shared by the HTTP server and handler.py."""
+    operation = operation or infer_operation(content_type, data, params.shape())
+    if operation == "encode":
+        job = service.prepare_encode(parse_encode(content_type, params, data))
+        return Prepared(job, "latents", ReplyShape(tensor_encoding=accept if accept in JSON_TYPES else "binary"))
+    form, reply = negotiate_decode(params, accept)
+    request = parse_decode(params, data)
+    request.form = form
+    if form == "mp4":
+        request.mp4 = mp4_options(params)
+    job = service.prepare_decode(request)
+    return Prepared(job, form, reply, count_headers(job))
+
+
+def prepare_call(service: VaeService, call: HttpCall) -> Prepared:
+    params, data = read_payload(call)
+    return prepare(service, params, data, media_type(call.content_type), first_accepted(call.accept), call.operation)
+
+
+def render(prepared: Prepared, result: Any) -> HttpReply:
+    """The reply body from what the model returned: MP4 writing, image and tensor encoding."""
+    value = prepared.job.finish(result)
+    if prepared.form == "image":
+        return image_reply(value, prepared.reply, prepared.headers)
+    if prepared.form == "mp4":
+        return HttpReply(200, value, "video/mp4", prepared.headers)
+    return tensor_reply(value, prepared.reply.tensor_encoding, prepared.headers)
 
 
 @dataclass
 class Outcome:
     """A served request before rendering: latents or a decode result, and how the reply should look."""
 
-    form: str  # "latents" for encode, else the decode form
+    form: str
     value: torch.Tensor | list[PIL.Image.Image] | bytes
     reply: ReplyShape
     headers: dict[str, str] = field(default_factory=dict)
 
 
 def dispatch(service: VaeService, params: Params, data: bytes, content_type: str = "", accept: str = "", operation: str | None = None) -> Outcome:
-    """Parse, run and shape one request; shared by the HTTP server and handler.py."""
-    operation = operation or infer_operation(content_type, data, params.shape())
-    if operation == "encode":
-        latents = service.encode(parse_encode(content_type, params, data))
-        return Outcome("latents", latents, ReplyShape(tensor_encoding=accept if accept in JSON_TYPES else "binary"))
-    form, reply = negotiate_decode(params, accept)
-    request = parse_decode(params, data)
-    request.form = form
-    if form == "mp4":
-        request.mp4 = mp4_options(params)
-    decoded = service.decode(request)
-    return Outcome(form, decoded.value, reply, count_headers(decoded))
+    """All of one request at once, without a queue (handler.py: the toolkit runs one request at a time)."""
+    prepared = prepare(service, params, data, content_type, accept, operation)
+    return Outcome(prepared.form, prepared.job(), prepared.reply, prepared.headers)
 
 
-def _answer(service: VaeService, call: HttpCall) -> HttpReply:
-    params, data = read_payload(call)
-    outcome = dispatch(service, params, data, media_type(call.content_type), first_accepted(call.accept), call.operation)
-    if outcome.form == "image":
-        return image_reply(outcome.value, outcome.reply, outcome.headers)
-    if outcome.form == "mp4":
-        return HttpReply(200, outcome.value, "video/mp4", outcome.headers)
-    return tensor_reply(outcome.value, outcome.reply.tensor_encoding, outcome.headers)
+def answer(service: VaeService, call: HttpCall) -> HttpReply:
+    """Run one request through the service without a queue; every failure becomes a JSON error reply."""
+
+    def serve() -> HttpReply:
+        prepared = prepare_call(service, call)
+        return render(prepared, prepared.job.run())
+
+    return guarded(serve)
+
+
+def guarded(step) -> Any:
+    """step(), or the JSON error reply for whatever it raised."""
+    try:
+        return step()
+    except Exception as exc:
+        return failure_reply(exc)
+
+
+def failure_reply(exc: Exception) -> HttpReply:
+    """A client's mistake as its 4xx (or 503) JSON; anything else as a 500 that hides the details. Call it in an except block."""
+    if isinstance(exc, RequestError):
+        return error_reply(exc.status, exc.message, exc.headers)
+    log.exception("unexpected error while serving a request")  # a bug, not the client's fault: log it, hide it
+    return error_reply(500, "internal error while processing the request; see the server log")

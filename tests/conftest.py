@@ -11,9 +11,11 @@ import json
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -123,13 +125,18 @@ def offline_env(**extra: str) -> dict[str, str]:
 
 
 class LiveServer:
-    """`python -m remote_vae serve ...` on 127.0.0.1, waited on until healthy."""
+    """`python -m remote_vae serve ...` on 127.0.0.1, waited on until healthy.
 
-    def __init__(self, args: list[str], env: dict[str, str], log_path: Path):
+    `launcher` replaces `-m remote_vae` (tests/faulty_serve.py injects faults);
+    `verify` is the CA file for an HTTPS server.
+    """
+
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path, launcher: list[str] | None = None, verify: str | None = None):
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if verify else 'http'}://127.0.0.1:{self.port}"
+        self.verify = verify or True
         self.log_path = log_path
-        command = [sys.executable, "-m", "remote_vae", "serve", *args, "--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu"]
+        command = [sys.executable, *(launcher or ["-m", "remote_vae"]), "serve", *args, "--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu"]
         self.log = open(log_path, "wb")
         self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         self.wait_healthy()
@@ -140,7 +147,7 @@ class LiveServer:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log_path.read_text()}")
             try:
-                if requests.get(self.url + "/health", timeout=2).status_code == 200:
+                if requests.get(self.url + "/health", timeout=2, verify=self.verify).status_code == 200:
                     return
             except requests.ConnectionError:
                 pass
@@ -149,7 +156,18 @@ class LiveServer:
         raise RuntimeError(f"server not healthy after {STARTUP_SECONDS}s:\n{self.log_path.read_text()}")
 
     def healthy(self) -> bool:
-        return self.process.poll() is None and requests.get(self.url + "/health", timeout=10).status_code == 200
+        return self.process.poll() is None and requests.get(self.url + "/health", timeout=10, verify=self.verify).status_code == 200
+
+    def metrics(self) -> dict[tuple[str, tuple], float]:
+        """/metrics as {(sample name, sorted labels): value}."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = requests.get(self.url + "/metrics", timeout=10, verify=self.verify).text
+        return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+                for family in text_string_to_metric_families(text) for sample in family.samples}
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.metrics().get((name, tuple(sorted(labels.items()))), 0.0)
 
     def stop(self) -> None:
         self.process.terminate()
@@ -220,6 +238,16 @@ def sd(multi_server) -> str:
 @pytest.fixture(scope="session")
 def flux(multi_server) -> str:
     return multi_server.url + "/flux/"
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height RGB pixels, with a few KB of compressed zeros after it."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(1 << 20), 9)) + chunk(b"IEND", b"")
 
 
 def seeded(*shape: int, dtype=torch.float32, seed: int = 0) -> torch.Tensor:

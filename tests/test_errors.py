@@ -6,7 +6,7 @@ import socket
 import numpy as np
 import pytest
 import requests
-from conftest import MAX_BODY_BYTES
+from conftest import MAX_BODY_BYTES, bomb_png
 from PIL import Image
 
 TENSOR = {"Content-Type": "tensor/binary"}
@@ -56,6 +56,12 @@ CASES = {
     "image too large": ("sd15/", {}, png(1024, 1024), {}, 413, ["at most"]),
     "encode tensor wrong shape": ("sd15/encode", {"shape": [1, 4, 8, 8], "dtype": "float32"}, latent_bytes(1, 4, 8, 8, itemsize=4), {}, 400, ["[B, 3, H, W]"]),
     "encode tensor nan": ("sd15/", {"shape": [1, 3, 8, 8], "dtype": "float32"}, np.full((1, 3, 8, 8), np.nan, dtype=np.float32).tobytes(), {}, 400, ["NaN"]),
+    "nan latent": ("sd15/", {"shape": [1, 4, 8, 8], "dtype": "float32"}, np.full((1, 4, 8, 8), np.nan, dtype=np.float32).tobytes(), TENSOR, 400, ["256 NaN or infinite", "finite"]),
+    "infinite latent": ("flux/", {"shape": [1, 16, 8, 8], "dtype": "float16", "output_type": "pt"}, np.r_[np.full(3, np.inf), np.zeros(16 * 64 - 3)].astype(np.float16).tobytes(), TENSOR, 400, ["3 NaN or infinite"]),
+    "batch over limit": ("sd15/", {"shape": [65, 4, 1, 1], "dtype": "float16"}, latent_bytes(65, 4, 1, 1), TENSOR, 413, ["batch of 65", "at most 64"]),
+    "bomb png": ("sd15/", {}, bomb_png(100_000, 100_000), {}, 413, ["too large"]),
+    "bomb png under pillow's guard": ("sd15/", {}, bomb_png(5000, 5000), {}, 413, ["5000x5000", "at most"]),
+    "bomb png declared as png": ("flux/", {}, bomb_png(30_000, 30_000), {"Content-Type": "image/png"}, 413, ["too large"]),
     "encode tensor odd side": ("sd15/", {"shape": [1, 3, 12, 8], "dtype": "float32"}, latent_bytes(1, 3, 12, 8, itemsize=4), {}, 400, ["multiples of 8"]),
     "undecidable": ("sd15/", {}, b"\x00\x01\x02", {}, 400, ["cannot tell"]),
     "empty body": ("sd15/predict", {}, b"", {}, 400, ["cannot tell"]),

@@ -52,7 +52,7 @@ def test_multi_family_index(multi_server):
 
 def test_unexpected_errors_are_500_json_without_details():
     class Broken:
-        def decode(self, request):
+        def prepare_decode(self, request):
             raise ZeroDivisionError("secret internals")
 
     call = HttpCall(body=bytes(512), query="shape=1&shape=4&shape=8&shape=8&dtype=float16", content_type="tensor/binary")

@@ -1,0 +1,92 @@
+"""API keys: with keys set, every POST must carry one; GETs (health, metrics) stay open.
+
+A key comes as `Authorization: Bearer <key>` or, for clients that can only
+take a URL (ComfyUI nodes), as the password of `https://user:<key>@host/`,
+which `requests` sends as HTTP Basic. Keys are compared through their
+SHA-256 digests with `hmac.compare_digest`, so neither a key's content nor
+its length shows in the time an answer takes. The check runs before the body
+is read: an unauthorised client cannot make the server read or hold its body.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+from pathlib import Path
+
+OPEN_METHODS = ("GET", "HEAD", "OPTIONS")
+
+
+class ApiKeyError(ValueError):
+    """An API key setting that cannot be used."""
+
+
+def load_api_keys(key: str | None, key_file: str | None) -> tuple[str, ...]:
+    """Keys from --api-key and/or --api-key-file (one per line, '#' comments; several allow rotation)."""
+    keys = [key.strip()] if key and key.strip() else []
+    if key_file:
+        try:
+            lines = Path(key_file).read_text().splitlines()
+        except OSError as exc:
+            raise ApiKeyError(f"cannot read --api-key-file {key_file}: {exc.strerror or exc}") from None
+        keys += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        if not keys:
+            raise ApiKeyError(f"--api-key-file {key_file} holds no key")
+    for candidate in keys:
+        if len(candidate) < 16 or not candidate.isprintable() or any(char.isspace() for char in candidate):
+            raise ApiKeyError("an API key must be at least 16 printable characters without spaces (e.g. `openssl rand -hex 32`)")
+    return tuple(keys)
+
+
+def _digest(value: str | bytes) -> bytes:
+    return hashlib.sha256(value.encode() if isinstance(value, str) else value).digest()
+
+
+def presented_key(authorization: bytes) -> bytes | None:
+    """The key in an Authorization header: a Bearer token, or the password of Basic credentials."""
+    scheme, _, credentials = authorization.strip().partition(b" ")
+    scheme, credentials = scheme.lower(), credentials.strip()
+    if scheme == b"bearer" and credentials:
+        return credentials
+    if scheme == b"basic" and credentials:
+        try:
+            _, sep, password = base64.b64decode(credentials, validate=True).partition(b":")
+        except (binascii.Error, ValueError):
+            return None
+        return password if sep else None
+    return None
+
+
+class ApiKeyMiddleware:
+    """Pure ASGI: refuses POSTs (and anything but GET/HEAD/OPTIONS) without a valid key with 401 JSON."""
+
+    def __init__(self, app, keys: tuple[str, ...]):
+        self.app = app
+        self._digests = tuple(_digest(key) for key in keys)
+
+    def authorised(self, headers: list[tuple[bytes, bytes]]) -> bool:
+        given = next((value for name, value in headers if name == b"authorization"), None)
+        key = presented_key(given) if given is not None else None
+        if key is None:
+            return False
+        digest = _digest(key)
+        # Every key is compared, so the time taken does not say which one (if any) matched.
+        matches = [hmac.compare_digest(digest, known) for known in self._digests]
+        return any(matches)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] in OPEN_METHODS or self.authorised(scope["headers"]):
+            await self.app(scope, receive, send)
+            return
+        missing = not any(name == b"authorization" for name, _ in scope["headers"])
+        message = ("this server needs an API key: send the header 'Authorization: Bearer <key>'" if missing
+                   else "the API key is not valid; send 'Authorization: Bearer <key>' with a key this server was given")
+        body = json.dumps({"error": message}).encode()
+        await send({"type": "http.response.start", "status": 401, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            (b"www-authenticate", b'Bearer realm="remote-vae"'),
+        ]})
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,174 @@
+"""Observability: Prometheus metrics and one access-log line per request.
+
+`/metrics` is rendered from a registry of the app's own (so several apps in
+one process do not collide). Requests are counted by family, operation and
+status; each stage of the request path has a latency histogram:
+  parse (read the body, parse and check it), queue (wait for the device),
+  inference (the model and on-device postprocessing), media (MP4 / image /
+  tensor encoding).
+Queue length, running work, device memory and out-of-memory events are read
+when scraped. The toolkit's own names, inf_queue_size and
+inf_batch_current_size, are kept for dashboards built on it.
+
+Every request gets an id: the client's X-Request-Id when it is sane, else a
+fresh one; it comes back in the X-Request-Id header and starts the log line.
+Log lines hold no payload content, not even the query string.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+import uuid
+from typing import Callable, Iterable
+
+import torch
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from .admission import WorkQueue
+from .vae import LoadedVae
+
+log = logging.getLogger("remote_vae.access")
+disable_created_metrics()  # no *_created series: they double the text and no dashboard reads them
+
+STAGES = ("parse", "queue", "inference", "media")
+# 1 ms to 10 min: a tiny decode on a GPU up to a long video on a CPU.
+SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+class Metrics:
+    """The app's metrics; `render()` is the /metrics body."""
+
+    content_type = "text/plain; version=0.0.4; charset=utf-8"
+
+    def __init__(self, queue: WorkQueue, vaes: Callable[[], Iterable[LoadedVae]]):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("remote_vae_requests", "Requests answered, by family, operation and HTTP status",
+                                ["family", "operation", "status"], registry=self.registry)
+        self.request_seconds = Histogram("remote_vae_request_duration_seconds", "Whole-request latency",
+                                         ["family", "operation"], buckets=SECONDS_BUCKETS, registry=self.registry)
+        self.stage_seconds = Histogram("remote_vae_stage_duration_seconds", "Latency of each stage: " + ", ".join(STAGES),
+                                       ["family", "stage"], buckets=SECONDS_BUCKETS, registry=self.registry)
+        self.batch_size = Histogram("remote_vae_batch_size", "Images or videos per request that reached the device",
+                                    ["family", "operation"], buckets=BATCH_BUCKETS, registry=self.registry)
+        ProcessCollector(registry=self.registry)  # process_resident_memory_bytes and friends
+        self.registry.register(_LiveState(queue, vaes))
+
+    def observe_request(self, family: str, operation: str, status: int, seconds: float) -> None:
+        self.requests.labels(family, operation, str(status)).inc()
+        self.request_seconds.labels(family, operation).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _LiveState:
+    """Gauges read at scrape time: the queue, device memory, out-of-memory events."""
+
+    def __init__(self, queue: WorkQueue, vaes: Callable[[], Iterable[LoadedVae]]):
+        self.queue = queue
+        self.vaes = vaes
+
+    def describe(self):
+        return []  # collected only at scrape time
+
+    def collect(self):
+        queue = self.queue
+        yield GaugeMetricFamily("remote_vae_queue_length", "Requests waiting for the device", value=queue.waiting)
+        yield GaugeMetricFamily("remote_vae_running", "Requests on the device now", value=queue.running)
+        yield GaugeMetricFamily("remote_vae_admitted", "Requests holding a place (reading, parsing, waiting or running)", value=queue.admitted)
+        yield GaugeMetricFamily("remote_vae_queue_capacity", "Most requests admitted at once; more get 503", value=queue.capacity)
+        yield GaugeMetricFamily("inf_queue_size", "Requests waiting (the Inference Toolkit's name)", value=queue.waiting)
+        yield GaugeMetricFamily("inf_batch_current_size", "Images or videos on the device now (the Inference Toolkit's name)", value=queue.current_batch)
+        vaes = list(self.vaes())
+        memory = GaugeMetricFamily("remote_vae_device_memory_bytes", "Device memory: torch allocated / reserved / peak and device total on CUDA; resident set on CPU", labels=["device", "kind"])
+        for device in sorted({str(vae.device) for vae in vaes}):
+            for kind, value in device_memory(torch.device(device)).items():
+                memory.add_metric([device, kind], value)
+        yield memory
+        oom = CounterMetricFamily("remote_vae_out_of_memory", "Device out-of-memory events, by outcome", labels=["family", "outcome"])
+        for vae in vaes:
+            for outcome, count in vae.oom_events.items():
+                oom.add_metric([vae.family.name, outcome], count)
+        yield oom
+
+
+def device_memory(device: torch.device) -> dict[str, int]:
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return {"allocated": torch.cuda.memory_allocated(device), "reserved": torch.cuda.memory_reserved(device),
+                "peak_allocated": torch.cuda.max_memory_allocated(device), "free": free, "total": total}
+    return {"resident": resident_bytes()}
+
+
+def resident_bytes() -> int:
+    """This process's resident set size (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class StageTimer:
+    """Times the stages of one request into the stage histogram."""
+
+    def __init__(self, metrics: Metrics, family: str):
+        self.metrics = metrics
+        self.family = family
+
+    def observe(self, stage: str, started: float) -> None:
+        self.metrics.stage_seconds.labels(self.family, stage).observe(time.monotonic() - started)
+
+
+def request_id(headers: list[tuple[bytes, bytes]]) -> str:
+    given = next((value for name, value in headers if name == b"x-request-id"), b"").decode("latin-1")
+    return given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+
+
+class RequestLog:
+    """Pure ASGI, outermost: request id in and out, one access-log line and the request metrics per request.
+
+    Routes label their requests through the scope's state (family, operation);
+    requests no route claims are labelled "-".
+    """
+
+    def __init__(self, app, metrics: Metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = request_id(scope["headers"])
+        state = scope.setdefault("state", {})
+        state["request_id"] = rid
+        status, sent = 500, 0
+        started = time.monotonic()
+
+        async def send_with_id(message):
+            nonlocal status, sent
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            seconds = time.monotonic() - started
+            family, operation = state.get("family", "-"), state.get("operation", "-")
+            self.metrics.observe_request(family, operation, status, seconds)
+            client = scope.get("client") or ("-", 0)
+            received = next((value.decode("latin-1") for name, value in scope["headers"] if name == b"content-length"), "-")
+            path = scope["path"][:200].encode("unicode_escape").decode("ascii")  # one line, whatever the path holds
+            log.info('%s %s "%s %s" %d in=%s out=%d %.1fms %s %s', rid, client[0], scope["method"], path,
+                     status, received[:20], sent, seconds * 1000, family, operation)

@@ -1,0 +1,46 @@
+"""The real server with faults injected into the tiny models' decoders, for the reliability tests.
+
+`python tests/faulty_serve.py serve ...` takes the same arguments as
+`python -m remote_vae serve`. Before each decoder call it reads the JSON file
+named by FAULTS_FILE (missing or empty: no faults), so a test changes the
+faults of a running server by rewriting the file:
+  {"delay": seconds}      every decoder call sleeps first (a slow device)
+  {"oom_above": pixels}   a decoder call on more latent pixels than this
+                          raises torch.cuda.OutOfMemoryError, as a GPU would
+"""
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from diffusers.models.autoencoders import vae as vae_blocks
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from remote_vae.cli import main  # noqa: E402
+
+decoder_forward = vae_blocks.Decoder.forward
+
+
+def faults() -> dict:
+    try:
+        return json.loads(Path(os.environ["FAULTS_FILE"]).read_text() or "{}")
+    except (KeyError, OSError, ValueError):
+        return {}
+
+
+def faulty_forward(self, z, *args, **kwargs):
+    fault = faults()
+    time.sleep(fault.get("delay", 0))
+    if "oom_above" in fault and z.shape[-2] * z.shape[-1] > fault["oom_above"]:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected by tests/faulty_serve.py)")
+    return decoder_forward(self, z, *args, **kwargs)
+
+
+vae_blocks.Decoder.forward = faulty_forward
+
+if __name__ == "__main__":
+    sys.exit(main())

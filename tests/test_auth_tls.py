@@ -1,0 +1,111 @@
+"""API keys and HTTPS: a server started with --api-key and --ssl-certfile/--ssl-keyfile,
+driven by diffusers' remote_decode the way docs/security.md tells users to."""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import subprocess
+
+import pytest
+import requests
+import torch
+from conftest import LiveServer, offline_env, seeded
+from diffusers.utils import remote_utils
+
+from remote_vae.auth import ApiKeyError, load_api_keys, presented_key
+
+KEY = "k3y-0123456789abcdef-for-tests"
+ROTATED = "second-key-0123456789abcdef"
+LATENT = {"shape": [1, 4, 8, 8], "dtype": "float32", "output_type": "pt"}
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory):
+    """A self-signed certificate for 127.0.0.1, made by openssl."""
+    if shutil.which("openssl") is None:
+        pytest.fail("openssl is needed to make the test certificate")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+@pytest.fixture(scope="module")
+def secure(model_dirs, certificate, tmp_path_factory):
+    cert, key = certificate
+    key_file = tmp_path_factory.mktemp("keys") / "keys.txt"
+    key_file.write_text(f"# rotation: both keys are valid\n{ROTATED}\n")
+    args = ["sd15", "--model", str(model_dirs["sd15"]), "--api-key", KEY, "--api-key-file", str(key_file),
+            "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]
+    server = LiveServer(args, offline_env(), tmp_path_factory.mktemp("logs") / "secure.log", verify=str(cert))
+    yield server
+    server.stop()
+
+
+def post(server, **kwargs) -> requests.Response:
+    return requests.post(server.url + "/", params=LATENT, data=bytes(4 * 64 * 4), verify=server.verify,
+                         headers={"Content-Type": "tensor/binary", **kwargs.pop("headers", {})}, timeout=30, **kwargs)
+
+
+def test_health_and_metrics_stay_open(secure):
+    assert requests.get(secure.url + "/health", verify=secure.verify).status_code == 200
+    assert requests.get(secure.url + "/metrics", verify=secure.verify).status_code == 200
+
+
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong-key-0123456789", f"Token {KEY}", "Bearer", f"Basic {KEY}"])
+def test_post_without_a_valid_key_is_401_json(secure, authorization):
+    response = post(secure, headers={"Authorization": authorization} if authorization else {})
+    assert response.status_code == 401 and response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert "Authorization: Bearer" in response.json()["error"] and KEY not in response.text
+
+
+@pytest.mark.parametrize("key", [KEY, ROTATED])
+def test_bearer_key_from_flag_or_file_is_accepted(secure, key):
+    assert post(secure, headers={"Authorization": f"Bearer {key}"}).status_code == 200
+
+
+def test_key_as_url_password_for_clients_that_only_take_a_url(secure):
+    # requests turns https://user:KEY@host/ into HTTP Basic: what a ComfyUI node's URL field can carry.
+    url = secure.url.replace("https://", f"https://remote-vae:{KEY}@") + "/"
+    response = requests.post(url, params=LATENT, data=bytes(4 * 64 * 4), headers={"Content-Type": "tensor/binary"}, verify=secure.verify)
+    assert response.status_code == 200
+
+
+def test_diffusers_remote_decode_with_a_session_that_carries_the_key(secure, reference, monkeypatch):
+    # The recipe in docs/security.md: remote_utils posts through whatever `requests` it holds.
+    session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {KEY}"
+    monkeypatch.setattr(remote_utils, "requests", session)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", secure.verify)  # a self-signed certificate; not needed with a public one
+    latent = seeded(1, 4, 8, 8)
+    out = remote_utils.remote_decode(secure.url + "/", tensor=latent, output_type="pt", return_type="pt", do_scaling=False)
+    with torch.no_grad():
+        torch.testing.assert_close(out, reference["sd15"].decode(latent).sample, atol=1e-4, rtol=1e-4)
+
+
+def test_tls_is_real(secure):
+    with pytest.raises(requests.exceptions.SSLError):  # not trusted without the certificate
+        requests.get(secure.url + "/health", timeout=10)
+    with pytest.raises(requests.ConnectionError):  # and no plain HTTP on the port
+        requests.get(secure.url.replace("https://", "http://") + "/health", timeout=10)
+
+
+def test_key_settings():
+    assert load_api_keys(KEY, None) == (KEY,)
+    assert load_api_keys(None, None) == ()
+    for bad in ("short", "has a space in it 0123456789"):
+        with pytest.raises(ApiKeyError):
+            load_api_keys(bad, None)
+    with pytest.raises(ApiKeyError):
+        load_api_keys(None, "/nonexistent/keys.txt")
+
+
+def test_presented_key_forms():
+    assert presented_key(f"Bearer {KEY}".encode()) == KEY.encode()
+    assert presented_key(f"bearer   {KEY} ".encode()) == KEY.encode()
+    assert presented_key(b"Basic " + base64.b64encode(f"user:{KEY}".encode())) == KEY.encode()
+    for bad in (b"", b"Bearer ", b"Basic !!!", b"Basic " + base64.b64encode(b"no-colon"), KEY.encode()):
+        assert presented_key(bad) is None
