@@ -105,7 +105,7 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         if getattr(args, name) < 1:
             raise SettingsError(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_queue < 0 or args.queue_timeout <= 0 or args.body_timeout <= 0 or args.graceful_timeout < 0:
-        raise SettingsError("--max-queue must be 0 or more and --queue-timeout / --body-timeout positive")
+        raise SettingsError("--max-queue and --graceful-timeout must be 0 or more, --queue-timeout and --body-timeout above 0")
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
         raise SettingsError("HTTPS needs both --ssl-certfile and --ssl-keyfile")
     for path in filter(None, (args.ssl_certfile, args.ssl_keyfile)):

@@ -140,7 +140,7 @@ def health_response(slots: list[Slot]) -> JSONResponse:
     return JSONResponse(body, status_code=200 if ready else 503)
 
 
-def family_routes(prefix: str, slot: Slot, limits: Limits, guard: "Guard") -> list[Route]:
+def family_routes(prefix: str, slot: Slot, limits: Limits, guard: Guard) -> list[Route]:
     async def health(request: Request) -> Response:
         request.state.family, request.state.operation = slot.family.name, "health"
         return health_response([slot])

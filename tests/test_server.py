@@ -91,3 +91,15 @@ def test_missing_hub_model_offline_exits_1(tmp_path):
 def test_families_command():
     result = run_cli("families")
     assert result.returncode == 0 and "madebyollin/sdxl-vae-fp16-fix" in result.stdout
+
+
+@pytest.mark.parametrize("options, words", [
+    (["--max-queue", "-1"], "--max-queue"),
+    (["--api-key", "short"], "at least 16"),
+    (["--ssl-certfile", "cert.pem"], "both --ssl-certfile and --ssl-keyfile"),
+    (["--api-key-file", "/nonexistent/keys"], "cannot read"),
+])
+def test_serve_options_that_cannot_work_exit_2_before_loading(options, words):
+    result = subprocess.run([sys.executable, "-m", "remote_vae", "serve", "sd15", "--random-weights", *options],
+                            cwd=ROOT, env=offline_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and words in result.stderr
