@@ -14,8 +14,9 @@ import base64
 import binascii
 import hashlib
 import hmac
-import json
 from pathlib import Path
+
+from starlette.responses import JSONResponse
 
 OPEN_METHODS = ("GET", "HEAD", "OPTIONS")
 
@@ -84,9 +85,4 @@ class ApiKeyMiddleware:
         missing = not any(name == b"authorization" for name, _ in scope["headers"])
         message = ("this server needs an API key: send the header 'Authorization: Bearer <key>'" if missing
                    else "the API key is not valid; send 'Authorization: Bearer <key>' with a key this server was given")
-        body = json.dumps({"error": message}).encode()
-        await send({"type": "http.response.start", "status": 401, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            (b"www-authenticate", b'Bearer realm="remote-vae"'),
-        ]})
-        await send({"type": "http.response.body", "body": body})
+        await JSONResponse({"error": message}, status_code=401, headers={"WWW-Authenticate": 'Bearer realm="remote-vae"'})(scope, receive, send)

@@ -12,12 +12,16 @@ import logging
 import os
 import sys
 
+import uvicorn
+
 from . import families
 from .admission import QueueSettings
 from .auth import ApiKeyError, load_api_keys
 from .families import Family, FamilyError
-from .server import ServeOptions
+from .media import guard_decompression_bombs
+from .server import Registry, ServeOptions, Slot, create_app, load_in_background
 from .service import Limits, VaeService
+from .vae import default_source, load_vae, resolve_device, resolve_dtype
 
 log = logging.getLogger("remote_vae")
 
@@ -121,10 +125,6 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
 
 def load_service(family: Family, source: str, args: argparse.Namespace) -> VaeService:
     """A family's service as the serve options (flags or their environment variables) describe it."""
-    from .vae import load_vae, resolve_device, resolve_dtype
-
-    from .media import guard_decompression_bombs
-
     limits = limits_from(args)
     guard_decompression_bombs(max(limits.max_pixels, limits.max_video_pixels))
     device = resolve_device(args.device)
@@ -134,13 +134,6 @@ def load_service(family: Family, source: str, args: argparse.Namespace) -> VaeSe
 
 
 def serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from .server import Registry, Slot, create_app, load_in_background
-    from .vae import default_source
-
-    GracefulServer = _uvicorn_server()
-
     names = args.families or env("FAMILIES", "").split()
     if not names:
         raise FamilyError(f"name at least one family to serve: {', '.join(families.available())}")
@@ -149,7 +142,7 @@ def serve(args: argparse.Namespace) -> int:
         raise FamilyError(f"a family is named twice in {names}")
     specs = args.model if args.model is not None else env("MODEL", "").split()
     sources = model_sources([family.name for family in loaded], specs)
-    registry = Registry({family.name: Slot(family) for family in loaded}, limits_from(args))
+    registry = Registry({family.name: Slot(family) for family in loaded})
     options = serve_options(args)
 
     model_dir = os.environ.get("HF_MODEL_DIR")
@@ -175,23 +168,18 @@ def serve(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _uvicorn_server():
-    import uvicorn
+class GracefulServer(uvicorn.Server):
+    """uvicorn, but a SIGTERM / SIGINT that shut the server down cleanly ends the process with 0.
 
-    class GracefulServer(uvicorn.Server):
-        """uvicorn, but a SIGTERM / SIGINT that shut the server down cleanly ends the process with 0.
+    uvicorn re-raises the signal after its graceful shutdown, which makes the exit status 143;
+    orchestrators read that as a crash.
+    """
 
-        uvicorn re-raises the signal after its graceful shutdown, which makes the exit status 143;
-        orchestrators read that as a crash.
-        """
-
-        @contextlib.contextmanager
-        def capture_signals(self):
-            with super().capture_signals():
-                yield
-                self._captured_signals.clear()
-
-    return GracefulServer
+    @contextlib.contextmanager
+    def capture_signals(self):
+        with super().capture_signals():
+            yield
+            self._captured_signals.clear()
 
 
 def main(argv: list[str] | None = None) -> int:

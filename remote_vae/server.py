@@ -34,7 +34,7 @@ from .auth import ApiKeyMiddleware
 from .errors import RequestError
 from .families import Family
 from .observability import Metrics, RequestLog, StageTimer
-from .service import Limits, VaeService
+from .service import VaeService
 from .wire import HttpCall, HttpReply, failure_reply, prepare_call, render
 
 log = logging.getLogger("remote_vae")
@@ -56,7 +56,6 @@ class Slot:
 @dataclass
 class Registry:
     slots: dict[str, Slot]
-    limits: Limits = field(default_factory=Limits)
 
     def ready(self) -> bool:
         return all(slot.service for slot in self.slots.values())
@@ -140,7 +139,7 @@ def health_response(slots: list[Slot]) -> JSONResponse:
     return JSONResponse(body, status_code=200 if ready else 503)
 
 
-def family_routes(prefix: str, slot: Slot, limits: Limits, guard: Guard) -> list[Route]:
+def family_routes(prefix: str, slot: Slot, guard: Guard) -> list[Route]:
     async def health(request: Request) -> Response:
         request.state.family, request.state.operation = slot.family.name, "health"
         return health_response([slot])
@@ -151,7 +150,7 @@ def family_routes(prefix: str, slot: Slot, limits: Limits, guard: Guard) -> list
             if slot.service is None:
                 return json_error(503, f"{slot.family.name} is {slot.status}; retry when GET {prefix or '/'} answers 200", {"Retry-After": "5"})
             try:
-                return http_response(await guard.serve(request, slot.service, operation, limits))
+                return http_response(await guard.serve(request, slot.service, operation))
             except ClientGone:
                 return Response(status_code=499)  # nginx's "client closed request": for the log and metrics only
             except ClientDisconnect:
@@ -180,12 +179,12 @@ class Guard:
         self.metrics = metrics
         self.options = options
 
-    async def serve(self, request: Request, service: VaeService, operation: str | None, limits: Limits) -> HttpReply:
+    async def serve(self, request: Request, service: VaeService, operation: str | None) -> HttpReply:
         timer = StageTimer(self.metrics, service.family.name)
         try:
             async with self.queue.place():
                 started = time.monotonic()
-                body = await read_body(request, limits.max_body_bytes, self.options.body_timeout)
+                body = await read_body(request, service.limits.max_body_bytes, self.options.body_timeout)
                 call = HttpCall(body, request.url.query, request.headers.get("content-type", ""), request.headers.get("accept", ""), operation)
                 prepared = await run_in_threadpool(prepare_call, service, call)
                 request.state.operation = "encode" if prepared.form == "latents" else "decode"
@@ -220,7 +219,7 @@ def create_app(registry: Registry, options: ServeOptions = ServeOptions()):
 
     routes: list[Route] = [Route("/metrics", metrics_endpoint, methods=["GET"])]
     if len(slots) == 1:
-        routes += family_routes("", slots[0], registry.limits, guard)
+        routes += family_routes("", slots[0], guard)
     else:
 
         async def index(request: Request) -> Response:
@@ -231,7 +230,7 @@ def create_app(registry: Registry, options: ServeOptions = ServeOptions()):
 
         routes += [Route("/", index, methods=["GET"]), Route("/health", index, methods=["GET"])]
     for slot in slots:
-        routes += family_routes(f"/{slot.family.name}", slot, registry.limits, guard)
+        routes += family_routes(f"/{slot.family.name}", slot, guard)
 
     routes_hint = "POST / (or /predict, /decode, /encode)" if len(slots) == 1 else "POST /<family>/ for " + ", ".join(f"/{s.family.name}/" for s in slots)
 

@@ -389,24 +389,6 @@ def dispatch(service: VaeService, params: Params, data: bytes, content_type: str
     return Outcome(prepared.form, prepared.job(), prepared.reply, prepared.headers)
 
 
-def answer(service: VaeService, call: HttpCall) -> HttpReply:
-    """Run one request through the service without a queue; every failure becomes a JSON error reply."""
-
-    def serve() -> HttpReply:
-        prepared = prepare_call(service, call)
-        return render(prepared, prepared.job.run())
-
-    return guarded(serve)
-
-
-def guarded(step) -> Any:
-    """step(), or the JSON error reply for whatever it raised."""
-    try:
-        return step()
-    except Exception as exc:
-        return failure_reply(exc)
-
-
 def failure_reply(exc: Exception) -> HttpReply:
     """A client's mistake as its 4xx (or 503) JSON; anything else as a 500 that hides the details. Call it in an except block."""
     if isinstance(exc, RequestError):

@@ -12,7 +12,7 @@ from conftest import ROOT, free_port, offline_env
 
 from remote_vae.families import load_family
 from remote_vae.server import Registry, Slot, create_app
-from remote_vae.wire import HttpCall, answer
+from remote_vae.wire import HttpCall, failure_reply, prepare_call
 
 
 @pytest.fixture
@@ -56,7 +56,10 @@ def test_unexpected_errors_are_500_json_without_details():
             raise ZeroDivisionError("secret internals")
 
     call = HttpCall(body=bytes(512), query="shape=1&shape=4&shape=8&shape=8&dtype=float16", content_type="tensor/binary")
-    reply = answer(Broken(), call)
+    try:
+        prepare_call(Broken(), call)
+    except ZeroDivisionError as exc:
+        reply = failure_reply(exc)
     assert reply.status == 500 and reply.media_type == "application/json"
     assert b"secret" not in reply.body and b"Traceback" not in reply.body
 
