@@ -45,7 +45,7 @@ class EndpointHandler:
         # The same settings `serve` reads from REMOTE_VAE_* environment variables.
         options = build_parser().parse_args(["serve"])
         family = _family_for(path, env("FAMILIES", "").split())
-        source = default_source(family, path or os.environ.get("HF_MODEL_DIR"), several=False)
+        source = default_source(family, [path or os.environ.get("HF_MODEL_DIR"), options.weights_dir], several=False)
         self.service = load_service(family, source, options)
 
     def __call__(self, data: dict[str, Any]) -> dict[str, Any] | PIL.Image.Image:

@@ -10,7 +10,10 @@ import argparse
 import contextlib
 import logging
 import os
+import ssl
 import sys
+import urllib.request
+from pathlib import Path
 
 import uvicorn
 
@@ -21,7 +24,7 @@ from .families import Family, FamilyError
 from .media import guard_decompression_bombs
 from .server import Registry, ServeOptions, Slot, create_app, load_in_background
 from .service import Limits, VaeService
-from .vae import default_source, load_vae, resolve_device, resolve_dtype
+from .vae import default_source, download_weights, hub_id, load_vae, resolve_device, resolve_dtype
 
 log = logging.getLogger("remote_vae")
 
@@ -47,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve one or more VAE families")
     serve.add_argument("families", nargs="*", metavar="FAMILY", help=f"a name in configs/ ({', '.join(families.available())}) or a config file path [env {ENV_PREFIX}FAMILIES, space-separated]")
     serve.add_argument("--model", action="append", default=None, metavar="[FAMILY=]PATH_OR_HUB_ID", help="weights: a diffusers model directory or a Hub id org/name[/subfolder]; FAMILY= picks the family when serving several [env REMOTE_VAE_MODEL, space-separated]")
+    serve.add_argument("--weights-dir", default=env("WEIGHTS_DIR"), metavar="DIR", help="weights baked into an image: DIR/<family>/ (see `download`); used when --model is not given and HF_MODEL_DIR holds none [env REMOTE_VAE_WEIGHTS_DIR]")
     serve.add_argument("--host", default=env("HOST", "0.0.0.0"), help="address to listen on [env REMOTE_VAE_HOST] (default 0.0.0.0)")
-    serve.add_argument("--port", type=int, default=int(env("PORT", os.environ.get("PORT", "8000"))), help="port [env REMOTE_VAE_PORT or PORT] (default 8000)")
+    serve.add_argument("--port", type=int, default=default_port(), help="port [env REMOTE_VAE_PORT or PORT] (default 8000)")
     serve.add_argument("--device", default=env("DEVICE", "auto"), help="auto, cuda, cuda:N or cpu [env REMOTE_VAE_DEVICE] (default auto)")
     serve.add_argument("--dtype", default=env("DTYPE", "auto"), choices=["auto", "float16", "bfloat16", "float32"], help="compute dtype; auto = the family's GPU dtype on CUDA, float32 on CPU [env REMOTE_VAE_DTYPE]")
     serve.add_argument("--random-weights", action="store_true", default=env_flag("RANDOM_WEIGHTS"), help="build the architecture with seeded random weights, no download (for trying it out) [env REMOTE_VAE_RANDOM_WEIGHTS=1]")
@@ -61,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--body-timeout", type=float, default=float(env("BODY_TIMEOUT", ServeOptions.body_timeout)), help=f"seconds to receive a request body; slower gets 408 [env REMOTE_VAE_BODY_TIMEOUT] (default {ServeOptions.body_timeout:g})")
     serve.add_argument("--api-key", default=env("API_KEY"), help="require 'Authorization: Bearer KEY' on every POST (health and /metrics stay open) [env REMOTE_VAE_API_KEY]")
     serve.add_argument("--api-key-file", default=env("API_KEY_FILE"), help="the same with keys read from a file, one per line (several for rotation) [env REMOTE_VAE_API_KEY_FILE]")
+    serve.add_argument("--cors-origins", nargs="*", default=env("CORS_ORIGINS", "").split(), metavar="ORIGIN", help="let web pages on these origins call the API from a browser (e.g. https://app.example.com, or * for any) [env REMOTE_VAE_CORS_ORIGINS, space-separated]")
     serve.add_argument("--ssl-certfile", default=env("SSL_CERTFILE"), help="serve HTTPS with this PEM certificate (chain) [env REMOTE_VAE_SSL_CERTFILE]")
     serve.add_argument("--ssl-keyfile", default=env("SSL_KEYFILE"), help="the certificate's PEM private key [env REMOTE_VAE_SSL_KEYFILE]")
     serve.add_argument("--graceful-timeout", type=float, default=float(env("GRACEFUL_TIMEOUT", 30)), help="on SIGTERM, stop accepting and give in-flight requests this many seconds to finish, then exit 0 [env REMOTE_VAE_GRACEFUL_TIMEOUT] (default 30)")
@@ -68,7 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default=env("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"], help="[env REMOTE_VAE_LOG_LEVEL]")
 
     commands.add_parser("families", help="list the families in configs/")
+
+    download = commands.add_parser("download", help="copy families' VAE weights from the Hub into DIR/<family>/ (to bake them into an image)")
+    download.add_argument("families", nargs="+", metavar="FAMILY")
+    download.add_argument("--to", default=env("WEIGHTS_DIR"), required=env("WEIGHTS_DIR") is None, metavar="DIR", help="[env REMOTE_VAE_WEIGHTS_DIR]")
+
+    health = commands.add_parser("health", help="exit 0 if the server on this machine answers /health with 200 (a container HEALTHCHECK)")
+    health.add_argument("--port", type=int, default=default_port(), help="[env REMOTE_VAE_PORT or PORT] (default 8000)")
+    health.add_argument("--timeout", type=float, default=5.0)
     return parser
+
+
+def default_port() -> int:
+    return int(env("PORT", os.environ.get("PORT", "8000")))
 
 
 def tile_threshold(value: str) -> int | None | str:
@@ -120,7 +137,7 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
     except ApiKeyError as exc:
         raise SettingsError(str(exc)) from None
     queue = QueueSettings(max_waiting=args.max_queue, wait_timeout=args.queue_timeout)
-    return ServeOptions(queue=queue, body_timeout=args.body_timeout, api_keys=keys)
+    return ServeOptions(queue=queue, body_timeout=args.body_timeout, api_keys=keys, cors_origins=tuple(args.cors_origins))
 
 
 def load_service(family: Family, source: str, args: argparse.Namespace) -> VaeService:
@@ -145,10 +162,10 @@ def serve(args: argparse.Namespace) -> int:
     registry = Registry({family.name: Slot(family) for family in loaded})
     options = serve_options(args)
 
-    model_dir = os.environ.get("HF_MODEL_DIR")
+    model_dirs = [os.environ.get("HF_MODEL_DIR"), args.weights_dir]
 
     def load(family: Family) -> VaeService:
-        source = sources.get(family.name) or default_source(family, model_dir, several=len(loaded) > 1)
+        source = sources.get(family.name) or default_source(family, model_dirs, several=len(loaded) > 1)
         return load_service(family, source, args)
 
     config = uvicorn.Config(
@@ -166,6 +183,33 @@ def serve(args: argparse.Namespace) -> int:
     server.run()
     failed = [slot for slot in registry.slots.values() if slot.error]
     return 1 if failed else 0
+
+
+def download(names: list[str], target: Path) -> int:
+    """Bake weights: each family's VAE files into target/<family>/."""
+    for family in [families.load_family(name) for name in names]:
+        try:
+            print(download_weights(family, target / family.name))
+        except OSError as exc:  # the Hub's HTTP errors and cache misses are OSErrors
+            print(f"error: cannot download {family.name}'s weights from {hub_id(family)}: {exc}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def check_health(port: int, timeout: float) -> int:
+    """GET /health on this machine's server, over HTTPS when it serves HTTPS; 0 when it answers 200."""
+    scheme = "https" if env("SSL_CERTFILE") else "http"
+    context = None
+    if scheme == "https":  # our own certificate, reached by IP: its name cannot match, and no secret is sent
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    try:
+        with urllib.request.urlopen(f"{scheme}://127.0.0.1:{port}/health", timeout=timeout, context=context) as response:
+            print(response.read().decode(errors="replace"))
+            return 0 if response.status == 200 else 1
+    except OSError as exc:  # refused, timed out, or an HTTPError such as 503 while loading
+        print(f"unhealthy: {exc}", file=sys.stderr)
+        return 1
 
 
 class GracefulServer(uvicorn.Server):
@@ -189,8 +233,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "families":
             for name in families.available():
                 family = families.load_family(name)
-                print(f"{name:12} {family.hub_repo}{'/' + family.hub_subfolder if family.hub_subfolder else ''}  {family.description}")
+                print(f"{name:12} {hub_id(family)}  {family.description}")
             return 0
+        if args.command == "download":
+            return download(args.families, Path(args.to))
+        if args.command == "health":
+            return check_health(args.port, args.timeout)
         return serve(args)
     except (FamilyError, SettingsError) as exc:
         print(f"error: {exc}", file=sys.stderr)

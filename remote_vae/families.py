@@ -64,6 +64,13 @@ class Family:
     def serves(self, operation: str) -> bool:
         return operation in self.operations
 
+    def client_scaling(self) -> dict[str, Any]:
+        """The scaling arguments a client passes to diffusers' remote_decode / remote_encode for this family."""
+        if self.latents_mean is not None:  # per channel: the server holds the statistics
+            return {"do_scaling": True}
+        factors = {"scaling_factor": self.scaling_factor, "shift_factor": self.shift_factor}
+        return {name: value for name, value in factors.items() if value is not None}
+
 
 def _family_from_dict(data: dict[str, Any], source: str) -> Family:
     required = ("name", "hub_repo", "model_class", "architecture", "latent_channels", "spatial_compression")

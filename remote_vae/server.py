@@ -25,6 +25,7 @@ from typing import Awaitable, Callable
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -71,6 +72,11 @@ class ServeOptions:
     queue: QueueSettings = field(default_factory=QueueSettings)
     body_timeout: float = 120.0  # seconds to receive a whole body; slower gets 408
     api_keys: tuple[str, ...] = ()  # none: no key needed
+    cors_origins: tuple[str, ...] = ()  # web pages on these origins may call the API from a browser; none: no CORS
+
+
+# Reply headers a browser page may read: tensor shape and dtype, counts, the request id, Retry-After.
+CORS_EXPOSED_HEADERS = ["shape", "dtype", "image-count", "video-count", "frame-count", "x-request-id", "retry-after"]
 
 
 def load_in_background(registry: Registry, load: Callable[[Family], VaeService], on_failure: Callable[[str], None]) -> threading.Thread:
@@ -207,7 +213,11 @@ class Guard:
 
 
 def create_app(registry: Registry, options: ServeOptions = ServeOptions()):
-    """The ASGI app: request log and metrics outermost, then the API key check, then the routes."""
+    """The ASGI app: request log and metrics outermost, then CORS, then the API key check, then the routes.
+
+    CORS sits outside the key check so that browsers' preflight requests (which carry no key)
+    are answered, and a 401 still reaches the page readably.
+    """
     queue = WorkQueue(options.queue)
     metrics = Metrics(queue, registry.vaes)
     guard = Guard(queue, metrics, options)
@@ -248,4 +258,9 @@ def create_app(registry: Registry, options: ServeOptions = ServeOptions()):
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error})
     if options.api_keys:
         app = ApiKeyMiddleware(app, options.api_keys)
+    if options.cors_origins:
+        app = CORSMiddleware(
+            app, allow_origins=list(options.cors_origins), allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "Accept"], expose_headers=CORS_EXPOSED_HEADERS, max_age=3600,
+        )
     return RequestLog(app, metrics)

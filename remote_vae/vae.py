@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,7 @@ import diffusers
 import numpy as np
 import torch
 from diffusers.models.modeling_utils import ModelMixin
+from huggingface_hub import hf_hub_download
 
 from .errors import RequestError
 from .families import Family, config_latent_channels
@@ -70,19 +73,38 @@ def _has_weights(directory: Path) -> bool:
     return (directory / "config.json").is_file()
 
 
-def default_source(family: Family, model_dir: str | None, several: bool) -> str:
+# What from_pretrained reads from a diffusers model directory; all a VAE needs.
+WEIGHT_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
+
+
+def default_source(family: Family, model_dirs: Sequence[str | None], several: bool) -> str:
     """Where weights come from when --model is not given.
 
-    A mounted model directory (HF_MODEL_DIR, /repository on Inference Endpoints)
-    wins when it holds weights: for several families, its subdirectory named
-    after the family; else the family's Hub repository.
+    The first of `model_dirs` that holds the family's weights wins: a mounted
+    model repository (HF_MODEL_DIR, /repository on Inference Endpoints), then
+    weights baked into an image (--weights-dir). A directory holds them in its
+    subdirectory named after the family, or, when serving one family, at its
+    root (also as a pipeline's `vae/` subfolder). Else the family's Hub repository.
     """
-    if model_dir:
+    for model_dir in filter(None, model_dirs):
         root = Path(model_dir)
-        candidate = root / family.name if several else root
-        if _has_weights(candidate) or (family.hub_subfolder and _has_weights(candidate / family.hub_subfolder)):
-            return str(candidate)
+        for candidate in [root / family.name] if several else [root, root / family.name]:
+            if _has_weights(candidate) or (family.hub_subfolder and _has_weights(candidate / family.hub_subfolder)):
+                return str(candidate)
+    return hub_id(family)
+
+
+def hub_id(family: Family) -> str:
     return f"{family.hub_repo}/{family.hub_subfolder}" if family.hub_subfolder else family.hub_repo
+
+
+def download_weights(family: Family, target: Path) -> Path:
+    """Copy the family's VAE files from the Hub (through the cache) into `target`, a diffusers model directory."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in WEIGHT_FILES:
+        cached = hf_hub_download(family.hub_repo, name, subfolder=family.hub_subfolder)
+        shutil.copyfile(cached, target / name)
+    return target
 
 
 def _pretrained_args(family: Family, source: str) -> tuple[str, dict]:

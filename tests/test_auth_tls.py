@@ -6,11 +6,12 @@ from __future__ import annotations
 import base64
 import shutil
 import subprocess
+import sys
 
 import pytest
 import requests
 import torch
-from conftest import LiveServer, offline_env, seeded
+from conftest import ROOT, LiveServer, offline_env, seeded
 from diffusers.utils import remote_utils
 
 from remote_vae.auth import ApiKeyError, load_api_keys, presented_key
@@ -109,3 +110,12 @@ def test_presented_key_forms():
     assert presented_key(b"Basic " + base64.b64encode(f"user:{KEY}".encode())) == KEY.encode()
     for bad in (b"", b"Bearer ", b"Basic !!!", b"Basic " + base64.b64encode(b"no-colon"), KEY.encode()):
         assert presented_key(bad) is None
+
+
+def test_container_healthcheck_speaks_https(secure):
+    """`python -m remote_vae health` (the image's HEALTHCHECK) uses HTTPS when the server is configured for it."""
+    command = [sys.executable, "-m", "remote_vae", "health", "--port", str(secure.port)]
+    for certfile, status in ((secure.verify, 0), (None, 1)):  # plain HTTP to a TLS port fails
+        env = offline_env(**({"REMOTE_VAE_SSL_CERTFILE": certfile} if certfile else {}))
+        done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+        assert done.returncode == status, done.stdout + done.stderr

@@ -81,14 +81,28 @@ def test_match_model_config():
 
 def test_default_source(tmp_path):
     sd15, flux = load_family("sd15"), load_family("flux")
-    assert default_source(sd15, None, several=False) == "stabilityai/sd-vae-ft-mse"
-    assert default_source(flux, str(tmp_path), several=False) == "black-forest-labs/FLUX.1-schnell/vae"
+    assert default_source(sd15, [None], several=False) == "stabilityai/sd-vae-ft-mse"
+    assert default_source(flux, [str(tmp_path)], several=False) == "black-forest-labs/FLUX.1-schnell/vae"
     (tmp_path / "vae").mkdir()
     (tmp_path / "vae" / "config.json").write_text("{}")
-    assert default_source(flux, str(tmp_path), several=False) == str(tmp_path)  # a mounted pipeline repo
+    assert default_source(flux, [str(tmp_path)], several=False) == str(tmp_path)  # a mounted pipeline repo
     (tmp_path / "sd15").mkdir()
     (tmp_path / "sd15" / "config.json").write_text("{}")
-    assert default_source(sd15, str(tmp_path), several=True) == str(tmp_path / "sd15")
+    assert default_source(sd15, [str(tmp_path)], several=True) == str(tmp_path / "sd15")
+
+
+def test_default_source_prefers_the_mounted_repository_then_baked_weights(tmp_path):
+    sd15 = load_family("sd15")
+    mounted, baked = tmp_path / "repository", tmp_path / "baked"
+    (baked / "sd15").mkdir(parents=True)
+    (baked / "sd15" / "config.json").write_text("{}")
+    for several in (False, True):  # baked weights sit in DIR/<family>/ however many families are served
+        assert default_source(sd15, [str(mounted), str(baked)], several=several) == str(baked / "sd15")
+    mounted.mkdir()
+    (mounted / "config.json").write_text("{}")
+    assert default_source(sd15, [str(mounted), str(baked)], several=False) == str(mounted)
+    assert default_source(sd15, [str(mounted), str(baked)], several=True) == str(baked / "sd15")  # root weights are one family's
+    assert default_source(sd15, [None, None], several=False) == "stabilityai/sd-vae-ft-mse"
 
 
 def test_a_new_family_is_a_file(tmp_path, tmp_path_factory):
