@@ -359,8 +359,7 @@ tags: [remote-vae, inference-endpoints-handler]
 # remote-vae handler: {family.name}
 
 {family.description}. Weights from `{family.hub_repo}`{f' (`{family.hub_subfolder}/`)' if family.hub_subfolder else ''},
-served by [remote-vae](https://github.com/remote-vae/remote-vae)'s `handler.py` on the Inference Endpoints
-toolkit. Set `REMOTE_VAE_FAMILIES={family.name}` in the endpoint's environment; limits are the
+served by remote-vae's `handler.py` on the Inference Endpoints toolkit. Set `REMOTE_VAE_FAMILIES={family.name}` in the endpoint's environment; limits are the
 `REMOTE_VAE_*` variables of `python -m remote_vae serve`.
 
 The toolkit passes JSON and image bodies only: send latents as base64 in

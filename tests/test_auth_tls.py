@@ -4,14 +4,13 @@ driven by diffusers' remote_decode the way docs/security.md tells users to."""
 from __future__ import annotations
 
 import base64
-import shutil
 import subprocess
 import sys
 
 import pytest
 import requests
 import torch
-from conftest import ROOT, LiveServer, offline_env, seeded
+from conftest import ROOT, LiveServer, offline_env, seeded, self_signed_certificate
 from diffusers.utils import remote_utils
 
 from remote_vae.auth import ApiKeyError, load_api_keys, presented_key
@@ -23,15 +22,7 @@ LATENT = {"shape": [1, 4, 8, 8], "dtype": "float32", "output_type": "pt"}
 
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory):
-    """A self-signed certificate for 127.0.0.1, made by openssl."""
-    if shutil.which("openssl") is None:
-        pytest.fail("openssl is needed to make the test certificate")
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-                   check=True, capture_output=True)
-    return cert, key
+    return self_signed_certificate(tmp_path_factory.mktemp("tls"))
 
 
 @pytest.fixture(scope="module")

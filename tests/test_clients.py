@@ -14,8 +14,7 @@ import subprocess
 import numpy as np
 import pytest
 import requests
-import torch
-from conftest import ROOT, LiveServer, offline_env, seeded
+from conftest import ROOT, LiveServer, offline_env, seeded, self_signed_certificate
 from PIL import Image
 from test_decode import SD, assert_pixels_close, decode_locally, uint8_locally
 
@@ -37,9 +36,7 @@ def example(language: str) -> str:
 @pytest.fixture(scope="module")
 def server(model_dirs, tmp_path_factory):
     folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    cert, key = self_signed_certificate(folder)
     args = ["sd15", "--model", str(model_dirs["sd15"]), "--api-key", KEY, "--ssl-certfile", str(cert), "--ssl-keyfile", str(key),
             "--cors-origins", ORIGIN]
     live = LiveServer(args, offline_env(), folder / "server.log", verify=str(cert))
