@@ -73,6 +73,15 @@ def _has_weights(directory: Path) -> bool:
     return (directory / "config.json").is_file()
 
 
+def weights_folder(family: Family, directory: Path) -> Path | None:
+    """The folder under `directory` that holds the family's VAE: itself, or a pipeline's `vae/` (hub_subfolder); None if neither."""
+    if _has_weights(directory):
+        return directory
+    if family.hub_subfolder and _has_weights(directory / family.hub_subfolder):
+        return directory / family.hub_subfolder
+    return None
+
+
 # What from_pretrained reads from a diffusers model directory; all a VAE needs.
 WEIGHT_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 
@@ -89,7 +98,7 @@ def default_source(family: Family, model_dirs: Sequence[str | None], several: bo
     for model_dir in filter(None, model_dirs):
         root = Path(model_dir)
         for candidate in [root / family.name] if several else [root, root / family.name]:
-            if _has_weights(candidate) or (family.hub_subfolder and _has_weights(candidate / family.hub_subfolder)):
+            if weights_folder(family, candidate):
                 return str(candidate)
     return hub_id(family)
 
@@ -111,10 +120,9 @@ def _pretrained_args(family: Family, source: str) -> tuple[str, dict]:
     """`from_pretrained` arguments for a local directory or a Hub id `org/name[/subfolder]`."""
     path = Path(source)
     if path.is_dir():
-        if _has_weights(path):
-            return str(path), {}
-        if family.hub_subfolder and _has_weights(path / family.hub_subfolder):
-            return str(path), {"subfolder": family.hub_subfolder}
+        folder = weights_folder(family, path)
+        if folder is not None:
+            return str(path), ({} if folder == path else {"subfolder": family.hub_subfolder})
         raise LoadError(f"{path} has no config.json (expected a diffusers model directory: config.json + diffusion_pytorch_model.safetensors)")
     parts = source.strip("/").split("/")
     if len(parts) < 2 or source.startswith((".", "/")):

@@ -37,8 +37,9 @@ from huggingface_hub import HfApi, constants  # noqa: E402
 from huggingface_hub.errors import HfHubHTTPError, InferenceEndpointError, InferenceEndpointTimeoutError  # noqa: E402
 
 from remote_vae import families  # noqa: E402
+from remote_vae.auth import ApiKeyError, load_api_keys  # noqa: E402
 from remote_vae.families import Family, FamilyError  # noqa: E402
-from remote_vae.vae import WEIGHT_FILES, download_weights  # noqa: E402
+from remote_vae.vae import WEIGHT_FILES, download_weights, weights_folder  # noqa: E402
 
 CONTAINER_PORT = 8000
 HEALTH_ROUTE = "/health"
@@ -120,7 +121,7 @@ def endpoint_arguments(args: argparse.Namespace, served: list[Family]) -> dict:
         environment[name] = value
 
     arguments = dict(
-        repository=args.repository or default_repository(served, args.handler),
+        repository=args.repository or default_repository(served),
         revision=args.revision,
         framework="custom",
         task="custom",
@@ -146,7 +147,7 @@ def endpoint_arguments(args: argparse.Namespace, served: list[Family]) -> dict:
     return arguments
 
 
-def default_repository(served: list[Family], handler: bool) -> str:
+def default_repository(served: list[Family]) -> str:
     """The family's Hub repository, which the endpoint mounts at /repository, when it holds just the VAE."""
     family = served[0]
     if len(served) == 1 and not family.hub_subfolder:
@@ -165,6 +166,10 @@ def api_key_from(args: argparse.Namespace) -> str | None:
         key = os.environ.get(args.api_key_env)
         if not key:
             raise DeployError(f"--api-key-env {args.api_key_env}: that environment variable is not set")
+        try:  # the server's own rule: a key it would refuse at start-up is refused here, before deploying
+            load_api_keys(key, None)
+        except ApiKeyError as exc:
+            raise DeployError(f"--api-key-env {args.api_key_env}: {exc}") from None
         return key
     return None
 
@@ -345,7 +350,7 @@ def prepare_repo(args: argparse.Namespace) -> int:
 
 
 def copy_weights(family: Family, model: Path, target: Path) -> None:
-    source = model / family.hub_subfolder if family.hub_subfolder and (model / family.hub_subfolder / "config.json").is_file() else model
+    source = weights_folder(family, model) or model
     for name in WEIGHT_FILES:
         if not (source / name).is_file():
             raise DeployError(f"{source} has no {name}: expected a diffusers model directory")

@@ -4,14 +4,13 @@ driven by diffusers' remote_decode the way docs/security.md tells users to."""
 from __future__ import annotations
 
 import base64
-import subprocess
-import sys
 
 import pytest
 import requests
 import torch
-from conftest import ROOT, LiveServer, offline_env, seeded, self_signed_certificate
+from conftest import LiveServer, offline_env, seeded, self_signed_certificate
 from diffusers.utils import remote_utils
+from test_container import run_cli
 
 from remote_vae.auth import ApiKeyError, load_api_keys, presented_key
 
@@ -105,8 +104,7 @@ def test_presented_key_forms():
 
 def test_container_healthcheck_speaks_https(secure):
     """`python -m remote_vae health` (the image's HEALTHCHECK) uses HTTPS when the server is configured for it."""
-    command = [sys.executable, "-m", "remote_vae", "health", "--port", str(secure.port)]
     for certfile, status in ((secure.verify, 0), (None, 1)):  # plain HTTP to a TLS port fails
         env = offline_env(**({"REMOTE_VAE_SSL_CERTFILE": certfile} if certfile else {}))
-        done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+        done = run_cli("health", "--port", str(secure.port), env=env)
         assert done.returncode == status, done.stdout + done.stderr

@@ -232,10 +232,12 @@ def test_several_families_and_the_handler_mode(fake_api, capsys):
     (["--family", "sd15", "--handler", "--repository", "me/x", "--generate-api-key"], "does not check remote-vae API keys"),
     (["--family", "sd15", "--image", IMAGE, "--generate-api-key", "--type", "authenticated"], "use --type public"),
     (["--family", "sd15", "--image", IMAGE, "--api-key-env", "NO_SUCH_VARIABLE_SET"], "is not set"),
+    (["--family", "sd15", "--image", IMAGE, "--api-key-env", "SHORT_KEY"], "at least 16 printable characters"),  # the server would refuse it
     (["--family", "sd15", "--image", IMAGE, "--env", "NOEQUALS"], "expected NAME=VALUE"),
     (["--family", "nope", "--image", IMAGE], "nope"),
 ])
-def test_settings_that_cannot_work_exit_2_before_any_request(fake_api, capsys, extra, message):
+def test_settings_that_cannot_work_exit_2_before_any_request(fake_api, capsys, monkeypatch, extra, message):
+    monkeypatch.setenv("SHORT_KEY", "tooshort")
     assert deploy_endpoint.main(["deploy", "x", "--namespace", NAMESPACE, *extra]) == 2
     assert message in capsys.readouterr().err
     assert fake_api.requests == []

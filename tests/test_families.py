@@ -1,6 +1,7 @@
 """Families are data: every shipped config describes a buildable model, and a new family is just a file."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from diffusers.utils.remote_utils import remote_decode, remote_encode
 
 from remote_vae import families
 from remote_vae.families import FamilyError, load_family, match_model_config
-from remote_vae.vae import default_source, model_class
+from remote_vae.vae import default_source, load_vae, model_class, weights_folder
 
 EXPECTED_FACTORS = {
     "sd15": (0.18215, None), "sdxl": (0.13025, None), "flux": (0.3611, 0.1159),
@@ -127,3 +128,16 @@ def test_a_new_family_is_a_file(tmp_path, tmp_path_factory):
             remote_encode(server.url + "/encode", torch.zeros(1, 3, 16, 16))
     finally:
         server.stop()
+
+
+def test_a_pipeline_repository_is_read_from_its_vae_folder(model_dirs, reference, tmp_path):
+    """A whole pipeline's layout (the VAE in `vae/`) loads, and prepare-repo's weights come from that folder too."""
+    flux = load_family("flux")
+    shutil.copytree(model_dirs["flux"], tmp_path / "pipeline" / "vae")
+    (tmp_path / "pipeline" / "model_index.json").write_text("{}")
+    assert weights_folder(flux, tmp_path / "pipeline") == tmp_path / "pipeline" / "vae"
+    assert weights_folder(flux, model_dirs["flux"]) == model_dirs["flux"]
+    assert weights_folder(load_family("sd15"), tmp_path / "pipeline") is None  # sd15 has no subfolder
+    vae = load_vae(flux, str(tmp_path / "pipeline"), torch.device("cpu"), torch.float32)
+    for name, parameter in reference["flux"].state_dict().items():
+        torch.testing.assert_close(vae.model.state_dict()[name], parameter)
