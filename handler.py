@@ -26,7 +26,7 @@ import torch
 from remote_vae import families
 from remote_vae.cli import build_parser, env, load_service
 from remote_vae.errors import RequestError
-from remote_vae.media import dtype_name, encode_image, stack_vertically, tensor_to_bytes
+from remote_vae.media import ImageFile, dtype_name, encode_image, stack_vertically, tensor_to_bytes
 from remote_vae.vae import default_source
 from remote_vae.wire import Params, dispatch, first_accepted
 
@@ -57,7 +57,7 @@ class EndpointHandler:
         params = Params()
         params.overlay_json(parameters)
         outcome = dispatch(self.service, params, payload, content_type, accept, operation)
-        if outcome.form == "image":
+        if outcome.form == "pil":
             return stack_vertically(outcome.value)
         counts = {name.replace("-", "_"): int(value) for name, value in outcome.headers.items()}
         if outcome.form == "mp4":
@@ -76,7 +76,7 @@ class EndpointHandler:
             parameters.setdefault("dtype", dtype_name(inputs.dtype))
             return tensor_to_bytes(inputs), "tensor/binary" if inputs.shape[1:2] != (3,) else ""
         if isinstance(inputs, PIL.Image.Image):
-            return encode_image(inputs, "PNG", 0), "image/png"
+            return encode_image(inputs, ImageFile("PNG", png_compression=0)), "image/png"
         if isinstance(inputs, (bytes, bytearray)):
             return bytes(inputs), ""
         if isinstance(inputs, str):

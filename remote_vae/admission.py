@@ -2,9 +2,10 @@
 
 A request is admitted before its body is read, so at most `workers +
 max_waiting` bodies are ever held in memory; beyond that the server answers
-503 with Retry-After at once. An admitted request then waits its turn for a
-worker (the device). It gives up with a 503 after `wait_timeout` seconds, and
-its work is dropped unrun if the client disconnects while it waits.
+503 with Retry-After at once. An admitted request then waits for the device
+(batching.py: it may share a model call with others). It gives up with a 503
+after `wait_timeout` seconds, and its work is dropped unrun if the client
+disconnects while it waits. The device runs `workers` model calls at once.
 
 Everything here runs on the event loop, so the counters need no lock.
 """
@@ -14,9 +15,9 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, Callable
+from typing import AsyncIterator, Iterator
 
 from .errors import RequestError
 
@@ -27,8 +28,8 @@ class ClientGone(Exception):
 
 @dataclass(frozen=True)
 class QueueSettings:
-    workers: int = 1  # requests on the device at once
-    max_waiting: int = 32  # admitted requests beyond those, waiting or being parsed
+    workers: int = 1  # model calls on the device at once
+    max_waiting: int = 32  # admitted requests beyond one worker's, waiting or being parsed
     wait_timeout: float = 120.0  # seconds a request may wait for a worker
 
 
@@ -37,10 +38,10 @@ class WorkQueue:
         settings = settings or QueueSettings()
         self.settings = settings
         self.admitted = 0  # holding a place: reading, parsing, waiting or running
-        self.waiting = 0  # waiting for a worker
-        self.running = 0
-        self.current_batch = 0  # images or videos in the requests now on the device
-        self._seconds_per_job = 1.0  # moving average, for Retry-After
+        self.waiting = 0  # waiting for the device (batching.py counts them)
+        self.running = 0  # requests in the model calls now on the device
+        self.current_batch = 0  # images or videos in those requests
+        self._seconds_per_job = 1.0  # moving average of device time per request, for Retry-After
         self._workers = asyncio.Semaphore(settings.workers)  # binds to the running loop on first use
 
     @property
@@ -68,43 +69,30 @@ class WorkQueue:
             self.admitted -= 1
 
     @asynccontextmanager
-    async def turn(self, disconnected: Callable[[], Awaitable[None]], batch: int = 1) -> AsyncIterator[None]:
-        """Wait for a worker, then hold it; `disconnected()` returns when the client goes away."""
-        acquire = asyncio.ensure_future(self._workers.acquire())
-        watch = asyncio.ensure_future(disconnected())
-        granted = False
-        self.waiting += 1
+    async def device(self) -> AsyncIterator[None]:
+        """Wait for a worker (the device), then hold it for one model call."""
+        await self._workers.acquire()
         try:
-            await asyncio.wait({acquire, watch}, timeout=self.settings.wait_timeout, return_when=asyncio.FIRST_COMPLETED)
-            if watch.done():
-                watch.cancelled() or watch.exception()  # retrieved, so asyncio does not warn about it
-                raise ClientGone()
-            if not acquire.done():
-                raise RequestError(
-                    f"waited {self.settings.wait_timeout:g} s for the device without a turn; the server is overloaded, "
-                    "retry after the Retry-After seconds",
-                    status=503, headers={"Retry-After": str(self.retry_after())},
-                )
-            granted = True
+            yield
         finally:
-            self.waiting -= 1
-            watch.cancel()
-            if not granted:
-                self._let_go(acquire)
-        self.running += 1
-        self.current_batch += batch
+            self._workers.release()
+
+    @contextmanager
+    def running_batch(self, requests: int, images: int) -> Iterator[None]:
+        """Count `requests` holding `images` images or videos as on the device, and time them for Retry-After."""
+        self.running += requests
+        self.current_batch += images
         started = time.monotonic()
         try:
             yield
         finally:
-            self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * (time.monotonic() - started)
-            self.running -= 1
-            self.current_batch -= batch
-            self._workers.release()
+            self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * (time.monotonic() - started) / requests
+            self.running -= requests
+            self.current_batch -= images
 
-    def _let_go(self, acquire: asyncio.Future) -> None:
-        """Give back a worker acquired just as the request gave up, or stop waiting for one."""
-        if acquire.done() and not acquire.cancelled() and acquire.exception() is None:
-            self._workers.release()
-        else:
-            acquire.cancel()
+    def timed_out(self) -> RequestError:
+        return RequestError(
+            f"waited {self.settings.wait_timeout:g} s for the device without a turn; the server is overloaded, "
+            "retry after the Retry-After seconds",
+            status=503, headers={"Retry-After": str(self.retry_after())},
+        )

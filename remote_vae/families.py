@@ -10,6 +10,9 @@ Video families add `temporal_compression` (latent frames T decode to
 (Wan) give `latents_mean` / `latents_std` instead of a scalar scaling factor.
 `tile_above_pixels` switches the model's own tiled decoding on for frames
 larger than that many pixels, with `tiling_options` passed to `enable_tiling`.
+`streams_frames` says that the model's untiled decode calls its decoder once
+per latent frame, in order, and each call returns finished frames (Wan's
+causal decoder): the service then writes an MP4 while later frames decode.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ class Family:
     latents_std: tuple[float, ...] | None = None
     tile_above_pixels: int | None = None
     tiling_options: dict[str, Any] = field(default_factory=dict)
+    streams_frames: bool = False
 
     @property
     def is_video(self) -> bool:
@@ -110,6 +114,8 @@ def _family_from_dict(data: dict[str, Any], source: str) -> Family:
     tile_above = values.get("tile_above_pixels")
     if tile_above is not None and not (isinstance(tile_above, int) and tile_above >= 0):
         raise FamilyError(f"{source}: tile_above_pixels must be a non-negative integer or null (never tile)")
+    if not isinstance(values.get("streams_frames", False), bool):
+        raise FamilyError(f"{source}: streams_frames must be true or false")
     return Family(**values)
 
 

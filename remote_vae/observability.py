@@ -6,6 +6,8 @@ status; each stage of the request path has a latency histogram:
   parse (read the body, parse and check it), queue (wait for the device),
   inference (the model and on-device postprocessing), media (MP4 / image /
   tensor encoding).
+Batching shows as images and requests per model call; model calls are
+counted by how they ran (whole, sliced one sample at a time, or tiled).
 Queue length, running work, device memory and out-of-memory events are read
 when scraped. The toolkit's own names, inf_queue_size and
 inf_batch_current_size, are kept for dashboards built on it.
@@ -56,6 +58,10 @@ class Metrics:
                                        ["family", "stage"], buckets=SECONDS_BUCKETS, registry=self.registry)
         self.batch_size = Histogram("remote_vae_batch_size", "Images or videos per request that reached the device",
                                     ["family", "operation"], buckets=BATCH_BUCKETS, registry=self.registry)
+        self.model_call_images = Histogram("remote_vae_model_call_images", "Images or videos per model call (several requests' when batched)",
+                                           ["family", "operation"], buckets=BATCH_BUCKETS, registry=self.registry)
+        self.model_call_requests = Histogram("remote_vae_model_call_requests", "Requests coalesced into one model call",
+                                             ["family", "operation"], buckets=BATCH_BUCKETS, registry=self.registry)
         ProcessCollector(registry=self.registry)  # process_resident_memory_bytes and friends
         self.registry.register(_LiveState(queue, vaes))
 
@@ -92,10 +98,15 @@ class _LiveState:
                 memory.add_metric([device, kind], value)
         yield memory
         oom = CounterMetricFamily("remote_vae_out_of_memory", "Device out-of-memory events, by outcome", labels=["family", "outcome"])
+        calls = CounterMetricFamily("remote_vae_model_calls", "Model calls, by how they ran: whole batch, sliced (one sample at a time) or tiled",
+                                    labels=["family", "mode"])
         for vae in vaes:
             for outcome, count in vae.oom_events.items():
                 oom.add_metric([vae.family.name, outcome], count)
+            for mode, count in vae.calls.items():
+                calls.add_metric([vae.family.name, mode], count)
         yield oom
+        yield calls
 
 
 def device_memory(device: torch.device) -> dict[str, int]:

@@ -6,11 +6,12 @@ background thread so health answers 503 while loading.
 
 A POST goes: API key (auth.py) -> a place in the bounded queue, before the
 body is read (admission.py) -> read the body -> parse and check it (a worker
-thread) -> wait for the device -> the model (a worker thread) -> media
-encoding (a worker thread) -> reply. Only the model step is serialised, so a
-bad request is answered at once and MP4 / PNG encoding overlaps the next
-request's inference. Around it all, every request gets an id, an access-log
-line and its metrics (observability.py).
+thread) -> wait for the device, perhaps joined by other requests for one model
+call (batching.py) -> the model and on-device postprocessing (a worker thread)
+-> media encoding (a worker thread) -> reply. Only the model step is
+serialised, so a bad request is answered at once and MP4 / PNG encoding
+overlaps the next model call. Around it all, every request gets an id, an
+access-log line and its metrics (observability.py).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from starlette.routing import Route
 
 from .admission import ClientGone, QueueSettings, WorkQueue
 from .auth import ApiKeyMiddleware
+from .batching import Batcher, BatchSettings
 from .errors import RequestError
 from .families import Family
 from .observability import Metrics, RequestLog, StageTimer
@@ -70,6 +72,7 @@ class ServeOptions:
     """How the HTTP layer guards the service."""
 
     queue: QueueSettings = field(default_factory=QueueSettings)
+    batching: BatchSettings = field(default_factory=BatchSettings)
     body_timeout: float = 120.0  # seconds to receive a whole body; slower gets 408
     api_keys: tuple[str, ...] = ()  # none: no key needed
     cors_origins: tuple[str, ...] = ()  # web pages on these origins may call the API from a browser; none: no CORS
@@ -178,30 +181,33 @@ def family_routes(prefix: str, slot: Slot, guard: Guard) -> list[Route]:
 
 
 class Guard:
-    """One POST through the queue and the three steps of wire.py, each step timed."""
+    """One POST through the queue, its family's batcher and the three steps of wire.py, each step timed."""
 
     def __init__(self, queue: WorkQueue, metrics: Metrics, options: ServeOptions):
         self.queue = queue
         self.metrics = metrics
         self.options = options
+        self.batchers: dict[str, Batcher] = {}
+
+    def batcher(self, service: VaeService) -> Batcher:
+        name = service.family.name
+        if name not in self.batchers:
+            self.batchers[name] = Batcher(service, self.queue, self.options.batching, self.metrics)
+        return self.batchers[name]
 
     async def serve(self, request: Request, service: VaeService, operation: str | None) -> HttpReply:
         timer = StageTimer(self.metrics, service.family.name)
+        batcher = self.batcher(service)
         try:
             async with self.queue.place():
                 started = time.monotonic()
-                body = await read_body(request, service.limits.max_body_bytes, self.options.body_timeout)
-                call = HttpCall(body, request.url.query, request.headers.get("content-type", ""), request.headers.get("accept", ""), operation)
-                prepared = await run_in_threadpool(prepare_call, service, call)
+                with batcher.arrival():
+                    body = await read_body(request, service.limits.max_body_bytes, self.options.body_timeout)
+                    call = HttpCall(body, request.url.query, request.headers.get("content-type", ""), request.headers.get("accept", ""), operation)
+                    prepared = await run_in_threadpool(prepare_call, service, call)
                 request.state.operation = "encode" if prepared.form == "latents" else "decode"
                 timer.observe("parse", started)
-                started = time.monotonic()
-                async with self.queue.turn(until_disconnected(request), prepared.job.count):
-                    timer.observe("queue", started)
-                    self.metrics.batch_size.labels(service.family.name, request.state.operation).observe(prepared.job.count)
-                    started = time.monotonic()
-                    result = await run_in_threadpool(prepared.job.run)
-                timer.observe("inference", started)
+                result = await batcher.run(prepared.job, until_disconnected(request))  # times the queue and inference stages
                 started = time.monotonic()
                 reply = await run_in_threadpool(render, prepared, result)
                 timer.observe("media", started)

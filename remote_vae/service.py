@@ -1,4 +1,4 @@
-"""The inference core: one request in, one result out, for any front end.
+"""The inference core: requests in, results out, for any front end.
 
 The HTTP server (server.py via wire.py) and the Inference Endpoints adapter
 (handler.py) both build a DecodeRequest or EncodeRequest and call a
@@ -6,13 +6,19 @@ VaeService, so there is one path from request to pixels. Stages in order:
 latents (check, unpack, scale) -> vae (decode / encode) -> media (postprocess).
 Image and video families share the path; the family's data says which.
 
-A request becomes a Job in three steps, so a server can queue only the part
-that needs the device: `prepare_*` checks and builds tensors (CPU, no model),
-`Job.run` uses the model, `Job.finish` does CPU-only media work (MP4 writing).
+A request becomes a Job, so a server can queue only the part that needs the
+device and run several requests in one model call:
+  prepare_*    checks the request and builds the model's input (CPU, no model);
+  run(jobs)    one model call for jobs that share a batch key (batching.py
+               coalesces them); each job's `respond` turns its rows of the output
+               into its result on the device and copies only that back;
+  Job.finish   the CPU-only media work (image files, MP4) after the device is free.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable
@@ -22,18 +28,40 @@ import PIL.Image
 import torch
 
 from . import latents as latent_ops
+from .device import to_host
 from .errors import RequestError
 from .families import Family
-from .media import VIDEO_TYPES, Mp4Options, Postprocessor, VideoFile, VideoPostprocessor, is_image_file, is_video_file, open_image, parse_dtype, tensor_from_bytes, video_demuxer
+from .media import (
+    PNG_COMPRESSION,
+    VIDEO_TYPES,
+    FrameRouter,
+    ImageFile,
+    Mp4Options,
+    Mp4Stream,
+    Postprocessor,
+    VideoFile,
+    VideoPostprocessor,
+    encode_pixels,
+    is_image_file,
+    is_video_file,
+    jpeg_encoder_for,
+    open_image,
+    parse_dtype,
+    tensor_from_bytes,
+    video_demuxer,
+)
 from .vae import LoadedVae
+
+log = logging.getLogger("remote_vae")
 
 # What a decode returns, by name (images / videos; a video batch's clips follow one another):
 #   raw:   [B, 3, H, W] / [B, 3, F, H, W] decoder output in the model dtype (about -1..1)
 #   uint8: [B, H, W, 3] / [B*F, H, W, 3] denormalised 0..255
 #   unit:  [B, 3, H, W] / [B*F, 3, H, W] float in 0..1
-#   image: PIL images (the wire encodes them as JPEG / PNG / WebP); images only
+#   image: the bytes of one JPEG / PNG / WebP file, the batch stacked top to bottom; images only
+#   pil:   PIL images (handler.py: the toolkit writes the file); images only
 #   mp4:   the bytes of an H.264 MP4; videos only
-IMAGE_FORMS = ("raw", "uint8", "unit", "image")
+IMAGE_FORMS = ("raw", "uint8", "unit", "image", "pil")
 VIDEO_FORMS = ("raw", "uint8", "unit", "mp4")
 
 
@@ -65,6 +93,7 @@ class DecodeRequest:
     height: int | None = None
     width: int | None = None
     mp4: Mp4Options = field(default_factory=Mp4Options)
+    image: ImageFile = field(default_factory=ImageFile)
 
 
 @dataclass
@@ -82,18 +111,29 @@ def _unchanged(value: Any) -> Any:
 
 @dataclass
 class Job:
-    """A checked request: `run` does the device work, `finish` the CPU-only media work on its result.
+    """A checked request, ready for the model.
 
-    `count` images or videos (of `frames` frames; None for images) go in or come out.
+    `inputs` ([b, ...] on the host, in the model's dtype) go through the model with
+    other jobs of the same `batch_key`; `respond` turns this job's rows of the
+    output (on the device) into its result on the host; `finish` does the CPU-only
+    media work on that result once the device is free. `count` images or videos
+    (of `frames` frames; None for images) go in or come out. `stream` is the MP4
+    a video decode writes while it runs.
     """
 
-    run: Callable[[], Any]
+    operation: str  # "decode" or "encode"
+    inputs: torch.Tensor
+    respond: Callable[[torch.Tensor], Any]
     count: int
+    pixels: int  # the decode's output or the encode's input: count x frames x height x width
     frames: int | None = None
     finish: Callable[[Any], Any] = _unchanged
+    stream: Mp4Stream | None = None
 
-    def __call__(self) -> Any:
-        return self.finish(self.run())
+    @property
+    def batch_key(self) -> tuple:
+        """What jobs must share to go through the model in one call: the operation and one sample's shape and dtype."""
+        return (self.operation, tuple(self.inputs.shape[1:]), self.inputs.dtype)
 
 
 @dataclass
@@ -104,14 +144,21 @@ class EncodeRequest:
 
 
 class VaeService:
-    def __init__(self, vae: LoadedVae, limits: Limits):
+    def __init__(self, vae: LoadedVae, limits: Limits, png_compression: int = PNG_COMPRESSION):
         self.vae = vae
         self.family: Family = vae.family
         self.limits = limits
+        self.png_compression = png_compression  # a PNG reply's zlib level unless the request names one
         video = self.family.is_video
-        self.post = (VideoPostprocessor if video else Postprocessor)(self.family.spatial_compression)
+        self.to_host = partial(to_host, path=vae.path)
+        self.post = (VideoPostprocessor if video else Postprocessor)(self.family.spatial_compression, self.to_host, jpeg_encoder_for(vae.device))
         self.forms = VIDEO_FORMS if video else IMAGE_FORMS
         self.max_pixels = limits.max_video_pixels if video else limits.max_pixels
+
+    def images_per_call(self, job: Job) -> int:
+        """How many images or videos like this job's one model call takes whole (at least 1):
+        a bigger batch would run one sample at a time, and sharing a call would only make its requests wait for each other."""
+        return max(1, self.vae.budget.limit(self.vae.device) // max(1, job.pixels // job.count))
 
     def _require(self, operation: str) -> None:
         if not self.family.serves(operation):
@@ -133,17 +180,19 @@ class VaeService:
         latent_ops.check_finite(latents, "latent")
         latents = latent_ops.unpack(latents, plan)
         # Convert, then scale: on CPU a float16 latent is scaled in float32, not in float16.
+        # Scaled here, per request, so requests with different factors can share a model call.
         latents = latents.to(self.vae.dtype)
         latents = request.scaling.normalisation(self.family).unscale(latents)
         frames = plan.output_frames(self.family) if plan.latent_frames else None
+        job = partial(Job, "decode", latents, count=plan.batch, pixels=plan.output_pixels(self.family), frames=frames)
         if request.form == "mp4":
-            # The device's part ends at uint8 frames; the MP4 is written after the model is free again.
-            return Job(partial(self.vae.decode, latents, self.post.uint8), plan.batch, frames, partial(self.post.mp4, options=request.mp4))
-        return Job(partial(self.vae.decode, latents, getattr(self.post, request.form)), plan.batch, frames)
-
-    def decode(self, request: DecodeRequest) -> Decoded:
-        job = self.prepare_decode(request)
-        return Decoded(job(), job.count, job.frames)
+            width, height = plan.output_size(self.family)
+            stream = Mp4Stream(plan.batch, frames, width, height, request.mp4)
+            return job(partial(self.post.mp4, stream=stream), finish=Mp4Stream.result, stream=stream)
+        if request.form == "image":
+            # A JPEG may be written on the device; anything else is written after the device is free.
+            return job(partial(self.post.image, options=request.image), finish=partial(encode_pixels, options=request.image))
+        return job(getattr(self.post, request.form))
 
     def prepare_encode(self, request: EncodeRequest) -> Job:
         self._require("encode")
@@ -153,13 +202,66 @@ class VaeService:
             pixels = self._video_file(request.image) if self.family.is_video else self._image_file(request.image)
         normalisation = request.scaling.normalisation(self.family)
 
-        def run() -> torch.Tensor:
-            return normalisation.scale(self.vae.encode(pixels)).cpu()
+        def respond(latents: torch.Tensor) -> torch.Tensor:
+            return self.to_host(normalisation.scale(latents))
 
-        return Job(run, pixels.shape[0], pixels.shape[2] if pixels.ndim == 5 else None)
+        return Job("encode", pixels.to(self.vae.dtype), respond, pixels.shape[0], pixels.numel() // 3, pixels.shape[2] if pixels.ndim == 5 else None)
+
+    def run(self, jobs: Sequence[Job]) -> list[Any]:
+        """One model call for jobs that share a batch key: each job's result, or the exception it failed with.
+
+        When the shared call fails for any reason but running out of memory, each
+        job runs again on its own, so one bad request fails alone.
+        """
+        try:
+            outputs = self._model_call(jobs)
+        except Exception as exc:
+            for job in jobs:
+                if job.stream is not None:
+                    job.stream.restart()
+            if len(jobs) == 1 or isinstance(exc, RequestError):
+                return [exc] * len(jobs)
+            log.warning("%s: a batch of %d requests failed (%s: %s); running them one at a time", self.family.name, len(jobs), type(exc).__name__, exc)
+            return [self.run([job])[0] for job in jobs]
+        results: list[Any] = []
+        for job, output in zip(jobs, outputs):
+            try:
+                results.append(job.respond(output))
+            except Exception as exc:
+                if job.stream is not None:
+                    job.stream.close()  # its writer would wait for frames that never come
+                results.append(exc)
+        return results
+
+    def _model_call(self, jobs: Sequence[Job]) -> Sequence[torch.Tensor]:
+        """The model's output for all jobs at once, split back into each job's rows."""
+        inputs = jobs[0].inputs if len(jobs) == 1 else torch.cat([job.inputs for job in jobs])
+        if jobs[0].operation == "encode":
+            outputs = self.vae.encode(inputs)
+        else:
+            outputs = self.vae.decode(inputs, self.frame_router(jobs))
+        return outputs.split([job.count for job in jobs]) if len(jobs) > 1 else [outputs]
+
+    def frame_router(self, jobs: Sequence[Job]) -> FrameRouter | None:
+        """Where decoded frames go while the model runs: each MP4 job's stream, clip by clip."""
+        if all(job.stream is None for job in jobs):
+            return None
+        rows = [(job.stream, clip) if job.stream else None for job in jobs for clip in range(job.count)]
+        return FrameRouter(rows, jobs[0].frames, self.to_host)
+
+    def call(self, job: Job) -> Any:
+        """One job on its own, media work included (no queue: handler.py, benchmarks)."""
+        result = self.run([job])[0]
+        if isinstance(result, BaseException):
+            raise result
+        return job.finish(result)
+
+    def decode(self, request: DecodeRequest) -> Decoded:
+        job = self.prepare_decode(request)
+        return Decoded(self.call(job), job.count, job.frames)
 
     def encode(self, request: EncodeRequest) -> torch.Tensor:
-        return self.prepare_encode(request)()
+        return self.call(self.prepare_encode(request))
 
     def _pixel_tensor(self, raw: RawTensor) -> torch.Tensor:
         """Images [B, 3, H, W] or videos [B, 3, F, H, W] in -1..1, their size checked before allocation."""

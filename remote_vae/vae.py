@@ -1,8 +1,10 @@
 """The VAE stage: load a family's model, then encode and decode on its device.
 
-Models are diffusers classes named by the family config. Batches run one
-sample at a time (diffusers' slicing), so peak memory is that of one image
-whatever the batch size; results are identical to a whole-batch call because
+Models are diffusers classes named by the family config, set up by the device
+path (device.py: layout, cuDNN, pinned transfers, optional compile). A batch
+(one request's, or several requests' coalesced by batching.py) runs in one
+call when it fits the family's pixel budget on this device, else one sample
+at a time (diffusers' slicing). Both give the same results to float rounding:
 every layer of these VAEs treats samples independently.
 
 Video models already decode a few latent frames at a time (HunyuanVideo's
@@ -11,9 +13,9 @@ spatial tiling is switched on per call when a frame is larger than the
 family's `tile_above_pixels` (or --tile-above-pixels), so peak memory stays
 bounded at high resolutions; below it, output is diffusers' untiled output.
 
-A call that runs out of device memory frees the allocator's cache and, when
-it was not tiled and the model can tile, runs once more tiled; otherwise it
-is refused with a 503. Either way the process and the model live on.
+A call that runs out of device memory frees the allocator's cache and runs
+again one sample at a time, then tiled, as far as the model can; when nothing
+is left to try it is refused with a 503. The process and the model live on.
 """
 
 from __future__ import annotations
@@ -22,9 +24,12 @@ import logging
 import os
 import shutil
 import threading
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Protocol
 
 import diffusers
 import numpy as np
@@ -32,6 +37,7 @@ import torch
 from diffusers.models.modeling_utils import ModelMixin
 from huggingface_hub import hf_hub_download
 
+from .device import BatchBudget, DevicePath, PeakMemory, compile_model, compiled_calls, set_up_model, to_device
 from .errors import RequestError
 from .families import Family, config_latent_channels
 from .media import TENSOR_DTYPES
@@ -131,6 +137,16 @@ def _pretrained_args(family: Family, source: str) -> tuple[str, dict]:
     return repo_id, ({"subfolder": subfolder} if subfolder else {})
 
 
+class FrameSink(Protocol):
+    """Receives a video decoder's output chunk by chunk, while the rest is still being decoded."""
+
+    def chunk(self, frames: torch.Tensor) -> None:
+        """[b, 3, f, H, W] finished frames on the device, in order: all rows of the call at once, or one row at a time."""
+
+    def restart(self) -> None:
+        """Forget what came so far: the call failed and runs again."""
+
+
 @dataclass
 class LoadedVae:
     family: Family
@@ -139,57 +155,131 @@ class LoadedVae:
     dtype: torch.dtype
     source: str
     tile_above_pixels: int | None = None  # None: never tile
+    path: DevicePath = field(default_factory=DevicePath)
+    budget: BatchBudget = field(default_factory=BatchBudget)
 
     def __post_init__(self):
         # One inference at a time per model: the device is the bottleneck, and
         # interleaving two large decodes only doubles peak memory.
         self._lock = threading.Lock()
         self.can_tile = hasattr(self.model, "enable_tiling")
-        # Out-of-memory events by outcome, read by /metrics.
-        self.oom_events = {"retried_tiled": 0, "refused": 0}
+        self.can_slice = hasattr(self.model, "use_slicing")
+        # Read by /metrics: out-of-memory events by outcome, model calls by how they ran.
+        self.oom_events = {"retried_sliced": 0, "retried_tiled": 0, "refused": 0}
+        self.calls = {"whole": 0, "sliced": 0, "tiled": 0}
+        self.compiled = False
+        self.warmed: set[tuple] = set()  # (operation, one sample's input shape, batch of one) with compiled graphs
+        self._said_unwarmed: set[tuple] = set()
+        self._warming = False  # warm_up is running: compiling new shapes is what it is for
 
     def tiles(self, frame_pixels: int) -> bool:
         """Whether an image or frame of this many pixels is decoded / encoded in tiles."""
         return self.can_tile and self.tile_above_pixels is not None and frame_pixels > self.tile_above_pixels
 
-    def decode(self, latents: torch.Tensor, postprocess):
-        """Decode [B, C, (T,) h, w] latents and postprocess on the device; returns what `postprocess` returns."""
+    def decode(self, latents: torch.Tensor, frames: FrameSink | None = None) -> torch.Tensor:
+        """Decode [B, C, (T,) h, w] latents (scaled already; on the host) to the decoder's raw output, on the device.
 
-        def run():
-            return postprocess(self.model.decode(latents.to(self.device, self.dtype)).sample)
-
-        return self._run(run, latents.shape[-2] * latents.shape[-1] * self.family.spatial_compression**2)
+        `frames`, for models whose untiled decoder emits finished frames call by call
+        (the family's `streams_frames`), receives them as they come.
+        """
+        compression = self.family.spatial_compression
+        frame_pixels = latents.shape[-2] * latents.shape[-1] * compression**2
+        frame_count = self.family.frames_for(latents.shape[2]) if latents.ndim == 5 else 1
+        streams = frames if self.family.streams_frames else None
+        return self._run("decode", latents, frame_pixels, frame_count, lambda z: self.model.decode(z).sample, streams)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Encode [B, 3, (F,) H, W] pixels in -1..1 to the latent distribution's mean (deterministic)."""
-        return self._run(lambda: self.model.encode(images.to(self.device, self.dtype)).latent_dist.mean, images.shape[-2] * images.shape[-1])
+        """Encode [B, 3, (F,) H, W] pixels in -1..1 (on the host) to the latent distribution's mean (deterministic), on the device."""
+        frame_count = images.shape[2] if images.ndim == 5 else 1
+        return self._run("encode", images, images.shape[-2] * images.shape[-1], frame_count, lambda x: self.model.encode(x).latent_dist.mean)
 
-    def _run(self, run, frame_pixels: int):
-        with self._lock, torch.inference_mode():
+    def _run(self, operation: str, inputs: torch.Tensor, frame_pixels: int, frame_count: int, call: Callable, frames: FrameSink | None = None):
+        batch = inputs.shape[0]
+        with self._lock, torch.inference_mode(), self._compiled(operation, inputs):
+            values = to_device(inputs, self.device, self.dtype, self.path)
             tiled = self.tiles(frame_pixels)
-            result = self._attempt(run, tiled)
-            if result is _OUT_OF_MEMORY and not tiled and self.can_tile:
-                log.warning("%s: out of device memory on %d-pixel frames; retrying tiled", self.family.name, frame_pixels)
-                self.oom_events["retried_tiled"] += 1
-                result = self._attempt(run, True)
-            if result is _OUT_OF_MEMORY:
-                self.oom_events["refused"] += 1
-                raise RequestError(
-                    f"{self.family.name}: the device ran out of memory on this request{' even tiled' if self.can_tile else ''}; "
-                    "retry later, or send a smaller batch or size", status=503, headers={"Retry-After": "10"})
-            return result
+            sliced = self.can_slice and batch > 1 and not self.budget.allows(batch * frame_count * frame_pixels, self.device)
+            while True:
+                result = self._attempt(call, values, sliced, tiled, frames)
+                if result is not _OUT_OF_MEMORY:
+                    self.calls["tiled" if tiled else "sliced" if sliced else "whole"] += 1
+                    return result
+                if self.can_slice and batch > 1 and not sliced:
+                    sliced, outcome = True, "retried_sliced"
+                elif self.can_tile and not tiled:
+                    sliced, tiled, outcome = True, True, "retried_tiled"
+                else:
+                    self.oom_events["refused"] += 1
+                    raise RequestError(
+                        f"{self.family.name}: the device ran out of memory on this request{' even tiled' if self.can_tile else ''}; "
+                        "retry later, or send a smaller batch or size", status=503, headers={"Retry-After": "10"})
+                log.warning("%s: out of device memory on %d x %d-pixel %s; %s", self.family.name, batch, frame_pixels, operation, outcome.replace("_", " "))
+                self.oom_events[outcome] += 1
+                if frames is not None:
+                    frames.restart()
 
-    def _attempt(self, run, tiled: bool):
-        """run() with tiling on or off; _OUT_OF_MEMORY, with the cache freed, if the device ran out."""
+    def _attempt(self, call: Callable, values: torch.Tensor, sliced: bool, tiled: bool, frames: FrameSink | None):
+        """call(values) sliced and tiled as asked; _OUT_OF_MEMORY, with the cache freed, if the device ran out."""
+        if self.can_slice:
+            self.model.use_slicing = sliced
         if self.can_tile:
             self.model.use_tiling = tiled
+        # Tiled, the decoder sees tiles, not frames: nothing to stream.
+        hook = self.model.decoder.register_forward_hook(lambda module, args, out: frames.chunk(out)) if frames and not tiled else None
         try:
-            return run()
+            return call(values)
         except torch.cuda.OutOfMemoryError:
             pass
+        finally:
+            if hook is not None:
+                hook.remove()
         # Outside the except block: the exception and its frames' tensors are gone, so their memory can be freed.
         free_device_memory(self.device)
         return _OUT_OF_MEMORY
+
+    def _compiled(self, operation: str, inputs: torch.Tensor):
+        """The compile stance around a call of a compiled model; says once per shape when a request's shape was not warmed up."""
+        if not self.compiled:
+            return nullcontext()
+        key = (operation, tuple(inputs.shape[1:]), inputs.shape[0] == 1)
+        if not self._warming and key not in self.warmed and key not in self._said_unwarmed:
+            self._said_unwarmed.add(key)
+            log.warning("%s: %s of %s x %s was not warmed up, so it runs eagerly rather than compiling inside a request; "
+                        "add its size to --warmup-sizes", self.family.name, operation, inputs.shape[0], list(inputs.shape[1:]))
+        return compiled_calls(self._warming)
+
+    def warm_up(self, sizes: Sequence[tuple[int, ...]], batches: Sequence[int]) -> None:
+        """Run every size (W, H) or (W, H, F) in pixels at every batch size through each operation the family serves.
+
+        With compile on, this is when graphs are compiled. On CUDA it also loads the
+        kernels, autotunes cuDNN, and measures the model's peak memory per pixel for the batch budget.
+        """
+        for size in sizes:
+            width, height, *frames = size
+            for operation in self.family.operations:
+                for batch in batches:
+                    inputs = self._warm_up_inputs(operation, batch, width, height, frames[0] if frames else None)
+                    started = time.monotonic()
+                    self._warming = True
+                    try:
+                        with PeakMemory(self.device) as peak:
+                            self.decode(inputs) if operation == "decode" else self.encode(inputs)
+                    finally:
+                        self._warming = False
+                    self.warmed.add((operation, tuple(inputs.shape[1:]), batch == 1))
+                    if peak.bytes and operation == "decode" and batch == 1 and self.budget.pixels is None:
+                        pixels = max(1, width * height * (frames[0] if frames else 1))
+                        self.budget.bytes_per_pixel = max(self.budget.bytes_per_pixel or 0, peak.bytes / pixels)
+                    log.info("%s: warmed up %s of %s x %s in %.1f s%s", self.family.name, operation, batch, "x".join(map(str, size)),
+                             time.monotonic() - started, " (compiled)" if self.compiled else "")
+
+    def _warm_up_inputs(self, operation: str, batch: int, width: int, height: int, frames: int | None) -> torch.Tensor:
+        family = self.family
+        if operation == "encode":
+            return torch.zeros((batch, 3) + ((frames,) if frames else ()) + (height, width))
+        step = family.spatial_compression
+        latent_frames = ((frames - 1) // family.temporal_compression + 1,) if frames else ()
+        return torch.zeros((batch, family.latent_channels) + latent_frames + (height // step, width // step))
 
 
 _OUT_OF_MEMORY = object()
@@ -207,8 +297,17 @@ def load_vae(
     dtype: torch.dtype,
     random_weights: bool = False,
     tile_above_pixels: int | None | str = "family",
+    path: DevicePath | None = None,
+    budget: BatchBudget | None = None,
+    warmup_sizes: Sequence[tuple[int, ...]] = (),
+    warmup_batches: Sequence[int] = (1,),
 ) -> LoadedVae:
-    """The family's model on its device; tile_above_pixels overrides the family's ("family" keeps it, None never tiles)."""
+    """The family's model on its device, set up and warmed up.
+
+    tile_above_pixels overrides the family's ("family" keeps it, None never tiles). `path`
+    defaults to the measured device path for `device`; `budget` to the device's own.
+    """
+    path = path or DevicePath.default(device)
     cls = model_class(family)
     if random_weights:
         torch.manual_seed(RANDOM_WEIGHTS_SEED)
@@ -229,9 +328,7 @@ def load_vae(
         raise LoadError(f"{source} has {channels} latent channels, but family {family.name} expects {family.latent_channels}")
     if random_weights:
         model = model.to(dtype=dtype)
-    model = model.to(device=device).eval()
-    if hasattr(model, "enable_slicing"):
-        model.enable_slicing()
+    model = set_up_model(model, device, path)
     _warn_on_other_normalisation(family, model.config, source)
     tile_above = family.tile_above_pixels if tile_above_pixels == "family" else tile_above_pixels
     if not hasattr(model, "enable_tiling"):
@@ -240,9 +337,29 @@ def load_vae(
         # Tile sizes are set once; each call switches use_tiling (above the threshold, or after running out of memory).
         model.enable_tiling(**family.tiling_options)
         model.use_tiling = False
-    log.info("loaded %s (%s) on %s as %s%s", family.name, source, device, str(dtype).removeprefix("torch."),
-             f", tiling frames above {tile_above} pixels" if tile_above is not None else "")
-    return LoadedVae(family, model, device, dtype, source, tile_above)
+    vae = LoadedVae(family, model, device, dtype, source, tile_above, path, budget or BatchBudget())
+    if device.type == "cuda" and not warmup_sizes:
+        warmup_sizes = [default_warmup_size(family)]  # load the kernels and measure memory before the first request
+    if path.compile:
+        uncompile = compile_model(model, len(warmup_sizes) * len(family.operations))
+        vae.compiled = True
+        try:
+            vae.warm_up(warmup_sizes, warmup_batches)
+        except Exception as exc:  # a model torch cannot compile is still served, eagerly
+            log.error("%s: compiling failed (%s: %s); serving it uncompiled", family.name, type(exc).__name__, str(exc).splitlines()[0][:300])
+            uncompile()
+            vae.compiled = False
+            vae.warmed.clear()
+    if not vae.compiled:
+        vae.warm_up(warmup_sizes, warmup_batches)
+    log.info("loaded %s (%s) on %s as %s%s%s", family.name, source, device, str(dtype).removeprefix("torch."),
+             f", tiling frames above {tile_above} pixels" if tile_above is not None else "", ", compiled" if vae.compiled else "")
+    return vae
+
+
+def default_warmup_size(family: Family) -> tuple[int, ...]:
+    """A 256x256 image, or one 256x256 frame."""
+    return (256, 256, 1) if family.is_video else (256, 256)
 
 
 def _warn_on_other_normalisation(family: Family, config, source: str) -> None:

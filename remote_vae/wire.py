@@ -23,7 +23,7 @@ import torch
 
 from .errors import RequestError
 from .latents import Scaling
-from .media import IMAGE_FORMATS, MEDIA_TYPES, Mp4Options, dtype_name, encode_image, is_image_file, is_video_file, stack_vertically, tensor_to_bytes
+from .media import IMAGE_FORMATS, MEDIA_TYPES, ImageFile, Mp4Options, dtype_name, is_image_file, is_video_file, tensor_to_bytes
 from .service import DecodeRequest, EncodeRequest, Job, RawTensor, VaeService
 
 log = logging.getLogger("remote_vae")
@@ -244,12 +244,11 @@ class ReplyShape:
     """What the reply body will be: a tensor (binary or base64 JSON), an image file or an MP4."""
 
     tensor_encoding: str = "binary"  # or the base64 media type
-    image_format: str = "JPEG"
-    image_quality: int = DEFAULT_JPEG_QUALITY
+    image: ImageFile = field(default_factory=ImageFile)
 
 
-def negotiate_decode(params: Params, accept: str) -> tuple[str, ReplyShape]:
-    """(decode form, reply shape) from output_type, partial_postprocess, image_format and Accept."""
+def negotiate_decode(params: Params, accept: str, png_compression: int = ImageFile.png_compression) -> tuple[str, ReplyShape]:
+    """(decode form, reply shape) from output_type, partial_postprocess, image_format, quality, png_compression and Accept."""
     output_type = params.choice("output_type", ("pt", "pil", "mp4"))
     reply = ReplyShape(tensor_encoding=accept if accept in JSON_TYPES else "binary")
     wants_tensor = accept.startswith("tensor/") or accept in JSON_TYPES
@@ -262,10 +261,13 @@ def negotiate_decode(params: Params, accept: str) -> tuple[str, ReplyShape]:
         return ("uint8" if params.flag("partial_postprocess") else "raw"), reply
     if wants_tensor:
         return "unit", reply  # pil with a client-side processor
-    accepted_format = FORMATS_BY_MEDIA_TYPE.get(accept)
     requested = params.choice("image_format", tuple(IMAGE_FORMATS)) or "jpg"
-    reply.image_format = accepted_format or IMAGE_FORMATS[requested]
-    reply.image_quality = params.integer("quality", 1, 100) or DEFAULT_JPEG_QUALITY
+    level = params.integer("png_compression", 0, 9)
+    reply.image = ImageFile(
+        format=FORMATS_BY_MEDIA_TYPE.get(accept) or IMAGE_FORMATS[requested],
+        quality=params.integer("quality", 1, 100) or DEFAULT_JPEG_QUALITY,
+        png_compression=png_compression if level is None else level,
+    )
     return "image", reply
 
 
@@ -315,12 +317,6 @@ def tensor_reply(tensor: torch.Tensor, encoding: str, headers: dict[str, str] | 
     return HttpReply(200, data, "tensor/binary", headers)
 
 
-def image_reply(images: list[PIL.Image.Image], reply: ReplyShape, headers: dict[str, str]) -> HttpReply:
-    # A batch comes back as one image, the samples stacked top to bottom.
-    sheet = stack_vertically(images)
-    return HttpReply(200, encode_image(sheet, reply.image_format, reply.image_quality), MEDIA_TYPES[reply.image_format], headers)
-
-
 def count_headers(job: Job) -> dict[str, str]:
     """How many images, or videos and frames per video, a decode reply holds."""
     if job.frames is None:
@@ -330,7 +326,7 @@ def count_headers(job: Job) -> dict[str, str]:
 
 # -- one call ----------------------------------------------------------------
 # A call goes through three steps, so the server can queue only the middle one:
-#   prepare (parse and check; CPU) -> job.run() (the model; one at a time) -> render (media; CPU).
+#   prepare (parse and check; CPU) -> service.run(jobs) (the model; batched, one call at a time) -> render (media; CPU).
 
 
 @dataclass
@@ -343,19 +339,24 @@ class Prepared:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-def prepare(service: VaeService, params: Params, data: bytes, content_type: str = "", accept: str = "", operation: str | None = None) -> Prepared:
-    """Parse and check one request, up to the point where it needs the model; shared by the HTTP server and handler.py."""
+def prepare(service: VaeService, params: Params, data: bytes, content_type: str = "", accept: str = "", operation: str | None = None,
+            images_as: str = "image") -> Prepared:
+    """Parse and check one request, up to the point where it needs the model; shared by the HTTP server and handler.py.
+
+    `images_as` is the form of an image reply: "image" (the file's bytes) or "pil" (PIL images, for handler.py).
+    """
     operation = operation or infer_operation(content_type, data, params.shape())
     if operation == "encode":
         job = service.prepare_encode(parse_encode(content_type, params, data))
         return Prepared(job, "latents", ReplyShape(tensor_encoding=accept if accept in JSON_TYPES else "binary"))
-    form, reply = negotiate_decode(params, accept)
+    form, reply = negotiate_decode(params, accept, service.png_compression)
     request = parse_decode(params, data)
-    request.form = form
+    request.form = images_as if form == "image" else form
     if form == "mp4":
         request.mp4 = mp4_options(params)
+    request.image = reply.image
     job = service.prepare_decode(request)
-    return Prepared(job, form, reply, count_headers(job))
+    return Prepared(job, request.form, reply, count_headers(job))
 
 
 def prepare_call(service: VaeService, call: HttpCall) -> Prepared:
@@ -364,10 +365,10 @@ def prepare_call(service: VaeService, call: HttpCall) -> Prepared:
 
 
 def render(prepared: Prepared, result: Any) -> HttpReply:
-    """The reply body from what the model returned: MP4 writing, image and tensor encoding."""
+    """The reply body from what the model stage returned: MP4 and image files finished, tensors as bytes."""
     value = prepared.job.finish(result)
     if prepared.form == "image":
-        return image_reply(value, prepared.reply, prepared.headers)
+        return HttpReply(200, value, MEDIA_TYPES[prepared.reply.image.format], prepared.headers)
     if prepared.form == "mp4":
         return HttpReply(200, value, "video/mp4", prepared.headers)
     return tensor_reply(value, prepared.reply.tensor_encoding, prepared.headers)
@@ -375,7 +376,7 @@ def render(prepared: Prepared, result: Any) -> HttpReply:
 
 @dataclass
 class Outcome:
-    """A served request before rendering: latents or a decode result, and how the reply should look."""
+    """A served request before rendering: latents, or a decode result (PIL images for an image reply), and how the reply should look."""
 
     form: str
     value: torch.Tensor | list[PIL.Image.Image] | bytes
@@ -384,9 +385,9 @@ class Outcome:
 
 
 def dispatch(service: VaeService, params: Params, data: bytes, content_type: str = "", accept: str = "", operation: str | None = None) -> Outcome:
-    """All of one request at once, without a queue (handler.py: the toolkit runs one request at a time)."""
-    prepared = prepare(service, params, data, content_type, accept, operation)
-    return Outcome(prepared.form, prepared.job(), prepared.reply, prepared.headers)
+    """All of one request at once, without a queue (handler.py: the toolkit runs one request at a time and writes image files itself)."""
+    prepared = prepare(service, params, data, content_type, accept, operation, images_as="pil")
+    return Outcome(prepared.form, service.call(prepared.job), prepared.reply, prepared.headers)
 
 
 def failure_reply(exc: Exception) -> HttpReply:

@@ -1,23 +1,34 @@
 #!/usr/bin/env python
-"""Benchmark: the service against diffusers in-process, same weights, same latents, one run.
+"""Benchmarks: the service against diffusers in-process, same weights, same inputs, one run.
 
-    python scripts/bench.py image --family sd15 --sizes 256 512 --repeats 3 [--device cpu|cuda]
+    python scripts/bench.py image --family sd15 --tiny --sizes 512 --batches 1 4 --clients 1 2 4 8 16 [--device cuda] [--compile]
+    python scripts/bench.py device-path --family sd15 --size 512 [--tiny] [--device cuda] [--compile]
+    python scripts/bench.py png --images photo.png ... [--size 720]
+    python scripts/bench.py mp4-overlap --family wan21 --tiny --size 256 --frames 81
     python scripts/bench.py video --family hunyuanvideo --sizes 64 128 --frames 9 17 33 65 [--tiny] [--device cpu|cuda]
 
-Video mode: see bench_video below.
-
-Starts `python -m remote_vae serve FAMILY --random-weights` on 127.0.0.1 (the
-family's real architecture with seeded weights, no download), builds the same
-model in this process, and times, per image size and output:
-  local:   vae.decode + VaeImageProcessor.postprocess to PIL (what a pipeline does)
-  service: diffusers' remote_decode end to end (HTTP, decode, postprocess, transfer)
-It checks the service's pixels against the local ones, then prints a Markdown
-table with medians and the service/local ratio. Numbers go to docs/benchmarks.md.
+Models are a family's real architecture with seeded random weights (or
+--tiny: the test suite's widths), saved to a temporary directory that the
+server loads too. `image` measures, per workload (family x size x operation x
+output x batch):
+  in-process:  what a user runs instead: diffusers' vae.decode +
+               VaeImageProcessor.postprocess + the same file encoding (or
+               preprocess + vae.encode), same dtype and device;
+  in-process, fast path: the same with the service's device path
+               (channels-last weights, uint8 made on the device);
+  service:     diffusers' remote_decode / remote_encode end to end over HTTP
+               against `remote_vae serve` on 127.0.0.1;
+the ratios service / in-process, peak memory of each process, and for decodes
+throughput and p50 / p99 latency with 1, 2, 4, 8, 16 concurrent clients,
+against a server with batching on and one with it off. It checks the
+service's pixels against diffusers'. Results go to docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import io
 import json
 import os
 import platform
@@ -25,6 +36,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -33,12 +45,15 @@ import numpy as np
 import requests
 import torch
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.utils.remote_utils import remote_decode
+from diffusers.utils.remote_utils import remote_decode, remote_encode
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from remote_vae.device import DevicePath, set_up_model, to_device, to_host  # noqa: E402
 from remote_vae.families import Family, load_family  # noqa: E402
+from remote_vae.media import PNG_COMPRESSION, uint8_images  # noqa: E402
 from remote_vae.vae import RANDOM_WEIGHTS_SEED, model_class, resolve_device, resolve_dtype  # noqa: E402
 
 OUTPUTS = {
@@ -46,6 +61,12 @@ OUTPUTS = {
     "pt-uint8": dict(output_type="pt", partial_postprocess=True, return_type="pt"),
     "png": dict(output_type="pil", image_format="png"),
     "jpg": dict(output_type="pil", image_format="jpg"),
+}
+TINY_ARCHITECTURES = {
+    # The test suite's tiny shapes: the real block structure, far fewer channels.
+    "AutoencoderKL": dict(block_out_channels=[8, 16, 16, 16], layers_per_block=1, norm_num_groups=8),
+    "AutoencoderKLHunyuanVideo": dict(block_out_channels=[8, 16, 16, 16], layers_per_block=1, norm_num_groups=8),
+    "AutoencoderKLWan": dict(base_dim=8, dim_mult=[1, 2, 2, 2], num_res_blocks=1),
 }
 
 
@@ -58,7 +79,7 @@ def start_server(family: str, device: str, serve_options: list[str] | None = Non
                "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
     process = subprocess.Popen(command, cwd=ROOT)
     url = f"http://127.0.0.1:{port}/"
-    for _ in range(1200):  # at most 10 minutes
+    for _ in range(2400):  # at most 20 minutes (compiling at start-up)
         if process.poll() is not None:
             raise SystemExit(f"server exited with {process.returncode}")
         try:
@@ -81,57 +102,405 @@ def timed(function, repeats: int, synchronize) -> tuple[float, object]:
     return statistics.median(times), result
 
 
+def build_model(family: Family, tiny: bool) -> torch.nn.Module:
+    architecture = dict(family.architecture)
+    if tiny:
+        architecture.update(TINY_ARCHITECTURES[family.model_class])
+    torch.manual_seed(RANDOM_WEIGHTS_SEED)
+    return model_class(family).from_config(architecture).eval()
+
+
+def machine(device: torch.device) -> str:
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU"
+    return (f"{time.strftime('%Y-%m-%d')}; CPU {platform.processor() or platform.machine()} x{os.cpu_count()} cores, "
+            f"{torch.get_num_threads()} torch threads; {gpu}; torch {torch.__version__}")
+
+
+# -- peak memory ---------------------------------------------------------------------
+
+
+class ProcessPeak:
+    """A process's peak memory during a block: on a GPU the CUDA allocator's peak (weights included) of this
+    process; else the whole process's resident set at its highest (VmHWM, first reset to the current RSS
+    through clear_refs). Absolute rather than above a start: memory freed by earlier calls and reused is
+    part of what a call needs."""
+
+    def __init__(self, pid: int, device: torch.device, own: bool):
+        self.pid, self.device, self.own = pid, device, own
+        self.mib: float | None = None
+
+    def _status(self, key: str) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def __enter__(self) -> "ProcessPeak":
+        if self.device.type == "cuda" and self.own:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        elif self.device.type != "cuda":
+            try:
+                Path(f"/proc/{self.pid}/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+            except OSError:
+                pass
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.device.type == "cuda" and self.own:
+            torch.cuda.synchronize()
+            self.mib = torch.cuda.max_memory_allocated() / 2**20
+        elif self.device.type != "cuda":
+            self.mib = self._status("VmHWM") / 2**20
+
+
+def server_cuda_peak_mib(url: str) -> float | None:
+    """The server's CUDA allocator peak so far, from /metrics."""
+    for line in requests.get(url + "metrics", timeout=10).text.splitlines():
+        if line.startswith("remote_vae_device_memory_bytes") and 'kind="peak_allocated"' in line:
+            return float(line.split()[-1]) / 2**20
+    return None
+
+
+# -- image workloads -------------------------------------------------------------------
+
+
+def sample_image(size: int, photo: str | None) -> Image.Image:
+    """A photo cropped and scaled to size², or a smooth synthetic image."""
+    if photo:
+        return Image.open(photo).convert("RGB").resize((size, size), Image.Resampling.LANCZOS)
+    ramp = np.add.outer(np.arange(size), np.arange(size)) / (2 * size)
+    return Image.fromarray((np.stack([ramp, ramp[::-1], ramp.T], axis=-1) * 255).astype(np.uint8))
+
+
+def encode_file(images: list[Image.Image], output: str) -> list[bytes]:
+    """The file a user writes locally for each image, as the service writes it."""
+    files = []
+    for image in images:
+        buffer = io.BytesIO()
+        if output == "png":
+            image.save(buffer, format="PNG", compress_level=PNG_COMPRESSION)
+        else:
+            image.save(buffer, format="JPEG", quality=90, subsampling=0)
+        files.append(buffer.getvalue())
+    return files
+
+
+class InProcess:
+    """diffusers in this process: as a user runs it (plain) or with the service's device path (fast)."""
+
+    def __init__(self, model: torch.nn.Module, family: Family, device: torch.device, dtype: torch.dtype, fast: bool):
+        self.path = DevicePath.default(device) if fast else DevicePath(False, False, False)
+        self.model = set_up_model(copy.deepcopy(model).to(dtype=dtype), device, self.path)
+        self.device, self.dtype, self.fast = device, dtype, fast
+        self.processor = VaeImageProcessor(vae_scale_factor=family.spatial_compression)
+
+    def decode(self, latents: torch.Tensor, output: str):
+        with torch.inference_mode():
+            inputs = to_device(latents, self.device, self.dtype, self.path) if self.fast else latents.to(self.device, self.dtype)
+            sample = self.model.decode(inputs).sample
+            if output == "pt":
+                return to_host(sample, self.path) if self.fast else sample.cpu()
+            if self.fast:
+                pixels = to_host(uint8_images(sample), self.path).numpy()
+            else:
+                pixels = (self.processor.postprocess(sample, output_type="np") * 255).round().astype("uint8")
+            if output == "pt-uint8":
+                return pixels
+            return encode_file([Image.fromarray(image) for image in pixels], output)
+
+    def encode(self, images: list[Image.Image] | torch.Tensor):
+        with torch.inference_mode():
+            pixels = images if isinstance(images, torch.Tensor) else self.processor.preprocess(images[0])
+            inputs = to_device(pixels, self.device, self.dtype, self.path) if self.fast else pixels.to(self.device, self.dtype)
+            latents = self.model.encode(inputs).latent_dist.mean
+            return to_host(latents, self.path) if self.fast else latents.cpu()
+
+
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+
+def under_load(call, clients: int, total: int) -> tuple[list[float], float]:
+    """`total` calls from `clients` threads at once: each call's latency, and the wall time of all."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+    per_client = [total // clients + (index < total % clients) for index in range(clients)]
+    start = threading.Barrier(clients + 1)
+
+    def run(count: int) -> None:
+        start.wait()
+        for _ in range(count):
+            began = time.perf_counter()
+            call()
+            with lock:
+                latencies.append(time.perf_counter() - began)
+
+    threads = [threading.Thread(target=run, args=(count,)) for count in per_client]
+    for thread in threads:
+        thread.start()
+    start.wait()
+    began = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    return latencies, time.perf_counter() - began
+
+
+def pooled(runs: list[tuple[list[float], float]], images_per_call: int) -> dict:
+    latencies = [latency for run in runs for latency in run[0]]
+    wall = sum(run[1] for run in runs)
+    return {"images_per_s": len(latencies) * images_per_call / wall, "p50_ms": 1000 * percentile(latencies, 0.5),
+            "p99_ms": 1000 * percentile(latencies, 0.99)}
+
+
 def bench_image(args: argparse.Namespace) -> None:
+    device = resolve_device(args.device)
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    rows, loads = [], []
+    for name in args.family:
+        family = load_family(name)
+        dtype = resolve_dtype(args.dtype, family, device)
+        model = build_model(family, args.tiny)
+        plain, fast = InProcess(model, family, device, dtype, fast=False), InProcess(model, family, device, dtype, fast=True)
+        with tempfile.TemporaryDirectory(prefix="bench-") as folder:
+            model.save_pretrained(folder)
+            options = ["--model", folder, "--dtype", str(dtype).removeprefix("torch.")]
+            if args.compile:
+                options += ["--compile", "--warmup-sizes", *[f"{size}x{size}" for size in args.sizes]]
+            on, on_url = start_server(name, device.type, options)
+            off, off_url = start_server(name, device.type, [*options, "--max-batch-images", "1"]) if args.clients else (None, None)
+            try:
+                for size in args.sizes:
+                    side = size // family.spatial_compression
+                    for batch in args.batches:
+                        latents = torch.randn(batch, family.latent_channels, side, side, generator=torch.Generator().manual_seed(size + batch))
+                        for output in args.outputs if "decode" in args.operations else []:
+                            remote = lambda latents=latents, output=output, url=on_url: remote_decode(endpoint=url, tensor=latents, do_scaling=False, **OUTPUTS[output])  # noqa: E731
+                            rows.append(measure_workload(args, device, synchronize, on, on_url, "decode", size, batch, output, name,
+                                                lambda: plain.decode(latents, output), lambda: fast.decode(latents, output), remote,
+                                                check=(output == "pt-uint8") and (plain.decode(latents, output), remote)))
+                            if output in args.load_outputs and batch == 1 and args.clients:
+                                loads.append(load_rows(args, name, size, output, latents, on_url, off_url))
+                        if "encode" in args.operations and family.serves("encode"):
+                            images = [sample_image(size, args.photo)] if batch == 1 else torch.rand(batch, 3, size, size) * 2 - 1
+                            sent = images[0] if batch == 1 else images
+                            rows.append(measure_workload(args, device, synchronize, on, on_url, "encode", size, batch, "latents", name,
+                                                lambda images=images: plain.encode(images), lambda images=images: fast.encode(images),
+                                                lambda sent=sent: remote_encode(endpoint=on_url, image=sent), check=None))
+            finally:
+                for process in filter(None, (on, off)):
+                    process.terminate()
+                    process.wait(timeout=60)
+    print_image_tables(args, device, rows, loads)
+
+
+def measure_workload(args, device, synchronize, server, url, operation, size, batch, output, family, plain, fast, remote, check) -> dict:
+    """Median seconds of each way, their calls interleaved over `args.rounds` rounds (on two shared cores,
+    drift over a minute is as large as the differences measured), and each process's peak memory."""
+    ways = {"plain": plain, "fast": fast, "service": remote}
+    for call in ways.values():
+        call(), call()  # warm-up: kernels, allocator, connection
+    samples: dict[str, list[float]] = {name: [] for name in ways}
+    for _ in range(args.rounds):
+        for name, call in ways.items():
+            for _ in range(args.repeats):
+                began = time.perf_counter()
+                call()
+                if name != "service":
+                    synchronize()
+                samples[name].append(time.perf_counter() - began)
+    with ProcessPeak(os.getpid(), device, own=True) as plain_peak:
+        plain(), synchronize()
+    with ProcessPeak(server.pid, device, own=False) as server_peak:
+        remote()
+    if device.type == "cuda":
+        server_peak.mib = server_cuda_peak_mib(url)
+    worst = ""
+    if check:
+        expected, call = check
+        worst = str(np.abs(call().numpy().astype(int) - expected.astype(int)).max())
+    seconds = {name: statistics.median(times) for name, times in samples.items()}
+    row = dict(family=family, size=size, operation=operation, output=output, batch=batch, plain_s=seconds["plain"], fast_s=seconds["fast"],
+               service_s=seconds["service"], plain_peak_mib=plain_peak.mib, service_peak_mib=server_peak.mib, max_diff=worst)
+    print(json.dumps(row), file=sys.stderr)
+    return row
+
+
+def load_rows(args, family, size, output, latents, on_url, off_url) -> dict:
+    """Throughput and latency against the batching server and the unbatched one. The two alternate over
+    several rounds and their samples are pooled: on two shared cores, one server process can run a
+    steady ~10% faster than an identical other, which a single back-to-back comparison would report."""
+    result = dict(family=family, size=size, output=output, levels=[])
+    for clients in args.clients:
+        total = max(args.load_requests, 2 * clients)
+        runs: dict[str, list] = {"on": [], "off": []}
+        for round_number in range(args.load_rounds):
+            order = (("on", on_url), ("off", off_url)) if round_number % 2 == 0 else (("off", off_url), ("on", on_url))
+            for label, url in order:
+                call = lambda url=url: remote_decode(endpoint=url, tensor=latents, do_scaling=False, **OUTPUTS[output])  # noqa: E731
+                runs[label].append(under_load(call, clients, total))
+        level = {"clients": clients, **{label: pooled(samples, latents.shape[0]) for label, samples in runs.items()}}
+        result["levels"].append(level)
+        print(json.dumps({**result, "levels": [level]}), file=sys.stderr)
+    return result
+
+
+def mib(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f}"
+
+
+def print_image_tables(args, device, rows, loads) -> None:
+    weights = "tiny test-suite architecture" if args.tiny else "real architecture"
+    print(f"\n{', '.join(args.family)}: {weights} with random weights; {'compiled; ' if args.compile else ''}"
+          f"medians of {args.rounds} interleaved rounds of {args.repeats} calls; {machine(device)}\n")
+    print("| family | size | op | output | batch | in-process (ms) | in-process, fast path (ms) | service (ms) | service / in-process | service / fast path | peak memory in-process (MiB) | peak memory service (MiB) | uint8 max \\|Δ\\| |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['family']} | {row['size']}² | {row['operation']} | {row['output']} | {row['batch']} | {1000 * row['plain_s']:.1f} | "
+              f"{1000 * row['fast_s']:.1f} | {1000 * row['service_s']:.1f} | {row['service_s'] / row['plain_s']:.2f} | "
+              f"{row['service_s'] / row['fast_s']:.2f} | {mib(row['plain_peak_mib'])} | {mib(row['service_peak_mib'])} | {row['max_diff']} |")
+    for load in loads:
+        print(f"\nConcurrent clients, {load['family']} decode {load['size']}² to {load['output']}, one image per request, "
+              f"{args.load_rounds} alternating rounds of {args.load_requests} requests pooled (batching on: the defaults; off: --max-batch-images 1):\n")
+        print("| clients | batching on: images/s | p50 (ms) | p99 (ms) | batching off: images/s | p50 (ms) | p99 (ms) | on / off | on / sequential |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        sequential = load["levels"][0]["off"]["images_per_s"]
+        for level in load["levels"]:
+            on, off = level["on"], level["off"]
+            print(f"| {level['clients']} | {on['images_per_s']:.1f} | {on['p50_ms']:.0f} | {on['p99_ms']:.0f} | {off['images_per_s']:.1f} | "
+                  f"{off['p50_ms']:.0f} | {off['p99_ms']:.0f} | {on['images_per_s'] / off['images_per_s']:.2f} | {on['images_per_s'] / sequential:.2f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine(device), "rows": rows, "loads": loads}, indent=1))
+
+
+# -- the device path, one switch at a time ---------------------------------------------
+
+
+def bench_device_path(args: argparse.Namespace) -> None:
+    """Decode to uint8 on the host, in process, with each switch of device.DevicePath on its own and all together."""
+    family = load_family(args.family)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, family, device)
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    model = build_model(family, args.tiny).to(dtype=dtype)
+    side = args.size // family.spatial_compression
+    latents = torch.randn(args.batch, family.latent_channels, side, side, generator=torch.Generator().manual_seed(0))
+    processor = VaeImageProcessor(vae_scale_factor=family.spatial_compression)
+    cuda = device.type == "cuda"
+    variants = [("diffusers as a user runs it", DevicePath(False, False, False), False, False),
+                ("channels_last", DevicePath(True, False, False), False, False),
+                ("uint8 made on the device", DevicePath(False, False, False), True, False)]
+    if cuda:
+        variants += [("cudnn.benchmark", DevicePath(False, True, False), False, False),
+                     ("pinned host memory", DevicePath(False, False, True), True, False)]
+    variants.append(("all of the above (the service's default)", DevicePath.default(device), True, False))
+    if args.compile:
+        variants.append(("all of the above + torch.compile", DevicePath.default(device), True, True))
+    runs = {}
+    for label, path, on_device, compile_it in variants:
+        vae = set_up_model(copy.deepcopy(model), device, path)
+        if compile_it:
+            vae.decoder = torch.compile(vae.decoder)
+
+        def run(vae=vae, path=path, on_device=on_device):
+            torch.backends.cudnn.benchmark = path.cudnn_benchmark
+            with torch.inference_mode():
+                sample = vae.decode(to_device(latents, device, dtype, path)).sample
+                if on_device:
+                    return to_host(uint8_images(sample), path)
+                return (processor.postprocess(sample, output_type="np") * 255).round().astype("uint8")
+
+        first, _ = timed(run, 1, synchronize)  # warm-up (and compile)
+        runs[label] = (run, first, [])
+    for _ in range(args.rounds):  # interleaved: the machine's drift over minutes is as large as the differences
+        for run, _, samples in runs.values():
+            seconds, _ = timed(run, args.repeats, synchronize)
+            samples.append(seconds)
+    rows = [(label, statistics.median(samples), first) for label, (run, first, samples) in runs.items()]
+    weights = "tiny test-suite architecture" if args.tiny else "real architecture"
+    print(f"\n{args.family} decode of {args.batch} x {args.size}² to uint8 on the host, {weights}, {str(dtype).removeprefix('torch.')}; "
+          f"median over {args.rounds} interleaved rounds of the median of {args.repeats}; {machine(device)}\n")
+    print("| device path | ms per call | vs diffusers as a user runs it | first call (ms) |")
+    print("|---|---|---|---|")
+    for label, seconds, first in rows:
+        print(f"| {label} | {seconds * 1000:.1f} | {rows[0][1] / seconds:.2f}x | {first * 1000:.0f} |")
+
+
+# -- PNG compression levels ----------------------------------------------------------------
+
+
+def bench_png(args: argparse.Namespace) -> None:
+    """Bytes and time of Pillow's PNG writer at zlib levels 0-9, and that every level keeps the pixels."""
+    images = {Path(path).stem: Image.open(path).convert("RGB") for path in args.images}
+    if args.decoded:
+        family = load_family("sd15")
+        model, side = build_model(family, tiny=True), args.size // 8
+        with torch.inference_mode():
+            sample = model.decode(torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(0))).sample
+        images["random-weight decode"] = VaeImageProcessor(vae_scale_factor=8).postprocess(sample, output_type="pil")[0]
+    print(f"\nPillow {Image.__version__} PNG writer, best of {args.repeats}; {machine(torch.device('cpu'))}\n")
+    print("| image | size | " + " | ".join(f"level {level}" for level in range(10)) + " |")
+    print("|---|---|" + "---|" * 10)
+    for name, image in images.items():
+        cells = []
+        for level in range(10):
+            times = []
+            for _ in range(args.repeats):
+                buffer = io.BytesIO()
+                began = time.perf_counter()
+                image.save(buffer, format="PNG", compress_level=level)
+                times.append(time.perf_counter() - began)
+            back = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
+            assert np.array_equal(back, np.asarray(image)), f"level {level} changed the pixels of {name}"
+            cells.append(f"{1000 * min(times):.1f} ms, {len(buffer.getvalue()) / 1024:.0f} KiB")
+        print(f"| {name} | {image.width}x{image.height} | " + " | ".join(cells) + " |")
+
+
+# -- MP4 written while decoding --------------------------------------------------------------
+
+
+def bench_mp4_overlap(args: argparse.Namespace) -> None:
+    """How long after the model finishes the MP4 is ready: frames streamed to ffmpeg as the decoder emits
+    them (the family's streams_frames), against frames handed over once the decode is done."""
+    import dataclasses
+
+    from remote_vae.latents import Scaling
+    from remote_vae.media import Mp4Options
+    from remote_vae.service import DecodeRequest, Limits, RawTensor, VaeService
+    from remote_vae.vae import load_vae
+
     family = load_family(args.family)
     device = resolve_device(args.device)
     dtype = resolve_dtype("auto", family, device)
-    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    torch.manual_seed(RANDOM_WEIGHTS_SEED)
-    vae = model_class(family).from_config(family.architecture).to(device, dtype).eval()
-    processor = VaeImageProcessor(vae_scale_factor=family.spatial_compression)
-    process, url = start_server(args.family, device.type)
+    latents = video_latents(family, args.size, args.frames)
+    raw = RawTensor(tuple(latents.shape), "float32", latents.numpy().tobytes())
     rows = []
-    try:
-        for size in args.sizes:
-            side = size // family.spatial_compression
-            latents = torch.randn(1, family.latent_channels, side, side, generator=torch.Generator().manual_seed(size))
-
-            def local(latents=latents):
-                with torch.inference_mode():
-                    sample = vae.decode(latents.to(device, dtype)).sample
-                    return processor.postprocess(sample, output_type="pil")[0]
-
-            local(), remote_decode(url, tensor=latents, do_scaling=False, **OUTPUTS["png"])  # warm-up both
-            local_time, local_image = timed(local, args.repeats, synchronize)
-            for name in args.outputs:
-                service_time, result = timed(lambda latents=latents, name=name: remote_decode(url, tensor=latents, do_scaling=False, **OUTPUTS[name]), args.repeats, lambda: None)
-                check = ""
-                if name == "png":
-                    worst = np.abs(np.asarray(result).astype(int) - np.asarray(local_image).astype(int)).max()
-                    check = f"max |Δ| {worst}"
-                rows.append((size, name, local_time, service_time, check))
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
-    print(f"\n{args.family}, real architecture with random weights, {str(dtype).removeprefix('torch.')} on {device.type}; "
-          f"median of {args.repeats}; {time.strftime('%Y-%m-%d')}; CPU: {platform.processor() or platform.machine()} "
-          f"x{torch.get_num_threads()} threads; GPU: {gpu}; torch {torch.__version__}\n")
-    print("| size | output | local decode+postprocess (s) | service remote_decode (s) | service / local | pixels vs local |")
-    print("|---|---|---|---|---|---|")
-    for size, name, local_time, service_time, check in rows:
-        print(f"| {size}² | {name} | {local_time:.3f} | {service_time:.3f} | {service_time / local_time:.2f} | {check} |")
+    with tempfile.TemporaryDirectory(prefix="bench-") as folder:
+        build_model(family, args.tiny).save_pretrained(folder)
+        for label, streams in (("frames handed to ffmpeg after the decode", False), ("frames streamed to ffmpeg while decoding", True)):
+            vae = load_vae(dataclasses.replace(family, streams_frames=streams), folder, device, dtype, tile_above_pixels=None)
+            service = VaeService(vae, Limits(max_video_pixels=1 << 40))
+            model_seconds, tail_seconds = [], []
+            for attempt in range(args.repeats + 1):  # the first is a warm-up
+                job = service.prepare_decode(DecodeRequest(raw, form="mp4", scaling=Scaling(), mp4=Mp4Options()))
+                began = time.perf_counter()
+                result = service.run([job])[0]  # the model stage: the device is free after it
+                ran = time.perf_counter()
+                job.finish(result)  # the MP4's bytes
+                if attempt:
+                    model_seconds.append(ran - began)
+                    tail_seconds.append(time.perf_counter() - ran)
+            rows.append((label, statistics.median(model_seconds), statistics.median(tail_seconds)))
+    weights = "tiny test-suite architecture" if args.tiny else "real architecture"
+    print(f"\n{args.family}, {weights}, {args.frames} frames of {args.size}², libx264 crf 18; median of {args.repeats}; {machine(device)}\n")
+    print("| MP4 | model stage (s) | MP4 ready after the model (s) | request (s) |")
+    print("|---|---|---|---|")
+    for label, model_seconds, tail_seconds in rows:
+        print(f"| {label} | {model_seconds:.2f} | {tail_seconds:.3f} | {model_seconds + tail_seconds:.2f} |")
 
 
 # -- video ---------------------------------------------------------------------
-
-TINY_VIDEO_ARCHITECTURES = {
-    # The test suite's tiny shapes: the real block structure, far fewer channels.
-    "AutoencoderKLHunyuanVideo": dict(block_out_channels=[8, 16, 16, 16], layers_per_block=1, norm_num_groups=8),
-    "AutoencoderKLWan": dict(base_dim=8, dim_mult=[1, 2, 2, 2], num_res_blocks=1),
-}
-
 
 class PeakMemory:
     """Peak memory over a block: CUDA's allocator counter, or on CPU the process RSS sampled every 2 ms."""
@@ -239,7 +608,7 @@ def bench_video(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     architecture = dict(family.architecture)
     if args.tiny:
-        architecture.update(TINY_VIDEO_ARCHITECTURES[family.model_class])
+        architecture.update(TINY_ARCHITECTURES[family.model_class])
     torch.manual_seed(RANDOM_WEIGHTS_SEED)
     with tempfile.TemporaryDirectory(prefix="bench-") as model:
         model_class(family).from_config(architecture).save_pretrained(model)
@@ -273,23 +642,55 @@ def bench_video(args: argparse.Namespace) -> None:
               f"{whole['seconds']:.3f} | {whole['peak_mib']:.0f} | {http_seconds:.3f} | {http_seconds / served['seconds']:.2f} |")
 
 
+def model_mode(modes, name: str, help: str, family: str, repeats: int) -> argparse.ArgumentParser:
+    """A mode that builds a family's model: --family, --tiny, --repeats, --device."""
+    mode = modes.add_parser(name, help=help)
+    mode.add_argument("--family", default=family)
+    mode.add_argument("--tiny", action="store_true", help="the test suite's tiny architecture instead of the real one")
+    mode.add_argument("--repeats", type=int, default=repeats)
+    mode.add_argument("--device", default="auto")
+    return mode
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     modes = parser.add_subparsers(dest="mode", required=True)
-    image = modes.add_parser("image", help="image decode: service vs diffusers in-process")
-    image.add_argument("--family", default="sd15")
-    image.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
+    image = modes.add_parser("image", help="image decode and encode: service vs diffusers in-process, and under concurrent load")
+    image.add_argument("--family", nargs="+", default=["sd15"])
+    image.add_argument("--tiny", action="store_true", help="the test suite's tiny architecture instead of the real one")
+    image.add_argument("--sizes", type=int, nargs="+", default=[512])
+    image.add_argument("--operations", nargs="+", default=["decode", "encode"], choices=["decode", "encode"])
     image.add_argument("--outputs", nargs="+", default=list(OUTPUTS), choices=list(OUTPUTS))
-    image.add_argument("--repeats", type=int, default=3)
+    image.add_argument("--batches", type=int, nargs="+", default=[1])
+    image.add_argument("--clients", type=int, nargs="*", default=[1, 2, 4, 8, 16], help="concurrent clients for the load rows (none: skip)")
+    image.add_argument("--load-outputs", nargs="*", default=["pt-uint8", "png"], choices=list(OUTPUTS))
+    image.add_argument("--load-requests", type=int, default=32, help="requests per load level and round")
+    image.add_argument("--load-rounds", type=int, default=4, help="rounds per load level, alternating the two servers")
+    image.add_argument("--repeats", type=int, default=3, help="calls of each way per round")
+    image.add_argument("--rounds", type=int, default=4, help="rounds, each calling in-process, fast path and service in turn")
+    image.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"])
+    image.add_argument("--compile", action="store_true", help="serve with --compile, the sizes warmed up")
+    image.add_argument("--photo", help="an image file to encode (scaled to each size); default: a smooth synthetic image")
+    image.add_argument("--json", help="also write the results here")
     image.add_argument("--device", default="auto")
-    video = modes.add_parser("video", help="video decode to MP4: peak memory and time against frames and frame size")
-    video.add_argument("--family", default="hunyuanvideo")
+    path = model_mode(modes, "device-path", "decode to uint8 in process with each device-path switch on its own", "sd15", repeats=5)
+    path.add_argument("--size", type=int, default=512)
+    path.add_argument("--batch", type=int, default=1)
+    path.add_argument("--rounds", type=int, default=3, help="rounds, each timing every variant in turn")
+    path.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"])
+    path.add_argument("--compile", action="store_true", help="add a torch.compile row")
+    png = modes.add_parser("png", help="PNG bytes and time at zlib levels 0-9")
+    png.add_argument("--images", nargs="*", default=[], help="image files, e.g. photos")
+    png.add_argument("--decoded", action="store_true", help="add a random-weight decoder's output")
+    png.add_argument("--size", type=int, default=512)
+    png.add_argument("--repeats", type=int, default=5)
+    overlap = model_mode(modes, "mp4-overlap", "MP4 written while decoding against after decoding", "wan21", repeats=3)
+    overlap.add_argument("--size", type=int, default=256)
+    overlap.add_argument("--frames", type=int, default=81)
+    video = model_mode(modes, "video", "video decode to MP4: peak memory and time against frames and frame size", "hunyuanvideo", repeats=3)
     video.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
     video.add_argument("--frames", type=int, nargs="+", default=[9, 17, 33, 65])
-    video.add_argument("--tiny", action="store_true", help="the test suite's tiny architecture instead of the real one")
-    video.add_argument("--repeats", type=int, default=3)
     video.add_argument("--tile-above-pixels", default="family", help="as serve's option: N, family or never")
-    video.add_argument("--device", default="auto")
     worker = modes.add_parser("video-worker", help=argparse.SUPPRESS)
     for name in ("--family", "--model", "--device", "--way"):
         worker.add_argument(name, required=True)
@@ -298,7 +699,9 @@ def main() -> None:
     worker.add_argument("--repeats", type=int, default=3)
     worker.add_argument("--tile-above-pixels", default="family")
     args = parser.parse_args()
-    {"image": bench_image, "video": bench_video, "video-worker": video_worker}[args.mode](args)
+    modes = {"image": bench_image, "device-path": bench_device_path, "png": bench_png, "mp4-overlap": bench_mp4_overlap,
+             "video": bench_video, "video-worker": video_worker}
+    modes[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -142,18 +143,20 @@ class LiveServer:
     `verify` is the CA file for an HTTPS server.
     """
 
-    def __init__(self, args: list[str], env: dict[str, str], log_path: Path, launcher: list[str] | None = None, verify: str | None = None):
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path, launcher: list[str] | None = None, verify: str | None = None,
+                 startup_seconds: float = STARTUP_SECONDS, device: str = "cpu"):
+        self.startup_seconds = startup_seconds
         self.port = free_port()
         self.url = f"{'https' if verify else 'http'}://127.0.0.1:{self.port}"
         self.verify = verify or True
         self.log_path = log_path
-        command = [sys.executable, *(launcher or ["-m", "remote_vae"]), "serve", *args, "--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu"]
+        command = [sys.executable, *(launcher or ["-m", "remote_vae"]), "serve", *args, "--host", "127.0.0.1", "--port", str(self.port), "--device", device]
         self.log = open(log_path, "wb")
         self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         self.wait_healthy()
 
     def wait_healthy(self) -> None:
-        deadline = time.monotonic() + STARTUP_SECONDS
+        deadline = time.monotonic() + self.startup_seconds
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log_path.read_text()}")
@@ -164,7 +167,7 @@ class LiveServer:
                 pass
             time.sleep(0.2)
         self.stop()
-        raise RuntimeError(f"server not healthy after {STARTUP_SECONDS}s:\n{self.log_path.read_text()}")
+        raise RuntimeError(f"server not healthy after {self.startup_seconds}s:\n{self.log_path.read_text()}")
 
     def healthy(self) -> bool:
         return self.process.poll() is None and requests.get(self.url + "/health", timeout=10, verify=self.verify).status_code == 200
@@ -268,3 +271,48 @@ def seeded(*shape: int, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     mse = ((a.double() - b.double()) ** 2).mean().item()
     return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(255.0**2 / mse)).item()
+
+
+def in_parallel(count: int, call, stagger: float = 0.05) -> list:
+    """call(index) for each index in its own thread, started `stagger` seconds apart (so they arrive in order)."""
+    results = [None] * count
+
+    def run(index):
+        results[index] = call(index)
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(count)]
+    for thread in threads:
+        thread.start()
+        time.sleep(stagger)
+    for thread in threads:
+        thread.join(timeout=120)
+    return results
+
+
+def wait_until(condition, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)
+
+
+# The real server with faults injected into the tiny decoders (tests/faulty_serve.py).
+FAULTY_LAUNCHER = [str(ROOT / "tests" / "faulty_serve.py")]
+
+
+@pytest.fixture(scope="module")
+def faults_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("faults") / "faults.json"
+    path.write_text("{}")
+    return path
+
+
+@pytest.fixture
+def set_faults(faults_file):
+    """set_faults(delay=..., oom_above=..., fail_above=...) changes a running faulty server's faults; none after the test."""
+
+    def write(**faults):
+        faults_file.write_text(json.dumps(faults))
+
+    yield write
+    faults_file.write_text("{}")

@@ -7,6 +7,8 @@ faults of a running server by rewriting the file:
   {"delay": seconds}      every decoder call sleeps first (a slow device)
   {"oom_above": pixels}   a decoder call on more latent pixels than this
                           raises torch.cuda.OutOfMemoryError, as a GPU would
+  {"fail_above": value}   a decoder call on values larger than this raises
+                          RuntimeError: one poisoned request in a batch
 """
 
 import json
@@ -37,6 +39,8 @@ def faulty_forward(self, z, *args, **kwargs):
     time.sleep(fault.get("delay", 0))
     if "oom_above" in fault and z.shape[-2] * z.shape[-1] > fault["oom_above"]:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected by tests/faulty_serve.py)")
+    if "fail_above" in fault and z.abs().max() > fault["fail_above"]:
+        raise RuntimeError("model failure injected by tests/faulty_serve.py")
     return decoder_forward(self, z, *args, **kwargs)
 
 

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from remote_vae.admission import ClientGone, QueueSettings, WorkQueue
+from remote_vae.admission import QueueSettings, WorkQueue
 from remote_vae.errors import RequestError
 
 
@@ -29,35 +29,27 @@ def test_places_beyond_capacity_are_refused_with_retry_after():
     run(scenario())
 
 
-def test_turns_are_one_at_a_time_and_a_timeout_gives_up_its_place():
+def test_the_device_runs_one_call_at_a_time_and_counts_what_runs():
     async def scenario():
-        queue = WorkQueue(QueueSettings(workers=1, max_waiting=4, wait_timeout=0.2))
-        async with queue.turn(never, batch=3):
-            assert (queue.running, queue.current_batch) == (1, 3)
-            with pytest.raises(RequestError, match="waited 0.2 s"):
-                async with queue.turn(never):
-                    pass
-            assert queue.waiting == 0
-        async with queue.turn(never):  # the worker the timed-out request waited for is free
-            assert queue.running == 1
-        assert (queue.running, queue.current_batch, queue.waiting) == (0, 0, 0)
+        queue = WorkQueue(QueueSettings(workers=1, max_waiting=4))
+        order = []
+
+        async def call(name, requests, images):
+            async with queue.device():
+                with queue.running_batch(requests, images):
+                    order.append((name, queue.running, queue.current_batch))
+                    await asyncio.sleep(0.05)
+                order.append((name, "done"))
+
+        await asyncio.gather(call("a", 3, 5), call("b", 1, 2))
+        assert order == [("a", 3, 5), ("a", "done"), ("b", 1, 2), ("b", "done")]
+        assert (queue.running, queue.current_batch) == (0, 0)
+        assert queue.retry_after() == 1  # nothing ahead
 
     run(scenario())
 
 
-def test_a_client_gone_while_waiting_is_dropped_and_frees_nothing_it_did_not_hold():
-    async def scenario():
-        queue = WorkQueue(QueueSettings(workers=1, max_waiting=4, wait_timeout=5))
-        gone = asyncio.Event()
-        async with queue.turn(never):
-            waiter = asyncio.ensure_future(queue.turn(gone.wait).__aenter__())
-            await asyncio.sleep(0.05)
-            assert queue.waiting == 1
-            gone.set()
-            with pytest.raises(ClientGone):
-                await waiter
-            assert queue.waiting == 0 and queue.running == 1
-        async with queue.turn(never):
-            assert queue.running == 1
-
-    run(scenario())
+def test_a_timeout_is_503_with_retry_after():
+    queue = WorkQueue(QueueSettings(wait_timeout=0.2))
+    error = queue.timed_out()
+    assert error.status == 503 and "waited 0.2 s" in error.message and 1 <= int(error.headers["Retry-After"]) <= 60

@@ -82,6 +82,23 @@ def test_png_is_exact(sd, reference):
     assert_pixels_close(np.asarray(image)[None], uint8_locally(decode_locally(reference["sd15"], latents, SD)))
 
 
+def test_png_compression_changes_the_bytes_never_the_pixels(sd, reference):
+    latents = seeded(1, 4, 16, 16, seed=9)
+    expected = uint8_locally(decode_locally(reference["sd15"], latents, SD))
+    sizes = {}
+    for level in (0, 1, 9):
+        response = requests.post(sd, params={"shape": [1, 4, 16, 16], "dtype": "float32", "scaling_factor": SD, "output_type": "pil",
+                                             "image_format": "png", "png_compression": level},
+                                 data=latents.numpy().tobytes(), headers={"Content-Type": "tensor/binary", "Accept": "image/png"})
+        assert response.headers["content-type"] == "image/png"
+        assert_pixels_close(np.asarray(Image.open(io.BytesIO(response.content)).convert("RGB"))[None], expected)
+        sizes[level] = len(response.content)
+    assert sizes[0] > sizes[1] >= sizes[9]  # 0 stores, 9 compresses hardest
+    bad = requests.post(sd, params={"shape": [1, 4, 16, 16], "dtype": "float32", "output_type": "pil", "png_compression": 10},
+                        data=latents.numpy().tobytes(), headers={"Content-Type": "tensor/binary", "Accept": "image/png"})
+    assert bad.status_code == 400 and "png_compression" in bad.json()["error"]
+
+
 def jpeg_locally(pixels: np.ndarray, quality: int) -> np.ndarray:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality, subsampling=0)

@@ -12,18 +12,10 @@ import time
 import pytest
 import requests
 import torch
-from conftest import ROOT, LiveServer, offline_env, seeded
+from conftest import FAULTY_LAUNCHER, LiveServer, in_parallel, offline_env, seeded, wait_until
 from diffusers.utils.remote_utils import remote_decode
 
-LAUNCHER = [str(ROOT / "tests" / "faulty_serve.py")]
 MAX_QUEUE, QUEUE_TIMEOUT, BODY_TIMEOUT = 2, 3.0, 2.0
-
-
-@pytest.fixture(scope="module")
-def faults_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("faults") / "faults.json"
-    path.write_text("{}")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -31,18 +23,9 @@ def faulty(model_dirs, faults_file, tmp_path_factory):
     """sd15 behind a small queue: 1 running + 2 waiting, 3 s queue timeout, 2 s body timeout."""
     args = ["sd15", "--model", str(model_dirs["sd15"]), "--max-queue", str(MAX_QUEUE),
             "--queue-timeout", str(QUEUE_TIMEOUT), "--body-timeout", str(BODY_TIMEOUT)]
-    server = LiveServer(args, offline_env(FAULTS_FILE=str(faults_file)), tmp_path_factory.mktemp("logs") / "faulty.log", launcher=LAUNCHER)
+    server = LiveServer(args, offline_env(FAULTS_FILE=str(faults_file)), tmp_path_factory.mktemp("logs") / "faulty.log", launcher=FAULTY_LAUNCHER)
     yield server
     server.stop()
-
-
-@pytest.fixture
-def set_faults(faults_file):
-    def write(**faults):
-        faults_file.write_text(json.dumps(faults))
-
-    yield write
-    faults_file.write_text("{}")
 
 
 def decode(url: str, latent: torch.Tensor, timeout: float = 60) -> requests.Response:
@@ -52,28 +35,6 @@ def decode(url: str, latent: torch.Tensor, timeout: float = 60) -> requests.Resp
 
 def as_tensor(response: requests.Response) -> torch.Tensor:
     return torch.frombuffer(bytearray(response.content), dtype=torch.float32).reshape(json.loads(response.headers["shape"]))
-
-
-def in_parallel(count: int, call) -> list:
-    results = [None] * count
-
-    def run(index):
-        results[index] = call(index)
-
-    threads = [threading.Thread(target=run, args=(index,)) for index in range(count)]
-    for thread in threads:
-        thread.start()
-        time.sleep(0.05)  # arrive in order
-    for thread in threads:
-        thread.join(timeout=120)
-    return results
-
-
-def wait_until(condition, seconds: float = 10) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.05)
 
 
 def test_full_queue_is_503_with_retry_after_and_the_rest_are_served(faulty, set_faults, reference):
@@ -174,7 +135,7 @@ def test_out_of_memory_even_tiled_is_503_and_the_next_request_succeeds(faulty, s
 def test_sigterm_finishes_in_flight_work_then_exits_0(model_dirs, faults_file, tmp_path):
     faults_file.write_text(json.dumps({"delay": 2}))
     server = LiveServer(["sd15", "--model", str(model_dirs["sd15"]), "--graceful-timeout", "20"],
-                        offline_env(FAULTS_FILE=str(faults_file)), tmp_path / "sigterm.log", launcher=LAUNCHER)
+                        offline_env(FAULTS_FILE=str(faults_file)), tmp_path / "sigterm.log", launcher=FAULTY_LAUNCHER)
     try:
         result = {}
         runner = threading.Thread(target=lambda: result.update(response=decode(server.url, seeded(1, 4, 8, 8))))

@@ -52,6 +52,8 @@ def test_multi_family_index(multi_server):
 
 def test_unexpected_errors_are_500_json_without_details():
     class Broken:
+        png_compression = 1
+
         def prepare_decode(self, request):
             raise ZeroDivisionError("secret internals")
 

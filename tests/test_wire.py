@@ -81,7 +81,17 @@ def test_negotiation_table(params, accept, form, fmt):
     chosen, reply = negotiate_decode(query(**params), accept)
     assert chosen == form
     if fmt:
-        assert reply.image_format == fmt
+        assert reply.image.format == fmt
+
+
+def test_image_file_options():
+    _, reply = negotiate_decode(query(output_type="pil", image_format="png"), "image/png", png_compression=4)
+    assert (reply.image.format, reply.image.png_compression) == ("PNG", 4)  # the server's default
+    _, reply = negotiate_decode(query(output_type="pil", image_format="png", png_compression="9", quality="70"), "image/png", png_compression=4)
+    assert (reply.image.png_compression, reply.image.quality) == (9, 70)  # the request's own
+    for bad in ("10", "-1", "fast"):
+        with pytest.raises(RequestError, match="png_compression"):
+            negotiate_decode(query(output_type="pil", png_compression=bad), "image/png")
 
 
 def test_mp4_options():

@@ -1,0 +1,112 @@
+"""The vae stage in process: whole batches or one sample at a time, out-of-memory escalation, streaming frames,
+and the device path's layout and transfers (their CUDA branches run where a GPU is lent: test_cuda.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import seeded
+
+from remote_vae import device as device_path
+from remote_vae.device import CPU_WHOLE_BATCH_PIXELS, BatchBudget, DevicePath, PeakMemory, memory_format, to_device, to_host
+from remote_vae.families import load_family
+from remote_vae.latents import Scaling
+from remote_vae.media import Mp4Options, VideoFile
+from remote_vae.service import DecodeRequest, Limits, RawTensor, VaeService
+from remote_vae.vae import load_vae
+
+CPU = torch.device("cpu")
+
+
+def loaded(model_dirs, name: str, **options):
+    return load_vae(load_family(name), str(model_dirs[name]), CPU, torch.float32, **options)
+
+
+def test_a_batch_runs_whole_within_the_budget_and_sliced_beyond_it(model_dirs, reference):
+    latents = seeded(4, 4, 8, 8, seed=1)  # four 64x64 images: 16384 pixels
+    with torch.no_grad():
+        expected = reference["sd15"].decode(latents).sample
+    for budget, mode in ((BatchBudget(), "whole"), (BatchBudget(pixels=4096), "sliced"), (BatchBudget(pixels=16384), "whole")):
+        vae = loaded(model_dirs, "sd15", budget=budget)
+        torch.testing.assert_close(vae.decode(latents), expected, atol=1e-4, rtol=1e-4)
+        assert vae.calls == {"whole": 0, "sliced": 0, "tiled": 0} | {mode: 1}
+    assert BatchBudget().limit(CPU) == CPU_WHOLE_BATCH_PIXELS
+
+
+def test_the_cuda_budget_is_what_fits_the_free_memory(monkeypatch):
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(device_path, "available_memory", lambda device: 10 * 2**30)
+    unmeasured, measured = BatchBudget(), BatchBudget(bytes_per_pixel=2048.0)
+    assert unmeasured.limit(cuda) == int(0.8 * 10 * 2**30 / 4096)  # about 2 million pixels: two 1024x1024 images
+    assert measured.limit(cuda) == 2 * unmeasured.limit(cuda)
+    assert measured.allows(4 * 1024 * 1024, cuda) and not unmeasured.allows(4 * 1024 * 1024, cuda)
+    assert BatchBudget(pixels=5).limit(cuda) == 5  # --batch-pixel-budget wins
+
+
+def test_out_of_memory_runs_again_sliced_then_tiled(model_dirs, reference):
+    vae = loaded(model_dirs, "sd15", tile_above_pixels=None)
+    decoder_forward = vae.model.decoder.forward
+    limits = {}
+
+    def forward(z, *args, **kwargs):
+        if z.shape[0] > limits["batch"] or z.shape[-2] * z.shape[-1] > limits["pixels"]:
+            raise torch.cuda.OutOfMemoryError("injected")
+        return decoder_forward(z, *args, **kwargs)
+
+    vae.model.decoder.forward = forward
+    sd = reference["sd15"]
+    with torch.no_grad():
+        sd.enable_tiling()
+        tiled = sd.decode(seeded(2, 4, 16, 16, seed=2)).sample
+        sd.disable_tiling()
+        whole = sd.decode(seeded(2, 4, 8, 8, seed=3)).sample
+    limits.update(batch=1, pixels=1 << 20)  # a batch does not fit, one image does
+    torch.testing.assert_close(vae.decode(seeded(2, 4, 8, 8, seed=3)), whole, atol=1e-4, rtol=1e-4)
+    assert vae.oom_events == {"retried_sliced": 1, "retried_tiled": 0, "refused": 0} and vae.calls["sliced"] == 1
+    limits.update(pixels=64)  # nor does one whole image: its tiles do
+    torch.testing.assert_close(vae.decode(seeded(2, 4, 16, 16, seed=2)), tiled, atol=1e-4, rtol=1e-4)
+    assert vae.oom_events == {"retried_sliced": 2, "retried_tiled": 1, "refused": 0} and vae.calls["tiled"] == 1
+    limits.update(pixels=1)  # nothing fits: 503, and the model lives on
+    with pytest.raises(Exception, match="ran out of memory on this request even tiled") as refused:
+        vae.decode(seeded(1, 4, 8, 8))
+    assert refused.value.status == 503 and vae.oom_events["refused"] == 1
+
+
+def mp4_job(service: VaeService, latents: torch.Tensor):
+    raw = RawTensor(tuple(latents.shape), "float32", latents.numpy().tobytes())
+    return service.prepare_decode(DecodeRequest(raw, form="mp4", scaling=Scaling(), mp4=Mp4Options(crf=0)))
+
+
+@pytest.mark.parametrize("name,streams", [("wan21", True), ("hunyuanvideo", False)])
+def test_frames_stream_to_the_mp4_while_the_model_decodes_where_the_model_allows(model_dirs, name, streams):
+    service = VaeService(loaded(model_dirs, name, tile_above_pixels=None), Limits())
+    latents = seeded(2, 16, 3, 4, 6, seed=4)  # two clips of 9 frames of 48x32
+    job = mp4_job(service, latents)
+    service.vae.decode(job.inputs, service.frame_router([job]))
+    # Wan's decoder emits finished frames call by call: the MP4 has them all when the model returns.
+    assert job.stream.complete is streams
+    job.stream.close()
+    frames = service.post.uint8(service.vae.decode(job.inputs))
+    served = mp4_job(service, latents)  # as the server runs it
+    data = served.finish(service.run([served])[0])
+    with VideoFile(data) as video:
+        back = video.frames(max_frames=18)
+    assert back.shape == (18, 32, 48, 3)  # clip 0's frames, then clip 1's
+    assert np.abs(back.astype(int) - frames.numpy().astype(int)).mean() < 3
+
+
+def test_the_device_path_layout_and_transfers():
+    path, plain = DevicePath(channels_last=True), DevicePath(channels_last=False)
+    assert memory_format(4, path) is torch.channels_last and memory_format(5, path) is torch.channels_last_3d
+    assert memory_format(3, path) is torch.contiguous_format and memory_format(4, plain) is torch.contiguous_format
+    images = torch.randn(2, 3, 8, 8)
+    on_device = to_device(images, CPU, torch.float16, path)
+    assert on_device.dtype == torch.float16 and on_device.is_contiguous(memory_format=torch.channels_last)
+    back = to_host(on_device, path)
+    assert back.is_contiguous() and torch.equal(back, images.half())  # what the wire sends is plain C order
+    assert DevicePath.default(CPU) == DevicePath(channels_last=True, cudnn_benchmark=False, pinned_memory=False)
+    assert DevicePath.default(torch.device("cuda"), compile=True, channels_last="off") == DevicePath(False, True, True, True)
+    with PeakMemory(CPU) as peak:
+        torch.ones(10)
+    assert peak.bytes is None  # only CUDA's allocator keeps a peak
