@@ -1,6 +1,6 @@
 """The device path: how a model is set up to run fast, how tensors reach it and come back.
 
-Every switch is a measured choice (docs/benchmarks.md, "Device path"):
+Every switch is a measured choice (docs/benchmarks.md, "The device path, one switch at a time"):
   channels_last   the convolutions' preferred layout (NHWC, NDHWC for 3-D video
                   convolutions): faster on CPU (measured) and on CUDA tensor cores
   cudnn_benchmark CUDA: cuDNN times its algorithms once per shape, then keeps the fastest
@@ -15,15 +15,12 @@ It also decides when a batch runs whole: `BatchBudget`.
 
 from __future__ import annotations
 
-import logging
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
-
-log = logging.getLogger("remote_vae")
 
 
 @dataclass(frozen=True)

@@ -103,6 +103,13 @@ def test_families_command():
     (["--api-key", "short"], "at least 16"),
     (["--ssl-certfile", "cert.pem"], "both --ssl-certfile and --ssl-keyfile"),
     (["--api-key-file", "/nonexistent/keys"], "cannot read"),
+    (["--max-batch-images", "0"], "--max-batch-images must be at least 1"),
+    (["--batch-wait-ms", "-1"], "--batch-wait-ms from 0 to 10000"),
+    (["--batch-pixel-budget", "lots"], "expected a pixel count (1 or more) or 'auto'"),
+    (["--png-compression", "10"], "invalid choice"),
+    (["--warmup-sizes", "100x100"], "both sides must be multiples of 8"),
+    (["--warmup-sizes", "512x512x9"], "sd15 decodes images; give WIDTHxHEIGHT"),
+    (["--warmup-sizes", "512"], "expected WIDTHxHEIGHT"),
 ])
 def test_serve_options_that_cannot_work_exit_2_before_loading(options, words):
     result = subprocess.run([sys.executable, "-m", "remote_vae", "serve", "sd15", "--random-weights", *options],
