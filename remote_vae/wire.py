@@ -29,7 +29,6 @@ from .service import DecodeRequest, EncodeRequest, Job, RawTensor, VaeService
 log = logging.getLogger("remote_vae")
 
 MAX_SHAPE_DIMS = 8
-DEFAULT_JPEG_QUALITY = 90
 JSON_TYPES = ("application/json", "tensor/base64")
 FORMATS_BY_MEDIA_TYPE = {media: name for name, media in MEDIA_TYPES.items()}
 
@@ -265,7 +264,7 @@ def negotiate_decode(params: Params, accept: str, png_compression: int = ImageFi
     level = params.integer("png_compression", 0, 9)
     reply.image = ImageFile(
         format=FORMATS_BY_MEDIA_TYPE.get(accept) or IMAGE_FORMATS[requested],
-        quality=params.integer("quality", 1, 100) or DEFAULT_JPEG_QUALITY,
+        quality=params.integer("quality", 1, 100) or ImageFile.quality,
         png_compression=png_compression if level is None else level,
     )
     return "image", reply
