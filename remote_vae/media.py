@@ -19,6 +19,7 @@ import shutil
 import tempfile
 import threading
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -29,6 +30,7 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.video_processor import VideoProcessor
 
+from .device import DevicePath, to_host
 from .errors import RequestError
 
 log = logging.getLogger("remote_vae")
@@ -204,8 +206,8 @@ def uint8_images(sample: torch.Tensor) -> torch.Tensor:
 HostCopy = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.contiguous().cpu()
+# Without a device path: a plain copy back, no pinned buffer.
+_host_copy: HostCopy = partial(to_host, path=DevicePath(pinned_memory=False))
 
 
 class Postprocessor:
@@ -376,21 +378,20 @@ class VideoPostprocessor(Postprocessor):
 
     def uint8(self, sample: torch.Tensor) -> torch.Tensor:
         """uint8 [B*F, H, W, 3]."""
-        return torch.cat(list(self.clip_frames(sample)))
+        return torch.cat([frames for _, frames in self.clip_frames(sample)])
 
-    def clip_frames(self, sample: torch.Tensor) -> Iterator[torch.Tensor]:
-        """uint8 [f, H, W, 3] host frames, clip after clip, a few at a time."""
-        for clip in sample:
+    def clip_frames(self, sample: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        """(clip number, uint8 [f, H, W, 3] host frames), clip after clip, a few frames at a time."""
+        for number, clip in enumerate(sample):
             for frames in self._chunks(clip):
-                yield self.to_host(uint8_images(frames))
+                yield number, self.to_host(uint8_images(frames))
 
     def mp4(self, sample: torch.Tensor, stream: "Mp4Stream") -> "Mp4Stream":
         """Hand the clips' frames to the stream (unless it has them all from the decoder already)."""
         if not stream.complete:
             stream.restart()
-            for clip, frames in enumerate(sample):
-                for chunk in self._chunks(frames):
-                    stream.add(clip, self.to_host(uint8_images(chunk)).numpy())
+            for clip, frames in self.clip_frames(sample):
+                stream.add(clip, frames.numpy())
         return stream
 
     def preprocess_frames(self, frames: np.ndarray) -> torch.Tensor:

@@ -168,7 +168,7 @@ class LoadedVae:
         self.oom_events = {"retried_sliced": 0, "retried_tiled": 0, "refused": 0}
         self.calls = {"whole": 0, "sliced": 0, "tiled": 0}
         self.compiled = False
-        self.warmed: set[tuple] = set()  # (operation, one sample's input shape, batch of one) with compiled graphs
+        self.warmed: set[tuple] = set()  # _compile_key()s with compiled graphs
         self._said_unwarmed: set[tuple] = set()
         self._warming = False  # warm_up is running: compiling new shapes is what it is for
 
@@ -241,7 +241,7 @@ class LoadedVae:
         """The compile stance around a call of a compiled model; says once per shape when a request's shape was not warmed up."""
         if not self.compiled:
             return nullcontext()
-        key = (operation, tuple(inputs.shape[1:]), inputs.shape[0] == 1)
+        key = _compile_key(operation, inputs)
         if not self._warming and key not in self.warmed and key not in self._said_unwarmed:
             self._said_unwarmed.add(key)
             log.warning("%s: %s of %s x %s was not warmed up, so it runs eagerly rather than compiling inside a request; "
@@ -266,7 +266,7 @@ class LoadedVae:
                             self.decode(inputs) if operation == "decode" else self.encode(inputs)
                     finally:
                         self._warming = False
-                    self.warmed.add((operation, tuple(inputs.shape[1:]), batch == 1))
+                    self.warmed.add(_compile_key(operation, inputs))
                     if peak.bytes and operation == "decode" and batch == 1 and self.budget.pixels is None:
                         pixels = max(1, width * height * (frames[0] if frames else 1))
                         self.budget.bytes_per_pixel = max(self.budget.bytes_per_pixel or 0, peak.bytes / pixels)
@@ -280,6 +280,12 @@ class LoadedVae:
         step = family.spatial_compression
         latent_frames = ((frames - 1) // family.temporal_compression + 1,) if frames else ()
         return torch.zeros((batch, family.latent_channels) + latent_frames + (height // step, width // step))
+
+
+def _compile_key(operation: str, inputs: torch.Tensor) -> tuple:
+    """What a compiled graph is for: the operation, one sample's input shape, and whether the batch is of one
+    (torch specialises a batch of one; any larger batch shares one graph with a dynamic size)."""
+    return (operation, tuple(inputs.shape[1:]), inputs.shape[0] == 1)
 
 
 _OUT_OF_MEMORY = object()
