@@ -24,7 +24,7 @@ from .batching import BatchSettings
 from .device import BatchBudget, DevicePath
 from .errors import RequestError
 from .families import Family, FamilyError
-from .latents import check_frame_count, check_sides
+from .latents import LatentLayout, check_frame_count, check_sides, frame_step
 from .media import PNG_COMPRESSION, guard_decompression_bombs
 from .server import Registry, ServeOptions, Slot, create_app, load_in_background
 from .service import Limits, VaeService
@@ -282,14 +282,25 @@ class GracefulServer(uvicorn.Server):
             self._captured_signals.clear()
 
 
+def describe(family: Family) -> str:
+    """A family for `families`: what it is, its weights, the latents it takes, and what a client passes to decode them."""
+    scaling = ", ".join(f"{name}={value}" for name, value in family.client_scaling().items())
+    extra = "; optional decode_timestep=, decode_noise_scale=, decode_noise_seed=" if family.decode_timestep else ""
+    kind = f"video, {frame_step(family)}k+1 frames" if family.is_video else "image"
+    return "\n".join([
+        f"{family.name} ({kind}): {family.description}",
+        f"  weights  {hub_id(family)}",
+        f"  latents  {LatentLayout.of(family).describe()}",
+        f"  client   remote_decode(url, latents, {scaling}{', height=H, width=W' if LatentLayout.of(family).packing != 'none' else ''}){extra}",
+    ])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=getattr(args, "log_level", "info").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "families":
-            for name in families.available():
-                family = families.load_family(name)
-                print(f"{name:12} {hub_id(family)}  {family.description}")
+            print("\n\n".join(describe(families.load_family(name)) for name in families.available()))
             return 0
         if args.command == "download":
             return download(args.families, Path(args.to))

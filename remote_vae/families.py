@@ -13,6 +13,24 @@ larger than that many pixels, with `tiling_options` passed to `enable_tiling`.
 `streams_frames` says that the model's untiled decode calls its decoder once
 per latent frame, in order, and each call returns finished frames (Wan's
 causal decoder): the service then writes an MP4 while later frames decode.
+
+What each family's pipeline does between its denoiser and `vae.decode` is data too:
+  latent_layout         how the pipeline holds the latent (latents.LatentLayout):
+                        `patch` (Flux.2 folds 2x2 cells into channels), `frames_first`
+                        (CogVideoX's [B, T, C, h, w]), `frame_axis` (Qwen-Image decodes
+                        images as one-frame videos), `packing` (its token sequence:
+                        "patches" as Flux.1, "tokens" as Flux.2 and LTX, or "none");
+  latents_stats_in_weights  per-channel statistics the pipeline reads from the VAE's
+                        weights rather than its config (Flux.2's batch norm, LTX's
+                        latents_mean / latents_std buffers), with `scaling_factor`;
+  model_latents         "normalised" for preview decoders (taesd) that read and write
+                        the full family's normalised latents themselves;
+  decode_timestep       the keyword of `decode` that takes a decode timestep (LTX), which
+                        the pipeline passes with noise mixed into the latent;
+  samples_per_call      a model that must see one sample at a time (HunyuanVideo 1.5:
+                        its attention mask breaks on batches);
+  latent_frames_odd     a video model whose latent frame count must be odd (CogVideoX:
+                        an even count decodes to 4T frames, and its pipelines never make one).
 """
 
 from __future__ import annotations
@@ -52,6 +70,12 @@ class Family:
     tile_above_pixels: int | None = None
     tiling_options: dict[str, Any] = field(default_factory=dict)
     streams_frames: bool = False
+    latent_layout: dict[str, Any] = field(default_factory=dict)
+    latents_stats_in_weights: dict[str, str] | None = None
+    model_latents: str = "raw"
+    decode_timestep: str | None = None
+    samples_per_call: int | None = None
+    latent_frames_odd: bool = False
 
     @property
     def is_video(self) -> bool:
@@ -68,9 +92,19 @@ class Family:
     def serves(self, operation: str) -> bool:
         return operation in self.operations
 
+    @property
+    def per_channel(self) -> bool:
+        """Normalised per channel (statistics in the config or in the weights), not by scalar factors."""
+        return self.latents_mean is not None or self.latents_stats_in_weights is not None
+
+    @property
+    def encode_step(self) -> int:
+        """Both sides of an image or frame to encode must be multiples of this: the compression, times any patch the pipeline folds."""
+        return self.spatial_compression * self.latent_layout.get("patch", 1)
+
     def client_scaling(self) -> dict[str, Any]:
         """The scaling arguments a client passes to diffusers' remote_decode / remote_encode for this family."""
-        if self.latents_mean is not None:  # per channel: the server holds the statistics
+        if self.per_channel:  # the server holds the statistics
             return {"do_scaling": True}
         factors = {"scaling_factor": self.scaling_factor, "shift_factor": self.shift_factor}
         return {name: value for name, value in factors.items() if value is not None}
@@ -114,9 +148,59 @@ def _family_from_dict(data: dict[str, Any], source: str) -> Family:
     tile_above = values.get("tile_above_pixels")
     if tile_above is not None and not (isinstance(tile_above, int) and tile_above >= 0):
         raise FamilyError(f"{source}: tile_above_pixels must be a non-negative integer or null (never tile)")
-    if not isinstance(values.get("streams_frames", False), bool):
-        raise FamilyError(f"{source}: streams_frames must be true or false")
+    for key in ("streams_frames", "latent_frames_odd"):
+        if not isinstance(values.get(key, False), bool):
+            raise FamilyError(f"{source}: {key} must be true or false")
+    _check_layout(values, source)
+    _check_stats_in_weights(values, source)
+    if values.get("model_latents", "raw") not in MODEL_LATENTS:
+        raise FamilyError(f"{source}: model_latents must be one of {list(MODEL_LATENTS)}")
+    if values.get("model_latents") == "normalised" and values.get("scaling_factor") is None:
+        raise FamilyError(f"{source}: model_latents 'normalised' needs the full family's scaling_factor (the space the model works in)")
+    per_call = values.get("samples_per_call")
+    if per_call is not None and not (isinstance(per_call, int) and per_call >= 1):
+        raise FamilyError(f"{source}: samples_per_call must be a positive integer or null (any batch)")
+    if not isinstance(values.get("decode_timestep") or "", str):
+        raise FamilyError(f"{source}: decode_timestep is the name of the decode argument that takes the timestep (e.g. 'temb'), or null")
     return Family(**values)
+
+
+MODEL_LATENTS = ("raw", "normalised")
+LAYOUT_KEYS = {"patch": int, "frames_first": bool, "frame_axis": bool, "packing": str}
+PACKINGS = ("patches", "tokens", "none")
+
+
+def _check_layout(values: dict[str, Any], source: str) -> None:
+    layout = values.get("latent_layout", {})
+    if not isinstance(layout, dict):
+        raise FamilyError(f"{source}: latent_layout must be an object with keys among {sorted(LAYOUT_KEYS)}")
+    for key, value in layout.items():
+        kind = LAYOUT_KEYS.get(key)
+        if kind is None or not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
+            raise FamilyError(f"{source}: latent_layout.{key} = {value!r}; expected keys {sorted(LAYOUT_KEYS)} (patch: int, packing: str, others: true/false)")
+    if layout.get("patch", 1) < 1:
+        raise FamilyError(f"{source}: latent_layout.patch must be at least 1")
+    if layout.get("packing", "none") not in PACKINGS:
+        raise FamilyError(f"{source}: latent_layout.packing must be one of {list(PACKINGS)}")
+    video = values.get("temporal_compression") is not None
+    if video and (layout.get("frame_axis") or layout.get("patch", 1) > 1):
+        raise FamilyError(f"{source}: frame_axis and patch are for image families")
+    if not video and layout.get("frames_first"):
+        raise FamilyError(f"{source}: frames_first is for video families")
+    if video and layout.get("packing") == "patches":
+        raise FamilyError(f"{source}: a video family packs 'tokens' or 'none'")
+
+
+def _check_stats_in_weights(values: dict[str, Any], source: str) -> None:
+    stats = values.get("latents_stats_in_weights")
+    if stats is None:
+        return
+    forms = ({"mean", "std"}, {"mean", "variance", "eps"})
+    if not (isinstance(stats, dict) and set(stats) in forms and all(isinstance(v, str) for v in stats.values())):
+        raise FamilyError(f"{source}: latents_stats_in_weights names the model's buffers: {{mean, std}} or {{mean, variance, eps}} "
+                          "(eps: a model config key), e.g. {\"mean\": \"bn.running_mean\", \"variance\": \"bn.running_var\", \"eps\": \"batch_norm_eps\"}")
+    if values.get("latents_mean") is not None or values.get("shift_factor") is not None:
+        raise FamilyError(f"{source}: latents_stats_in_weights takes an optional scaling_factor, not latents_mean or shift_factor")
 
 
 def available() -> list[str]:

@@ -94,6 +94,31 @@ class DecodeRequest:
     width: int | None = None
     mp4: Mp4Options = field(default_factory=Mp4Options)
     image: ImageFile = field(default_factory=ImageFile)
+    decode_timestep: "DecodeTimestep | None" = None
+    packed_memory: str | None = None  # token sequences: "channels_first" (the pipelines' memory, default) or "tokens_first"
+
+
+@dataclass(frozen=True)
+class DecodeTimestep:
+    """LTX: the timestep its decoder is conditioned on, and the noise mixed into the latent first, as LTXPipeline does.
+
+    The pipeline draws that noise from its own generator after denoising, which no
+    client can hand over; here it comes from `noise_seed` (torch.Generator on the CPU).
+    """
+
+    timestep: float = 0.0
+    noise_scale: float | None = None  # None: the timestep, as in LTXPipeline
+    noise_seed: int = 0
+
+    def apply(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(latents with the noise mixed in, the timestep per sample)."""
+        scale = self.timestep if self.noise_scale is None else self.noise_scale
+        timestep = torch.full((latents.shape[0],), self.timestep, dtype=latents.dtype)
+        if scale:  # (1 - 0) * z + 0 * noise is z: no noise to draw
+            noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(self.noise_seed), dtype=latents.dtype)
+            scales = torch.full((latents.shape[0],) + (1,) * (latents.ndim - 1), scale, dtype=latents.dtype)
+            latents = (1 - scales) * latents + scales * noise
+        return latents, timestep
 
 
 @dataclass
@@ -129,11 +154,12 @@ class Job:
     frames: int | None = None
     finish: Callable[[Any], Any] = _unchanged
     stream: Mp4Stream | None = None
+    timestep: torch.Tensor | None = None  # [count]: a decode timestep per sample (LTX)
 
     @property
     def batch_key(self) -> tuple:
-        """What jobs must share to go through the model in one call: the operation and one sample's shape and dtype."""
-        return (self.operation, tuple(self.inputs.shape[1:]), self.inputs.dtype)
+        """What jobs must share to go through the model in one call: the operation, one sample's shape and dtype, and conditioning."""
+        return (self.operation, tuple(self.inputs.shape[1:]), self.inputs.dtype, self.timestep is not None)
 
 
 @dataclass
@@ -158,7 +184,8 @@ class VaeService:
     def images_per_call(self, job: Job) -> int:
         """How many images or videos like this job's one model call takes whole (at least 1):
         a bigger batch would run one sample at a time, and sharing a call would only make its requests wait for each other."""
-        return max(1, self.vae.budget.limit(self.vae.device) // max(1, job.pixels // job.count))
+        whole = self.vae.budget.limit(self.vae.device) // max(1, job.pixels // job.count)
+        return max(1, min(whole, self.vae.samples_per_call))
 
     def _require(self, operation: str) -> None:
         if not self.family.serves(operation):
@@ -167,7 +194,7 @@ class VaeService:
     def prepare_decode(self, request: DecodeRequest) -> Job:
         self._require("decode")
         raw = request.latent
-        plan = latent_ops.plan_decode(raw.shape, self.family, request.height, request.width)
+        plan = latent_ops.plan_decode(raw.shape, self.family, request.height, request.width, request.packed_memory)
         latent_ops.check_batch(plan.batch, self.limits.max_batch)
         latent_ops.check_output_size(plan, self.family, self.max_pixels)
         if request.form not in self.forms:
@@ -176,15 +203,18 @@ class VaeService:
             else:
                 hint = "decodes images: output_type=mp4 is for video families; use output_type=pil or pt"
             raise RequestError(f"{self.family.name} {hint}")
+        timestep = self._decode_timestep(request)
         latents = tensor_from_bytes(raw.data, raw.shape, parse_dtype(raw.dtype))
         latent_ops.check_finite(latents, "latent")
-        latents = latent_ops.unpack(latents, plan)
+        latents = latent_ops.to_canonical(latents, plan, self.vae.layout)
         # Convert, then scale: on CPU a float16 latent is scaled in float32, not in float16.
         # Scaled here, per request, so requests with different factors can share a model call.
         latents = latents.to(self.vae.dtype)
-        latents = request.scaling.normalisation(self.family).unscale(latents)
+        latents = self.vae.layout.unfold(self._to_model_space(request.scaling.normalisation(self.vae.normalisation), latents))
+        if timestep is not None:
+            latents, timestep = timestep.apply(latents)
         frames = plan.output_frames(self.family) if plan.latent_frames else None
-        job = partial(Job, "decode", latents, count=plan.batch, pixels=plan.output_pixels(self.family), frames=frames)
+        job = partial(Job, "decode", latents, count=plan.batch, pixels=plan.output_pixels(self.family), frames=frames, timestep=timestep)
         if request.form == "mp4":
             width, height = plan.output_size(self.family)
             stream = Mp4Stream(plan.batch, frames, width, height, request.mp4)
@@ -200,12 +230,35 @@ class VaeService:
             pixels = self._pixel_tensor(request.tensor)
         else:
             pixels = self._video_file(request.image) if self.family.is_video else self._image_file(request.image)
-        normalisation = request.scaling.normalisation(self.family)
+        normalisation = request.scaling.normalisation(self.vae.normalisation)
+        layout = self.vae.layout
 
         def respond(latents: torch.Tensor) -> torch.Tensor:
-            return self.to_host(normalisation.scale(latents))
+            return self.to_host(layout.as_pipeline_holds(self._from_model_space(normalisation, layout.fold(latents))))
 
         return Job("encode", pixels.to(self.vae.dtype), respond, pixels.shape[0], pixels.numel() // 3, pixels.shape[2] if pixels.ndim == 5 else None)
+
+    def _decode_timestep(self, request: DecodeRequest) -> DecodeTimestep | None:
+        """The request's decode timestep where the model takes one; refused where the family has none."""
+        if request.decode_timestep is not None and not self.family.decode_timestep:
+            raise RequestError(f"{self.family.name} takes no decode timestep; drop decode_timestep / decode_noise_scale / decode_noise_seed")
+        if self.vae.timestep_argument is None:
+            return None  # LTX 0.9.0 weights are not conditioned: LTXPipeline passes no timestep and no noise either
+        return request.decode_timestep or DecodeTimestep()
+
+    def _to_model_space(self, normalisation: latent_ops.Normalisation, latents: torch.Tensor) -> torch.Tensor:
+        """Undo the client's normalisation; a preview decoder (model_latents 'normalised') then takes the family's own again."""
+        own = self.vae.normalisation
+        if self.family.model_latents != "normalised":
+            return normalisation.unscale(latents)
+        return latents if normalisation == own else own.scale(normalisation.unscale(latents))
+
+    def _from_model_space(self, normalisation: latent_ops.Normalisation, latents: torch.Tensor) -> torch.Tensor:
+        """The inverse of _to_model_space, for an encoder's latent."""
+        own = self.vae.normalisation
+        if self.family.model_latents != "normalised":
+            return normalisation.scale(latents)
+        return latents if normalisation == own else normalisation.scale(own.unscale(latents))
 
     def run(self, jobs: Sequence[Job]) -> list[Any]:
         """One model call for jobs that share a batch key: each job's result, or the exception it failed with.
@@ -239,7 +292,8 @@ class VaeService:
         if jobs[0].operation == "encode":
             outputs = self.vae.encode(inputs)
         else:
-            outputs = self.vae.decode(inputs, self.frame_router(jobs))
+            timestep = None if jobs[0].timestep is None else torch.cat([job.timestep for job in jobs])
+            outputs = self.vae.decode(inputs, self.frame_router(jobs), timestep)
         return outputs.split([job.count for job in jobs]) if len(jobs) > 1 else [outputs]
 
     def frame_router(self, jobs: Sequence[Job]) -> FrameRouter | None:

@@ -40,6 +40,7 @@ from huggingface_hub import hf_hub_download
 from .device import BatchBudget, DevicePath, PeakMemory, compile_model, compiled_calls, set_up_model, to_device
 from .errors import RequestError
 from .families import Family, config_latent_channels
+from .latents import LatentLayout, Normalisation, own_normalisation
 from .media import TENSOR_DTYPES
 
 log = logging.getLogger("remote_vae")
@@ -163,7 +164,13 @@ class LoadedVae:
         # interleaving two large decodes only doubles peak memory.
         self._lock = threading.Lock()
         self.can_tile = hasattr(self.model, "enable_tiling")
-        self.can_slice = hasattr(self.model, "use_slicing")
+        self.layout = LatentLayout.of(self.family)
+        self.samples_per_call = self.family.samples_per_call or 1 << 30
+        # What do_scaling=True undoes: the family's factors or statistics, or those in the weights.
+        self.normalisation: Normalisation = own_normalisation(self.family, weight_stats(self.family, self.model))
+        # The decode keyword for a decode timestep, where the model is conditioned on one (LTX 0.9.1+).
+        timestep = self.family.decode_timestep
+        self.timestep_argument = timestep if timestep and self.model.config.get("timestep_conditioning", True) else None
         # Read by /metrics: out-of-memory events by outcome, model calls by how they ran.
         self.oom_events = {"retried_sliced": 0, "retried_tiled": 0, "refused": 0}
         self.calls = {"whole": 0, "sliced": 0, "tiled": 0}
@@ -176,35 +183,43 @@ class LoadedVae:
         """Whether an image or frame of this many pixels is decoded / encoded in tiles."""
         return self.can_tile and self.tile_above_pixels is not None and frame_pixels > self.tile_above_pixels
 
-    def decode(self, latents: torch.Tensor, frames: FrameSink | None = None) -> torch.Tensor:
-        """Decode [B, C, (T,) h, w] latents (scaled already; on the host) to the decoder's raw output, on the device.
+    def decode(self, latents: torch.Tensor, frames: FrameSink | None = None, timestep: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode the VAE's latents [B, C, (T,) h, w] (scaled already; on the host) to the decoder's raw output, on the device.
 
         `frames`, for models whose untiled decoder emits finished frames call by call
-        (the family's `streams_frames`), receives them as they come.
+        (the family's `streams_frames`), receives them as they come. `timestep` ([B])
+        goes to models conditioned on a decode timestep. Images decoded as one-frame
+        videos (`frame_axis`) come back as images [B, 3, H, W].
         """
         compression = self.family.spatial_compression
         frame_pixels = latents.shape[-2] * latents.shape[-1] * compression**2
-        frame_count = self.family.frames_for(latents.shape[2]) if latents.ndim == 5 else 1
+        frame_count = self.family.frames_for(latents.shape[2]) if self.family.is_video else 1
         streams = frames if self.family.streams_frames else None
-        return self._run("decode", latents, frame_pixels, frame_count, lambda z: self.model.decode(z).sample, streams)
+        extra = {self.timestep_argument: timestep} if self.timestep_argument and timestep is not None else {}
+        sample = self._run("decode", latents, frame_pixels, frame_count, lambda z, **kw: self.model.decode(z, **kw).sample, streams, extra)
+        return sample.squeeze(2) if self.layout.frame_axis else sample
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Encode [B, 3, (F,) H, W] pixels in -1..1 (on the host) to the latent distribution's mean (deterministic), on the device."""
-        frame_count = images.shape[2] if images.ndim == 5 else 1
-        return self._run("encode", images, images.shape[-2] * images.shape[-1], frame_count, lambda x: self.model.encode(x).latent_dist.mean)
+        """Encode [B, 3, (F,) H, W] pixels in -1..1 (on the host) to the VAE's latent, the distribution's mean (deterministic), on the device."""
+        if self.layout.frame_axis:
+            images = images.unsqueeze(2)
+        frame_count = images.shape[2] if self.family.is_video else 1
+        return self._run("encode", images, images.shape[-2] * images.shape[-1], frame_count, lambda x: latent_of(self.model.encode(x)))
 
-    def _run(self, operation: str, inputs: torch.Tensor, frame_pixels: int, frame_count: int, call: Callable, frames: FrameSink | None = None):
+    def _run(self, operation: str, inputs: torch.Tensor, frame_pixels: int, frame_count: int, call: Callable,
+             frames: FrameSink | None = None, extra: dict[str, torch.Tensor] | None = None):
         batch = inputs.shape[0]
         with self._lock, torch.inference_mode(), self._compiled(operation, inputs):
             values = to_device(inputs, self.device, self.dtype, self.path)
+            extra = {name: value.to(self.device, self.dtype) for name, value in (extra or {}).items()}
             tiled = self.tiles(frame_pixels)
-            sliced = self.can_slice and batch > 1 and not self.budget.allows(batch * frame_count * frame_pixels, self.device)
+            sliced = batch > self.samples_per_call or (batch > 1 and not self.budget.allows(batch * frame_count * frame_pixels, self.device))
             while True:
-                result = self._attempt(call, values, sliced, tiled, frames)
+                result = self._attempt(call, values, sliced, tiled, frames, extra)
                 if result is not _OUT_OF_MEMORY:
                     self.calls["tiled" if tiled else "sliced" if sliced else "whole"] += 1
                     return result
-                if self.can_slice and batch > 1 and not sliced:
+                if batch > 1 and not sliced:
                     sliced, outcome = True, "retried_sliced"
                 elif self.can_tile and not tiled:
                     sliced, tiled, outcome = True, True, "retried_tiled"
@@ -218,16 +233,21 @@ class LoadedVae:
                 if frames is not None:
                     frames.restart()
 
-    def _attempt(self, call: Callable, values: torch.Tensor, sliced: bool, tiled: bool, frames: FrameSink | None):
-        """call(values) sliced and tiled as asked; _OUT_OF_MEMORY, with the cache freed, if the device ran out."""
-        if self.can_slice:
-            self.model.use_slicing = sliced
+    def _attempt(self, call: Callable, values: torch.Tensor, sliced: bool, tiled: bool, frames: FrameSink | None, extra: dict):
+        """call(values, **extra) sliced and tiled as asked; _OUT_OF_MEMORY, with the cache freed, if the device ran out.
+
+        Sliced runs one sample per call, as diffusers' use_slicing does, but here for every
+        model and with per-sample arguments (LTX's slicing drops its timestep).
+        """
         if self.can_tile:
             self.model.use_tiling = tiled
         # Tiled, the decoder sees tiles, not frames: nothing to stream.
         hook = self.model.decoder.register_forward_hook(lambda module, args, out: frames.chunk(out)) if frames and not tiled else None
         try:
-            return call(values)
+            if sliced and values.shape[0] > 1:
+                rows = range(values.shape[0])
+                return torch.cat([call(values[i : i + 1], **{k: v[i : i + 1] for k, v in extra.items()}) for i in rows])
+            return call(values, **extra)
         except torch.cuda.OutOfMemoryError:
             pass
         finally:
@@ -275,11 +295,37 @@ class LoadedVae:
 
     def _warm_up_inputs(self, operation: str, batch: int, width: int, height: int, frames: int | None) -> torch.Tensor:
         family = self.family
+        frames = frames if family.is_video else None
         if operation == "encode":
             return torch.zeros((batch, 3) + ((frames,) if frames else ()) + (height, width))
         step = family.spatial_compression
         latent_frames = ((frames - 1) // family.temporal_compression + 1,) if frames else ()
-        return torch.zeros((batch, family.latent_channels) + latent_frames + (height // step, width // step))
+        if latent_frames and family.latent_frames_odd:
+            latent_frames = (latent_frames[0] | 1,)
+        frame_axis = (1,) if self.layout.frame_axis else ()
+        return torch.zeros((batch, family.latent_channels) + latent_frames + frame_axis + (height // step, width // step))
+
+
+def latent_of(encoded) -> torch.Tensor:
+    """An encoder's latent: the distribution's mean (deterministic), or the latent itself where the model has no distribution (taesd)."""
+    distribution = getattr(encoded, "latent_dist", None)
+    return distribution.mean if distribution is not None else encoded.latents
+
+
+def weight_stats(family: Family, model: ModelMixin) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(mean, std) per channel from the model's buffers, as the family's pipeline reads them (`latents_stats_in_weights`)."""
+    names = family.latents_stats_in_weights
+    if names is None:
+        return None
+    try:
+        mean = model.get_buffer(names["mean"])
+        if "std" in names:
+            return mean.detach().cpu(), model.get_buffer(names["std"]).detach().cpu()
+        # Flux.2: the batch norm's running variance and eps, combined in the model's dtype as Flux2Pipeline does.
+        variance = model.get_buffer(names["variance"]).detach().cpu()
+        return mean.detach().cpu(), torch.sqrt(variance + model.config[names["eps"]])
+    except (AttributeError, KeyError) as exc:
+        raise LoadError(f"family {family.name}: the model has no {exc} for latents_stats_in_weights {names}") from exc
 
 
 def _compile_key(operation: str, inputs: torch.Tensor) -> tuple:
@@ -370,6 +416,8 @@ def default_warmup_size(family: Family) -> tuple[int, ...]:
 
 def _warn_on_other_normalisation(family: Family, config, source: str) -> None:
     """do_scaling=True uses the family's factors; say so when the weights' own config disagrees."""
+    if family.model_latents == "normalised":
+        return  # a preview decoder's config holds 1.0 / 0.0: its latents are the full family's, normalised
     pairs = [("scaling_factor", family.scaling_factor), ("shift_factor", family.shift_factor),
              ("latents_mean", family.latents_mean), ("latents_std", family.latents_std)]
     for key, ours in pairs:

@@ -22,9 +22,9 @@ import PIL.Image
 import torch
 
 from .errors import RequestError
-from .latents import Scaling
+from .latents import PACKED_MEMORY, Scaling
 from .media import IMAGE_FORMATS, MEDIA_TYPES, ImageFile, Mp4Options, dtype_name, is_image_file, is_video_file, tensor_to_bytes
-from .service import DecodeRequest, EncodeRequest, Job, RawTensor, VaeService
+from .service import DecodeRequest, DecodeTimestep, EncodeRequest, Job, RawTensor, VaeService
 
 log = logging.getLogger("remote_vae")
 
@@ -291,7 +291,21 @@ def parse_decode(params: Params, data: bytes) -> DecodeRequest:
         # Only packed latents need pixel sizes; other clients send nonsense ones.
         request.height = params.integer("height")
         request.width = params.integer("width")
+        request.packed_memory = params.choice("packed_memory", PACKED_MEMORY)
+    request.decode_timestep = decode_timestep(params)
     return request
+
+
+def decode_timestep(params: Params) -> DecodeTimestep | None:
+    """LTX's decode_timestep, decode_noise_scale and decode_noise_seed; None when none is sent."""
+    timestep, scale = params.number("decode_timestep"), params.number("decode_noise_scale")
+    seed = params.integer("decode_noise_seed", 0, (1 << 63) - 1)
+    if timestep is None and scale is None and seed is None:
+        return None
+    for name, value in (("decode_timestep", timestep), ("decode_noise_scale", scale)):
+        if value is not None and not 0 <= value <= 1:
+            raise RequestError(f"{name}={value} is outside 0..1; LTX pipelines use e.g. decode_timestep=0.05, decode_noise_scale=0.025")
+    return DecodeTimestep(timestep or 0.0, scale, seed or 0)
 
 
 def parse_encode(content_type: str, params: Params, data: bytes) -> EncodeRequest:

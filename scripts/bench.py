@@ -6,6 +6,7 @@
     python scripts/bench.py png --images photo.png ... [--size 720]
     python scripts/bench.py mp4-overlap --family wan21 --tiny --size 256 --frames 81
     python scripts/bench.py video --family hunyuanvideo --sizes 64 128 --frames 9 17 33 65 [--tiny] [--device cpu|cuda]
+    python scripts/bench.py preview --family taesd [--preview-model DIR --full-model DIR] --size 512 [--device cuda]
 
 Models are a family's real architecture with seeded random weights (or
 --tiny: the test suite's widths), saved to a temporary directory that the
@@ -642,6 +643,45 @@ def bench_video(args: argparse.Namespace) -> None:
               f"{whole['seconds']:.3f} | {whole['peak_mib']:.0f} | {http_seconds:.3f} | {http_seconds / served['seconds']:.2f} |")
 
 
+PREVIEW_OF = {"taesd": "sd15", "taesdxl": "sdxl", "taef1": "flux"}
+
+
+def bench_preview(args: argparse.Namespace) -> None:
+    """A preview decoder against its full family, through the service's own path, on the same latents:
+    decode time of each, and (with real weights) the PSNR of the preview's pixels against the full VAE's."""
+    from remote_vae.latents import Scaling
+    from remote_vae.service import DecodeRequest, EncodeRequest, Limits, RawTensor, VaeService
+    from remote_vae.vae import load_vae
+
+    device = resolve_device(args.device)
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    services = {}
+    for name, weights in ((args.family, args.preview_model), (PREVIEW_OF[args.family], args.full_model)):
+        family = load_family(name)
+        vae = load_vae(family, weights, device, resolve_dtype(args.dtype, family, device), random_weights=weights is None)
+        services[name] = VaeService(vae, Limits(max_pixels=1 << 30))
+    full = services[PREVIEW_OF[args.family]]
+    # A realistic latent: the full VAE's encoding of an image, normalised as its pipeline holds it.
+    pixels = np.array(sample_image(args.size, args.photo))
+    image = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 127.5 - 1
+    own = Scaling(do_scaling=True)
+    latents = full.encode(EncodeRequest(tensor=RawTensor(tuple(image.shape), "float32", image.numpy().tobytes()), scaling=own)).float()
+    request = DecodeRequest(RawTensor(tuple(latents.shape), "float32", latents.numpy().tobytes()), form="uint8", scaling=own)
+    results = {}
+    for name, service in services.items():
+        service.decode(request)  # warm
+        results[name] = timed(lambda service=service: service.decode(request).value, args.repeats, synchronize)
+    (preview_s, preview_px), (full_s, full_px) = results[args.family], results[PREVIEW_OF[args.family]]
+    error = (preview_px.float() - full_px.float()).pow(2).mean().item()
+    psnr = 10 * np.log10(255**2 / max(error, 1e-12))
+    real = args.preview_model and args.full_model
+    print(f"# {machine(device)}")
+    print("| preview | full | size | preview s | full s | full / preview | PSNR vs full |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| {args.family} | {PREVIEW_OF[args.family]} | {args.size}² | {preview_s:.3f} | {full_s:.3f} | {full_s / preview_s:.1f}x | "
+          f"{f'{psnr:.1f} dB' if real else 'n/a (random weights)'} |")
+
+
 def model_mode(modes, name: str, help: str, family: str, repeats: int) -> argparse.ArgumentParser:
     """A mode that builds a family's model: --family, --tiny, --repeats, --device."""
     mode = modes.add_parser(name, help=help)
@@ -691,6 +731,15 @@ def main() -> None:
     video.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
     video.add_argument("--frames", type=int, nargs="+", default=[9, 17, 33, 65])
     video.add_argument("--tile-above-pixels", default="family", help="as serve's option: N, family or never")
+    preview = modes.add_parser("preview", help="a preview decoder (taesd, taesdxl, taef1) against its full family: speed and PSNR")
+    preview.add_argument("--family", default="taesd", choices=list(PREVIEW_OF))
+    preview.add_argument("--preview-model", help="the preview's weights (a diffusers model directory); default: random weights")
+    preview.add_argument("--full-model", help="the full family's weights; default: random weights")
+    preview.add_argument("--size", type=int, default=512)
+    preview.add_argument("--repeats", type=int, default=3)
+    preview.add_argument("--photo", help="an image file to encode; default: a smooth synthetic image")
+    preview.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"])
+    preview.add_argument("--device", default="auto")
     worker = modes.add_parser("video-worker", help=argparse.SUPPRESS)
     for name in ("--family", "--model", "--device", "--way"):
         worker.add_argument(name, required=True)
@@ -700,7 +749,7 @@ def main() -> None:
     worker.add_argument("--tile-above-pixels", default="family")
     args = parser.parse_args()
     modes = {"image": bench_image, "device-path": bench_device_path, "png": bench_png, "mp4-overlap": bench_mp4_overlap,
-             "video": bench_video, "video-worker": video_worker}
+             "video": bench_video, "video-worker": video_worker, "preview": bench_preview}
     modes[args.mode](args)
 
 

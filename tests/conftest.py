@@ -22,7 +22,17 @@ from pathlib import Path
 import pytest
 import requests
 import torch
-from diffusers import AutoencoderKL, AutoencoderKLHunyuanVideo, AutoencoderKLWan
+from diffusers import (
+    AutoencoderKL,
+    AutoencoderKLCogVideoX,
+    AutoencoderKLFlux2,
+    AutoencoderKLHunyuanVideo,
+    AutoencoderKLHunyuanVideo15,
+    AutoencoderKLLTXVideo,
+    AutoencoderKLQwenImage,
+    AutoencoderKLWan,
+    AutoencoderTiny,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_SECONDS = 120
@@ -78,8 +88,90 @@ def tiny_wan_vae() -> AutoencoderKLWan:
     return model.eval()
 
 
-TINY_MODELS = {"sd15": tiny_sd_vae, "flux": tiny_flux_vae, "hunyuanvideo": tiny_hunyuan_vae, "wan21": tiny_wan_vae}
-MODEL_CLASSES = {"sd15": AutoencoderKL, "flux": AutoencoderKL, "hunyuanvideo": AutoencoderKLHunyuanVideo, "wan21": AutoencoderKLWan}
+def _random_stats(model: torch.nn.Module, mean: str, spread: str, seed: int) -> None:
+    """Statistics kept in the weights (Flux.2's batch norm, LTX's buffers) are 0 and 1 when built: make them matter."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model.get_buffer(mean).copy_(0.5 * torch.randn(model.get_buffer(mean).shape, generator=generator))
+        model.get_buffer(spread).copy_(0.5 + torch.rand(model.get_buffer(spread).shape, generator=generator))
+
+
+def tiny_sd3_vae() -> AutoencoderKL:
+    torch.manual_seed(5)
+    return AutoencoderKL(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, **TINY_BLOCKS, scaling_factor=1.5305, shift_factor=0.0609).eval()
+
+
+def tiny_flux2_vae() -> AutoencoderKLFlux2:
+    torch.manual_seed(6)
+    model = AutoencoderKLFlux2(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=8, latent_channels=32)
+    _random_stats(model, "bn.running_mean", "bn.running_var", seed=6)
+    return model.eval()
+
+
+def tiny_qwenimage_vae() -> AutoencoderKLQwenImage:
+    torch.manual_seed(7)
+    return AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1).eval()
+
+
+def tiny_wan22_vae() -> AutoencoderKLWan:
+    torch.manual_seed(8)
+    family = json.loads((ROOT / "configs" / "wan22.json").read_text())
+    model = AutoencoderKLWan(base_dim=8, decoder_base_dim=8, z_dim=48, dim_mult=[1, 2, 2, 2], num_res_blocks=1, is_residual=True,
+                             in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4,
+                             latents_mean=family["latents_mean"], latents_std=family["latents_std"])
+    _mostly_grey(model.decoder.conv_out)
+    return model.eval()
+
+
+def tiny_hunyuanvideo15_vae() -> AutoencoderKLHunyuanVideo15:
+    torch.manual_seed(9)
+    model = AutoencoderKLHunyuanVideo15(block_out_channels=(8, 16, 16, 64, 64), layers_per_block=1, latent_channels=32)
+    _mostly_grey(model.decoder.conv_out.conv)
+    return model.eval()
+
+
+def tiny_ltxvideo_vae() -> AutoencoderKLLTXVideo:
+    torch.manual_seed(10)
+    model = AutoencoderKLLTXVideo(
+        block_out_channels=(8, 8, 16, 16, 32), down_block_types=("LTXVideo095DownBlock3D",) * 4, decoder_block_out_channels=(16, 32, 64),
+        layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1), spatio_temporal_scaling=(True,) * 4,
+        decoder_spatio_temporal_scaling=(True,) * 3, decoder_inject_noise=(False,) * 4,
+        downsample_type=("spatial", "temporal", "spatiotemporal", "spatiotemporal"), upsample_residual=(True,) * 3, upsample_factor=(2, 2, 2),
+        timestep_conditioning=True, latent_channels=128, spatial_compression_ratio=32, temporal_compression_ratio=8,
+    )
+    _random_stats(model, "latents_mean", "latents_std", seed=10)
+    _mostly_grey(model.decoder.conv_out.conv)
+    return model.eval()
+
+
+def tiny_cogvideox_vae() -> AutoencoderKLCogVideoX:
+    torch.manual_seed(11)
+    model = AutoencoderKLCogVideoX(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=8, latent_channels=16, scaling_factor=1.15258426)
+    _mostly_grey(model.decoder.conv_out.conv)
+    return model.eval()
+
+
+def tiny_taesd(latent_channels: int, seed: int):
+    def build() -> AutoencoderTiny:
+        torch.manual_seed(seed)
+        return AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8), num_encoder_blocks=(1, 1, 1, 1),
+                               num_decoder_blocks=(1, 1, 1, 1), latent_channels=latent_channels).eval()
+    return build
+
+
+TINY_MODELS = {
+    "sd15": tiny_sd_vae, "flux": tiny_flux_vae, "hunyuanvideo": tiny_hunyuan_vae, "wan21": tiny_wan_vae,
+    "sd3": tiny_sd3_vae, "flux2": tiny_flux2_vae, "qwenimage": tiny_qwenimage_vae, "wan22": tiny_wan22_vae,
+    "hunyuanvideo15": tiny_hunyuanvideo15_vae, "ltxvideo": tiny_ltxvideo_vae, "cogvideox": tiny_cogvideox_vae,
+    "taesd": tiny_taesd(4, 12), "taesdxl": tiny_taesd(4, 13), "taef1": tiny_taesd(16, 14),
+}
+MODEL_CLASSES = {
+    "sd15": AutoencoderKL, "flux": AutoencoderKL, "hunyuanvideo": AutoencoderKLHunyuanVideo, "wan21": AutoencoderKLWan,
+    "sd3": AutoencoderKL, "flux2": AutoencoderKLFlux2, "qwenimage": AutoencoderKLQwenImage, "wan22": AutoencoderKLWan,
+    "hunyuanvideo15": AutoencoderKLHunyuanVideo15, "ltxvideo": AutoencoderKLLTXVideo, "cogvideox": AutoencoderKLCogVideoX,
+    "taesd": AutoencoderTiny, "taesdxl": AutoencoderTiny, "taef1": AutoencoderTiny,
+}
+NEW_FAMILIES = ("sd3", "flux2", "qwenimage", "wan22", "hunyuanvideo15", "ltxvideo", "cogvideox", "taesd", "taesdxl", "taef1")
 
 
 @pytest.fixture(scope="session")
@@ -231,6 +323,15 @@ def video_server(model_dirs, tmp_path_factory):
         options += ["--model", f"{name}={model_dirs[name]}", "--model", f"{name}-tiled={model_dirs[name]}"]
     args = names + options
     server = LiveServer(args, offline_env(), tmp_path_factory.mktemp("logs") / "video.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def families_server(model_dirs, tmp_path_factory):
+    """Every family added for diffusers' current VAEs on one server, each under /<family>/."""
+    args = list(NEW_FAMILIES) + [option for name in NEW_FAMILIES for option in ("--model", f"{name}={model_dirs[name]}")]
+    server = LiveServer(args, offline_env(), tmp_path_factory.mktemp("logs") / "families.log")
     yield server
     server.stop()
 

@@ -14,14 +14,17 @@ from remote_vae.families import FamilyError, load_family, match_model_config
 from remote_vae.vae import default_source, load_vae, model_class, weights_folder
 
 EXPECTED_FACTORS = {
-    "sd15": (0.18215, None), "sdxl": (0.13025, None), "flux": (0.3611, 0.1159),
-    "hunyuanvideo": (0.476986, None), "wan21": (None, None),  # Wan normalises per channel instead
+    "sd15": (0.18215, None), "sdxl": (0.13025, None), "flux": (0.3611, 0.1159), "sd3": (1.5305, 0.0609),
+    "hunyuanvideo": (0.476986, None), "hunyuanvideo15": (1.03682, None), "cogvideox": (1.15258426, None),
+    "wan21": (None, None), "wan22": (None, None), "qwenimage": (None, None), "flux2": (None, None),  # per channel instead
+    "ltxvideo": (1.0, None),  # with per-channel statistics in the weights
+    "taesd": (0.18215, None), "taesdxl": (0.13025, None), "taef1": (0.3611, 0.1159),  # the full family's
 }
-VIDEO_FAMILIES = ("hunyuanvideo", "wan21")
+VIDEO_FAMILIES = ("hunyuanvideo", "wan21", "wan22", "hunyuanvideo15", "ltxvideo", "cogvideox")
 
 
 def test_shipped_families():
-    assert set(EXPECTED_FACTORS) <= set(families.available())
+    assert set(EXPECTED_FACTORS) == set(families.available())
 
 
 @pytest.mark.parametrize("name", families.available())
@@ -34,11 +37,17 @@ def test_config_builds_its_architecture(name):
     spatial = getattr(model, "spatial_compression_ratio", None) or 2 ** (len(config.block_out_channels) - 1)
     assert spatial == family.spatial_compression
     assert config.get("temporal_compression_ratio", config.get("scale_factor_temporal")) == family.temporal_compression
-    assert config.get("scaling_factor") == family.scaling_factor
+    if family.model_latents == "normalised":  # a preview decoder reads the full family's normalised latents
+        assert (config.get("scaling_factor"), config.get("shift_factor")) == (1.0, 0.0)
+    else:
+        assert config.get("scaling_factor") == family.scaling_factor
+    for buffer in (family.latents_stats_in_weights or {}).values():  # one statistic per channel where the pipeline normalises
+        if buffer in config:
+            continue  # an eps
+        assert model.get_buffer(buffer).shape == (family.latent_channels * family.latent_layout.get("patch", 1) ** 2,)
     assert tuple(config.get("latents_mean") or ()) == (family.latents_mean or ())
     assert tuple(config.get("latents_std") or ()) == (family.latents_std or ())
-    if name in EXPECTED_FACTORS:
-        assert (family.scaling_factor, family.shift_factor) == EXPECTED_FACTORS[name]
+    assert (family.scaling_factor, family.shift_factor) == EXPECTED_FACTORS[name]
     assert family.is_video == (name in VIDEO_FAMILIES)
 
 
@@ -65,6 +74,13 @@ def test_bad_configs_are_refused(tmp_path):
         ({"scaling_factor": 0.5}, "either scaling_factor"),
         ({"temporal_compression": 0}, "temporal_compression"),
         ({"tile_above_pixels": -1}, "tile_above_pixels"),
+        ({"latent_layout": {"patch": 2}}, "image families"),
+        ({"latent_layout": {"packing": "zigzag"}}, "packing"),
+        ({"latent_layout": {"frames_first": "yes"}}, "latent_layout.frames_first"),
+        ({"latents_stats_in_weights": {"mean": "bn.running_mean"}}, "names the model's buffers"),
+        ({"model_latents": "scaled"}, "model_latents"),
+        ({"samples_per_call": 0}, "samples_per_call"),
+        ({"decode_timestep": True}, "decode_timestep"),
     ]:
         path.write_text(json.dumps({**wan, **change}))
         with pytest.raises(FamilyError, match=message):
@@ -73,7 +89,12 @@ def test_bad_configs_are_refused(tmp_path):
 
 def test_match_model_config():
     assert match_model_config({"_class_name": "AutoencoderKL", "latent_channels": 4, "scaling_factor": 0.13025}).name == "sdxl"
-    assert match_model_config({"_class_name": "AutoencoderKL", "latent_channels": 16}).name == "flux"
+    assert match_model_config({"_class_name": "AutoencoderKL", "latent_channels": 16, "scaling_factor": 0.3611}).name == "flux"
+    assert match_model_config({"_class_name": "AutoencoderKL", "latent_channels": 16, "scaling_factor": 1.5305}).name == "sd3"
+    assert match_model_config({"_class_name": "AutoencoderKLWan", "z_dim": 48}).name == "wan22"
+    assert match_model_config({"_class_name": "AutoencoderTiny", "latent_channels": 16, "scaling_factor": 1.0}).name == "taef1"
+    with pytest.raises(FamilyError, match="taesd"):  # taesd and taesdxl share an architecture: the weights cannot say
+        match_model_config({"_class_name": "AutoencoderTiny", "latent_channels": 4, "scaling_factor": 1.0})
     with pytest.raises(FamilyError):
         match_model_config({"_class_name": "AutoencoderKL", "latent_channels": 4, "scaling_factor": 1.0})
     assert match_model_config({"_class_name": "AutoencoderKLWan", "z_dim": 16}).name == "wan21"
@@ -141,3 +162,16 @@ def test_a_pipeline_repository_is_read_from_its_vae_folder(model_dirs, reference
     vae = load_vae(flux, str(tmp_path / "pipeline"), torch.device("cpu"), torch.float32)
     for name, parameter in reference["flux"].state_dict().items():
         torch.testing.assert_close(vae.model.state_dict()[name], parameter)
+
+
+def test_families_command_shows_each_familys_client_call(capsys):
+    from remote_vae.cli import main
+
+    assert main(["families"]) == 0
+    blocks = {block.split(" ", 1)[0]: block for block in capsys.readouterr().out.split("\n\n")}
+    assert set(blocks) == set(families.available())
+    for name, block in blocks.items():
+        family = load_family(name)
+        for key, value in family.client_scaling().items():
+            assert f"{key}={value}" in block, name
+        assert ("decode_timestep" in block) == bool(family.decode_timestep)

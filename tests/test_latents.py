@@ -25,7 +25,7 @@ def test_unpack_matches_diffusers_for_every_protocol_size(height):
         packed = torch.randn(1, (h // 2) * (w // 2), 64)
         plan = latents.plan_decode(tuple(packed.shape), FLUX, height, width)
         expected = FluxPipeline._unpack_latents(packed, height, width, 8)
-        assert torch.equal(latents.unpack(packed, plan), expected)
+        assert torch.equal(latents.to_canonical(packed, plan, latents.LatentLayout.of(FLUX)), expected)
         assert plan.output_pixels(FLUX) == expected.shape[2] * 8 * expected.shape[3] * 8
 
 
@@ -36,7 +36,7 @@ def test_encode_sizes_multiple_of_8_not_16_are_accepted(side):
 
 def test_plan_ignores_height_width_for_4d():
     plan = latents.plan_decode((1, 4, 64, 64), SD15, 1, 1)
-    assert (plan.height, plan.width, plan.packed) == (64, 64, False)
+    assert (plan.height, plan.width, plan.form) == (64, 64, "canonical")
     assert plan.output_pixels(SD15) == 512 * 512
 
 
@@ -50,19 +50,19 @@ def test_output_limit_is_checked_from_numbers_alone():
 def test_scaling_rules():
     family = FLUX
     none = latents.ScalarFactors()
-    assert latents.Scaling().normalisation(family) == none
-    assert latents.Scaling(do_scaling=False).normalisation(family) == none
-    assert latents.Scaling(do_scaling=True).normalisation(family) == latents.ScalarFactors(0.3611, 0.1159)
-    assert latents.Scaling(0.5, None, do_scaling=True).normalisation(family) == latents.ScalarFactors(0.5, None)  # explicit wins
-    assert latents.Scaling(0.5, 0.1, do_scaling=False).normalisation(family) == latents.ScalarFactors(0.5, 0.1)
+    assert latents.Scaling().normalisation(latents.own_normalisation(family)) == none
+    assert latents.Scaling(do_scaling=False).normalisation(latents.own_normalisation(family)) == none
+    assert latents.Scaling(do_scaling=True).normalisation(latents.own_normalisation(family)) == latents.ScalarFactors(0.3611, 0.1159)
+    assert latents.Scaling(0.5, None, do_scaling=True).normalisation(latents.own_normalisation(family)) == latents.ScalarFactors(0.5, None)  # explicit wins
+    assert latents.Scaling(0.5, 0.1, do_scaling=False).normalisation(latents.own_normalisation(family)) == latents.ScalarFactors(0.5, 0.1)
 
 
 def test_wan_scaling_rules():
-    own = latents.Scaling(do_scaling=True).normalisation(WAN)
+    own = latents.Scaling(do_scaling=True).normalisation(latents.own_normalisation(WAN))
     assert own == latents.ChannelStats(WAN.latents_mean, WAN.latents_std)
-    assert latents.Scaling(0.5, do_scaling=True).normalisation(WAN) == latents.ScalarFactors(0.5, None)  # explicit wins
-    assert latents.Scaling().normalisation(WAN) == latents.ScalarFactors()
-    assert latents.Scaling(do_scaling=True).normalisation(HUNYUAN) == latents.ScalarFactors(0.476986, None)
+    assert latents.Scaling(0.5, do_scaling=True).normalisation(latents.own_normalisation(WAN)) == latents.ScalarFactors(0.5, None)  # explicit wins
+    assert latents.Scaling().normalisation(latents.own_normalisation(WAN)) == latents.ScalarFactors()
+    assert latents.Scaling(do_scaling=True).normalisation(latents.own_normalisation(HUNYUAN)) == latents.ScalarFactors(0.476986, None)
 
 
 def test_scale_inverts_unscale():
@@ -107,3 +107,24 @@ def test_valid_frame_counts():
         latents.check_video_size(1, frames, 64, 64, HUNYUAN, 1 << 27)
     with pytest.raises(RequestError, match="multiples of 8"):
         latents.check_video_size(1, 9, 60, 64, HUNYUAN, 1 << 27)
+
+
+def test_token_packed_latents_unpack_as_their_pipelines_do():
+    """Flux.2's and LTX's token sequences, as the pipelines' tensors lie in memory and C-contiguous, against their _unpack."""
+    from diffusers import Flux2Pipeline, LTXPipeline
+
+    flux2, ltx = load_family("flux2"), load_family("ltxvideo")
+    folded = torch.randn(2, 128, 5, 3)
+    packed = Flux2Pipeline._pack_latents(folded)  # a transposed view: its memory is [B, C, seq]
+    memory = packed.contiguous()  # a C-contiguous [B, seq, C]
+    for packed_memory, wire in (("tokens_first", memory), (None, packed.transpose(1, 2).contiguous().view(packed.shape))):
+        plan = latents.plan_decode(tuple(packed.shape), flux2, 80, 48, packed_memory)
+        assert (plan.height, plan.width) == (10, 6)
+        assert torch.equal(latents.to_canonical(wire, plan, latents.LatentLayout.of(flux2)), folded)
+    video = torch.randn(1, 128, 3, 2, 4)
+    tokens = LTXPipeline._pack_latents(video)
+    plan = latents.plan_decode(tuple(tokens.shape), ltx, 64, 128, "tokens_first")
+    assert plan.latent_frames == 3
+    assert torch.equal(latents.to_canonical(tokens, plan, latents.LatentLayout.of(ltx)), LTXPipeline._unpack_latents(tokens, 3, 2, 4))
+    assert torch.equal(latents.LatentLayout.of(flux2).unfold(folded), Flux2Pipeline._unpatchify_latents(folded))
+    assert torch.equal(latents.LatentLayout.of(flux2).fold(Flux2Pipeline._unpatchify_latents(folded)), folded)
