@@ -365,6 +365,13 @@ def bomb_png(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(1 << 20), 9)) + chunk(b"IEND", b"")
 
 
+def tensor_of(response: requests.Response) -> torch.Tensor:
+    """A 200 tensor reply (raw bytes with shape and dtype headers) as a tensor."""
+    assert response.status_code == 200, response.text
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "uint8": torch.uint8}[response.headers["dtype"]]
+    return torch.frombuffer(bytearray(response.content), dtype=dtype).reshape(json.loads(response.headers["shape"]))
+
+
 def seeded(*shape: int, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
 

@@ -7,7 +7,7 @@ import pytest
 import requests
 import torch
 import tiny_pipelines
-from conftest import NEW_FAMILIES, seeded
+from conftest import NEW_FAMILIES, seeded, tensor_of
 from diffusers import Flux2Pipeline, LTXPipeline
 from diffusers.utils.remote_utils import remote_decode, remote_encode
 
@@ -127,12 +127,6 @@ def sample_pixels(family: str, batch: int = 1) -> torch.Tensor:
 def post_tensor(server, family: str, pixels: torch.Tensor, **params) -> requests.Response:
     query = {"shape": list(pixels.shape), "dtype": "float32", **params}
     return requests.post(url(server, family), params=query, data=pixels.numpy().tobytes(), timeout=120)
-
-
-def tensor_of(response: requests.Response) -> torch.Tensor:
-    assert response.status_code == 200, response.text
-    shape = tuple(int(v) for v in response.headers["shape"].strip("[]").split(","))
-    return torch.from_numpy(np.frombuffer(response.content, dtype=response.headers["dtype"]).copy()).reshape(shape)
 
 
 @pytest.mark.parametrize("family", NEW_FAMILIES)

@@ -12,7 +12,7 @@ import time
 import pytest
 import requests
 import torch
-from conftest import FAULTY_LAUNCHER, LiveServer, in_parallel, offline_env, seeded, wait_until
+from conftest import FAULTY_LAUNCHER, LiveServer, in_parallel, offline_env, seeded, tensor_of, wait_until
 from diffusers.utils.remote_utils import remote_decode
 
 MAX_QUEUE, QUEUE_TIMEOUT, BODY_TIMEOUT = 2, 3.0, 2.0
@@ -33,9 +33,6 @@ def decode(url: str, latent: torch.Tensor, timeout: float = 60) -> requests.Resp
                          params={"shape": list(latent.shape), "dtype": "float32", "output_type": "pt"})
 
 
-def as_tensor(response: requests.Response) -> torch.Tensor:
-    return torch.frombuffer(bytearray(response.content), dtype=torch.float32).reshape(json.loads(response.headers["shape"]))
-
 
 def test_full_queue_is_503_with_retry_after_and_the_rest_are_served(faulty, set_faults, reference):
     set_faults(delay=0.6)
@@ -49,7 +46,7 @@ def test_full_queue_is_503_with_retry_after_and_the_rest_are_served(faulty, set_
         if response.status_code == 503:
             assert "busy" in response.json()["error"] and int(response.headers["Retry-After"]) >= 1
         else:
-            torch.testing.assert_close(as_tensor(response), expected, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(tensor_of(response), expected, atol=1e-4, rtol=1e-4)
     assert faulty.metric("remote_vae_requests_total", family="sd15", operation="-", status="503") >= 3
 
 

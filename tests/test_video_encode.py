@@ -9,7 +9,7 @@ import PIL.ImageSequence
 import pytest
 import requests
 import torch
-from conftest import MAX_VIDEO_PIXELS, seeded
+from conftest import MAX_VIDEO_PIXELS, seeded, tensor_of
 from diffusers import WanVideoToVideoPipeline
 from diffusers.utils.remote_utils import remote_decode, remote_encode
 from diffusers.video_processor import VideoProcessor
@@ -60,10 +60,7 @@ def local_encode(model, frames: np.ndarray) -> torch.Tensor:
 
 
 def post_file(endpoint: str, data: bytes, **params) -> torch.Tensor:
-    response = requests.post(endpoint, data=data, params=params)  # no Content-Type, as remote_encode sends
-    assert response.status_code == 200, response.text
-    shape = [int(dim) for dim in response.headers["shape"].strip("[]").split(",")]
-    return torch.frombuffer(bytearray(response.content), dtype=torch.float32).reshape(shape)
+    return tensor_of(requests.post(endpoint, data=data, params=params))  # no Content-Type, as remote_encode sends
 
 
 @pytest.mark.parametrize("family", VIDEO)
