@@ -95,7 +95,7 @@ DEFAULT_CUDA_BYTES_PER_PIXEL = 4096
 class BatchBudget:
     """How many output (decode) or input (encode) pixels one model call may take whole.
 
-    A batch over the budget runs one sample at a time (the model's slicing), as
+    A batch over the budget runs one sample per model call (vae.py slices it), as
     diffusers' `enable_slicing()` does; under it, the whole batch goes in one call.
     `pixels` fixed (--batch-pixel-budget) or None: found per call from the device.
     """

@@ -4,7 +4,7 @@ Models are diffusers classes named by the family config, set up by the device
 path (device.py: layout, cuDNN, pinned transfers, optional compile). A batch
 (one request's, or several requests' coalesced by batching.py) runs in one
 call when it fits the family's pixel budget on this device, else one sample
-at a time (diffusers' slicing). Both give the same results to float rounding:
+at a time (as diffusers' slicing does). Both give the same results to float rounding:
 every layer of these VAEs treats samples independently.
 
 Video models already decode a few latent frames at a time (HunyuanVideo's
@@ -16,6 +16,13 @@ bounded at high resolutions; below it, output is diffusers' untiled output.
 A call that runs out of device memory frees the allocator's cache and runs
 again one sample at a time, then tiled, as far as the model can; when nothing
 is left to try it is refused with a 503. The process and the model live on.
+
+What differs between models is read from the family's data, not branched on:
+a model that must see one sample per call (`samples_per_call`), images taken
+as one-frame videos (`latent_layout.frame_axis`), a decode timestep argument
+(`decode_timestep`), normalisation statistics kept in the weights
+(`latents_stats_in_weights`, read once at load), and encoders without a
+distribution (taesd's, whose latent is returned as is).
 """
 
 from __future__ import annotations
