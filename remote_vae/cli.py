@@ -27,7 +27,7 @@ from .families import Family, FamilyError
 from .latents import LatentLayout, check_frame_count, check_sides, frame_step
 from .media import PNG_COMPRESSION, guard_decompression_bombs
 from .server import Registry, ServeOptions, Slot, create_app, load_in_background
-from .service import Limits, VaeService
+from .service import GPU_MAX_PIXELS, Limits, VaeService
 from .vae import default_source, download_weights, hub_id, load_vae, resolve_device, resolve_dtype
 
 log = logging.getLogger("remote_vae")
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", default=env("DTYPE", "auto"), choices=["auto", "float16", "bfloat16", "float32"], help="compute dtype; auto = the family's GPU dtype on CUDA, float32 on CPU [env REMOTE_VAE_DTYPE]")
     serve.add_argument("--random-weights", action="store_true", default=env_flag("RANDOM_WEIGHTS"), help="build the architecture with seeded random weights, no download (for trying it out) [env REMOTE_VAE_RANDOM_WEIGHTS=1]")
     serve.add_argument("--max-body-bytes", type=int, default=int(env("MAX_BODY_BYTES", Limits.max_body_bytes)), help=f"largest request body; larger gets 413 [env REMOTE_VAE_MAX_BODY_BYTES] (default {Limits.max_body_bytes})")
-    serve.add_argument("--max-pixels", type=int, default=int(env("MAX_PIXELS", Limits.max_pixels)), help=f"most pixels (over the batch) a decode returns or an encode takes; more gets 413 [env REMOTE_VAE_MAX_PIXELS] (default {Limits.max_pixels})")
+    serve.add_argument("--max-pixels", type=pixel_budget, default=pixel_budget(env("MAX_PIXELS", "auto")), metavar="N|auto", help=f"most pixels (over the batch) a decode returns or an encode takes; more gets 413 at once [env REMOTE_VAE_MAX_PIXELS] (default auto: {GPU_MAX_PIXELS} = 8192x8192 on a GPU, {Limits.max_pixels} on CPU)")
     serve.add_argument("--max-video-pixels", type=int, default=int(env("MAX_VIDEO_PIXELS", Limits.max_video_pixels)), help=f"the same for videos, counting every frame; more gets 413 [env REMOTE_VAE_MAX_VIDEO_PIXELS] (default {Limits.max_video_pixels}, room for 129 frames of 1280x720)")
     serve.add_argument("--max-batch", type=int, default=int(env("MAX_BATCH", Limits.max_batch)), help=f"most images or videos in one request; more gets 413 [env REMOTE_VAE_MAX_BATCH] (default {Limits.max_batch})")
     serve.add_argument("--max-queue", type=int, default=int(env("MAX_QUEUE", QueueSettings.max_waiting)), help=f"requests held beyond the one on the device; more get 503 with Retry-After, before their body is read [env REMOTE_VAE_MAX_QUEUE] (default {QueueSettings.max_waiting})")
@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--png-compression", type=int, choices=range(10), default=int(env("PNG_COMPRESSION", PNG_COMPRESSION)), metavar="0-9", help=f"zlib level of PNG replies unless a request sends png_compression; the pixels are the same at every level [env REMOTE_VAE_PNG_COMPRESSION] (default {PNG_COMPRESSION}: 3.3-4.6x faster than Pillow's 6 on photos for 7-10%% more bytes)")
     serve.add_argument("--compile", action="store_true", default=env_flag("COMPILE"), help="torch.compile the encoder and decoder; the --warmup-sizes are compiled at start-up, other sizes run eagerly [env REMOTE_VAE_COMPILE=1]")
     serve.add_argument("--warmup-sizes", nargs="*", type=warmup_size, default=[warmup_size(size) for size in env("WARMUP_SIZES", "").split()], metavar="WxH[xF]", help="sizes in pixels (and frames, for video families) to run once at start-up, before serving: compiles them with --compile, tunes cuDNN on CUDA [env REMOTE_VAE_WARMUP_SIZES, space-separated]")
-    serve.add_argument("--channels-last", choices=["auto", "on", "off"], default=env("CHANNELS_LAST", "auto"), help="run convolutions in channels-last layout; auto = on (measured faster) [env REMOTE_VAE_CHANNELS_LAST]")
+    serve.add_argument("--channels-last", choices=["auto", "on", "off"], default=env("CHANNELS_LAST", "auto"), help="run convolutions in channels-last layout; auto = on for CUDA, off for the CPU (see docs/benchmarks.md) [env REMOTE_VAE_CHANNELS_LAST]")
+    serve.add_argument("--tile-band-pixels", type=pixel_budget, default=pixel_budget(env("TILE_BAND_PIXELS", "auto")), metavar="N|auto", help="output pixels per band of the exact tiled path, the device's work per step (default auto: 1048576 on a GPU, 65536 on CPU) [env REMOTE_VAE_TILE_BAND_PIXELS]")
     serve.add_argument("--tile-above-pixels", type=tile_threshold, default=tile_threshold(env("TILE_ABOVE_PIXELS", "family")), metavar="N|family|never", help="decode/encode in tiles when an image or frame has more than N pixels (0 = always); 'family' keeps each family's own setting (video: on above 512x512 / 1280x720, images: never) [env REMOTE_VAE_TILE_ABOVE_PIXELS]")
     serve.add_argument("--log-level", default=env("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"], help="[env REMOTE_VAE_LOG_LEVEL]")
 
@@ -163,12 +164,14 @@ def model_sources(names: list[str], specs: list[str]) -> dict[str, str]:
     return sources
 
 
-def limits_from(args: argparse.Namespace) -> Limits:
-    return Limits(max_body_bytes=args.max_body_bytes, max_pixels=args.max_pixels, max_video_pixels=args.max_video_pixels, max_batch=args.max_batch)
+def limits_from(args: argparse.Namespace, device_type: str) -> Limits:
+    """The request limits; --max-pixels auto takes 8192x8192 on a GPU, where the exact tiled path keeps such an image within memory."""
+    max_pixels = args.max_pixels or (GPU_MAX_PIXELS if device_type == "cuda" else Limits.max_pixels)
+    return Limits(max_body_bytes=args.max_body_bytes, max_pixels=max_pixels, max_video_pixels=args.max_video_pixels, max_batch=args.max_batch)
 
 
 def serve_options(args: argparse.Namespace) -> ServeOptions:
-    for name in ("max_body_bytes", "max_pixels", "max_video_pixels", "max_batch"):
+    for name in ("max_body_bytes", "max_video_pixels", "max_batch"):
         if getattr(args, name) < 1:
             raise SettingsError(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_batch_images < 1 or not 0 <= args.batch_wait_ms <= 10_000:
@@ -191,16 +194,16 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
 
 def load_service(family: Family, source: str, args: argparse.Namespace) -> VaeService:
     """A family's service as the serve options (flags or their environment variables) describe it."""
-    limits = limits_from(args)
-    guard_decompression_bombs(max(limits.max_pixels, limits.max_video_pixels))
     device = resolve_device(args.device)
+    limits = limits_from(args, device.type)
+    guard_decompression_bombs(max(limits.max_pixels, limits.max_video_pixels))
     dtype = resolve_dtype(args.dtype, family, device)
     path = DevicePath.default(device, compile=args.compile, channels_last=args.channels_last)
     # Compiled, a batch of one and a batch of several are two graphs: warm both when requests may be batched.
     batches = (1, 2) if args.compile and args.max_batch_images > 1 else (1,)
     vae = load_vae(family, source, device, dtype, random_weights=args.random_weights, tile_above_pixels=args.tile_above_pixels,
                    path=path, budget=BatchBudget(pixels=args.batch_pixel_budget), warmup_sizes=warmup_sizes_for(family, args.warmup_sizes),
-                   warmup_batches=batches)
+                   warmup_batches=batches, band_pixels=args.tile_band_pixels)
     return VaeService(vae, limits, png_compression=args.png_compression)
 
 

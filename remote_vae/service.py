@@ -65,6 +65,10 @@ IMAGE_FORMS = ("raw", "uint8", "unit", "image", "pil")
 VIDEO_FORMS = ("raw", "uint8", "unit", "mp4")
 
 
+# --max-pixels on a GPU by default: one 8192x8192 image, which the exact tiled path decodes within memory.
+GPU_MAX_PIXELS = 8192 * 8192
+
+
 @dataclass(frozen=True)
 class Limits:
     max_body_bytes: int = 256 * 1024 * 1024
@@ -96,6 +100,7 @@ class DecodeRequest:
     image: ImageFile = field(default_factory=ImageFile)
     decode_timestep: "DecodeTimestep | None" = None
     packed_memory: str | None = None  # token sequences: "channels_first" (the pipelines' memory, default) or "tokens_first"
+    tiling: str | None = None  # when the call tiles: "exact" or "blend"; None: exact where the model allows
 
 
 @dataclass(frozen=True)
@@ -155,11 +160,12 @@ class Job:
     finish: Callable[[Any], Any] = _unchanged
     stream: Mp4Stream | None = None
     timestep: torch.Tensor | None = None  # [count]: a decode timestep per sample (LTX)
+    tiling: str = "blend"  # how the call tiles, if it does: "exact" or "blend"
 
     @property
     def batch_key(self) -> tuple:
-        """What jobs must share to go through the model in one call: the operation, one sample's shape and dtype, and conditioning."""
-        return (self.operation, tuple(self.inputs.shape[1:]), self.inputs.dtype, self.timestep is not None)
+        """What jobs must share to go through the model in one call: the operation, one sample's shape and dtype, conditioning and tiling."""
+        return (self.operation, tuple(self.inputs.shape[1:]), self.inputs.dtype, self.timestep is not None, self.tiling)
 
 
 @dataclass
@@ -167,6 +173,7 @@ class EncodeRequest:
     image: PIL.Image.Image | bytes | None = None  # an image, or an image or video file's bytes
     tensor: RawTensor | None = None  # or [B, 3, H, W] / [B, 3, F, H, W] in -1..1
     scaling: latent_ops.Scaling = field(default_factory=latent_ops.Scaling)
+    tiling: str | None = None
 
 
 class VaeService:
@@ -204,6 +211,7 @@ class VaeService:
                 hint = "decodes images: output_type=mp4 is for video families; use output_type=pil or pt"
             raise RequestError(f"{self.family.name} {hint}")
         timestep = self._decode_timestep(request)
+        tiling = self.vae.tiling_for(request.tiling)
         latents = tensor_from_bytes(raw.data, raw.shape, parse_dtype(raw.dtype))
         latent_ops.check_finite(latents, "latent")
         latents = latent_ops.to_canonical(latents, plan, self.vae.layout)
@@ -214,7 +222,8 @@ class VaeService:
         if timestep is not None:
             latents, timestep = timestep.apply(latents)
         frames = plan.output_frames(self.family) if plan.latent_frames else None
-        job = partial(Job, "decode", latents, count=plan.batch, pixels=plan.output_pixels(self.family), frames=frames, timestep=timestep)
+        job = partial(Job, "decode", latents, count=plan.batch, pixels=plan.output_pixels(self.family), frames=frames, timestep=timestep,
+                      tiling=tiling)
         if request.form == "mp4":
             width, height = plan.output_size(self.family)
             stream = Mp4Stream(plan.batch, frames, width, height, request.mp4)
@@ -232,11 +241,13 @@ class VaeService:
             pixels = self._video_file(request.image) if self.family.is_video else self._image_file(request.image)
         normalisation = request.scaling.normalisation(self.vae.normalisation)
         layout = self.vae.layout
+        tiling = self.vae.tiling_for(request.tiling)
 
         def respond(latents: torch.Tensor) -> torch.Tensor:
             return self.to_host(layout.as_pipeline_holds(self._from_model_space(normalisation, layout.fold(latents))))
 
-        return Job("encode", pixels.to(self.vae.dtype), respond, pixels.shape[0], pixels.numel() // 3, pixels.shape[2] if pixels.ndim == 5 else None)
+        frames = pixels.shape[2] if pixels.ndim == 5 else None
+        return Job("encode", pixels.to(self.vae.dtype), respond, pixels.shape[0], pixels.numel() // 3, frames, tiling=tiling)
 
     def _decode_timestep(self, request: DecodeRequest) -> DecodeTimestep | None:
         """The request's decode timestep where the model takes one; refused where the family has none."""
@@ -290,10 +301,10 @@ class VaeService:
         """The model's output for all jobs at once, split back into each job's rows."""
         inputs = jobs[0].inputs if len(jobs) == 1 else torch.cat([job.inputs for job in jobs])
         if jobs[0].operation == "encode":
-            outputs = self.vae.encode(inputs)
+            outputs = self.vae.encode(inputs, jobs[0].tiling)
         else:
             timestep = None if jobs[0].timestep is None else torch.cat([job.timestep for job in jobs])
-            outputs = self.vae.decode(inputs, self.frame_router(jobs), timestep)
+            outputs = self.vae.decode(inputs, self.frame_router(jobs), timestep, jobs[0].tiling)
         return outputs.split([job.count for job in jobs]) if len(jobs) > 1 else [outputs]
 
     def frame_router(self, jobs: Sequence[Job]) -> FrameRouter | None:

@@ -41,14 +41,16 @@ from typing import Callable, Protocol
 import diffusers
 import numpy as np
 import torch
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.models.modeling_utils import ModelMixin
 from huggingface_hub import hf_hub_download
 
-from .device import BatchBudget, DevicePath, PeakMemory, compile_model, compiled_calls, set_up_model, to_device
+from .device import BatchBudget, DevicePath, PeakMemory, available_memory, compile_model, compiled_calls, set_up_model, to_device
 from .errors import RequestError
 from .families import Family, config_latent_channels
 from .latents import LatentLayout, Normalisation, own_normalisation
 from .media import TENSOR_DTYPES
+from .tiling import ExactTiler
 
 log = logging.getLogger("remote_vae")
 
@@ -165,12 +167,15 @@ class LoadedVae:
     tile_above_pixels: int | None = None  # None: never tile
     path: DevicePath = field(default_factory=DevicePath)
     budget: BatchBudget = field(default_factory=BatchBudget)
+    band_pixels: int | None = None  # output pixels per band of the exact tiled path; None: by device
 
     def __post_init__(self):
         # One inference at a time per model: the device is the bottleneck, and
         # interleaving two large decodes only doubles peak memory.
         self._lock = threading.Lock()
-        self.can_tile = hasattr(self.model, "enable_tiling")
+        self.exact_tiling = ExactTiler.supports(self.model)
+        self.band_pixels = self.band_pixels or DEFAULT_BAND_PIXELS.get(self.device.type, DEFAULT_BAND_PIXELS["cpu"])
+        self.can_tile = hasattr(self.model, "enable_tiling") or self.exact_tiling
         self.layout = LatentLayout.of(self.family)
         self.samples_per_call = self.family.samples_per_call or 1 << 30
         # What do_scaling=True undoes: the family's factors or statistics, or those in the weights.
@@ -190,7 +195,21 @@ class LoadedVae:
         """Whether an image or frame of this many pixels is decoded / encoded in tiles."""
         return self.can_tile and self.tile_above_pixels is not None and frame_pixels > self.tile_above_pixels
 
-    def decode(self, latents: torch.Tensor, frames: FrameSink | None = None, timestep: torch.Tensor | None = None) -> torch.Tensor:
+    def tiling_for(self, requested: str | None) -> str:
+        """The tiling a call uses when it tiles: 'exact' (tiling.py) where the model allows it, else diffusers' 'blend'."""
+        if requested == "exact" and not self.exact_tiling:
+            raise RequestError(f"{self.family.name} has no exact tiled path (its model is not a 2-D GroupNorm encoder/decoder); send tiling=blend")
+        return requested or ("exact" if self.exact_tiling else "blend")
+
+    def _tiler(self, inputs: torch.Tensor, output_pixels: int) -> ExactTiler:
+        """An exact tiler whose whole activations stay on the device while about three of them fit there, else wait in host memory."""
+        widest = max(getattr(self.model.config, "block_out_channels", None) or [128])
+        whole = 3 * inputs.shape[0] * widest * output_pixels * self.dtype.itemsize
+        store = self.device if self.device.type != "cuda" or whole < available_memory(self.device) // 2 else torch.device("cpu")
+        return ExactTiler(self.model, band_pixels=self.band_pixels, store=store)
+
+    def decode(self, latents: torch.Tensor, frames: FrameSink | None = None, timestep: torch.Tensor | None = None,
+               tiling: str | None = None) -> torch.Tensor:
         """Decode the VAE's latents [B, C, (T,) h, w] (scaled already; on the host) to the decoder's raw output, on the device.
 
         `frames`, for models whose untiled decoder emits finished frames call by call
@@ -203,18 +222,26 @@ class LoadedVae:
         frame_count = self.family.frames_for(latents.shape[2]) if self.family.is_video else 1
         streams = frames if self.family.streams_frames else None
         extra = {self.timestep_argument: timestep} if self.timestep_argument and timestep is not None else {}
-        sample = self._run("decode", latents, frame_pixels, frame_count, lambda z, **kw: self.model.decode(z, **kw).sample, streams, extra)
+        exact = None
+        if self.tiling_for(tiling) == "exact":
+            exact = lambda z, **kw: self._tiler(z, frame_pixels).decode(z).to(self.device)  # noqa: E731
+        sample = self._run("decode", latents, frame_pixels, frame_count, lambda z, **kw: self.model.decode(z, **kw).sample, streams, extra, exact)
         return sample.squeeze(2) if self.layout.frame_axis else sample
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, tiling: str | None = None) -> torch.Tensor:
         """Encode [B, 3, (F,) H, W] pixels in -1..1 (on the host) to the VAE's latent, the distribution's mean (deterministic), on the device."""
         if self.layout.frame_axis:
             images = images.unsqueeze(2)
         frame_count = images.shape[2] if self.family.is_video else 1
-        return self._run("encode", images, images.shape[-2] * images.shape[-1], frame_count, lambda x: latent_of(self.model.encode(x)))
+        frame_pixels = images.shape[-2] * images.shape[-1]
+        exact = None
+        if self.tiling_for(tiling) == "exact":
+            exact = lambda x: DiagonalGaussianDistribution(self._tiler(x, frame_pixels).encode(x)).mean  # noqa: E731
+        return self._run("encode", images, frame_pixels, frame_count, lambda x: latent_of(self.model.encode(x)), exact=exact)
 
     def _run(self, operation: str, inputs: torch.Tensor, frame_pixels: int, frame_count: int, call: Callable,
-             frames: FrameSink | None = None, extra: dict[str, torch.Tensor] | None = None):
+             frames: FrameSink | None = None, extra: dict[str, torch.Tensor] | None = None, exact: Callable | None = None):
+        """call(inputs) whole, one sample at a time, or tiled (by `exact` where given, else the model's own blended tiling)."""
         batch = inputs.shape[0]
         with self._lock, torch.inference_mode(), self._compiled(operation, inputs):
             values = to_device(inputs, self.device, self.dtype, self.path)
@@ -222,7 +249,7 @@ class LoadedVae:
             tiled = self.tiles(frame_pixels)
             sliced = batch > self.samples_per_call or (batch > 1 and not self.budget.allows(batch * frame_count * frame_pixels, self.device))
             while True:
-                result = self._attempt(call, values, sliced, tiled, frames, extra)
+                result = self._attempt(exact if tiled and exact else call, values, sliced, tiled and not exact, frames, extra)
                 if result is not _OUT_OF_MEMORY:
                     self.calls["tiled" if tiled else "sliced" if sliced else "whole"] += 1
                     return result
@@ -241,12 +268,12 @@ class LoadedVae:
                     frames.restart()
 
     def _attempt(self, call: Callable, values: torch.Tensor, sliced: bool, tiled: bool, frames: FrameSink | None, extra: dict):
-        """call(values, **extra) sliced and tiled as asked; _OUT_OF_MEMORY, with the cache freed, if the device ran out.
+        """call(values, **extra) sliced, and with the model's own tiling as asked; _OUT_OF_MEMORY, with the cache freed, if the device ran out.
 
         Sliced runs one sample per call, as diffusers' use_slicing does, but here for every
         model and with per-sample arguments (LTX's slicing drops its timestep).
         """
-        if self.can_tile:
+        if hasattr(self.model, "use_tiling"):
             self.model.use_tiling = tiled
         # Tiled, the decoder sees tiles, not frames: nothing to stream.
         hook = self.model.decoder.register_forward_hook(lambda module, args, out: frames.chunk(out)) if frames and not tiled else None
@@ -342,6 +369,8 @@ def _compile_key(operation: str, inputs: torch.Tensor) -> tuple:
 
 
 _OUT_OF_MEMORY = object()
+# Output pixels per band of the exact tiled path: what one step of device work is sized by.
+DEFAULT_BAND_PIXELS = {"cuda": 1 << 20, "cpu": 1 << 16}
 
 
 def free_device_memory(device: torch.device) -> None:
@@ -360,6 +389,7 @@ def load_vae(
     budget: BatchBudget | None = None,
     warmup_sizes: Sequence[tuple[int, ...]] = (),
     warmup_batches: Sequence[int] = (1,),
+    band_pixels: int | None = None,
 ) -> LoadedVae:
     """The family's model on its device, set up and warmed up.
 
@@ -396,7 +426,7 @@ def load_vae(
         # Tile sizes are set once; each call switches use_tiling (above the threshold, or after running out of memory).
         model.enable_tiling(**family.tiling_options)
         model.use_tiling = False
-    vae = LoadedVae(family, model, device, dtype, source, tile_above, path, budget or BatchBudget())
+    vae = LoadedVae(family, model, device, dtype, source, tile_above, path, budget or BatchBudget(), band_pixels)
     if device.type == "cuda" and not warmup_sizes:
         warmup_sizes = [default_warmup_size(family)]  # load the kernels and measure memory before the first request
     if path.compile:

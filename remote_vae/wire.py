@@ -28,6 +28,8 @@ from .service import DecodeRequest, DecodeTimestep, EncodeRequest, Job, RawTenso
 
 log = logging.getLogger("remote_vae")
 
+TILINGS = ("exact", "blend")
+
 MAX_SHAPE_DIMS = 8
 JSON_TYPES = ("application/json", "tensor/base64")
 FORMATS_BY_MEDIA_TYPE = {media: name for name, media in MEDIA_TYPES.items()}
@@ -293,6 +295,7 @@ def parse_decode(params: Params, data: bytes) -> DecodeRequest:
         request.width = params.integer("width")
         request.packed_memory = params.choice("packed_memory", PACKED_MEMORY)
     request.decode_timestep = decode_timestep(params)
+    request.tiling = params.choice("tiling", TILINGS)
     return request
 
 
@@ -309,7 +312,7 @@ def decode_timestep(params: Params) -> DecodeTimestep | None:
 
 
 def parse_encode(content_type: str, params: Params, data: bytes) -> EncodeRequest:
-    request = EncodeRequest(scaling=scaling(params))
+    request = EncodeRequest(scaling=scaling(params), tiling=params.choice("tiling", TILINGS))
     if is_file_upload(content_type, data) or params.shape() is None:
         request.image = data
     else:

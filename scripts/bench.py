@@ -6,6 +6,7 @@
     python scripts/bench.py png --images photo.png ... [--size 720]
     python scripts/bench.py mp4-overlap --family wan21 --tiny --size 256 --frames 81
     python scripts/bench.py video --family hunyuanvideo --sizes 64 128 --frames 9 17 33 65 [--tiny] [--device cpu|cuda]
+    python scripts/bench.py tiling --family sd15 --tiny --sizes 1024 2048 4096 [--device cuda] [--pictures docs/tiling]
     python scripts/bench.py preview --family taesd [--preview-model DIR --full-model DIR] --size 512 [--device cuda]
 
 Models are a family's real architecture with seeded random weights (or
@@ -643,6 +644,75 @@ def bench_video(args: argparse.Namespace) -> None:
               f"{whole['seconds']:.3f} | {whole['peak_mib']:.0f} | {http_seconds:.3f} | {http_seconds / served['seconds']:.2f} |")
 
 
+TILINGS = ("untiled", "exact", "blend")
+
+
+def tiling_worker(args: argparse.Namespace) -> None:
+    """One decode in a fresh process (so peaks do not mix): untiled, exact tiled or diffusers' blend; prints a JSON line."""
+    from remote_vae.vae import load_vae
+
+    device = resolve_device(args.device)
+    family = load_family(args.family)
+    vae = load_vae(family, args.model, device, resolve_dtype("auto", family, device), tile_above_pixels=None if args.way == "untiled" else 0)
+    side = args.size // family.spatial_compression
+    latents = torch.randn(1, family.latent_channels, side, side, generator=torch.Generator().manual_seed(args.size))
+    tiling = None if args.way == "untiled" else args.way
+    seconds, peaks = [], []
+    for _ in range(args.repeats):
+        with PeakMemory(device) as peak:
+            start = time.perf_counter()
+            sample = vae.decode(latents, tiling=tiling)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds.append(time.perf_counter() - start)
+        peaks.append(peak.peak)
+    pixels = ((sample[0].float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    np.save(args.output, pixels)
+    print(json.dumps({"seconds": statistics.median(seconds), "peak_mib": max(peaks) / 2**20, "tiled": vae.calls["tiled"] > 0}))
+
+
+def bench_tiling(args: argparse.Namespace) -> None:
+    """Peak memory and time of a decode untiled, exactly tiled and blend-tiled, against image size; PSNR against untiled."""
+    device = resolve_device(args.device)
+    family = load_family(args.family)
+    print(f"# {machine(device)}; {args.family} ({'tiny' if args.tiny else 'real'} architecture, random weights)")
+    print("| size | way | seconds | peak MiB | x untiled time | PSNR vs untiled | max abs diff (uint8) | share within 1 |")
+    print("|---|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as folder:
+        build_model(family, args.tiny).save_pretrained(folder)
+        for size in args.sizes:
+            results, images = {}, {}
+            for way in args.ways:
+                output = os.path.join(folder, f"{way}-{size}.npy")
+                command = [sys.executable, __file__, "tiling-worker", "--family", args.family, "--model", folder, "--device", args.device,
+                           "--way", way, "--size", str(size), "--repeats", str(args.repeats), "--output", output]
+                done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+                if done.returncode != 0:
+                    print(f"| {size}² | {way} | failed: {done.stderr.strip().splitlines()[-1][:120]} | | | | | |")
+                    continue
+                results[way] = json.loads(done.stdout.strip().splitlines()[-1])
+                images[way] = np.load(output)
+            for way, result in results.items():
+                untiled = images.get("untiled")
+                if untiled is not None and way != "untiled":
+                    difference = np.abs(images[way].astype(np.int16) - untiled)
+                    mse = float(np.mean(difference.astype(np.float64) ** 2))
+                    quality = f"{10 * np.log10(255**2 / max(mse, 1e-12)):.1f} | {difference.max()} | {np.mean(difference <= 1):.5f}"
+                    if args.pictures and size == args.sizes[0]:
+                        save_difference(difference, Path(args.pictures) / f"{args.family}-{size}-{way}-vs-untiled.png")
+                else:
+                    quality = "– | – | –"
+                ratio = f"{result['seconds'] / results['untiled']['seconds']:.2f}" if "untiled" in results else "–"
+                print(f"| {size}² | {way} | {result['seconds']:.2f} | {result['peak_mib']:.0f} | {ratio} | {quality} |")
+
+
+def save_difference(difference: np.ndarray, path: Path) -> None:
+    """|tiled − untiled| per pixel (largest of the three channels), amplified 32× and inverted: white is equal."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    amplified = np.clip(difference.max(axis=-1).astype(np.int32) * 32, 0, 255).astype(np.uint8)
+    Image.fromarray(255 - amplified).save(path, optimize=True)
+
+
 PREVIEW_OF = {"taesd": "sd15", "taesdxl": "sdxl", "taef1": "flux"}
 
 
@@ -731,6 +801,15 @@ def main() -> None:
     video.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
     video.add_argument("--frames", type=int, nargs="+", default=[9, 17, 33, 65])
     video.add_argument("--tile-above-pixels", default="family", help="as serve's option: N, family or never")
+    tiling = model_mode(modes, "tiling", "decode untiled, exactly tiled and blend-tiled: peak memory, time, PSNR", "sd15", repeats=1)
+    tiling.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096])
+    tiling.add_argument("--ways", nargs="+", default=list(TILINGS), choices=list(TILINGS))
+    tiling.add_argument("--pictures", help="write amplified difference pictures of the first size here")
+    tiling_worker_mode = modes.add_parser("tiling-worker", help=argparse.SUPPRESS)
+    for name in ("--family", "--model", "--device", "--way", "--output"):
+        tiling_worker_mode.add_argument(name, required=True)
+    tiling_worker_mode.add_argument("--size", type=int, required=True)
+    tiling_worker_mode.add_argument("--repeats", type=int, default=1)
     preview = modes.add_parser("preview", help="a preview decoder (taesd, taesdxl, taef1) against its full family: speed and PSNR")
     preview.add_argument("--family", default="taesd", choices=list(PREVIEW_OF))
     preview.add_argument("--preview-model", help="the preview's weights (a diffusers model directory); default: random weights")
@@ -749,7 +828,8 @@ def main() -> None:
     worker.add_argument("--tile-above-pixels", default="family")
     args = parser.parse_args()
     modes = {"image": bench_image, "device-path": bench_device_path, "png": bench_png, "mp4-overlap": bench_mp4_overlap,
-             "video": bench_video, "video-worker": video_worker, "preview": bench_preview}
+             "video": bench_video, "video-worker": video_worker, "preview": bench_preview,
+             "tiling": bench_tiling, "tiling-worker": tiling_worker}
     modes[args.mode](args)
 
 

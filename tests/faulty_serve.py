@@ -9,6 +9,8 @@ faults of a running server by rewriting the file:
                           raises torch.cuda.OutOfMemoryError, as a GPU would
   {"fail_above": value}   a decoder call on values larger than this raises
                           RuntimeError: one poisoned request in a batch
+  {"oom_exact": true}     the exact tiled decode (remote_vae/tiling.py, which
+                          runs the decoder's layers itself) runs out of memory too
 """
 
 import json
@@ -23,8 +25,10 @@ from diffusers.models.autoencoders import vae as vae_blocks
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from remote_vae.cli import main  # noqa: E402
+from remote_vae.tiling import ExactTiler  # noqa: E402
 
 decoder_forward = vae_blocks.Decoder.forward
+exact_decode = ExactTiler.decode
 
 
 def faults() -> dict:
@@ -44,7 +48,14 @@ def faulty_forward(self, z, *args, **kwargs):
     return decoder_forward(self, z, *args, **kwargs)
 
 
+def faulty_exact_decode(self, latents):
+    if faults().get("oom_exact"):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (exact tiled decode; injected by tests/faulty_serve.py)")
+    return exact_decode(self, latents)
+
+
 vae_blocks.Decoder.forward = faulty_forward
+ExactTiler.decode = faulty_exact_decode
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -102,25 +102,31 @@ def test_a_body_that_never_finishes_is_408(faulty):
     assert faulty.metric("remote_vae_admitted") == 0 and faulty.healthy()
 
 
-def test_out_of_memory_is_retried_tiled(faulty, set_faults, reference, model_dirs):
-    # 16x16 latents run out of "device memory" whole; the tiny model's 8x8-latent tiles fit.
+@pytest.mark.parametrize("tiling", ["exact", "blend"])
+def test_out_of_memory_is_retried_tiled(faulty, set_faults, reference, model_dirs, tiling):
+    """16x16 latents run out of "device memory" whole. Tiled exactly (the default) the retry gives the untiled
+    pixels; with tiling=blend, diffusers' enable_tiling() output (its 8x8-latent tiles fit)."""
     set_faults(oom_above=64)
     latent = seeded(1, 4, 16, 16, seed=3)
     before = faulty.metric("remote_vae_out_of_memory_total", family="sd15", outcome="retried_tiled")
-    out = remote_decode(faulty.url + "/", tensor=latent, output_type="pt", return_type="pt", do_scaling=False)
+    if tiling == "exact":  # the default: what diffusers' client gets
+        out = remote_decode(faulty.url + "/", tensor=latent, output_type="pt", return_type="pt", do_scaling=False)
+    else:
+        out = tensor_of(requests.post(faulty.url + "/", params={"shape": [1, 4, 16, 16], "dtype": "float32", "output_type": "pt", "tiling": tiling},
+                                      data=latent.numpy().tobytes(), headers={"Content-Type": "tensor/binary"}, timeout=60))
     vae = reference["sd15"]
     with torch.no_grad():
         vae.enable_tiling()
-        tiled = vae.decode(latent).sample
+        blended = vae.decode(latent).sample
         vae.disable_tiling()
         whole = vae.decode(latent).sample
-    torch.testing.assert_close(out, tiled, atol=1e-4, rtol=1e-4)
-    assert (tiled - whole).abs().max() > 1e-3  # the retry really took the tiled path
+    torch.testing.assert_close(out, whole if tiling == "exact" else blended, atol=1e-4, rtol=1e-4)
+    assert (blended - whole).abs().max() > 1e-3  # the two tiled paths really differ
     assert faulty.metric("remote_vae_out_of_memory_total", family="sd15", outcome="retried_tiled") == before + 1
 
 
 def test_out_of_memory_even_tiled_is_503_and_the_next_request_succeeds(faulty, set_faults):
-    set_faults(oom_above=16)
+    set_faults(oom_above=16, oom_exact=True)
     latent = seeded(1, 4, 16, 16, seed=4)
     response = decode(faulty.url, latent)
     assert response.status_code == 503 and "out of memory" in response.json()["error"] and response.headers["Retry-After"]
