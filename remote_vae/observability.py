@@ -160,21 +160,14 @@ class RequestLog:
         rid = request_id(scope["headers"])
         state = scope.setdefault("state", {})
         state["request_id"] = rid
-        status, sent = 500, 0
+        status, sent, recorded = 500, 0, False
         started = time.monotonic()
 
-        async def send_with_id(message):
-            nonlocal status, sent
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
-            elif message["type"] == "http.response.body":
-                sent += len(message.get("body", b""))
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
+        def record():
+            nonlocal recorded
+            if recorded:
+                return
+            recorded = True
             seconds = time.monotonic() - started
             family, operation = state.get("family", "-"), state.get("operation", "-")
             self.metrics.observe_request(family, operation, status, seconds)
@@ -183,3 +176,19 @@ class RequestLog:
             path = scope["path"][:200].encode("unicode_escape").decode("ascii")  # one line, whatever the path holds
             log.info('%s %s "%s %s" %d in=%s out=%d %.1fms %s %s', rid, client[0], scope["method"], path,
                      status, received[:20], sent, seconds * 1000, family, operation)
+
+        async def send_with_id(message):
+            nonlocal status, sent
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    record()  # before the last bytes leave: a client that has its answer finds the log line and metrics
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            record()
