@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--compile", action="store_true", default=env_flag("COMPILE"), help="torch.compile the encoder and decoder; the --warmup-sizes are compiled at start-up, other sizes run eagerly [env REMOTE_VAE_COMPILE=1]")
     serve.add_argument("--warmup-sizes", nargs="*", type=warmup_size, default=[warmup_size(size) for size in env("WARMUP_SIZES", "").split()], metavar="WxH[xF]", help="sizes in pixels (and frames, for video families) to run once at start-up, before serving: compiles them with --compile, tunes cuDNN on CUDA [env REMOTE_VAE_WARMUP_SIZES, space-separated]")
     serve.add_argument("--channels-last", choices=["auto", "on", "off"], default=env("CHANNELS_LAST", "auto"), help="run convolutions in channels-last layout; auto = on for CUDA, off for the CPU (see docs/benchmarks.md) [env REMOTE_VAE_CHANNELS_LAST]")
+    serve.add_argument("--tile-store-bytes", type=byte_budget, default=byte_budget(env("TILE_STORE_BYTES", "auto")), metavar="N|auto", help="host memory one whole activation of the exact tiled path may take; past it, bands are recomputed instead, so memory stays flat as images grow, for time (default auto: 268435456; on a GPU activations stay on the device while they fit) [env REMOTE_VAE_TILE_STORE_BYTES]")
     serve.add_argument("--tile-band-pixels", type=pixel_budget, default=pixel_budget(env("TILE_BAND_PIXELS", "auto")), metavar="N|auto", help="output pixels per band of the exact tiled path, the device's work per step (default auto: 1048576 on a GPU, 65536 on CPU) [env REMOTE_VAE_TILE_BAND_PIXELS]")
     serve.add_argument("--tile-above-pixels", type=tile_threshold, default=tile_threshold(env("TILE_ABOVE_PIXELS", "family")), metavar="N|family|never", help="decode/encode in tiles when an image or frame has more than N pixels (0 = always); 'family' keeps each family's own setting (video: on above 512x512 / 1280x720, images: never) [env REMOTE_VAE_TILE_ABOVE_PIXELS]")
     serve.add_argument("--log-level", default=env("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"], help="[env REMOTE_VAE_LOG_LEVEL]")
@@ -112,6 +113,16 @@ def tile_threshold(value: str) -> int | None | str:
     if pixels < 0:
         raise argparse.ArgumentTypeError(f"{value!r}: expected a pixel count (0 or more), 'family' or 'never'")
     return pixels
+
+
+def byte_budget(value: str) -> int | None:
+    """--tile-store-bytes: a byte count, or 'auto' (None: the default)."""
+    text = str(value).strip().lower()
+    if text == "auto":
+        return None
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{value!r}: expected a byte count or 'auto'")
+    return int(text)
 
 
 def pixel_budget(value: str) -> int | None:
@@ -203,7 +214,8 @@ def load_service(family: Family, source: str, args: argparse.Namespace) -> VaeSe
     batches = (1, 2) if args.compile and args.max_batch_images > 1 else (1,)
     vae = load_vae(family, source, device, dtype, random_weights=args.random_weights, tile_above_pixels=args.tile_above_pixels,
                    path=path, budget=BatchBudget(pixels=args.batch_pixel_budget), warmup_sizes=warmup_sizes_for(family, args.warmup_sizes),
-                   warmup_batches=batches, band_pixels=args.tile_band_pixels)
+                   warmup_batches=batches, band_pixels=args.tile_band_pixels,
+                   store_bytes=args.tile_store_bytes)
     return VaeService(vae, limits, png_compression=args.png_compression)
 
 

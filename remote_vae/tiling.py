@@ -1,162 +1,426 @@
-"""Exact tiled decode and encode: the untiled result, to float rounding, with bounded device memory.
+"""Exact tiled decode and encode: the untiled result, to float rounding, with bounded memory.
 
 diffusers' `enable_tiling()` decodes overlapping tiles independently and blends
 their seams; every tile's GroupNorm then sees its own statistics, so tones shift
-from tile to tile. Here the network runs layer by layer instead, each layer over
+from tile to tile. Here the full-resolution part of the network (the decoder
+after its mid block, the encoder before it) is a program of steps run over
 bands of rows:
 
-- a convolution (or an up- or downsampler) runs per band, its input taken with a
-  halo of rows wide enough for its receptive field, and the halo's rows cropped
-  from its output, so every output row is computed from exactly the inputs the
-  untiled layer uses;
-- every GroupNorm first gathers its statistics over all bands (sums in float64),
-  then normalises each band with those global statistics;
+- a convolution (or an up- or downsampler) is row-local: a band of output rows
+  is computed from a slice of input rows with a halo wide enough for the
+  receptive field, and the halo's rows are cropped;
+- every GroupNorm first gathers its statistics over all bands (sums in
+  float64), then normalises each band with those global statistics;
 - the mid block (with its attention) runs whole, at latent resolution, where an
   8192² image is a 1024² latent.
 
-Whole activations live in `store` (the device while they fit, else host
-memory); the device holds one band's work at a time. This applies to diffusers'
-2-D `Encoder` / `Decoder` (AutoencoderKL and the families built on it: SD1.5,
-SDXL, SD3, Flux, Flux.2); `ExactTiler.supports` checks the structure, not a name.
+Whole activations are held in `store` (the device while they fit, else host
+memory) at checkpoints before GroupNorms, while one costs at most `store_limit`
+bytes. Past a checkpoint the program streams: to gather a GroupNorm's
+statistics the bands are recomputed from the last checkpoint, so no activation
+larger than the limit is ever held and memory stays flat as the image grows, for
+some recomputation. The device holds one band's work at a time.
+
+The tiler replaces the model's `decoder` / `encoder` forward for one call
+(`installed()`), so the model's own decode and encode (quant convs, HunyuanVideo's
+frame batches) run around it unchanged. It applies to diffusers' 2-D
+`Encoder` / `Decoder` (AutoencoderKL and the families built on it: SD1.5, SDXL,
+SD3, Flux, Flux.2) and to HunyuanVideo's causal 3-D ones, spatially;
+`ExactTiler.supports` checks the structure, not a name.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
+from diffusers.models.autoencoders.autoencoder_kl_hunyuan_video import (
+    HunyuanVideoDecoder3D,
+    HunyuanVideoDownsampleCausal3D,
+    HunyuanVideoEncoder3D,
+    HunyuanVideoResnetBlockCausal3D,
+    HunyuanVideoUpsampleCausal3D,
+)
+from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.models.autoencoders.vae import Decoder, Encoder
 from diffusers.models.downsampling import Downsample2D
 from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D
 from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
+RESNETS = (ResnetBlock2D, HunyuanVideoResnetBlockCausal3D)
+UPSAMPLERS = (Upsample2D, HunyuanVideoUpsampleCausal3D)
+DOWNSAMPLERS = (Downsample2D, HunyuanVideoDownsampleCausal3D)
+
+
+# -- the program: what a slice of rows goes through ------------------------------------
+
+
+@dataclass
+class Layer:
+    """A row-local layer: output rows [s, e) read input rows [s/scale - halo, e/scale + halo)."""
+
+    run: Callable[[torch.Tensor], torch.Tensor]
+    halo: int
+    scale: float = 1.0  # output rows per input row
+    align: int = 1  # slices start on a multiple of this many input rows (a stride-2 sampler's phase)
+
+
+@dataclass
+class Norm:
+    """GroupNorm with statistics over the whole activation, then the activation function."""
+
+    norm: nn.GroupNorm
+    act: Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Save:
+    """Keeps the current rows as `name`, for a residual."""
+
+    name: str
+
+
+@dataclass
+class Add:
+    """(shortcut(saved `name`) + current) / divide: a resnet's residual."""
+
+    name: str
+    shortcut: Callable[[torch.Tensor], torch.Tensor] | None
+    divide: float = 1.0
+
+
+Step = Layer | Norm | Save | Add
+
+
+def resnet_steps(resnet: nn.Module, name: str) -> list[Step]:
+    """ResnetBlock2D (no time embedding) or HunyuanVideo's causal resnet; dropout is the identity in eval mode."""
+    return [Save(name), Norm(resnet.norm1, resnet.nonlinearity), _conv(resnet.conv1), Norm(resnet.norm2, resnet.nonlinearity),
+            _conv(resnet.conv2), Add(name, resnet.conv_shortcut, getattr(resnet, "output_scale_factor", 1.0))]
+
+
+def _conv(conv: nn.Module) -> Layer:
+    return Layer(conv, _halo(conv))
+
+
+def _sampler(sampler: nn.Module) -> Layer:
+    """An up- or downsampler as a layer: nearest 2x then a conv, or a strided conv (bands start on even rows)."""
+    if isinstance(sampler, UPSAMPLERS):
+        factor = int(getattr(sampler, "upsample_factor", (2, 2))[-2])
+        return Layer(sampler, halo=1, scale=factor)
+    stride = _first_conv(sampler).stride[-2]
+    return Layer(sampler, halo=2, scale=1 / stride, align=stride)
+
+
+def decoder_tail(decoder: nn.Module) -> list[Step]:
+    """The decoder after its mid block: up blocks, then norm, act and conv out."""
+    steps: list[Step] = []
+    for b, block in enumerate(decoder.up_blocks):
+        for r, resnet in enumerate(block.resnets):
+            steps += resnet_steps(resnet, f"up{b}.{r}")
+        steps += [_sampler(sampler) for sampler in block.upsamplers or []]
+    return steps + [Norm(decoder.conv_norm_out, decoder.conv_act), _conv(decoder.conv_out)]
+
+
+def encoder_head(encoder: nn.Module) -> list[Step]:
+    """The encoder before its mid block: conv in, then down blocks."""
+    steps: list[Step] = [_conv(encoder.conv_in)]
+    for b, block in enumerate(encoder.down_blocks):
+        for r, resnet in enumerate(block.resnets):
+            steps += resnet_steps(resnet, f"down{b}.{r}")
+        steps += [_sampler(sampler) for sampler in block.downsamplers or []]
+    return steps
+
+
+# -- the tiler ------------------------------------------------------------------------
+
 
 class ExactTiler:
-    """Runs a model's 2-D encoder and decoder band by band, exactly (see the module's docstring)."""
+    """Runs a model's encoder and decoder band by band, exactly (see the module's docstring)."""
 
-    def __init__(self, model: nn.Module, band_pixels: int, store: torch.device | None = None):
+    def __init__(self, model: nn.Module, band_pixels: int, store: torch.device | None = None, store_limit: int | None = None):
         self.model = model
         self.band_pixels = max(1, band_pixels)  # output pixels per band: what bounds the device's work
         self.device = next(model.parameters()).device
         self.store = store or self.device
+        self.store_limit = store_limit  # bytes one whole activation may take in `store`; None: no limit
+        self.recomputed = 0  # passes that recompute layers to gather a GroupNorm's statistics (read by tests and the benchmark)
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
         """Whether the model's encoder and decoder are built only of the pieces this tiler runs exactly."""
         decoder, encoder = getattr(model, "decoder", None), getattr(model, "encoder", None)
-        if type(decoder) is not Decoder or type(encoder) is not Encoder:
+        if (type(decoder), type(encoder)) not in ((Decoder, Encoder), (HunyuanVideoDecoder3D, HunyuanVideoEncoder3D)):
             return False
         if not isinstance(decoder.conv_norm_out, nn.GroupNorm) or not isinstance(encoder.conv_norm_out, nn.GroupNorm):
             return False  # a spatial norm (MoVQ) conditions on the latent
-        blocks = list(decoder.up_blocks) + list(encoder.down_blocks)
-        for block in blocks:
+        for block in list(decoder.up_blocks) + list(encoder.down_blocks):
             for resnet in block.resnets:
-                if type(resnet) is not ResnetBlock2D or resnet.upsample is not None or resnet.downsample is not None:
+                if type(resnet) not in RESNETS or getattr(resnet, "upsample", None) is not None or getattr(resnet, "downsample", None) is not None:
                     return False
                 if not (isinstance(resnet.norm1, nn.GroupNorm) and isinstance(resnet.norm2, nn.GroupNorm)):
                     return False
             for sampler in list(getattr(block, "upsamplers", None) or []) + list(getattr(block, "downsamplers", None) or []):
-                if type(sampler) not in (Upsample2D, Downsample2D) or sampler.norm is not None or not sampler.use_conv:
+                if type(sampler) not in UPSAMPLERS + DOWNSAMPLERS:
+                    return False
+                if type(sampler) in (Upsample2D, Downsample2D) and (sampler.norm is not None or not sampler.use_conv):
                     return False
                 if type(sampler) is Upsample2D and (sampler.use_conv_transpose or not sampler.interpolate):
                     return False
         return True
 
-    # -- the two networks ------------------------------------------------------------
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        """Within: the model's decoder and encoder forward are this tiler's, so model.decode / model.encode run exactly tiled."""
+        decoder, encoder = self.model.decoder, self.model.encoder
+        decoder.forward, encoder.forward = self.decoder_forward, self.encoder_forward
+        try:
+            yield
+        finally:
+            del decoder.forward, encoder.forward  # back to the class's own
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """[B, C, h, w] latents (on the device) -> the decoder's output [B, 3, H, W], in `store`."""
-        model, decoder = self.model, self.model.decoder
-        if getattr(model, "post_quant_conv", None) is not None:
-            latents = model.post_quant_conv(latents)
-        sample = decoder.mid_block(decoder.conv_in(latents), None)  # latent resolution: whole
-        sample = sample.to(self.store)
-        for block in decoder.up_blocks:
-            for resnet in block.resnets:
-                sample = self.resnet(resnet, sample)
-            for upsampler in block.upsamplers or []:
-                sample = self.banded(upsampler, sample, scale=2, halo=1)
-        return self.norm_act_conv(decoder.conv_norm_out, decoder.conv_act, decoder.conv_out, sample)
+    def decoder_forward(self, sample: torch.Tensor, *extra) -> torch.Tensor:
+        """The decoder's forward: conv in whole (latent resolution), the rest streamed, the mid block's attention over all of it."""
+        decoder = self.model.decoder
+        sample, mid = decoder.conv_in(sample), decoder.mid_block
+        if not _plain_attention(mid):
+            sample = mid(sample, *([None] if isinstance(decoder, Decoder) else []))  # whole, as diffusers runs it
+            return self.run(decoder_tail(decoder), sample).to(self.device)
+        sample = self.run(resnet_steps(mid.resnets[0], "mid.0"), sample)
+        for index, (attention, resnet) in enumerate(zip(mid.attentions, mid.resnets[1:]), start=1):
+            sample = self.attention(attention, sample) if attention is not None else sample
+            last = index == len(mid.resnets) - 1
+            sample = self.run(resnet_steps(resnet, f"mid.{index}") + (decoder_tail(decoder) if last else []), sample)
+        return sample.to(self.device)
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] pixels -> the encoder's moments (mean and log-variance), on the device."""
-        model, encoder = self.model, self.model.encoder
-        sample = self.banded(encoder.conv_in, images.to(self.store), scale=1, halo=_halo(encoder.conv_in))
-        for block in encoder.down_blocks:
-            for resnet in block.resnets:
-                sample = self.resnet(resnet, sample)
-            for downsampler in block.downsamplers or []:
-                # Output row j reads input rows 2j..2j+2; bands start on even rows.
-                sample = self.banded(downsampler, sample, scale=0.5, halo=2)
-        sample = encoder.mid_block(sample.to(self.device))  # latent resolution: whole
-        moments = encoder.conv_out(encoder.conv_act(encoder.conv_norm_out(sample)))
-        if getattr(model, "quant_conv", None) is not None:
-            moments = model.quant_conv(moments)
-        return moments
+    def attention(self, attention: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """diffusers' 2-D self-attention (AttnProcessor2_0) over the whole of x, with queries taken a band of rows at a time.
 
-    # -- layers ----------------------------------------------------------------------
+        Keys and values are whole on the device; each query row attends to all of them, as untiled.
+        The output overwrites x band by band: a band's rows of x are read (queries, residual) before they are written.
+        """
+        batch, channels, height, width = x.shape
+        norm = attention.group_norm
+        mean, rstd = _finish(self._sums(x, norm), norm) if norm is not None else (None, None)
 
-    def resnet(self, resnet: ResnetBlock2D, x: torch.Tensor) -> torch.Tensor:
-        """ResnetBlock2D.forward (no time embedding), band by band with global GroupNorm statistics."""
-        hidden = self.norm_act_conv(resnet.norm1, resnet.nonlinearity, resnet.conv1, x)
-        shortcut = resnet.conv_shortcut or (lambda rows: rows)
+        def tokens(start: int, stop: int) -> torch.Tensor:
+            rows = x[..., start:stop, :].to(self.device)
+            if norm is not None:
+                rows = group_norm(norm, rows, mean, rstd)
+            return rows.reshape(batch, channels, -1).transpose(1, 2)
 
-        def add_input(rows: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-            return (shortcut(x[..., start:stop, :].to(self.device)) + rows) / resnet.output_scale_factor
+        heads = attention.heads
+        key = value = None  # filled in place: a list joined by torch.cat would hold them twice
+        for start, stop in self._row_chunks(height, width, 1 << 20):
+            hidden = tokens(start, stop)
+            rows_key, rows_value = attention.to_k(hidden), attention.to_v(hidden)
+            if key is None:
+                key = rows_key.new_empty(batch, height * width, rows_key.shape[-1])
+                value = rows_value.new_empty(batch, height * width, rows_value.shape[-1])
+            key[:, start * width : stop * width], value[:, start * width : stop * width] = rows_key, rows_value
+        head_dim = key.shape[-1] // heads
+        key = key.view(batch, -1, heads, head_dim).transpose(1, 2)
+        value = value.view(batch, -1, heads, head_dim).transpose(1, 2)
+        for start, stop in self._row_chunks(height, width, max(1, (1 << 28) // (height * width * heads))):
+            query = attention.to_q(tokens(start, stop))
+            query = query.view(batch, -1, heads, head_dim).transpose(1, 2)
+            hidden = torch.nn.functional.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+            hidden = hidden.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)
+            hidden = attention.to_out[1](attention.to_out[0](hidden))
+            hidden = hidden.transpose(-1, -2).reshape(batch, channels, stop - start, width)
+            if attention.residual_connection:
+                hidden = hidden + x[..., start:stop, :].to(self.device)
+            x[..., start:stop, :] = hidden / attention.rescale_output_factor
+        return x
 
-        # dropout is the identity in eval mode. Without a shortcut conv the output has x's shape and
-        # overwrites it band by band: a band reads only its own rows of x, so one whole activation less is held.
-        into = x if resnet.conv_shortcut is None else None
-        return self.norm_act_conv(resnet.norm2, resnet.nonlinearity, resnet.conv2, hidden, then=add_input, into=into)
-
-    def norm_act_conv(self, norm: nn.GroupNorm, act: Callable, conv: nn.Conv2d, x: torch.Tensor, then=None, into=None) -> torch.Tensor:
-        """conv(act(norm(x))), the norm's statistics gathered over all of x first."""
-        mean, rstd = self.group_statistics(norm, x)
-        return self.banded(lambda rows: conv(act(group_norm(norm, rows, mean, rstd))), x, scale=1, halo=_halo(conv), then=then, into=into)
-
-    def group_statistics(self, norm: nn.GroupNorm, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per sample and group: the mean and 1/sqrt(var + eps) over the whole of x, summed band by band in float64."""
-        batch, groups = x.shape[0], norm.num_groups
-        total = torch.zeros(batch, groups, dtype=torch.float64, device=self.device)
-        squares = torch.zeros_like(total)
-        for start, stop in self.bands(x.shape[-2], x.shape[-1]):
-            rows = x[..., start:stop, :].to(self.device, torch.float64).reshape(batch, groups, -1)
-            total += rows.sum(-1)
-            squares += rows.square().sum(-1)
-        count = x[0, : x.shape[1] // groups].numel()
-        mean = total / count
-        variance = (squares / count - mean.square()).clamp_min(0)
-        return mean.float(), torch.rsqrt(variance + norm.eps).float()
-
-    def bands(self, height: int, width: int, step: int = 1) -> list[tuple[int, int]]:
-        """Row ranges of about band_pixels each (a multiple of `step` rows) covering `height` rows."""
-        rows = max(step, self.band_pixels // max(1, width) // step * step)
+    def _row_chunks(self, height: int, width: int, tokens: int) -> list[tuple[int, int]]:
+        rows = max(1, tokens // max(1, width))
         return [(start, min(height, start + rows)) for start in range(0, height, rows)]
 
-    def banded(self, layer: Callable, x: torch.Tensor, scale: float, halo: int, then=None, into: torch.Tensor | None = None) -> torch.Tensor:
-        """layer(x) computed band by band: each band's input carries `halo` rows either side, cropped from its output.
+    def _sums(self, x: torch.Tensor, norm: nn.GroupNorm):
+        sums = None
+        for start, stop in self._row_chunks(x.shape[-2], x.shape[-1], 1 << 20):
+            sums = _accumulate(sums, x[..., start:stop, :].to(self.device), norm.num_groups)
+        return sums
 
-        `scale` is output rows per input row (2 upsamples, 0.5 downsamples); `then(rows, start, stop)`
-        finishes each band of output (a residual). The result is assembled in `store`, or in `into`.
+    def encoder_forward(self, sample: torch.Tensor) -> torch.Tensor:
+        """The encoder's forward: conv in and down blocks streamed, the mid block and the rest whole (latent resolution)."""
+        encoder = self.model.encoder
+        sample = encoder.mid_block(self.run(encoder_head(encoder), sample).to(self.device))
+        return encoder.conv_out(encoder.conv_act(encoder.conv_norm_out(sample)))
+
+    # -- running a program ----------------------------------------------------------------
+
+    def run(self, steps: list[Step], x: torch.Tensor) -> torch.Tensor:
+        """steps applied to the whole of x, band by band; the result whole, in `store`.
+
+        The program is cut into segments before GroupNorms whose input fits `store_limit`
+        whole; each segment's output is held whole, everything inside one streams.
         """
-        height, width = x.shape[-2], x.shape[-1]
-        out_height, out_width = int(height * scale), int(width * scale)
-        align = 2 if scale < 1 else 1
-        out = into
-        for start, stop in self.bands(out_height, out_width, step=2 if scale > 1 else 1):
-            first = max(0, math.floor(start / scale) - halo) // align * align
-            last = min(height, math.ceil(stop / scale) + halo)
-            rows = layer(x[..., first:last, :].to(self.device))
-            offset = int(first * scale)
-            rows = rows[..., start - offset : stop - offset, :]
-            if then is not None:
-                rows = then(rows, start, stop)
+        x = caller = x.to(self.store)
+        held: dict[str, torch.Tensor] = {}  # saved values, whole, that a later segment's residual reads
+        start, statistics = 0, None
+        while start < len(steps):
+            stop = self._segment_end(steps, start, x, held)
+            x, statistics = self._assemble(steps, start, stop, x, held, statistics, caller)
+            later = {step.name for step in steps[stop:] if isinstance(step, Add)}
+            held = {name: value for name, value in held.items() if name in later}
+            start = stop
+        return x
+
+    def _segment_end(self, steps: list[Step], start: int, x: torch.Tensor, held) -> int:
+        """Where the segment from `start` ends: before the next GroupNorm whose input fits store_limit whole (else at the end)."""
+        first_computing = next(i for i in range(start, len(steps)) if not isinstance(steps[i], Save))
+        for stop in range(first_computing + 1, len(steps)):
+            if isinstance(steps[stop], Norm) and (self.store_limit is None or self._bytes(steps[start:stop], x, held) <= self.store_limit):
+                return stop
+        return len(steps)
+
+    def _bytes(self, steps: list[Step], x: torch.Tensor, held) -> int:
+        """What steps(x) takes whole, from one probed band of rows (Norms and missing residuals skipped: only the shape counts)."""
+        if not any(isinstance(step, Layer) for step in steps):
+            return x.numel() * x.element_size()
+        first, last = self._needed(steps, 0, 1, x.shape[-2])
+        probe, _, _ = self._slice(steps, x, first, last, held, None)
+        return math.prod(probe.shape[:-2]) * self._heights(steps, x.shape[-2])[-1] * probe.shape[-1] * probe.element_size()
+
+    def _assemble(self, steps: list[Step], start: int, stop: int, x: torch.Tensor, held, statistics, caller: torch.Tensor):
+        """steps[start:stop](x), whole; with the statistics of the GroupNorm that follows, gathered on the way.
+
+        Values saved in this segment for a residual in a later one are held whole too.
+        """
+        segment, following = steps[start:stop], steps[stop] if stop < len(steps) else None
+        later = {step.name for step in steps[stop:] if isinstance(step, Add)}
+        computing = [i for i, step in enumerate(segment) if not isinstance(step, Save)]
+        leading, trailing, middle = [], [], []
+        for i, step in enumerate(segment):
+            if isinstance(step, Save) and step.name in later:
+                (leading if i < computing[0] else trailing if i > computing[-1] else middle).append(step.name)
+        held.update({name: x for name in leading})
+        stats: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for index, step in enumerate(segment):
+            if isinstance(step, Norm):
+                stats[index] = statistics if index == computing[0] and statistics is not None else self._statistics(segment[:index], x, held, stats, step.norm)
+        out = self._into(segment, x, held, caller)
+        sums = None
+        for (first_row, last_row), rows, saved in self._bands(segment, x, held, stats):
             if out is None:
-                out = torch.empty(x.shape[0], rows.shape[1], out_height, out_width, dtype=rows.dtype, device=self.store)
-            out[..., start:stop, :] = rows
-        return out
+                height = self._heights(segment, x.shape[-2])[-1]
+                out = torch.empty(rows.shape[:-2] + (height, rows.shape[-1]), dtype=rows.dtype, device=self.store)
+            for name in middle:
+                value, top = saved[name]
+                if name not in held:
+                    held[name] = torch.empty(value.shape[:-2] + out.shape[-2:], dtype=value.dtype, device=self.store)
+                held[name][..., first_row:last_row, :] = value[..., first_row - top : last_row - top, :]
+            if isinstance(following, Norm):
+                sums = _accumulate(sums, rows, following.norm.num_groups)
+            out[..., first_row:last_row, :] = rows
+        held.update({name: out for name in trailing})
+        return out, (_finish(sums, following.norm) if sums is not None else None)
+
+    def _into(self, segment: list[Step], x: torch.Tensor, held, caller: torch.Tensor) -> torch.Tensor | None:
+        """A held residual the segment's output may overwrite band by band, or None.
+
+        When the segment ends adding a residual held whole that nothing later reads, without a
+        shortcut conv: the residual is read pointwise, so each band reads its own rows before
+        writing them (the rows above it, already overwritten, feed only cropped halo rows).
+        """
+        last = segment[-1]
+        if not isinstance(last, Add) or last.shortcut is not None or last.name not in held or held[last.name] is x or held[last.name] is caller:
+            return None
+        if any(isinstance(step, Save) and step.name == last.name for step in segment):
+            return None
+        residual = held[last.name]
+        return residual if residual.dtype == x.dtype else None
+
+    def _statistics(self, prefix: list[Step], x: torch.Tensor, held, stats, norm: nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """The GroupNorm's mean and 1/sqrt(var + eps), per sample and group, over the whole of prefix(x) (recomputed band by band)."""
+        sums = None
+        self.recomputed += any(isinstance(step, Layer) for step in prefix)
+        for _, rows, _ in self._bands(prefix, x, held, stats):
+            sums = _accumulate(sums, rows, norm.num_groups)
+        return _finish(sums, norm)
+
+    def _bands(self, steps: list[Step], x: torch.Tensor, held, stats):
+        """((start, stop), output rows start..stop of steps(x) on the device, saved values) for bands covering the output."""
+        heights = self._heights(steps, x.shape[-2])
+        ratio = heights[-1] / heights[0]  # output rows per input row
+        width = max(1, int(x.shape[-1] * ratio))
+        first, last = self._needed(steps, 0, 1, x.shape[-2])
+        margin = (last - first) * ratio  # the halo behind one output row, in output rows
+        widest = max(heights) / heights[-1]  # the largest resolution inside, relative to the output
+        step_rows = 2 if any(isinstance(step, Layer) and step.scale > 1 for step in steps) else 1
+        rows = int(max(self.band_pixels / (width * widest**2), 4 * margin, step_rows)) // step_rows * step_rows
+        for start in range(0, heights[-1], rows):
+            stop = min(heights[-1], start + rows)
+            first, last = self._needed(steps, start, stop, x.shape[-2])
+            out, top, saved = self._slice(steps, x, first, last, held, stats)
+            yield (start, stop), out[..., start - top : stop - top, :], saved
+
+    def _slice(self, steps: list[Step], x: torch.Tensor, first: int, last: int, held, stats):
+        """steps over input rows first..last of x: (rows, the first row's index, saved values); rows near a cut edge are wrong, for cropping.
+
+        stats None probes the shape only: GroupNorms and residuals not at hand are skipped.
+        """
+        rows, top = x[..., first:last, :].to(self.device), first
+        saved: dict[str, tuple[torch.Tensor, int]] = {}
+        for index, step in enumerate(steps):
+            if isinstance(step, Layer):
+                rows, top = step.run(rows), int(top * step.scale)
+            elif isinstance(step, Norm):
+                rows = step.act(group_norm(step.norm, rows, *stats[index]) if stats is not None else rows)
+            elif isinstance(step, Save):
+                saved[step.name] = (rows, top)
+            elif step.name in saved or step.name in held:
+                skip, skip_top = saved[step.name] if step.name in saved else (held[step.name], 0)
+                skip = skip[..., top - skip_top : top - skip_top + rows.shape[-2], :].to(self.device)
+                rows = ((step.shortcut(skip) if step.shortcut is not None else skip) + rows) / step.divide
+            elif stats is not None:
+                raise KeyError(f"residual {step.name} is neither saved nor held")
+        return rows, top, saved
+
+    @staticmethod
+    def _heights(steps: list[Step], height: int) -> list[int]:
+        heights = [height]
+        for step in steps:
+            heights.append(int(heights[-1] * step.scale) if isinstance(step, Layer) else heights[-1])
+        return heights
+
+    def _needed(self, steps: list[Step], start: int, stop: int, height: int) -> tuple[int, int]:
+        """The input rows that output rows start..stop of steps read (halos included, clipped to the image).
+
+        The first is a multiple of every strided sampler's phase, carried back to the input,
+        so that each one's slice starts where the whole image's rows do.
+        """
+        heights = self._heights(steps, height)
+        for step, rows_in in zip(reversed(steps), reversed(heights[:-1])):
+            if isinstance(step, Layer):
+                start = max(0, math.floor(start / step.scale) - step.halo)
+                stop = min(rows_in, math.ceil(stop / step.scale) + step.halo)
+        align, scale = 1, 1.0
+        for step in steps:
+            if isinstance(step, Layer):
+                align, scale = max(align, round(step.align / scale)), scale * step.scale
+        return start // align * align, stop
+
+
+def _accumulate(sums, rows: torch.Tensor, groups: int):
+    """Running float64 (sum, sum of squares, count) per sample and group."""
+    grouped = rows.to(torch.float64).reshape(rows.shape[0], groups, -1)
+    total, squares, count = grouped.sum(-1), grouped.square().sum(-1), grouped.shape[-1]
+    return (total, squares, count) if sums is None else (sums[0] + total, sums[1] + squares, sums[2] + count)
+
+
+def _finish(sums, norm: nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, 1/sqrt(var + eps)) from the running sums."""
+    total, squares, count = sums
+    mean = total / count
+    variance = (squares / count - mean.square()).clamp_min(0)
+    return mean.float(), torch.rsqrt(variance + norm.eps).float()
 
 
 def group_norm(norm: nn.GroupNorm, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
@@ -170,6 +434,22 @@ def group_norm(norm: nn.GroupNorm, x: torch.Tensor, mean: torch.Tensor, rstd: to
     return normalised.to(x.dtype)
 
 
-def _halo(conv: nn.Conv2d) -> int:
+def _plain_attention(mid: nn.Module) -> bool:
+    """Whether a mid block is diffusers' UNetMidBlock2D with plain 2-D self-attention, which ExactTiler.attention runs by query bands."""
+    if type(mid) is not UNetMidBlock2D or any(type(resnet) is not ResnetBlock2D for resnet in mid.resnets):
+        return False
+    for attention in mid.attentions:
+        if attention is not None and (type(attention.processor) is not AttnProcessor2_0 or attention.spatial_norm is not None
+                                      or attention.norm_q is not None or attention.norm_k is not None or attention.is_cross_attention):
+            return False
+    return True
+
+
+def _first_conv(module: nn.Module) -> nn.Module:
+    return next(m for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d)))
+
+
+def _halo(module: nn.Module) -> int:
     """Rows a convolution reads either side of an output row."""
-    return conv.kernel_size[0] // 2 * conv.dilation[0]
+    conv = _first_conv(module)
+    return conv.kernel_size[-2] // 2 * conv.dilation[-2]

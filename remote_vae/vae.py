@@ -41,7 +41,6 @@ from typing import Callable, Protocol
 import diffusers
 import numpy as np
 import torch
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.models.modeling_utils import ModelMixin
 from huggingface_hub import hf_hub_download
 
@@ -168,6 +167,7 @@ class LoadedVae:
     path: DevicePath = field(default_factory=DevicePath)
     budget: BatchBudget = field(default_factory=BatchBudget)
     band_pixels: int | None = None  # output pixels per band of the exact tiled path; None: by device
+    store_bytes: int | None = None  # the most one whole activation of the exact tiled path may take in host memory; None: default
 
     def __post_init__(self):
         # One inference at a time per model: the device is the bottleneck, and
@@ -201,12 +201,21 @@ class LoadedVae:
             raise RequestError(f"{self.family.name} has no exact tiled path (its model is not a 2-D GroupNorm encoder/decoder); send tiling=blend")
         return requested or ("exact" if self.exact_tiling else "blend")
 
+    def _exactly(self, call: Callable, output_pixels: int) -> Callable:
+        """call run with the exact tiler in place of the model's encoder and decoder."""
+        def run(values: torch.Tensor, **extra) -> torch.Tensor:
+            with self._tiler(values, output_pixels).installed():
+                return call(values, **extra)
+        return run
+
     def _tiler(self, inputs: torch.Tensor, output_pixels: int) -> ExactTiler:
-        """An exact tiler whose whole activations stay on the device while about three of them fit there, else wait in host memory."""
+        """An exact tiler whose whole activations stay on the device while about three of them fit there, else wait in
+        host memory, where one is held whole up to `store_bytes` and past that the bands are recomputed."""
         widest = max(getattr(self.model.config, "block_out_channels", None) or [128])
-        whole = 3 * inputs.shape[0] * widest * output_pixels * self.dtype.itemsize
-        store = self.device if self.device.type != "cuda" or whole < available_memory(self.device) // 2 else torch.device("cpu")
-        return ExactTiler(self.model, band_pixels=self.band_pixels, store=store)
+        whole = inputs.shape[0] * widest * output_pixels * self.dtype.itemsize
+        if self.device.type == "cuda" and 3 * whole < available_memory(self.device) // 2:
+            return ExactTiler(self.model, band_pixels=self.band_pixels, store=self.device)
+        return ExactTiler(self.model, band_pixels=self.band_pixels, store=torch.device("cpu"), store_limit=DEFAULT_STORE_BYTES if self.store_bytes is None else self.store_bytes)
 
     def decode(self, latents: torch.Tensor, frames: FrameSink | None = None, timestep: torch.Tensor | None = None,
                tiling: str | None = None) -> torch.Tensor:
@@ -222,10 +231,9 @@ class LoadedVae:
         frame_count = self.family.frames_for(latents.shape[2]) if self.family.is_video else 1
         streams = frames if self.family.streams_frames else None
         extra = {self.timestep_argument: timestep} if self.timestep_argument and timestep is not None else {}
-        exact = None
-        if self.tiling_for(tiling) == "exact":
-            exact = lambda z, **kw: self._tiler(z, frame_pixels).decode(z).to(self.device)  # noqa: E731
-        sample = self._run("decode", latents, frame_pixels, frame_count, lambda z, **kw: self.model.decode(z, **kw).sample, streams, extra, exact)
+        call = lambda z, **kw: self.model.decode(z, **kw).sample  # noqa: E731
+        exact = self._exactly(call, frame_pixels * frame_count) if self.tiling_for(tiling) == "exact" else None
+        sample = self._run("decode", latents, frame_pixels, frame_count, call, streams, extra, exact)
         return sample.squeeze(2) if self.layout.frame_axis else sample
 
     def encode(self, images: torch.Tensor, tiling: str | None = None) -> torch.Tensor:
@@ -234,10 +242,9 @@ class LoadedVae:
             images = images.unsqueeze(2)
         frame_count = images.shape[2] if self.family.is_video else 1
         frame_pixels = images.shape[-2] * images.shape[-1]
-        exact = None
-        if self.tiling_for(tiling) == "exact":
-            exact = lambda x: DiagonalGaussianDistribution(self._tiler(x, frame_pixels).encode(x)).mean  # noqa: E731
-        return self._run("encode", images, frame_pixels, frame_count, lambda x: latent_of(self.model.encode(x)), exact=exact)
+        call = lambda x: latent_of(self.model.encode(x))  # noqa: E731
+        exact = self._exactly(call, frame_pixels * frame_count) if self.tiling_for(tiling) == "exact" else None
+        return self._run("encode", images, frame_pixels, frame_count, call, exact=exact)
 
     def _run(self, operation: str, inputs: torch.Tensor, frame_pixels: int, frame_count: int, call: Callable,
              frames: FrameSink | None = None, extra: dict[str, torch.Tensor] | None = None, exact: Callable | None = None):
@@ -371,6 +378,9 @@ def _compile_key(operation: str, inputs: torch.Tensor) -> tuple:
 _OUT_OF_MEMORY = object()
 # Output pixels per band of the exact tiled path: what one step of device work is sized by.
 DEFAULT_BAND_PIXELS = {"cuda": 1 << 20, "cpu": 1 << 16}
+# Host memory one whole activation of the exact tiled path may take before its bands are recomputed instead:
+# what keeps a large decode's memory flat (a 4096² image's widest SD activation is 8 GiB).
+DEFAULT_STORE_BYTES = 256 << 20
 
 
 def free_device_memory(device: torch.device) -> None:
@@ -390,6 +400,7 @@ def load_vae(
     warmup_sizes: Sequence[tuple[int, ...]] = (),
     warmup_batches: Sequence[int] = (1,),
     band_pixels: int | None = None,
+    store_bytes: int | None = None,
 ) -> LoadedVae:
     """The family's model on its device, set up and warmed up.
 
@@ -426,7 +437,7 @@ def load_vae(
         # Tile sizes are set once; each call switches use_tiling (above the threshold, or after running out of memory).
         model.enable_tiling(**family.tiling_options)
         model.use_tiling = False
-    vae = LoadedVae(family, model, device, dtype, source, tile_above, path, budget or BatchBudget(), band_pixels)
+    vae = LoadedVae(family, model, device, dtype, source, tile_above, path, budget or BatchBudget(), band_pixels, store_bytes)
     if device.type == "cuda" and not warmup_sizes:
         warmup_sizes = [default_warmup_size(family)]  # load the kernels and measure memory before the first request
     if path.compile:

@@ -644,7 +644,7 @@ def bench_video(args: argparse.Namespace) -> None:
               f"{whole['seconds']:.3f} | {whole['peak_mib']:.0f} | {http_seconds:.3f} | {http_seconds / served['seconds']:.2f} |")
 
 
-TILINGS = ("untiled", "exact", "blend")
+TILINGS = ("untiled", "exact", "exact-held", "blend")  # exact-held: every activation held whole, nothing recomputed
 
 
 def tiling_worker(args: argparse.Namespace) -> None:
@@ -653,10 +653,12 @@ def tiling_worker(args: argparse.Namespace) -> None:
 
     device = resolve_device(args.device)
     family = load_family(args.family)
-    vae = load_vae(family, args.model, device, resolve_dtype("auto", family, device), tile_above_pixels=None if args.way == "untiled" else 0)
+    store_bytes = 1 << 62 if args.way == "exact-held" else args.tile_store_bytes
+    vae = load_vae(family, args.model, device, resolve_dtype("auto", family, device), tile_above_pixels=None if args.way == "untiled" else 0,
+                   store_bytes=store_bytes)
     side = args.size // family.spatial_compression
     latents = torch.randn(1, family.latent_channels, side, side, generator=torch.Generator().manual_seed(args.size))
-    tiling = None if args.way == "untiled" else args.way
+    tiling = {"untiled": None, "exact-held": "exact"}.get(args.way, args.way)
     seconds, peaks = [], []
     for _ in range(args.repeats):
         with PeakMemory(device) as peak:
@@ -686,6 +688,8 @@ def bench_tiling(args: argparse.Namespace) -> None:
                 output = os.path.join(folder, f"{way}-{size}.npy")
                 command = [sys.executable, __file__, "tiling-worker", "--family", args.family, "--model", folder, "--device", args.device,
                            "--way", way, "--size", str(size), "--repeats", str(args.repeats), "--output", output]
+                if args.tile_store_bytes is not None:
+                    command += ["--tile-store-bytes", str(args.tile_store_bytes)]
                 done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
                 if done.returncode != 0:
                     print(f"| {size}² | {way} | failed: {done.stderr.strip().splitlines()[-1][:120]} | | | | | |")
@@ -805,11 +809,13 @@ def main() -> None:
     tiling.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096])
     tiling.add_argument("--ways", nargs="+", default=list(TILINGS), choices=list(TILINGS))
     tiling.add_argument("--pictures", help="write amplified difference pictures of the first size here")
+    tiling.add_argument("--tile-store-bytes", type=int, help="the exact way's --tile-store-bytes (default: the service's)")
     tiling_worker_mode = modes.add_parser("tiling-worker", help=argparse.SUPPRESS)
     for name in ("--family", "--model", "--device", "--way", "--output"):
         tiling_worker_mode.add_argument(name, required=True)
     tiling_worker_mode.add_argument("--size", type=int, required=True)
     tiling_worker_mode.add_argument("--repeats", type=int, default=1)
+    tiling_worker_mode.add_argument("--tile-store-bytes", type=int)
     preview = modes.add_parser("preview", help="a preview decoder (taesd, taesdxl, taef1) against its full family: speed and PSNR")
     preview.add_argument("--family", default="taesd", choices=list(PREVIEW_OF))
     preview.add_argument("--preview-model", help="the preview's weights (a diffusers model directory); default: random weights")

@@ -28,7 +28,7 @@ from remote_vae.cli import main  # noqa: E402
 from remote_vae.tiling import ExactTiler  # noqa: E402
 
 decoder_forward = vae_blocks.Decoder.forward
-exact_decode = ExactTiler.decode
+exact_decoder_forward = ExactTiler.decoder_forward
 
 
 def faults() -> dict:
@@ -48,14 +48,14 @@ def faulty_forward(self, z, *args, **kwargs):
     return decoder_forward(self, z, *args, **kwargs)
 
 
-def faulty_exact_decode(self, latents):
+def faulty_exact_decoder_forward(self, sample, *extra):
     if faults().get("oom_exact"):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (exact tiled decode; injected by tests/faulty_serve.py)")
-    return exact_decode(self, latents)
+    return exact_decoder_forward(self, sample, *extra)
 
 
 vae_blocks.Decoder.forward = faulty_forward
-ExactTiler.decode = faulty_exact_decode
+ExactTiler.decoder_forward = faulty_exact_decoder_forward
 
 if __name__ == "__main__":
     sys.exit(main())

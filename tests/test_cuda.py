@@ -85,9 +85,10 @@ def test_a_served_cuda_decode_matches_diffusers_on_cuda(model_dirs, reference, t
         reference["sd15"].to("cpu", torch.float32)
 
 
-@pytest.mark.parametrize("store", ["cuda", "cpu"])
-def test_exact_tiling_on_the_gpu_with_activations_on_the_device_or_in_host_memory(reference, store):
-    """The exact tiled path on CUDA, whole activations kept on the GPU or waiting in host memory: diffusers' untiled decode."""
+@pytest.mark.parametrize("store, limit", [("cuda", None), ("cpu", None), ("cpu", 0)])
+def test_exact_tiling_on_the_gpu_with_activations_on_the_device_or_in_host_memory(reference, store, limit):
+    """The exact tiled path on CUDA, whole activations kept on the GPU, waiting in host memory, or none held
+    (every band recomputed): diffusers' untiled decode."""
     from remote_vae.tiling import ExactTiler
 
     model = reference["sd15"].to(CUDA)
@@ -96,7 +97,9 @@ def test_exact_tiling_on_the_gpu_with_activations_on_the_device_or_in_host_memor
         with torch.inference_mode():
             untiled = model.decode(latents).sample
             with PeakMemory(CUDA) as peak:
-                tiled = ExactTiler(model, band_pixels=40 * 184, store=torch.device(store)).decode(latents).to(CUDA)
+                tiler = ExactTiler(model, band_pixels=40 * 184, store=torch.device(store), store_limit=limit)
+                with tiler.installed():
+                    tiled = model.decode(latents).sample
         torch.testing.assert_close(tiled, untiled, atol=1e-4, rtol=1e-4)
         assert peak.bytes is not None
     finally:

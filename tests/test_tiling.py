@@ -86,9 +86,56 @@ def test_exact_tiling_where_the_model_has_none_is_refused(families_server):
     assert response.status_code == 400 and "tiling=blend" in response.json()["error"]
 
 
-def test_exact_tiling_covers_the_2d_families_only(reference):
+def test_exact_tiling_covers_the_groupnorm_families(reference):
     supported = {name for name, model in reference.items() if ExactTiler.supports(model)}
-    assert supported == {"sd15", "flux", "sd3", "flux2"}
+    assert supported == {"sd15", "flux", "sd3", "flux2", "hunyuanvideo"}
+
+
+def tiled_in_process(model, call, store_limit):
+    tiler = ExactTiler(model, band_pixels=BAND_PIXELS, store_limit=store_limit)
+    with torch.no_grad(), tiler.installed():
+        return call(), tiler.recomputed
+
+
+# A 104x88 image, or 9 such frames: odd latent sizes, many bands.
+INPUTS = {"sd15": ((2, 4, 13, 11), (1, 3, 104, 88)), "hunyuanvideo": ((1, 16, 3, 13, 11), (1, 3, 9, 104, 88))}
+
+
+@pytest.mark.parametrize("family", sorted(INPUTS))
+def test_whether_activations_are_held_whole_or_recomputed_the_result_is_untiled(reference, family):
+    """store_limit None holds every GroupNorm's input whole; 0 holds none, recomputing bands from the mid block
+    (decode) or the pixels (encode) for each GroupNorm's statistics; 40000 bytes holds the low-resolution ones only."""
+    model = reference[family]
+    latent_shape, pixel_shape = INPUTS[family]
+    latents, pixels = seeded(*latent_shape, seed=53), seeded(*pixel_shape, seed=54).clamp(-1, 1)
+    with torch.no_grad():
+        untiled_pixels, untiled_latents = model.decode(latents).sample, model.encode(pixels).latent_dist.mean
+    recomputed = {}
+    for limit in (None, 40000, 0):
+        decoded, decode_recomputed = tiled_in_process(model, lambda: model.decode(latents).sample, limit)
+        encoded, encode_recomputed = tiled_in_process(model, lambda: model.encode(pixels).latent_dist.mean, limit)
+        torch.testing.assert_close(decoded, untiled_pixels, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(encoded, untiled_latents, atol=1e-4, rtol=1e-4)
+        recomputed[limit] = (decode_recomputed, encode_recomputed)
+    assert recomputed[None] == (0, 0)
+    assert all(0 < some < none for some, none in zip(recomputed[40000], recomputed[0])), recomputed
+
+
+def test_the_service_recomputes_bands_past_its_store_limit(model_dirs, reference, tmp_path):
+    """--tile-store-bytes 0: the service holds no activation whole, and still returns the untiled decode and encode."""
+    server = LiveServer(["sd15", "--model", f"sd15={model_dirs['sd15']}", "--tile-above-pixels", "0", "--tile-band-pixels", str(BAND_PIXELS),
+                         "--tile-store-bytes", "0"], offline_env(), tmp_path / "streamed.log")
+    try:
+        latents = latent_for("sd15", seed=55)
+        out = remote_decode(f"{server.url}/", tensor=latents, output_type="pt", partial_postprocess=False, return_type="pt", do_scaling=False)
+        torch.testing.assert_close(out, untiled_decode(reference["sd15"], latents), atol=1e-4, rtol=1e-4)
+        pixels = seeded(1, 3, 104, 88, seed=56).clamp(-1, 1)
+        encoded = tensor_of(requests.post(f"{server.url}/", params={"shape": list(pixels.shape), "dtype": "float32"}, data=pixels.numpy().tobytes(), timeout=120))
+        with torch.no_grad():
+            torch.testing.assert_close(encoded, reference["sd15"].encode(pixels).latent_dist.mean, atol=1e-4, rtol=1e-4)
+        assert server.metric("remote_vae_model_calls_total", family="sd15", mode="tiled") >= 2
+    finally:
+        server.stop()
 
 
 def test_a_gpu_takes_8192_squared_by_default_and_refuses_more_from_the_numbers():
