@@ -198,7 +198,7 @@ class LoadedVae:
     def tiling_for(self, requested: str | None) -> str:
         """The tiling a call uses when it tiles: 'exact' (tiling.py) where the model allows it, else diffusers' 'blend'."""
         if requested == "exact" and not self.exact_tiling:
-            raise RequestError(f"{self.family.name} has no exact tiled path (its model is not a 2-D GroupNorm encoder/decoder); send tiling=blend")
+            raise RequestError(f"{self.family.name} has no exact tiled path (its encoder and decoder are not built of GroupNorm, convolutions and plain samplers); send tiling=blend")
         return requested or ("exact" if self.exact_tiling else "blend")
 
     def _exactly(self, call: Callable, output_pixels: int) -> Callable:
