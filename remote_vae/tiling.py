@@ -205,7 +205,7 @@ class ExactTiler:
         """
         batch, channels, height, width = x.shape
         norm = attention.group_norm
-        mean, rstd = _finish(self._sums(x, norm), norm) if norm is not None else (None, None)
+        mean, rstd = self._statistics([], x, {}, {}, norm) if norm is not None else (None, None)
 
         def tokens(start: int, stop: int) -> torch.Tensor:
             rows = x[..., start:stop, :].to(self.device)
@@ -240,12 +240,6 @@ class ExactTiler:
     def _row_chunks(self, height: int, width: int, tokens: int) -> list[tuple[int, int]]:
         rows = max(1, tokens // max(1, width))
         return [(start, min(height, start + rows)) for start in range(0, height, rows)]
-
-    def _sums(self, x: torch.Tensor, norm: nn.GroupNorm):
-        sums = None
-        for start, stop in self._row_chunks(x.shape[-2], x.shape[-1], 1 << 20):
-            sums = _accumulate(sums, x[..., start:stop, :].to(self.device), norm.num_groups)
-        return sums
 
     def encoder_forward(self, sample: torch.Tensor) -> torch.Tensor:
         """The encoder's forward: conv in and down blocks streamed, the mid block and the rest whole (latent resolution)."""
