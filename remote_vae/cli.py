@@ -115,24 +115,24 @@ def tile_threshold(value: str) -> int | None | str:
     return pixels
 
 
-def byte_budget(value: str) -> int | None:
-    """--tile-store-bytes: a byte count, or 'auto' (None: the default)."""
+def _count_or_auto(value: str, unit: str, least: int) -> int | None:
+    """A count of `unit` (at least `least`), or 'auto' (None: the default)."""
     text = str(value).strip().lower()
     if text == "auto":
         return None
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"{value!r}: expected a byte count or 'auto'")
+    if not text.isdigit() or int(text) < least:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected a {unit} count ({least} or more) or 'auto'")
     return int(text)
+
+
+def byte_budget(value: str) -> int | None:
+    """--tile-store-bytes: a byte count, or 'auto' (None: the default)."""
+    return _count_or_auto(value, "byte", 0)
 
 
 def pixel_budget(value: str) -> int | None:
-    """--batch-pixel-budget: a pixel count, or 'auto' (None: from the device)."""
-    text = str(value).strip().lower()
-    if text == "auto":
-        return None
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{value!r}: expected a pixel count (1 or more) or 'auto'")
-    return int(text)
+    """--batch-pixel-budget and the other pixel budgets: a pixel count, or 'auto' (None: from the device)."""
+    return _count_or_auto(value, "pixel", 1)
 
 
 def warmup_size(value: str) -> tuple[int, ...]:

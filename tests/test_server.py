@@ -106,6 +106,7 @@ def test_families_command():
     (["--max-batch-images", "0"], "--max-batch-images must be at least 1"),
     (["--batch-wait-ms", "-1"], "--batch-wait-ms from 0 to 10000"),
     (["--batch-pixel-budget", "lots"], "expected a pixel count (1 or more) or 'auto'"),
+    (["--tile-store-bytes", "-1"], "expected a byte count (0 or more) or 'auto'"),
     (["--png-compression", "10"], "invalid choice"),
     (["--warmup-sizes", "100x100"], "both sides must be multiples of 8"),
     (["--warmup-sizes", "512x512x9"], "sd15 decodes images; give WIDTHxHEIGHT"),
