@@ -24,7 +24,8 @@ import PIL.Image
 import torch
 
 from remote_vae import families
-from remote_vae.cli import build_parser, env, load_service
+from remote_vae.cli import build_parser, env
+from remote_vae.launch import load_service
 from remote_vae.errors import RequestError
 from remote_vae.media import ImageFile, dtype_name, encode_image, stack_vertically, tensor_to_bytes
 from remote_vae.vae import default_source

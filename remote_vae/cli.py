@@ -1,13 +1,15 @@
-"""Command line: `python -m remote_vae serve FAMILY [FAMILY ...] [options]`.
+"""Command line: `remote-vae serve FAMILY ...` (or `python -m remote_vae ...`), and its client commands.
 
-Every option has an environment variable (REMOTE_VAE_<OPTION>), so a
+`serve` and `download` start the server's machinery (launch.py); everything else
+here, `--help`, `families`, `health` and the argument parsing, answers without
+importing torch. `decode` and `encode` are the client (client.py) on files.
+Every serve option has an environment variable (REMOTE_VAE_<OPTION>), so a
 container is configured by its environment alone.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import ssl
@@ -15,20 +17,10 @@ import sys
 import urllib.request
 from pathlib import Path
 
-import uvicorn
-
 from . import families
-from .admission import QueueSettings
-from .auth import ApiKeyError, load_api_keys
-from .batching import BatchSettings
-from .device import BatchBudget, DevicePath
 from .errors import RequestError
 from .families import Family, FamilyError
 from .latents import LatentLayout, check_frame_count, check_sides, frame_step
-from .media import PNG_COMPRESSION, guard_decompression_bombs
-from .server import Registry, ServeOptions, Slot, create_app, load_in_background
-from .service import GPU_MAX_PIXELS, Limits, VaeService
-from .vae import default_source, download_weights, hub_id, load_vae, resolve_device, resolve_dtype
 
 log = logging.getLogger("remote_vae")
 
@@ -47,43 +39,17 @@ def env_flag(name: str) -> bool:
     return str(env(name, "")).strip().lower() in ("1", "true", "yes", "on")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m remote_vae", description="Serve diffusion-model VAEs over HTTP.")
+def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
+    """The command line. Without serve_options, `serve` takes no arguments of its own (main parses them again in
+    full), so that --help and the other commands never import the server's machinery."""
+    parser = argparse.ArgumentParser(prog="remote-vae", description="Serve diffusion-model VAEs over HTTP, and call such a server.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="serve one or more VAE families")
-    serve.add_argument("families", nargs="*", metavar="FAMILY", help=f"a name in configs/ ({', '.join(families.available())}) or a config file path [env {ENV_PREFIX}FAMILIES, space-separated]")
-    serve.add_argument("--model", action="append", default=None, metavar="[FAMILY=]PATH_OR_HUB_ID", help="weights: a diffusers model directory or a Hub id org/name[/subfolder]; FAMILY= picks the family when serving several [env REMOTE_VAE_MODEL, space-separated]")
-    serve.add_argument("--weights-dir", default=env("WEIGHTS_DIR"), metavar="DIR", help="weights baked into an image: DIR/<family>/ (see `download`); used when --model is not given and HF_MODEL_DIR holds none [env REMOTE_VAE_WEIGHTS_DIR]")
-    serve.add_argument("--host", default=env("HOST", "0.0.0.0"), help="address to listen on [env REMOTE_VAE_HOST] (default 0.0.0.0)")
-    serve.add_argument("--port", type=int, default=default_port(), help="port [env REMOTE_VAE_PORT or PORT] (default 8000)")
-    serve.add_argument("--device", default=env("DEVICE", "auto"), help="auto, cuda, cuda:N or cpu [env REMOTE_VAE_DEVICE] (default auto)")
-    serve.add_argument("--dtype", default=env("DTYPE", "auto"), choices=["auto", "float16", "bfloat16", "float32"], help="compute dtype; auto = the family's GPU dtype on CUDA, float32 on CPU [env REMOTE_VAE_DTYPE]")
-    serve.add_argument("--random-weights", action="store_true", default=env_flag("RANDOM_WEIGHTS"), help="build the architecture with seeded random weights, no download (for trying it out) [env REMOTE_VAE_RANDOM_WEIGHTS=1]")
-    serve.add_argument("--max-body-bytes", type=int, default=int(env("MAX_BODY_BYTES", Limits.max_body_bytes)), help=f"largest request body; larger gets 413 [env REMOTE_VAE_MAX_BODY_BYTES] (default {Limits.max_body_bytes})")
-    serve.add_argument("--max-pixels", type=pixel_budget, default=pixel_budget(env("MAX_PIXELS", "auto")), metavar="N|auto", help=f"most pixels (over the batch) a decode returns or an encode takes; more gets 413 at once [env REMOTE_VAE_MAX_PIXELS] (default auto: {GPU_MAX_PIXELS} = 8192x8192 on a GPU, {Limits.max_pixels} on CPU)")
-    serve.add_argument("--max-video-pixels", type=int, default=int(env("MAX_VIDEO_PIXELS", Limits.max_video_pixels)), help=f"the same for videos, counting every frame; more gets 413 [env REMOTE_VAE_MAX_VIDEO_PIXELS] (default {Limits.max_video_pixels}, room for 129 frames of 1280x720)")
-    serve.add_argument("--max-batch", type=int, default=int(env("MAX_BATCH", Limits.max_batch)), help=f"most images or videos in one request; more gets 413 [env REMOTE_VAE_MAX_BATCH] (default {Limits.max_batch})")
-    serve.add_argument("--max-queue", type=int, default=int(env("MAX_QUEUE", QueueSettings.max_waiting)), help=f"requests held beyond the one on the device; more get 503 with Retry-After, before their body is read [env REMOTE_VAE_MAX_QUEUE] (default {QueueSettings.max_waiting})")
-    serve.add_argument("--queue-timeout", type=float, default=float(env("QUEUE_TIMEOUT", QueueSettings.wait_timeout)), help=f"seconds a request may wait for the device; longer gets 503 [env REMOTE_VAE_QUEUE_TIMEOUT] (default {QueueSettings.wait_timeout:g})")
-    serve.add_argument("--body-timeout", type=float, default=float(env("BODY_TIMEOUT", ServeOptions.body_timeout)), help=f"seconds to receive a request body; slower gets 408 [env REMOTE_VAE_BODY_TIMEOUT] (default {ServeOptions.body_timeout:g})")
-    serve.add_argument("--api-key", default=env("API_KEY"), help="require 'Authorization: Bearer KEY' on every POST (health and /metrics stay open) [env REMOTE_VAE_API_KEY]")
-    serve.add_argument("--api-key-file", default=env("API_KEY_FILE"), help="the same with keys read from a file, one per line (several for rotation) [env REMOTE_VAE_API_KEY_FILE]")
-    serve.add_argument("--cors-origins", nargs="*", default=env("CORS_ORIGINS", "").split(), metavar="ORIGIN", help="let web pages on these origins call the API from a browser (e.g. https://app.example.com, or * for any) [env REMOTE_VAE_CORS_ORIGINS, space-separated]")
-    serve.add_argument("--ssl-certfile", default=env("SSL_CERTFILE"), help="serve HTTPS with this PEM certificate (chain) [env REMOTE_VAE_SSL_CERTFILE]")
-    serve.add_argument("--ssl-keyfile", default=env("SSL_KEYFILE"), help="the certificate's PEM private key [env REMOTE_VAE_SSL_KEYFILE]")
-    serve.add_argument("--graceful-timeout", type=float, default=float(env("GRACEFUL_TIMEOUT", 30)), help="on SIGTERM, stop accepting and give in-flight requests this many seconds to finish, then exit 0 [env REMOTE_VAE_GRACEFUL_TIMEOUT] (default 30)")
-    serve.add_argument("--max-batch-images", type=int, default=int(env("MAX_BATCH_IMAGES", BatchSettings.max_images)), metavar="N", help=f"coalesce concurrent requests of the same shape into one model call of up to N images or videos; 1 turns batching off [env REMOTE_VAE_MAX_BATCH_IMAGES] (default {BatchSettings.max_images})")
-    serve.add_argument("--batch-wait-ms", type=float, default=float(env("BATCH_WAIT_MS", BatchSettings.wait * 1000)), metavar="MS", help=f"longest a request waits for others to join its model call, and only while more are arriving [env REMOTE_VAE_BATCH_WAIT_MS] (default {BatchSettings.wait * 1000:g})")
-    serve.add_argument("--batch-pixel-budget", type=pixel_budget, default=pixel_budget(env("BATCH_PIXEL_BUDGET", "auto")), metavar="N|auto", help="pixels (batch x frames x height x width) one model call may take whole; a larger batch runs one sample at a time. auto: on CUDA what fits the free memory, on CPU 65536 (measured) [env REMOTE_VAE_BATCH_PIXEL_BUDGET]")
-    serve.add_argument("--png-compression", type=int, choices=range(10), default=int(env("PNG_COMPRESSION", PNG_COMPRESSION)), metavar="0-9", help=f"zlib level of PNG replies unless a request sends png_compression; the pixels are the same at every level [env REMOTE_VAE_PNG_COMPRESSION] (default {PNG_COMPRESSION}: 3.3-4.6x faster than Pillow's 6 on photos for 7-10%% more bytes)")
-    serve.add_argument("--compile", action="store_true", default=env_flag("COMPILE"), help="torch.compile the encoder and decoder; the --warmup-sizes are compiled at start-up, other sizes run eagerly [env REMOTE_VAE_COMPILE=1]")
-    serve.add_argument("--warmup-sizes", nargs="*", type=warmup_size, default=[warmup_size(size) for size in env("WARMUP_SIZES", "").split()], metavar="WxH[xF]", help="sizes in pixels (and frames, for video families) to run once at start-up, before serving: compiles them with --compile, tunes cuDNN on CUDA [env REMOTE_VAE_WARMUP_SIZES, space-separated]")
-    serve.add_argument("--channels-last", choices=["auto", "on", "off"], default=env("CHANNELS_LAST", "auto"), help="run convolutions in channels-last layout; auto = on for CUDA, off for the CPU (see docs/benchmarks.md) [env REMOTE_VAE_CHANNELS_LAST]")
-    serve.add_argument("--tile-store-bytes", type=byte_budget, default=byte_budget(env("TILE_STORE_BYTES", "auto")), metavar="N|auto", help="host memory one whole activation of the exact tiled path may take; past it, bands are recomputed instead, so memory stays flat as images grow, for time (default auto: 268435456; on a GPU activations stay on the device while they fit) [env REMOTE_VAE_TILE_STORE_BYTES]")
-    serve.add_argument("--tile-band-pixels", type=pixel_budget, default=pixel_budget(env("TILE_BAND_PIXELS", "auto")), metavar="N|auto", help="output pixels per band of the exact tiled path, the device's work per step (default auto: 1048576 on a GPU, 65536 on CPU) [env REMOTE_VAE_TILE_BAND_PIXELS]")
-    serve.add_argument("--tile-above-pixels", type=tile_threshold, default=tile_threshold(env("TILE_ABOVE_PIXELS", "family")), metavar="N|family|never", help="decode/encode in tiles when an image or frame has more than N pixels (0 = always); 'family' keeps each family's own setting (video: on above 512x512 / 1280x720, images: never) [env REMOTE_VAE_TILE_ABOVE_PIXELS]")
-    serve.add_argument("--log-level", default=env("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"], help="[env REMOTE_VAE_LOG_LEVEL]")
+    serve = commands.add_parser("serve", help="serve one or more VAE families", add_help=serve_options)
+    if serve_options:
+        from .launch import add_serve_arguments
+
+        add_serve_arguments(serve)
 
     commands.add_parser("families", help="list the families in configs/")
 
@@ -94,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     health = commands.add_parser("health", help="exit 0 if the server on this machine answers /health with 200 (a container HEALTHCHECK)")
     health.add_argument("--port", type=int, default=default_port(), help="[env REMOTE_VAE_PORT or PORT] (default 8000)")
     health.add_argument("--timeout", type=float, default=5.0)
+
+    add_client_commands(commands)
     return parser
 
 
@@ -175,96 +143,6 @@ def model_sources(names: list[str], specs: list[str]) -> dict[str, str]:
     return sources
 
 
-def limits_from(args: argparse.Namespace, device_type: str) -> Limits:
-    """The request limits; --max-pixels auto takes 8192x8192 on a GPU, where the exact tiled path keeps such an image within memory."""
-    max_pixels = args.max_pixels or (GPU_MAX_PIXELS if device_type == "cuda" else Limits.max_pixels)
-    return Limits(max_body_bytes=args.max_body_bytes, max_pixels=max_pixels, max_video_pixels=args.max_video_pixels, max_batch=args.max_batch)
-
-
-def serve_options(args: argparse.Namespace) -> ServeOptions:
-    for name in ("max_body_bytes", "max_video_pixels", "max_batch"):
-        if getattr(args, name) < 1:
-            raise SettingsError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.max_batch_images < 1 or not 0 <= args.batch_wait_ms <= 10_000:
-        raise SettingsError("--max-batch-images must be at least 1 and --batch-wait-ms from 0 to 10000")
-    if args.max_queue < 0 or args.queue_timeout <= 0 or args.body_timeout <= 0 or args.graceful_timeout < 0:
-        raise SettingsError("--max-queue and --graceful-timeout must be 0 or more, --queue-timeout and --body-timeout above 0")
-    if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
-        raise SettingsError("HTTPS needs both --ssl-certfile and --ssl-keyfile")
-    for path in filter(None, (args.ssl_certfile, args.ssl_keyfile)):
-        if not os.path.isfile(path):
-            raise SettingsError(f"{path} is not a file")
-    try:
-        keys = load_api_keys(args.api_key, args.api_key_file)
-    except ApiKeyError as exc:
-        raise SettingsError(str(exc)) from None
-    queue = QueueSettings(max_waiting=args.max_queue, wait_timeout=args.queue_timeout)
-    batching = BatchSettings(max_images=args.max_batch_images, wait=args.batch_wait_ms / 1000)
-    return ServeOptions(queue=queue, batching=batching, body_timeout=args.body_timeout, api_keys=keys, cors_origins=tuple(args.cors_origins))
-
-
-def load_service(family: Family, source: str, args: argparse.Namespace) -> VaeService:
-    """A family's service as the serve options (flags or their environment variables) describe it."""
-    device = resolve_device(args.device)
-    limits = limits_from(args, device.type)
-    guard_decompression_bombs(max(limits.max_pixels, limits.max_video_pixels))
-    dtype = resolve_dtype(args.dtype, family, device)
-    path = DevicePath.default(device, compile=args.compile, channels_last=args.channels_last)
-    # Compiled, a batch of one and a batch of several are two graphs: warm both when requests may be batched.
-    batches = (1, 2) if args.compile and args.max_batch_images > 1 else (1,)
-    vae = load_vae(family, source, device, dtype, random_weights=args.random_weights, tile_above_pixels=args.tile_above_pixels,
-                   path=path, budget=BatchBudget(pixels=args.batch_pixel_budget), warmup_sizes=warmup_sizes_for(family, args.warmup_sizes),
-                   warmup_batches=batches, band_pixels=args.tile_band_pixels,
-                   store_bytes=args.tile_store_bytes)
-    return VaeService(vae, limits, png_compression=args.png_compression)
-
-
-def serve(args: argparse.Namespace) -> int:
-    names = args.families or env("FAMILIES", "").split()
-    if not names:
-        raise FamilyError(f"name at least one family to serve: {', '.join(families.available())}")
-    loaded: list[Family] = [families.load_family(name) for name in names]
-    if len({family.name for family in loaded}) != len(loaded):
-        raise FamilyError(f"a family is named twice in {names}")
-    specs = args.model if args.model is not None else env("MODEL", "").split()
-    sources = model_sources([family.name for family in loaded], specs)
-    registry = Registry({family.name: Slot(family) for family in loaded})
-    options = serve_options(args)
-    for family in loaded:
-        warmup_sizes_for(family, args.warmup_sizes)  # refused now, not after the first model has loaded
-
-    model_dirs = [os.environ.get("HF_MODEL_DIR"), args.weights_dir]
-
-    def load(family: Family) -> VaeService:
-        source = sources.get(family.name) or default_source(family, model_dirs, several=len(loaded) > 1)
-        return load_service(family, source, args)
-
-    config = uvicorn.Config(
-        create_app(registry, options), host=args.host, port=args.port, log_level=args.log_level,
-        access_log=False,  # observability.RequestLog writes one line per request, with its id
-        timeout_graceful_shutdown=args.graceful_timeout, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
-    )
-    server = GracefulServer(config)
-    log.info("API key %s; %s", "required on POST" if options.api_keys else "not required", "HTTPS" if args.ssl_certfile else "plain HTTP")
-
-    def on_failure(message: str) -> None:
-        server.should_exit = True
-
-    load_in_background(registry, load, on_failure)
-    server.run()
-    failed = [slot for slot in registry.slots.values() if slot.error]
-    return 1 if failed else 0
-
-
-def download(names: list[str], target: Path) -> int:
-    """Bake weights: each family's VAE files into target/<family>/."""
-    for family in [families.load_family(name) for name in names]:
-        try:
-            print(download_weights(family, target / family.name))
-        except OSError as exc:  # the Hub's HTTP errors and cache misses are OSErrors
-            print(f"error: cannot download {family.name}'s weights from {hub_id(family)}: {exc}", file=sys.stderr)
-            return 1
-    return 0
 
 
 def check_health(port: int, timeout: float) -> int:
@@ -283,45 +161,129 @@ def check_health(port: int, timeout: float) -> int:
         return 1
 
 
-class GracefulServer(uvicorn.Server):
-    """uvicorn, but a SIGTERM / SIGINT that shut the server down cleanly ends the process with 0.
-
-    uvicorn re-raises the signal after its graceful shutdown, which makes the exit status 143;
-    orchestrators read that as a crash.
-    """
-
-    @contextlib.contextmanager
-    def capture_signals(self):
-        with super().capture_signals():
-            yield
-            self._captured_signals.clear()
-
-
 def describe(family: Family) -> str:
     """A family for `families`: what it is, its weights, the latents it takes, and what a client passes to decode them."""
-    scaling = ", ".join(f"{name}={value}" for name, value in family.client_scaling().items())
+    # remote_decode sends do_scaling=True by default (a deprecated argument): per-channel families' calls pass nothing.
+    scaling = ", ".join(f"{name}={value}" for name, value in family.client_scaling().items() if name != "do_scaling")
     extra = "; optional decode_timestep=, decode_noise_scale=, decode_noise_seed=" if family.decode_timestep else ""
     kind = f"video, {frame_step(family)}k+1 frames" if family.is_video else "image"
     return "\n".join([
         f"{family.name} ({kind}): {family.description}",
-        f"  weights  {hub_id(family)}",
+        f"  weights  {family.hub_id}",
         f"  latents  {LatentLayout.of(family).describe()}",
-        f"  client   remote_decode(url, latents, {scaling}{', height=H, width=W' if LatentLayout.of(family).packing != 'none' else ''}){extra}",
+        f"  client   remote_decode(url, latents{', ' + scaling if scaling else ''}{', height=H, width=W' if LatentLayout.of(family).packing != 'none' else ''}){extra}",
+        f"  wire     {'&'.join(f'{name}={value}' for name, value in family.client_scaling().items())}",
     ])
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+OUTPUT_SUFFIXES = IMAGE_SUFFIXES + (".mp4", ".safetensors")
+
+
+def add_client_commands(commands) -> None:
+    """`decode` and `encode`: the client on files, several at once."""
+    def common(command: argparse.ArgumentParser) -> None:
+        command.add_argument("-o", "--output", required=True, metavar="OUT",
+                             help="the file to write; with several inputs, a pattern with {name} (the input's name without suffix), or a directory")
+        command.add_argument("--url", default=env("URL"), required=env("URL") is None, help="the server, or one family's path on it [env REMOTE_VAE_URL]")
+        command.add_argument("--family", help="which family, when the server serves several")
+        command.add_argument("--api-key-env", default="REMOTE_VAE_API_KEY", metavar="VAR", help="environment variable holding the API key (default REMOTE_VAE_API_KEY; unset: no key)")
+        command.add_argument("--ca-cert", metavar="PEM", help="trust this certificate (a self-signed server)")
+        command.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the server (default 300)")
+        command.add_argument("--retries", type=int, default=3, help="retries after 503 (queue full, loading) or a dropped connection (default 3)")
+        command.add_argument("--raw", action="store_true", help="latents are the VAE's own, not normalised as the pipeline holds them")
+
+    decode = commands.add_parser("decode", help="decode latent files on a server: .safetensors, .pt or .npy to .png/.jpg/.webp/.mp4/.safetensors")
+    decode.add_argument("inputs", nargs="+", metavar="LATENTS", help="a pipeline's output_type='latent', saved with safetensors.torch.save_file (or torch.save, numpy.save)")
+    decode.add_argument("--key", help="the tensor's name in a file that holds several")
+    decode.add_argument("--height", type=int, help="pixel height, for packed latents (Flux, Qwen-Image, LTX)")
+    decode.add_argument("--width", type=int, help="pixel width, for packed latents")
+    decode.add_argument("--format", choices=[suffix[1:] for suffix in OUTPUT_SUFFIXES], help="output format when OUT is a directory (default png, mp4 for video families)")
+    decode.add_argument("--fps", type=float, help="frame rate of an MP4")
+    common(decode)
+    encode = commands.add_parser("encode", help="encode images or videos on a server to latents (.safetensors, key 'latents')")
+    encode.add_argument("inputs", nargs="+", metavar="IMAGE_OR_VIDEO", help="a .png, .jpg, .webp, .mp4, .webm or .gif file")
+    common(encode)
+
+
+def output_paths(output: str, inputs: list[str], suffix: str) -> list[Path]:
+    """Where each input's result goes: OUT itself for one input; OUT with {name} filled in, or OUT/<name><suffix>, for several."""
+    if "{name}" in output:
+        return [Path(output.format(name=Path(source).stem)) for source in inputs]
+    if output.endswith(("/", os.sep)) or Path(output).is_dir():
+        return [Path(output) / f"{Path(source).stem}{suffix}" for source in inputs]
+    if len(inputs) > 1:
+        raise SettingsError(f"{len(inputs)} inputs need -o with {{name}} in it (e.g. out/{{name}}.png) or a directory")
+    return [Path(output)]
+
+
+def run_client(args: argparse.Namespace) -> int:
+    """decode / encode each input on the server; 0 when all succeeded, 1 when the server refused or failed any, 2 on bad arguments."""
+    from tqdm import tqdm
+
+    from .client import Client, RemoteVaeError, load_latents, save_output
+
+    api_key = os.environ.get(args.api_key_env)
+    if args.api_key_env != "REMOTE_VAE_API_KEY" and not api_key:
+        raise SettingsError(f"--api-key-env {args.api_key_env}: that variable is not set")
+    for source in args.inputs:
+        if not Path(source).is_file():
+            raise SettingsError(f"{source}: no such file")
+    failed = 0
+    with Client(args.url, api_key=api_key, timeout=args.timeout, retries=args.retries, verify=args.ca_cert or True) as client:
+        try:
+            family = client.family(args.family)
+        except (ValueError, RemoteVaeError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1 if isinstance(exc, (RemoteVaeError, OSError)) else 2
+        default = ".safetensors" if args.command == "encode" else f".{args.format}" if args.format else ".mp4" if family["video"] else ".png"
+        targets = output_paths(args.output, args.inputs, default)
+        for target in targets:
+            if args.command == "decode" and target.suffix.lower() not in OUTPUT_SUFFIXES:
+                raise SettingsError(f"{target}: expected an output ending in {', '.join(OUTPUT_SUFFIXES)}")
+        for source, target in tqdm(list(zip(args.inputs, targets)), unit="file", disable=len(targets) < 2, file=sys.stderr):
+            try:
+                if args.command == "decode":
+                    latents = load_latents(source, args.key)
+                    suffix = target.suffix.lower()
+                    output = "mp4" if suffix == ".mp4" else "pt" if suffix == ".safetensors" else "pil"
+                    options = {"fps": args.fps} if args.fps else {}
+                    result = client.decode(latents, args.family, output, normalised=not args.raw, height=args.height, width=args.width, **options)
+                    written = save_output(result, target)
+                else:
+                    from safetensors.torch import save_file
+
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    save_file({"latents": client.encode(source, args.family, normalised=not args.raw).contiguous()}, target)
+                    written = [target]
+                tqdm.write(" ".join(str(path) for path in written), file=sys.stdout)
+            except (RemoteVaeError, OSError, ValueError) as exc:  # OSError: connection failures (requests' are OSErrors) and files
+                failed += 1
+                tqdm.write(f"error: {source}: {exc}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser(serve_options=False)
+    args, unknown = parser.parse_known_args(argv)
+    if args.command == "serve":
+        args = build_parser().parse_args(argv)
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=getattr(args, "log_level", "info").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "families":
             print("\n\n".join(describe(families.load_family(name)) for name in families.available()))
             return 0
-        if args.command == "download":
-            return download(args.families, Path(args.to))
         if args.command == "health":
             return check_health(args.port, args.timeout)
-        return serve(args)
+        if args.command in ("decode", "encode"):
+            return run_client(args)
+        from . import launch
+
+        if args.command == "download":
+            return launch.download(args.families, Path(args.to))
+        return launch.serve(args)
     except (FamilyError, SettingsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

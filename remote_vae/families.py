@@ -40,7 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+_PACKAGE = Path(__file__).resolve().parent
+# Installed, the configs are the package's own remote_vae/configs/ (see pyproject.toml); in a clone, configs/ beside it.
+CONFIG_DIR = _PACKAGE / "configs" if (_PACKAGE / "configs").is_dir() else _PACKAGE.parent / "configs"
 
 OPERATIONS = ("decode", "encode")
 DTYPES = ("float16", "bfloat16", "float32")
@@ -76,6 +78,11 @@ class Family:
     decode_timestep: str | None = None
     samples_per_call: int | None = None
     latent_frames_odd: bool = False
+
+    @property
+    def hub_id(self) -> str:
+        """Where the weights are on the Hub: org/name[/subfolder]."""
+        return f"{self.hub_repo}/{self.hub_subfolder}" if self.hub_subfolder else self.hub_repo
 
     @property
     def is_video(self) -> bool:

@@ -15,11 +15,13 @@ Encoding runs the other way and answers in the layout the pipeline holds.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import RequestError
 from .families import Family
+
+if TYPE_CHECKING:  # torch is imported where it is used: `remote-vae families` describes layouts without it
+    import torch
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,8 @@ class ChannelStats:
     std: tuple[float, ...]
 
     def _stats(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
         view = (1, len(self.mean)) + (1,) * (latents.ndim - 2)
         mean = torch.tensor(self.mean).view(view).to(latents.device, latents.dtype)
         inverse_std = (1.0 / torch.tensor(self.std)).view(view).to(latents.device, latents.dtype)
@@ -338,7 +342,7 @@ def check_batch(batch: int, max_batch: int) -> None:
 
 def check_finite(values: torch.Tensor, what: str, expected: str = "") -> None:
     """NaN or infinity in is refused, not decoded: it would come out as black or garbage pixels."""
-    bad = values.numel() - int(torch.isfinite(values).sum())
+    bad = values.numel() - int(values.isfinite().sum())
     if bad:
         raise RequestError(f"{what} holds {bad} NaN or infinite value(s); expected finite values{' ' + expected if expected else ''}")
 

@@ -28,14 +28,16 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from .admission import ClientGone, QueueSettings, WorkQueue
 from .auth import ApiKeyMiddleware
 from .batching import Batcher, BatchSettings
 from .errors import RequestError
+from . import openapi
 from .families import Family
+from .latents import LatentLayout
 from .observability import Metrics, RequestLog, StageTimer
 from .service import VaeService
 from .wire import HttpCall, HttpReply, failure_reply, prepare_call, render
@@ -148,10 +150,24 @@ def health_response(slots: list[Slot]) -> JSONResponse:
     return JSONResponse(body, status_code=200 if ready else 503)
 
 
+def family_document(slot: Slot, path: str) -> dict:
+    """A served family as a client needs it: where to send, what latents it takes, the scaling to send with a pipeline's latents."""
+    family, layout = slot.family, LatentLayout.of(slot.family)
+    return {"path": path, "status": slot.status, "operations": list(family.operations), "video": family.is_video,
+            "description": family.description, "weights": family.hub_id, "latents": layout.describe(),
+            "latent_channels": layout.pipeline_channels, "spatial_compression": family.spatial_compression,
+            "temporal_compression": family.temporal_compression, "packed": layout.packing != "none",
+            "scaling": family.client_scaling()}
+
+
 def family_routes(prefix: str, slot: Slot, guard: Guard) -> list[Route]:
     async def health(request: Request) -> Response:
         request.state.family, request.state.operation = slot.family.name, "health"
         return health_response([slot])
+
+    async def described(request: Request) -> Response:
+        request.state.family, request.state.operation = slot.family.name, "families"
+        return JSONResponse({"families": {slot.family.name: family_document(slot, "")}})
 
     def predict(operation: str | None):
         async def endpoint(request: Request) -> Response:
@@ -169,14 +185,16 @@ def family_routes(prefix: str, slot: Slot, guard: Guard) -> list[Route]:
 
     either = predict(None)
     routes = [
-        Route(f"{prefix}/health", health, methods=["GET"]),
-        Route(f"{prefix}/predict", either, methods=["POST"]),
-        Route(f"{prefix}/decode", predict("decode"), methods=["POST"]),
-        Route(f"{prefix}/encode", predict("encode"), methods=["POST"]),
+        Route(f"{prefix}/health", health, methods=["GET"], name="health"),
+        Route(f"{prefix}/predict", either, methods=["POST"], name="predict"),
+        Route(f"{prefix}/decode", predict("decode"), methods=["POST"], name="decode"),
+        Route(f"{prefix}/encode", predict("encode"), methods=["POST"], name="encode"),
     ]
+    if prefix:  # served alone, the server's own /families describes it
+        routes.append(Route(f"{prefix}/families", described, methods=["GET"], name="families"))
     # The family's root, with and without the trailing slash (no redirect for POST bodies).
-    for root in {f"{prefix}/", prefix or "/"}:
-        routes += [Route(root, health, methods=["GET"]), Route(root, either, methods=["POST"])]
+    for root in sorted({f"{prefix}/", prefix or "/"}):
+        routes += [Route(root, health, methods=["GET"], name="health"), Route(root, either, methods=["POST"], name="predict")]
     return routes
 
 
@@ -218,6 +236,31 @@ class Guard:
             return failure_reply(exc)
 
 
+def api_description_routes(routes: list[Route], families: dict[str, Family], api_keys: bool) -> list[Route]:
+    """GET /openapi.json, describing `routes` and itself, and GET /docs, Swagger UI rendering it from bundled files."""
+    described = [(route.path, method, route.name) for route in routes for method in sorted(route.methods - {"HEAD"})]
+    described += [("/openapi.json", "GET", "openapi"), ("/docs", "GET", "docs")]
+    schema = openapi.document(described, families, api_keys)
+    files = openapi.swagger_ui_files()
+
+    async def openapi_endpoint(request: Request) -> Response:
+        request.state.operation = "openapi"
+        return JSONResponse(schema)
+
+    async def docs(request: Request) -> Response:
+        request.state.operation = "docs"
+        return HTMLResponse(openapi.DOCS_PAGE)
+
+    def asset(name: str):
+        async def endpoint(request: Request) -> Response:
+            request.state.operation = "docs"
+            return FileResponse(files / name)
+        return endpoint
+
+    return [Route("/openapi.json", openapi_endpoint, methods=["GET"], name="openapi"), Route("/docs", docs, methods=["GET"], name="docs")] + [
+        Route(f"/docs/{name}", asset(name), methods=["GET"], name="docs") for name in ("swagger-ui.css", "swagger-ui-bundle.js")]
+
+
 def create_app(registry: Registry, options: ServeOptions = ServeOptions()):
     """The ASGI app: request log and metrics outermost, then CORS, then the API key check, then the routes.
 
@@ -233,7 +276,13 @@ def create_app(registry: Registry, options: ServeOptions = ServeOptions()):
         request.state.operation = "metrics"
         return Response(metrics.render(), media_type=metrics.content_type)
 
-    routes: list[Route] = [Route("/metrics", metrics_endpoint, methods=["GET"])]
+    async def families_endpoint(request: Request) -> Response:
+        request.state.operation = "families"
+        prefix = "" if len(slots) == 1 else "{}/"
+        return JSONResponse({"families": {slot.family.name: family_document(slot, prefix.format(slot.family.name)) for slot in slots}})
+
+    routes: list[Route] = [Route("/metrics", metrics_endpoint, methods=["GET"], name="metrics"),
+                           Route("/families", families_endpoint, methods=["GET"], name="families")]
     if len(slots) == 1:
         routes += family_routes("", slots[0], guard)
     else:
@@ -244,9 +293,10 @@ def create_app(registry: Registry, options: ServeOptions = ServeOptions()):
             families = {slot.family.name: {"path": f"/{slot.family.name}/", "status": slot.status, "operations": list(slot.family.operations)} for slot in slots}
             return JSONResponse({"status": "ok" if ready else "loading", "families": families}, status_code=200 if ready else 503)
 
-        routes += [Route("/", index, methods=["GET"]), Route("/health", index, methods=["GET"])]
+        routes += [Route("/", index, methods=["GET"], name="health"), Route("/health", index, methods=["GET"], name="health")]
     for slot in slots:
         routes += family_routes(f"/{slot.family.name}", slot, guard)
+    routes += api_description_routes(routes, {slot.family.name: slot.family for slot in slots}, bool(options.api_keys))
 
     routes_hint = "POST / (or /predict, /decode, /encode)" if len(slots) == 1 else "POST /<family>/ for " + ", ".join(f"/{s.family.name}/" for s in slots)
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import threading
 import time
 from collections.abc import Sequence
@@ -42,6 +43,7 @@ import diffusers
 import numpy as np
 import torch
 from diffusers.models.modeling_utils import ModelMixin
+import requests
 from huggingface_hub import hf_hub_download
 
 from .device import BatchBudget, DevicePath, PeakMemory, available_memory, compile_model, compiled_calls, set_up_model, to_device
@@ -115,11 +117,25 @@ def default_source(family: Family, model_dirs: Sequence[str | None], several: bo
         for candidate in [root / family.name] if several else [root, root / family.name]:
             if weights_folder(family, candidate):
                 return str(candidate)
-    return hub_id(family)
+    return family.hub_id
 
 
-def hub_id(family: Family) -> str:
-    return f"{family.hub_repo}/{family.hub_subfolder}" if family.hub_subfolder else family.hub_repo
+def network_failure(exc: BaseException | None) -> BaseException | None:
+    """The network error in exc's chain of causes, when a load failed because the Hub could not be reached."""
+    kinds: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError, socket.gaierror, requests.ConnectionError, requests.Timeout)
+    try:
+        import httpx  # huggingface_hub's own client from 1.0
+
+        kinds += (httpx.TransportError,)
+    except ImportError:
+        pass
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, kinds):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def download_weights(family: Family, target: Path) -> Path:
@@ -420,8 +436,12 @@ def load_vae(
             # torch_dtype here, not .to(dtype) later: diffusers keeps modules it must run in float32.
             model = cls.from_pretrained(name, torch_dtype=dtype, **kwargs)
         except (OSError, ValueError, EnvironmentError) as exc:
-            offline = " (HF_HUB_OFFLINE is set: the model must already be in the Hugging Face cache)" if os.environ.get("HF_HUB_OFFLINE") else ""
             hint = "; without Hub access pass --model DIR (a diffusers model directory) or --random-weights"
+            unreachable = None if os.environ.get("HF_HUB_OFFLINE") else network_failure(exc)
+            if unreachable is not None:  # diffusers then says the repository "does not appear to have a file named config.json"
+                raise LoadError(f"cannot load {family.name}: the Hugging Face Hub could not be reached for {source} "
+                                f"({type(unreachable).__name__}: {unreachable}){hint}") from exc
+            offline = " (HF_HUB_OFFLINE is set: the model must already be in the Hugging Face cache)" if os.environ.get("HF_HUB_OFFLINE") else ""
             raise LoadError(f"cannot load {family.name} from {source}{offline}: {exc}{hint}") from exc
     channels = config_latent_channels(model.config)
     if channels is not None and channels != family.latent_channels:

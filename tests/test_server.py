@@ -7,6 +7,7 @@ import time
 
 import pytest
 import requests
+import torch
 import uvicorn
 from conftest import ROOT, free_port, offline_env
 
@@ -116,3 +117,45 @@ def test_serve_options_that_cannot_work_exit_2_before_loading(options, words):
     result = subprocess.run([sys.executable, "-m", "remote_vae", "serve", "sd15", "--random-weights", *options],
                             cwd=ROOT, env=offline_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and words in result.stderr
+
+
+def test_a_hub_that_cannot_be_reached_is_named_as_the_cause(monkeypatch):
+    """diffusers reports an unreachable Hub as a repository without config.json; the load error names the network error."""
+    import diffusers
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from remote_vae.vae import LoadError, load_vae
+
+    def unreachable(*args, **kwargs):
+        try:
+            try:
+                raise ConnectionRefusedError(111, "Connection refused")
+            except ConnectionRefusedError as refused:
+                raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub") from refused
+        except LocalEntryNotFoundError as missing:
+            raise OSError("stabilityai/sd-vae-ft-mse does not appear to have a file named config.json.") from missing
+
+    monkeypatch.setattr(diffusers.AutoencoderKL, "from_pretrained", unreachable)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(LoadError) as failed:
+        load_vae(load_family("sd15"), "stabilityai/sd-vae-ft-mse", torch.device("cpu"), torch.float32)
+    message = str(failed.value)
+    assert "Hugging Face Hub could not be reached" in message and "ConnectionRefusedError" in message and "config.json" not in message
+    assert "--model DIR" in message
+
+
+@pytest.mark.parametrize("host, warned", [("0.0.0.0", True), ("192.0.2.7", True), ("127.0.0.1", False), ("localhost", False), ("::1", False)])
+def test_serving_beyond_loopback_without_a_key_warns_at_start(monkeypatch, caplog, host, warned):
+    """No socket is opened: the server's run and the model loading are stubbed, the start-up checks run for real."""
+    from remote_vae import launch
+    from remote_vae.cli import build_parser
+
+    monkeypatch.setattr(launch.GracefulServer, "run", lambda self: None)
+    monkeypatch.setattr(launch, "load_in_background", lambda *args: None)
+    with caplog.at_level("WARNING", logger="remote_vae"):
+        launch.serve(build_parser().parse_args(["serve", "sd15", "--random-weights", "--host", host]))
+    assert ("without an API key" in caplog.text) == warned, caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="remote_vae"):
+        launch.serve(build_parser().parse_args(["serve", "sd15", "--random-weights", "--host", host, "--api-key", "k" * 32]))
+    assert "without an API key" not in caplog.text

@@ -8,7 +8,8 @@ import torch
 from conftest import LiveServer, offline_env, seeded, tensor_of
 from diffusers.utils.remote_utils import remote_decode
 
-from remote_vae.cli import build_parser, limits_from
+from remote_vae.cli import build_parser
+from remote_vae.launch import limits_from
 from remote_vae.families import load_family
 from remote_vae.latents import check_output_size, plan_decode
 from remote_vae.service import GPU_MAX_PIXELS
@@ -94,7 +95,7 @@ def test_exact_tiling_covers_the_groupnorm_families(reference):
 def tiled_in_process(model, call, store_limit):
     tiler = ExactTiler(model, band_pixels=BAND_PIXELS, store_limit=store_limit)
     with torch.no_grad(), tiler.installed():
-        return call(), tiler.recomputed
+        return call(), (tiler.recomputed, tiler.overwritten)
 
 
 # A 104x88 image, or 9 such frames: odd latent sizes, many bands.
@@ -104,21 +105,23 @@ INPUTS = {"sd15": ((2, 4, 13, 11), (1, 3, 104, 88)), "hunyuanvideo": ((1, 16, 3,
 @pytest.mark.parametrize("family", sorted(INPUTS))
 def test_whether_activations_are_held_whole_or_recomputed_the_result_is_untiled(reference, family):
     """store_limit None holds every GroupNorm's input whole; 0 holds none, recomputing bands from the mid block
-    (decode) or the pixels (encode) for each GroupNorm's statistics; 40000 bytes holds the low-resolution ones only."""
+    (decode) or the pixels (encode) for each GroupNorm's statistics; 40000 bytes holds the low-resolution ones only.
+    Where a segment keeps the resolution, its output overwrites its input band by band, each band once no later band reads its rows."""
     model = reference[family]
     latent_shape, pixel_shape = INPUTS[family]
     latents, pixels = seeded(*latent_shape, seed=53), seeded(*pixel_shape, seed=54).clamp(-1, 1)
     with torch.no_grad():
         untiled_pixels, untiled_latents = model.decode(latents).sample, model.encode(pixels).latent_dist.mean
-    recomputed = {}
+    recomputed, overwritten = {}, {}
     for limit in (None, 40000, 0):
-        decoded, decode_recomputed = tiled_in_process(model, lambda: model.decode(latents).sample, limit)
-        encoded, encode_recomputed = tiled_in_process(model, lambda: model.encode(pixels).latent_dist.mean, limit)
+        decoded, (decode_recomputed, decode_overwritten) = tiled_in_process(model, lambda: model.decode(latents).sample, limit)
+        encoded, (encode_recomputed, encode_overwritten) = tiled_in_process(model, lambda: model.encode(pixels).latent_dist.mean, limit)
         torch.testing.assert_close(decoded, untiled_pixels, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(encoded, untiled_latents, atol=1e-4, rtol=1e-4)
-        recomputed[limit] = (decode_recomputed, encode_recomputed)
+        recomputed[limit], overwritten[limit] = (decode_recomputed, encode_recomputed), (decode_overwritten, encode_overwritten)
     assert recomputed[None] == (0, 0)
     assert all(0 < some < none for some, none in zip(recomputed[40000], recomputed[0])), recomputed
+    assert overwritten[None][0] > 0 and sum(overwritten[40000]) > 0, overwritten
 
 
 def test_the_service_recomputes_bands_past_its_store_limit(model_dirs, reference, tmp_path):

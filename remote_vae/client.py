@@ -1,0 +1,274 @@
+"""A client for remote-vae (and any server speaking the remote-VAE protocol), with what diffusers' lacks.
+
+    from remote_vae.client import Client
+
+    with Client("https://vae.example.com/", api_key=os.environ["REMOTE_VAE_API_KEY"]) as vae:
+        image = vae.decode(latents)                  # as the pipeline hands them: output_type="latent"
+        latents = vae.encode(image)
+        clip = vae.decode(video_latents, family="wan21", output="mp4")   # several families on one server
+
+Against diffusers' `remote_decode` / `remote_encode` it adds: an API key and any
+headers; a timeout; bounded retries that honour 503 `Retry-After` (a full queue,
+a model still loading) and connection resets; one kept-alive connection; any
+tensor sent as its own contiguous bytes (diffusers' `remote_encode` sends freed
+memory for a non-contiguous one); errors raised as `RemoteVaeError` carrying the
+server's JSON message; and each family's scaling read from the server
+(`GET /families`), so nobody copies factors by hand.
+
+Images travel back as raw uint8 pixels, not PNG: the same pixels, without
+encoding and decoding a file on each side.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import requests
+import torch
+
+WIRE_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32", torch.uint8: "uint8"}
+REPLY_DTYPES = {name: dtype for dtype, name in WIRE_DTYPES.items()}
+FILE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp",
+              ".mp4": "video/mp4", ".webm": "video/webm", ".gif": "image/gif"}
+OUTPUTS = ("pil", "uint8", "pt", "mp4")
+
+
+class RemoteVaeError(Exception):
+    """The server refused or failed a request: `status`, its JSON `error` message, and the request id to look up in its log."""
+
+    def __init__(self, status: int, message: str, url: str, request_id: str | None = None):
+        super().__init__(f"{status} from {url}: {message}")
+        self.status, self.message, self.url, self.request_id = status, message, url, request_id
+
+
+class Client:
+    """A remote-vae server at `url`: its root, or one family's path (`https://host/flux/`).
+
+    timeout: seconds to connect and then between bytes of the reply (None: wait forever).
+    retries: how many times a 503 (queue full, model loading) or a dropped connection is
+    retried, each after the server's Retry-After (at most `max_retry_wait` seconds).
+    """
+
+    def __init__(self, url: str, api_key: str | None = None, timeout: float | None = 300.0, retries: int = 3,
+                 max_retry_wait: float = 30.0, headers: dict[str, str] | None = None, verify: bool | str = True):
+        self.url = url if url.endswith("/") else url + "/"
+        self.timeout, self.retries, self.max_retry_wait = timeout, max(0, retries), max_retry_wait
+        self.session = requests.Session()  # one connection, kept alive across calls
+        self.verify = verify  # per request: requests lets REQUESTS_CA_BUNDLE override a session's own
+        self.session.headers.update(headers or {})
+        if api_key:
+            self.session.headers["Authorization"] = f"Bearer {api_key}"
+        self._families: dict[str, dict[str, Any]] | None = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.session.close()
+
+    # -- what the server serves -----------------------------------------------------------
+
+    def families(self) -> dict[str, dict[str, Any]]:
+        """The families served at this URL, by name: path, kind, latent forms and the scaling a client sends (GET families)."""
+        if self._families is None:
+            self._families = self._request("GET", "families").json()["families"]
+        return self._families
+
+    def family(self, name: str | None = None) -> dict[str, Any]:
+        """One family's description: the one named, or the only one served at this URL."""
+        served = self.families()
+        if name is None:
+            if len(served) != 1:
+                raise ValueError(f"{self.url} serves {', '.join(served)}; name one with family=")
+            return next(iter(served.values()))
+        if name not in served:
+            raise ValueError(f"{self.url} does not serve {name!r}; it serves {', '.join(served)}")
+        return served[name]
+
+    # -- decode ---------------------------------------------------------------------------
+
+    def decode(self, latents: torch.Tensor, family: str | None = None, output: str | None = None, *, normalised: bool = True,
+               height: int | None = None, width: int | None = None, **options: Any):
+        """Decode latents to pixels.
+
+        latents: as the family's pipeline hands them with output_type="latent" (normalised:
+        the server undoes the family's scaling), or, with normalised=False, the VAE's own.
+        Packed latents (Flux, Flux.2, Qwen-Image, LTX) need the pixel `height` and `width`.
+        output: "pil" (a PIL image, or a list for a batch; a video's frames as a list), "uint8"
+        (a uint8 tensor [B, H, W, 3], or [F, H, W, 3] for a video), "pt" (the VAE's output,
+        float, about -1..1), "mp4" (bytes); default "mp4" for video families, else "pil".
+        options: further query parameters (fps, crf, tiling, decode_timestep, ...), see docs/api.md.
+        """
+        described = self.family(family)
+        output = output or ("mp4" if described["video"] else "pil")
+        if output not in OUTPUTS:
+            raise ValueError(f"output={output!r}; expected one of {', '.join(OUTPUTS)}")
+        params: dict[str, Any] = {**(described["scaling"] if normalised else {}), **options}
+        if height is not None and width is not None:
+            params.update(height=height, width=width)
+        if output == "mp4":
+            params["output_type"], accept = "mp4", "video/mp4"
+        else:
+            params.update(output_type="pt", partial_postprocess=output != "pt")
+            accept = "tensor/binary"
+        body, shape, dtype = tensor_bytes(latents)
+        params.update(shape=list(shape), dtype=dtype)
+        reply = self._request("POST", described["path"], params=params, data=body,
+                              headers={"Content-Type": "tensor/binary", "Accept": accept})
+        if output == "mp4":
+            return reply.content
+        tensor = reply_tensor(reply)
+        if output != "pil":
+            return tensor
+        images = [PIL.Image.fromarray(pixels.numpy()) for pixels in tensor]
+        return images[0] if len(images) == 1 and not described["video"] else images
+
+    # -- encode ---------------------------------------------------------------------------
+
+    def encode(self, images, family: str | None = None, *, normalised: bool = True, **options: Any) -> torch.Tensor:
+        """Encode to latents, normalised as the family's pipeline holds them (normalised=False: the VAE's own).
+
+        images: a PIL image or a list of them (same size), a float tensor [B, 3, H, W] (a video:
+        [B, 3, F, H, W]) in -1..1, or an image or video file (a path, or bytes with a
+        `content_type=` option).
+        """
+        described = self.family(family)
+        params: dict[str, Any] = dict(described["scaling"] if normalised else {})
+        content_type = options.pop("content_type", None)
+        params.update(options)
+        if isinstance(images, (str, Path)):
+            path = Path(images)
+            body, content_type = path.read_bytes(), content_type or FILE_TYPES.get(path.suffix.lower(), "application/octet-stream")
+        elif isinstance(images, (bytes, bytearray)):
+            body, content_type = bytes(images), content_type or "application/octet-stream"
+        else:
+            tensor = images if isinstance(images, torch.Tensor) else pil_to_tensor(images)
+            body, shape, dtype = tensor_bytes(tensor)
+            params.update(shape=list(shape), dtype=dtype)
+            content_type = "tensor/binary"
+        reply = self._request("POST", described["path"] + "encode", params=params, data=body,
+                              headers={"Content-Type": content_type, "Accept": "tensor/binary"})
+        return reply_tensor(reply)
+
+    # -- transport ------------------------------------------------------------------------
+
+    def _request(self, method: str, path: str, **kwargs) -> requests.Response:
+        """One call, retried on 503 and dropped connections; a non-2xx answer raises RemoteVaeError."""
+        url = self.url + path.lstrip("/")
+        for attempt in range(self.retries + 1):
+            last = attempt == self.retries
+            try:
+                reply = self.session.request(method, url, timeout=self.timeout, verify=self.verify, **kwargs)
+            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError):
+                if last:
+                    raise
+                time.sleep(min(self.max_retry_wait, 2.0**attempt))
+                continue
+            if reply.status_code == 503 and not last:
+                time.sleep(min(self.max_retry_wait, retry_after(reply)))
+                continue
+            if not reply.ok:
+                raise RemoteVaeError(reply.status_code, error_message(reply), url, reply.headers.get("x-request-id"))
+            return reply
+        raise AssertionError("unreachable")
+
+
+def tensor_bytes(tensor: torch.Tensor) -> tuple[bytes, tuple[int, ...], str]:
+    """A tensor's wire form: its own C-contiguous bytes (a copy the caller owns), shape and dtype name.
+
+    Float dtypes the protocol does not carry (float64) are sent as float32.
+    """
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.float64:
+        tensor = tensor.float()
+    if tensor.dtype not in WIRE_DTYPES:
+        raise ValueError(f"a {tensor.dtype} tensor cannot be sent; expected float16, bfloat16 or float32")
+    contiguous = tensor.contiguous()
+    # Bytes are read from `contiguous`, which lives until they are copied (diffusers reads a freed temporary).
+    return contiguous.view(torch.uint8).numpy().tobytes(), tuple(tensor.shape), WIRE_DTYPES[tensor.dtype]
+
+
+def reply_tensor(reply: requests.Response) -> torch.Tensor:
+    """A tensor reply: raw bytes with `shape` (a JSON list) and `dtype` headers."""
+    shape, dtype = json.loads(reply.headers["shape"]), REPLY_DTYPES[reply.headers["dtype"]]
+    return torch.frombuffer(bytearray(reply.content), dtype=dtype).reshape(shape)
+
+
+def pil_to_tensor(images) -> torch.Tensor:
+    """PIL image(s) -> [B, 3, H, W] float32 in -1..1, as diffusers' VaeImageProcessor prepares them."""
+    images = [images] if isinstance(images, PIL.Image.Image) else list(images)
+    arrays = [np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0 for image in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) * 2.0 - 1.0
+
+
+def retry_after(reply: requests.Response) -> float:
+    try:
+        return max(0.0, float(reply.headers.get("Retry-After", "1")))
+    except ValueError:
+        return 1.0
+
+
+def error_message(reply: requests.Response) -> str:
+    try:
+        return str(reply.json()["error"])
+    except (ValueError, KeyError, TypeError):
+        return reply.text[:500] or reply.reason
+
+
+def load_latents(path: str | Path, key: str | None = None) -> torch.Tensor:
+    """A latent saved by a pipeline user: .safetensors (safetensors.torch.save_file; `key`, or the only
+    tensor), .pt / .pth (torch.save of a tensor or a dict of them), or .npy."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        return torch.from_numpy(np.load(path))
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        tensors = load_file(path)
+    elif suffix in (".pt", ".pth"):
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        tensors = loaded if isinstance(loaded, dict) else {"": loaded}
+    else:
+        raise ValueError(f"{path}: expected a .safetensors, .pt or .npy file")
+    tensors = {name: value for name, value in tensors.items() if isinstance(value, torch.Tensor)}
+    if key is not None:
+        if key not in tensors:
+            raise ValueError(f"{path} holds no tensor {key!r}; it holds {', '.join(tensors) or 'none'}")
+        return tensors[key]
+    if len(tensors) != 1:
+        raise ValueError(f"{path} holds {len(tensors)} tensors ({', '.join(tensors)}); name one with --key")
+    return next(iter(tensors.values()))
+
+
+def save_output(result, path: Path) -> list[Path]:
+    """A decode's result to `path`: images by its suffix (one file per image or frame: name-0.png, name-1.png, ...
+    when there are several), an MP4's bytes, or a tensor to .safetensors (key "pixels"). Returns the files written."""
+    suffix = path.suffix.lower()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(result, bytes):
+        path.write_bytes(result)
+        return [path]
+    if isinstance(result, torch.Tensor):
+        from safetensors.torch import save_file
+
+        save_file({"pixels": result.contiguous()}, path)
+        return [path]
+    images: Sequence[PIL.Image.Image] = [result] if isinstance(result, PIL.Image.Image) else result
+    if len(images) == 1:
+        images[0].save(path)
+        return [path]
+    paths = [path.with_name(f"{path.stem}-{index}{suffix}") for index in range(len(images))]
+    for image, target in zip(images, paths):
+        image.save(target)
+    return paths
+
