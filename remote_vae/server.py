@@ -31,11 +31,11 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from . import openapi
 from .admission import ClientGone, QueueSettings, WorkQueue
 from .auth import ApiKeyMiddleware
 from .batching import Batcher, BatchSettings
 from .errors import RequestError
-from . import openapi
 from .families import Family
 from .latents import LatentLayout
 from .observability import Metrics, RequestLog, StageTimer
