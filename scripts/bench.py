@@ -6,7 +6,7 @@
     python scripts/bench.py png --images photo.png ... [--size 720]
     python scripts/bench.py mp4-overlap --family wan21 --tiny --size 256 --frames 81
     python scripts/bench.py video --family hunyuanvideo --sizes 64 128 --frames 9 17 33 65 [--tiny] [--device cpu|cuda]
-    python scripts/bench.py tiling --family sd15 --tiny --sizes 1024 2048 4096 [--device cuda] [--pictures docs/tiling]
+    python scripts/bench.py tiling --family sd15 --tiny --sizes 1024 2048 4096 [--device cuda] [--pictures docs/tiling] [--operation encode]
     python scripts/bench.py preview --family taesd [--preview-model DIR --full-model DIR] --size 512 [--device cuda]
 
 Models are a family's real architecture with seeded random weights (or
@@ -657,28 +657,35 @@ def tiling_worker(args: argparse.Namespace) -> None:
     vae = load_vae(family, args.model, device, resolve_dtype("auto", family, device), tile_above_pixels=None if args.way == "untiled" else 0,
                    store_bytes=store_bytes)
     side = args.size // family.spatial_compression
-    latents = torch.randn(1, family.latent_channels, side, side, generator=torch.Generator().manual_seed(args.size))
+    generator = torch.Generator().manual_seed(args.size)
+    if args.operation == "encode":  # an image of uniform noise in -1..1
+        inputs, call = torch.rand(1, 3, args.size, args.size, generator=generator) * 2 - 1, vae.encode
+    else:
+        inputs, call = torch.randn(1, family.latent_channels, side, side, generator=generator), vae.decode
     tiling = {"untiled": None, "exact-held": "exact"}.get(args.way, args.way)
     seconds, peaks = [], []
     for _ in range(args.repeats):
         with PeakMemory(device) as peak:
             start = time.perf_counter()
-            sample = vae.decode(latents, tiling=tiling)
+            result = call(inputs, tiling=tiling)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds.append(time.perf_counter() - start)
         peaks.append(peak.peak)
-    pixels = ((sample[0].float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    np.save(args.output, pixels)
+    if args.operation == "encode":
+        np.save(args.output, result.float().cpu().numpy())  # the latents, compared as floats
+    else:
+        np.save(args.output, ((result[0].float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy())
     print(json.dumps({"seconds": statistics.median(seconds), "peak_mib": max(peaks) / 2**20, "tiled": vae.calls["tiled"] > 0}))
 
 
 def bench_tiling(args: argparse.Namespace) -> None:
-    """Peak memory and time of a decode untiled, exactly tiled and blend-tiled, against image size; PSNR against untiled."""
+    """Peak memory and time of a decode (or encode) untiled, exactly tiled and blend-tiled, against image size; PSNR against untiled."""
     device = resolve_device(args.device)
     family = load_family(args.family)
-    print(f"# {machine(device)}; {args.family} ({'tiny' if args.tiny else 'real'} architecture, random weights)")
-    print("| size | way | seconds | peak MiB | x untiled time | PSNR vs untiled | max abs diff (uint8) | share within 1 |")
+    print(f"# {machine(device)}; {args.family} ({'tiny' if args.tiny else 'real'} architecture, random weights), {args.operation}")
+    within = "share within 1e-4 of peak" if args.operation == "encode" else "share within 1"
+    print(f"| size | way | seconds | peak MiB | x untiled time | PSNR vs untiled | max abs diff{'' if args.operation == 'encode' else ' (uint8)'} | {within} |")
     print("|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as folder:
         build_model(family, args.tiny).save_pretrained(folder)
@@ -688,6 +695,7 @@ def bench_tiling(args: argparse.Namespace) -> None:
                 output = os.path.join(folder, f"{way}-{size}.npy")
                 command = [sys.executable, __file__, "tiling-worker", "--family", args.family, "--model", folder, "--device", args.device,
                            "--way", way, "--size", str(size), "--repeats", str(args.repeats), "--output", output]
+                command += ["--operation", args.operation]
                 if args.tile_store_bytes is not None:
                     command += ["--tile-store-bytes", str(args.tile_store_bytes)]
                 done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
@@ -698,7 +706,12 @@ def bench_tiling(args: argparse.Namespace) -> None:
                 images[way] = np.load(output)
             for way, result in results.items():
                 untiled = images.get("untiled")
-                if untiled is not None and way != "untiled":
+                if untiled is not None and way != "untiled" and args.operation == "encode":
+                    # Latents: PSNR against the untiled latents' own peak; the share within 1e-4 of it.
+                    difference, peak = np.abs(images[way] - untiled), float(np.abs(untiled).max())
+                    mse = float(np.mean(difference.astype(np.float64) ** 2))
+                    quality = f"{10 * np.log10(peak**2 / max(mse, 1e-30)):.1f} | {difference.max():.2e} | {np.mean(difference <= 1e-4 * peak):.5f}"
+                elif untiled is not None and way != "untiled":
                     difference = np.abs(images[way].astype(np.int16) - untiled)
                     mse = float(np.mean(difference.astype(np.float64) ** 2))
                     quality = f"{10 * np.log10(255**2 / max(mse, 1e-12)):.1f} | {difference.max()} | {np.mean(difference <= 1):.5f}"
@@ -810,12 +823,15 @@ def main() -> None:
     tiling.add_argument("--ways", nargs="+", default=list(TILINGS), choices=list(TILINGS))
     tiling.add_argument("--pictures", help="write amplified difference pictures of the first size here")
     tiling.add_argument("--tile-store-bytes", type=int, help="the exact way's --tile-store-bytes (default: the service's)")
+    tiling.add_argument("--operation", choices=["decode", "encode"], default="decode",
+                        help="encode: noise images to latents, compared as floats (max abs diff; share within 1e-4 of the latents' peak)")
     tiling_worker_mode = modes.add_parser("tiling-worker", help=argparse.SUPPRESS)
     for name in ("--family", "--model", "--device", "--way", "--output"):
         tiling_worker_mode.add_argument(name, required=True)
     tiling_worker_mode.add_argument("--size", type=int, required=True)
     tiling_worker_mode.add_argument("--repeats", type=int, default=1)
     tiling_worker_mode.add_argument("--tile-store-bytes", type=int)
+    tiling_worker_mode.add_argument("--operation", choices=["decode", "encode"], default="decode")
     preview = modes.add_parser("preview", help="a preview decoder (taesd, taesdxl, taef1) against its full family: speed and PSNR")
     preview.add_argument("--family", default="taesd", choices=list(PREVIEW_OF))
     preview.add_argument("--preview-model", help="the preview's weights (a diffusers model directory); default: random weights")
