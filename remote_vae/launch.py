@@ -12,6 +12,7 @@ import ipaddress
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import uvicorn
@@ -111,7 +112,11 @@ def load_service(family: Family, source: str, args: argparse.Namespace) -> VaeSe
     return VaeService(vae, limits, png_compression=args.png_compression)
 
 
-def serve(args: argparse.Namespace) -> int:
+def plan(args: argparse.Namespace) -> tuple[Registry, ServeOptions, Callable[[Family], VaeService]]:
+    """What `serve` serves, checked before anything loads: the families' slots, the HTTP options, and how a family loads.
+
+    `serve` loads in the background behind uvicorn; a Ray Serve replica (ray_serve.py) loads before it answers.
+    """
     names = args.families or env("FAMILIES", "").split()
     if not names:
         raise FamilyError(f"name at least one family to serve: {', '.join(families.available())}")
@@ -131,9 +136,17 @@ def serve(args: argparse.Namespace) -> int:
         source = sources.get(family.name) or default_source(family, model_dirs, several=len(loaded) > 1)
         return load_service(family, source, args)
 
+    return registry, options, load
+
+
+def serve(args: argparse.Namespace) -> int:
+    registry, options, load = plan(args)
     config = uvicorn.Config(
         create_app(registry, options), host=args.host, port=args.port, log_level=args.log_level,
         access_log=False,  # observability.RequestLog writes one line per request, with its id
+        # h11 and asyncio whatever else is installed (Ray brings httptools and uvloop): h11 hands malformed
+        # requests to the app, which answers them in JSON; httptools answers them itself, in plain text.
+        http="h11", loop="asyncio",
         timeout_graceful_shutdown=args.graceful_timeout, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
     )
     server = GracefulServer(config)

@@ -7,6 +7,7 @@
     python scripts/bench.py mp4-overlap --family wan21 --tiny --size 256 --frames 81
     python scripts/bench.py video --family hunyuanvideo --sizes 64 128 --frames 9 17 33 65 [--tiny] [--device cpu|cuda]
     python scripts/bench.py tiling --family sd15 --tiny --sizes 1024 2048 4096 [--device cuda] [--pictures docs/tiling] [--operation encode]
+    python scripts/bench.py ray --family sd15 --tiny --size 256 --clients 1 4 [--device cuda]
     python scripts/bench.py preview --family taesd [--preview-model DIR --full-model DIR] --size 512 [--device cuda]
 
 Models are a family's real architecture with seeded random weights (or
@@ -769,6 +770,61 @@ def bench_preview(args: argparse.Namespace) -> None:
           f"{f'{psnr:.1f} dB' if real else 'n/a (random weights)'} |")
 
 
+def bench_ray(args: argparse.Namespace) -> None:
+    """Ray Serve against the plain server in one run: the same model, latent and clients; throughput and latency with
+    the plain server, with Ray and one replica, with Ray and two. Ray's proxy overhead is the one-replica row's."""
+    import ray
+    from ray import serve
+
+    from remote_vae.ray_serve import family_app
+
+    device = resolve_device(args.device)
+    family = load_family(args.family)
+    side = args.size // family.spatial_compression
+    latent = torch.randn(1, family.latent_channels, side, side, generator=torch.Generator().manual_seed(0))
+    body = latent.numpy().tobytes()
+    params = {"shape": list(latent.shape), "dtype": "float32", "output_type": "pt", "partial_postprocess": True}
+
+    def call(url: str):
+        return lambda: requests.post(url, data=body, params=params, headers={"Content-Type": "tensor/binary"}, timeout=600).raise_for_status()
+
+    def measure(url: str) -> dict:
+        call(url)()  # warm
+        runs = [under_load(call(url), clients, args.requests) for clients in args.clients]
+        return {clients: pooled([run], 1) for clients, run in zip(args.clients, runs)}
+
+    rows = {}
+    with tempfile.TemporaryDirectory() as folder:
+        build_model(family, args.tiny).save_pretrained(folder)
+        options = ["--model", folder, "--device", device.type]
+        process, url = start_server(args.family, device.type, options)
+        try:
+            rows["plain server"] = measure(url)
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        ray.init(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        try:
+            for replicas in (1, 2):
+                deployment = {"num_replicas": replicas, "ray_actor_options": {"num_cpus": 0, "num_gpus": 1 / replicas if device.type == "cuda" else 0}}
+                serve.run(family_app({"family": args.family, "options": options, "deployment": deployment}), name=args.family, route_prefix=f"/{args.family}")
+                rows[f"Ray Serve, {replicas} replica{'s' * (replicas > 1)}"] = measure(f"http://127.0.0.1:{port}/{args.family}/")
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+    weights = "tiny test-suite architecture" if args.tiny else "real architecture"
+    print(f"# {machine(device)}; ray {ray.__version__}; {args.family} ({weights}, random weights), {args.size}², uint8 tensors out, "
+          f"{args.requests} requests per point")
+    print("| server | " + " | ".join(f"{clients} clients: images/s (p50 ms)" for clients in args.clients) + " |")
+    print("|---|" + "---|" * len(args.clients))
+    for name, points in rows.items():
+        print(f"| {name} | " + " | ".join(f"{points[clients]['images_per_s']:.1f} ({points[clients]['p50_ms']:.0f})" for clients in args.clients) + " |")
+
+
 def model_mode(modes, name: str, help: str, family: str, repeats: int) -> argparse.ArgumentParser:
     """A mode that builds a family's model: --family, --tiny, --repeats, --device."""
     mode = modes.add_parser(name, help=help)
@@ -848,10 +904,14 @@ def main() -> None:
     worker.add_argument("--frames", type=int, required=True)
     worker.add_argument("--repeats", type=int, default=3)
     worker.add_argument("--tile-above-pixels", default="family")
+    ray_mode = model_mode(modes, "ray", "Ray Serve with 1 and 2 replicas against the plain server: throughput, latency", "sd15", repeats=1)
+    ray_mode.add_argument("--size", type=int, default=256)
+    ray_mode.add_argument("--clients", type=int, nargs="+", default=[1, 4])
+    ray_mode.add_argument("--requests", type=int, default=40, help="requests per point")
     args = parser.parse_args()
     modes = {"image": bench_image, "device-path": bench_device_path, "png": bench_png, "mp4-overlap": bench_mp4_overlap,
              "video": bench_video, "video-worker": video_worker, "preview": bench_preview,
-             "tiling": bench_tiling, "tiling-worker": tiling_worker}
+             "tiling": bench_tiling, "tiling-worker": tiling_worker, "ray": bench_ray}
     modes[args.mode](args)
 
 

@@ -14,7 +14,7 @@ from conftest import ROOT
 from remote_vae import families
 
 # What a source distribution of the project holds: the package, its configs and the files pyproject.toml reads.
-SOURCES = ["pyproject.toml", "README.md", "requirements.txt", "requirements-dev.txt", "remote_vae", "configs"]
+SOURCES = ["pyproject.toml", "README.md", "requirements.txt", "requirements-dev.txt", "requirements-ray.txt", "remote_vae", "configs"]
 
 
 @pytest.fixture(scope="module")
