@@ -51,12 +51,8 @@ _registry = None
 
 
 def parse_options(family: str, options: list[str]) -> Any:
-    """`remote-vae serve FAMILY OPTIONS...` parsed and checked, as the command line would (REMOTE_VAE_* variables included)."""
-    from . import launch
-
-    args = build_parser().parse_args(["serve", family, *[str(option) for option in options]])
-    launch.plan(args)  # refuses bad options and unknown families now, on the driver, not in every replica
-    return args
+    """`remote-vae serve FAMILY OPTIONS...` parsed as the command line would (REMOTE_VAE_* variables included)."""
+    return build_parser().parse_args(["serve", family, *[str(option) for option in options]])
 
 
 def replica_app(family: str, options: list[str]):
@@ -84,10 +80,16 @@ class FamilyReplica:
 
 def family_app(args: dict[str, Any]) -> Application:
     """A Serve application for one family; args: family, options (serve options), and optionally deployment (Ray options)."""
+    from . import launch
+
     name, options = args["family"], list(args.get("options", []))
-    parse_options(name, options)
+    launch.plan(parse_options(name, options))  # refuses bad options and unknown families now, on the driver, not in every replica
     ingress = serve.ingress(lambda: replica_app(name, options))(FamilyReplica)
     return serve.deployment(name=name, **args.get("deployment", {}))(ingress).bind()
+
+
+class _Index:
+    """The index deployment's class: its HTTP app is all it has."""
 
 
 def index_app(args: dict[str, Any]) -> Application:
@@ -121,6 +123,3 @@ def index_app(args: dict[str, Any]) -> Application:
 
     return serve.deployment(name="index", **args.get("deployment", {}))(serve.ingress(build)(_Index)).bind()
 
-
-class _Index:
-    """The index deployment's class: its HTTP app is all it has."""
