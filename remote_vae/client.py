@@ -151,7 +151,7 @@ class Client:
         elif isinstance(images, (bytes, bytearray)):
             body, content_type = bytes(images), content_type or "application/octet-stream"
         else:
-            tensor = images if isinstance(images, torch.Tensor) else pil_to_tensor(images)
+            tensor = images if isinstance(images, torch.Tensor) else pil_to_tensor(images, described["spatial_compression"])
             body, shape, dtype = tensor_bytes(tensor)
             params.update(shape=list(shape), dtype=dtype)
             content_type = "tensor/binary"
@@ -203,11 +203,12 @@ def reply_tensor(reply: requests.Response) -> torch.Tensor:
     return torch.frombuffer(bytearray(reply.content), dtype=dtype).reshape(shape)
 
 
-def pil_to_tensor(images) -> torch.Tensor:
-    """PIL image(s) -> [B, 3, H, W] float32 in -1..1, as diffusers' VaeImageProcessor prepares them."""
+def pil_to_tensor(images, spatial_compression: int) -> torch.Tensor:
+    """PIL image(s) -> [B, 3, H, W] float32 in -1..1: diffusers' VaeImageProcessor, as the pipelines and the server prepare them."""
+    from diffusers.image_processor import VaeImageProcessor
+
     images = [images] if isinstance(images, PIL.Image.Image) else list(images)
-    arrays = [np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0 for image in images]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) * 2.0 - 1.0
+    return VaeImageProcessor(vae_scale_factor=spatial_compression).preprocess([image.convert("RGB") for image in images])
 
 
 def retry_after(reply: requests.Response) -> float:

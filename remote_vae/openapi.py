@@ -13,6 +13,7 @@ from typing import Any
 
 from . import __version__
 from .families import DTYPES, Family
+from .latents import LatentLayout
 
 BOTH, DECODE, ENCODE = ("decode", "encode"), ("decode",), ("encode",)
 
@@ -125,8 +126,6 @@ def _operation(what: str, family: Family | None, secured: bool) -> dict[str, Any
 def _family_note(family: Family | None) -> str:
     if family is None:
         return ""
-    from .latents import LatentLayout  # light: no torch at import
-
     scaling = ", ".join(f"{key}={value}" for key, value in family.client_scaling().items())
     return f"{family.description} Latents: {LatentLayout.of(family).describe()}. A pipeline's latents need {scaling}."
 
