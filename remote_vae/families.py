@@ -78,6 +78,7 @@ class Family:
     decode_timestep: str | None = None
     samples_per_call: int | None = None
     latent_frames_odd: bool = False
+    default_tiling: str = "exact"  # the tiling a call uses when it tiles and the request names none ("exact" where the model has it)
 
     @property
     def hub_id(self) -> str:
@@ -158,6 +159,8 @@ def _family_from_dict(data: dict[str, Any], source: str) -> Family:
     for key in ("streams_frames", "latent_frames_odd"):
         if not isinstance(values.get(key, False), bool):
             raise FamilyError(f"{source}: {key} must be true or false")
+    if values.get("default_tiling", "exact") not in TILINGS:
+        raise FamilyError(f"{source}: default_tiling must be one of {list(TILINGS)}")
     _check_layout(values, source)
     _check_stats_in_weights(values, source)
     if values.get("model_latents", "raw") not in MODEL_LATENTS:
@@ -173,6 +176,7 @@ def _family_from_dict(data: dict[str, Any], source: str) -> Family:
 
 
 MODEL_LATENTS = ("raw", "normalised")
+TILINGS = ("exact", "blend")  # exact: tiles equal to the untiled result; blend: diffusers' enable_tiling()
 LAYOUT_KEYS = {"patch": int, "frames_first": bool, "frame_axis": bool, "packing": str}
 PACKINGS = ("patches", "tokens", "none")
 

@@ -28,7 +28,9 @@ The tiler replaces the model's `decoder` / `encoder` forward for one call
 frame batches) run around it unchanged. It applies to diffusers' 2-D
 `Encoder` / `Decoder` (AutoencoderKL and the families built on it: SD1.5, SDXL,
 SD3, Flux, Flux.2) and to HunyuanVideo's causal 3-D ones, spatially;
-`ExactTiler.supports` checks the structure, not a name.
+`ExactTiler.supports` checks the structure, not a name. The VAEs that normalise
+each pixel on its own (Wan, Qwen-Image, HunyuanVideo 1.5) tile more simply, in
+halo_tiling.py.
 """
 
 from __future__ import annotations

@@ -51,6 +51,7 @@ from .errors import RequestError
 from .families import Family, config_latent_channels
 from .latents import LatentLayout, Normalisation, own_normalisation
 from .media import TENSOR_DTYPES
+from .halo_tiling import HaloTiler
 from .tiling import ExactTiler
 
 log = logging.getLogger("remote_vae")
@@ -189,7 +190,8 @@ class LoadedVae:
         # One inference at a time per model: the device is the bottleneck, and
         # interleaving two large decodes only doubles peak memory.
         self._lock = threading.Lock()
-        self.exact_tiling = ExactTiler.supports(self.model)
+        self.exact_tiler = next((tiler for tiler in EXACT_TILERS if tiler.supports(self.model)), None)
+        self.exact_tiling = self.exact_tiler is not None
         self.band_pixels = self.band_pixels or DEFAULT_BAND_PIXELS.get(self.device.type, DEFAULT_BAND_PIXELS["cpu"])
         self.can_tile = hasattr(self.model, "enable_tiling") or self.exact_tiling
         self.layout = LatentLayout.of(self.family)
@@ -212,10 +214,11 @@ class LoadedVae:
         return self.can_tile and self.tile_above_pixels is not None and frame_pixels > self.tile_above_pixels
 
     def tiling_for(self, requested: str | None) -> str:
-        """The tiling a call uses when it tiles: 'exact' (tiling.py) where the model allows it, else diffusers' 'blend'."""
+        """The tiling a call uses when it tiles: the requested one, else the family's default ('exact' where the model
+        allows it), else diffusers' 'blend'."""
         if requested == "exact" and not self.exact_tiling:
-            raise RequestError(f"{self.family.name} has no exact tiled path (its encoder and decoder are not built of GroupNorm, convolutions and plain samplers); send tiling=blend")
-        return requested or ("exact" if self.exact_tiling else "blend")
+            raise RequestError(f"{self.family.name} has no exact tiled path (its encoder and decoder are neither GroupNorm, convolutions and plain samplers nor row-local outside the mid block); send tiling=blend")
+        return requested or ("exact" if self.exact_tiling and self.family.default_tiling == "exact" else "blend")
 
     def _exactly(self, call: Callable, output_pixels: int) -> Callable:
         """call run with the exact tiler in place of the model's encoder and decoder."""
@@ -224,14 +227,14 @@ class LoadedVae:
                 return call(values, **extra)
         return run
 
-    def _tiler(self, inputs: torch.Tensor, output_pixels: int) -> ExactTiler:
+    def _tiler(self, inputs: torch.Tensor, output_pixels: int) -> ExactTiler | HaloTiler:
         """An exact tiler whose whole activations stay on the device while about three of them fit there, else wait in
         host memory, where one is held whole up to `store_bytes` and past that the bands are recomputed."""
         widest = max(getattr(self.model.config, "block_out_channels", None) or [128])
         whole = inputs.shape[0] * widest * output_pixels * self.dtype.itemsize
         if self.device.type == "cuda" and 3 * whole < available_memory(self.device) // 2:
-            return ExactTiler(self.model, band_pixels=self.band_pixels, store=self.device)
-        return ExactTiler(self.model, band_pixels=self.band_pixels, store=torch.device("cpu"), store_limit=DEFAULT_STORE_BYTES if self.store_bytes is None else self.store_bytes)
+            return self.exact_tiler(self.model, band_pixels=self.band_pixels, store=self.device)
+        return self.exact_tiler(self.model, band_pixels=self.band_pixels, store=torch.device("cpu"), store_limit=DEFAULT_STORE_BYTES if self.store_bytes is None else self.store_bytes)
 
     def decode(self, latents: torch.Tensor, frames: FrameSink | None = None, timestep: torch.Tensor | None = None,
                tiling: str | None = None) -> torch.Tensor:
@@ -272,7 +275,8 @@ class LoadedVae:
             tiled = self.tiles(frame_pixels)
             sliced = batch > self.samples_per_call or (batch > 1 and not self.budget.allows(batch * frame_count * frame_pixels, self.device))
             while True:
-                result = self._attempt(exact if tiled and exact else call, values, sliced, tiled and not exact, frames, extra)
+                # Tiled, the decoder sees tiles or bands, not whole frames: nothing to stream (the frames go after).
+                result = self._attempt(exact if tiled and exact else call, values, sliced, tiled and not exact, None if tiled else frames, extra)
                 if result is not _OUT_OF_MEMORY:
                     self.calls["tiled" if tiled else "sliced" if sliced else "whole"] += 1
                     return result
@@ -298,8 +302,7 @@ class LoadedVae:
         """
         if hasattr(self.model, "use_tiling"):
             self.model.use_tiling = tiled
-        # Tiled, the decoder sees tiles, not frames: nothing to stream.
-        hook = self.model.decoder.register_forward_hook(lambda module, args, out: frames.chunk(out)) if frames and not tiled else None
+        hook = self.model.decoder.register_forward_hook(lambda module, args, out: frames.chunk(out)) if frames else None
         try:
             if sliced and values.shape[0] > 1:
                 rows = range(values.shape[0])
@@ -392,6 +395,8 @@ def _compile_key(operation: str, inputs: torch.Tensor) -> tuple:
 
 
 _OUT_OF_MEMORY = object()
+# The exact tiled paths, tried in order: GroupNorm models layer by layer, row-local ones band by band.
+EXACT_TILERS = (ExactTiler, HaloTiler)
 # Output pixels per band of the exact tiled path: what one step of device work is sized by.
 DEFAULT_BAND_PIXELS = {"cuda": 1 << 20, "cpu": 1 << 16}
 # Host memory one whole activation of the exact tiled path may take before its bands are recomputed instead:

@@ -22,13 +22,13 @@ import PIL.Image
 import torch
 
 from .errors import RequestError
+from .families import TILINGS
 from .latents import PACKED_MEMORY, Scaling
 from .media import IMAGE_FORMATS, MEDIA_TYPES, ImageFile, Mp4Options, dtype_name, is_image_file, is_video_file, tensor_to_bytes
 from .service import DecodeRequest, DecodeTimestep, EncodeRequest, Job, RawTensor, VaeService
 
 log = logging.getLogger("remote_vae")
 
-TILINGS = ("exact", "blend")
 
 MAX_SHAPE_DIMS = 8
 JSON_TYPES = ("application/json", "tensor/base64")

@@ -7,6 +7,7 @@
     python scripts/bench.py mp4-overlap --family wan21 --tiny --size 256 --frames 81
     python scripts/bench.py video --family hunyuanvideo --sizes 64 128 --frames 9 17 33 65 [--tiny] [--device cpu|cuda]
     python scripts/bench.py tiling --family sd15 --tiny --sizes 1024 2048 4096 [--device cuda] [--pictures docs/tiling] [--operation encode]
+    python scripts/bench.py tiling --family wan21 --tiny --sizes 512 1024 --frames 5
     python scripts/bench.py ray --family sd15 --tiny --size 256 --clients 1 4 [--device cuda]
     python scripts/bench.py preview --family taesd [--preview-model DIR --full-model DIR] --size 512 [--device cuda]
 
@@ -659,10 +660,12 @@ def tiling_worker(args: argparse.Namespace) -> None:
                    store_bytes=store_bytes)
     side = args.size // family.spatial_compression
     generator = torch.Generator().manual_seed(args.size)
-    if args.operation == "encode":  # an image of uniform noise in -1..1
-        inputs, call = torch.rand(1, 3, args.size, args.size, generator=generator) * 2 - 1, vae.encode
+    # A video family's clip: `frames` pixel frames, (frames - 1) / temporal compression + 1 latent frames.
+    frames, latent_frames = ((args.frames,), ((args.frames - 1) // family.temporal_compression + 1,)) if family.is_video else ((), ())
+    if args.operation == "encode":  # an image (or clip) of uniform noise in -1..1
+        inputs, call = torch.rand(1, 3, *frames, args.size, args.size, generator=generator) * 2 - 1, vae.encode
     else:
-        inputs, call = torch.randn(1, family.latent_channels, side, side, generator=generator), vae.decode
+        inputs, call = torch.randn(1, family.latent_channels, *latent_frames, side, side, generator=generator), vae.decode
     tiling = {"untiled": None, "exact-held": "exact"}.get(args.way, args.way)
     seconds, peaks = [], []
     for _ in range(args.repeats):
@@ -676,7 +679,8 @@ def tiling_worker(args: argparse.Namespace) -> None:
     if args.operation == "encode":
         np.save(args.output, result.float().cpu().numpy())  # the latents, compared as floats
     else:
-        np.save(args.output, ((result[0].float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy())
+        pixels = ((result[0].float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)  # [3, (F,) H, W]
+        np.save(args.output, pixels.permute(*range(1, pixels.ndim), 0).cpu().numpy())
     print(json.dumps({"seconds": statistics.median(seconds), "peak_mib": max(peaks) / 2**20, "tiled": vae.calls["tiled"] > 0}))
 
 
@@ -684,7 +688,8 @@ def bench_tiling(args: argparse.Namespace) -> None:
     """Peak memory and time of a decode (or encode) untiled, exactly tiled and blend-tiled, against image size; PSNR against untiled."""
     device = resolve_device(args.device)
     family = load_family(args.family)
-    print(f"# {machine(device)}; {args.family} ({'tiny' if args.tiny else 'real'} architecture, random weights), {args.operation}")
+    clip = f", {args.frames} frames" if family.is_video else ""
+    print(f"# {machine(device)}; {args.family} ({'tiny' if args.tiny else 'real'} architecture, random weights), {args.operation}{clip}")
     within = "share within 1e-4 of peak" if args.operation == "encode" else "share within 1"
     print(f"| size | way | seconds | peak MiB | x untiled time | PSNR vs untiled | max abs diff{'' if args.operation == 'encode' else ' (uint8)'} | {within} |")
     print("|---|---|---|---|---|---|---|---|")
@@ -696,7 +701,7 @@ def bench_tiling(args: argparse.Namespace) -> None:
                 output = os.path.join(folder, f"{way}-{size}.npy")
                 command = [sys.executable, __file__, "tiling-worker", "--family", args.family, "--model", folder, "--device", args.device,
                            "--way", way, "--size", str(size), "--repeats", str(args.repeats), "--output", output]
-                command += ["--operation", args.operation]
+                command += ["--operation", args.operation, "--frames", str(args.frames)]
                 if args.tile_store_bytes is not None:
                     command += ["--tile-store-bytes", str(args.tile_store_bytes)]
                 done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
@@ -725,9 +730,11 @@ def bench_tiling(args: argparse.Namespace) -> None:
 
 
 def save_difference(difference: np.ndarray, path: Path) -> None:
-    """|tiled − untiled| per pixel (largest of the three channels), amplified 32× and inverted: white is equal."""
+    """|tiled − untiled| per pixel (largest of the three channels, and of a clip's frames), amplified 32× and inverted:
+    white is equal."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    amplified = np.clip(difference.max(axis=-1).astype(np.int32) * 32, 0, 255).astype(np.uint8)
+    difference = difference.max(axis=-1)
+    amplified = np.clip((difference.max(axis=0) if difference.ndim == 3 else difference).astype(np.int32) * 32, 0, 255).astype(np.uint8)
     Image.fromarray(255 - amplified).save(path, optimize=True)
 
 
@@ -881,6 +888,7 @@ def main() -> None:
     tiling.add_argument("--tile-store-bytes", type=int, help="the exact way's --tile-store-bytes (default: the service's)")
     tiling.add_argument("--operation", choices=["decode", "encode"], default="decode",
                         help="encode: noise images to latents, compared as floats (max abs diff; share within 1e-4 of the latents' peak)")
+    tiling.add_argument("--frames", type=int, default=5, help="a video family's clip length in pixel frames")
     tiling_worker_mode = modes.add_parser("tiling-worker", help=argparse.SUPPRESS)
     for name in ("--family", "--model", "--device", "--way", "--output"):
         tiling_worker_mode.add_argument(name, required=True)
@@ -888,6 +896,7 @@ def main() -> None:
     tiling_worker_mode.add_argument("--repeats", type=int, default=1)
     tiling_worker_mode.add_argument("--tile-store-bytes", type=int)
     tiling_worker_mode.add_argument("--operation", choices=["decode", "encode"], default="decode")
+    tiling_worker_mode.add_argument("--frames", type=int, default=5)
     preview = modes.add_parser("preview", help="a preview decoder (taesd, taesdxl, taef1) against its full family: speed and PSNR")
     preview.add_argument("--family", default="taesd", choices=list(PREVIEW_OF))
     preview.add_argument("--preview-model", help="the preview's weights (a diffusers model directory); default: random weights")

@@ -314,7 +314,8 @@ MAX_VIDEO_PIXELS = 17 * 64 * 64
 def video_server(model_dirs, tmp_path_factory):
     """hunyuanvideo and wan21, plus each as a '-tiled' family (a config file) that always tiles."""
     configs = tmp_path_factory.mktemp("configs")
-    names, options = ["hunyuanvideo", "wan21"], ["--max-video-pixels", str(MAX_VIDEO_PIXELS), "--max-body-bytes", str(MAX_BODY_BYTES)]
+    names, options = ["hunyuanvideo", "wan21"], ["--max-video-pixels", str(MAX_VIDEO_PIXELS), "--max-body-bytes", str(MAX_BODY_BYTES),
+                                                 "--tile-band-pixels", "20000"]  # exact tiling in several bands at these sizes
     for name, tiling in TEST_TILING.items():
         family = json.loads((ROOT / "configs" / f"{name}.json").read_text())
         path = configs / f"{name}-tiled.json"

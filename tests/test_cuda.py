@@ -104,3 +104,24 @@ def test_exact_tiling_on_the_gpu_with_activations_on_the_device_or_in_host_memor
         assert peak.bytes is not None
     finally:
         reference["sd15"].to("cpu")
+
+
+def test_banded_tiling_on_the_gpu(reference):
+    """Wan's banded exact path on CUDA (its clip loop once per band, the causal caches on the GPU): diffusers' untiled
+    decode and encode."""
+    from remote_vae.halo_tiling import HaloTiler
+
+    model = reference["wan21"].to(CUDA)
+    try:
+        latents, pixels = seeded(1, 16, 3, 29, 5, seed=62).to(CUDA), seeded(1, 3, 9, 232, 40, seed=63).clamp(-1, 1).to(CUDA)
+        with torch.inference_mode():
+            untiled, untiled_latents = model.decode(latents).sample, model.encode(pixels).latent_dist.mean
+            tiler = HaloTiler(model, band_pixels=1)
+            tiler.min_band_halos = 0
+            with tiler.installed():
+                tiled, tiled_latents = model.decode(latents).sample, model.encode(pixels).latent_dist.mean
+        torch.testing.assert_close(tiled, untiled, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(tiled_latents, untiled_latents, atol=1e-4, rtol=1e-4)
+        assert tiler.bands == 2 * 29
+    finally:
+        reference["wan21"].to("cpu")

@@ -81,6 +81,7 @@ def test_bad_configs_are_refused(tmp_path):
         ({"model_latents": "scaled"}, "model_latents"),
         ({"samples_per_call": 0}, "samples_per_call"),
         ({"decode_timestep": True}, "decode_timestep"),
+        ({"default_tiling": "seamless"}, "default_tiling"),
     ]:
         path.write_text(json.dumps({**wan, **change}))
         with pytest.raises(FamilyError, match=message):

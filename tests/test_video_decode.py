@@ -84,14 +84,15 @@ def read_mp4(data: bytes, tmp_path) -> tuple[np.ndarray, dict]:
         reader.close()
 
 
-@pytest.mark.parametrize("family", VIDEO)
-def test_mp4_is_h264_with_every_frame(video_server, reference, family, tmp_path):
-    latents = seeded(*LATENT, seed=15)
-    data = remote_decode(url(video_server, family), tensor=latents, output_type="mp4", return_type="mp4", do_scaling=False)
+@pytest.mark.parametrize("family, served, shape", [(name, name, LATENT) for name in VIDEO] + [("wan21", "wan21-tiled", (1, 16, 2, 44, 4))])
+def test_mp4_is_h264_with_every_frame(video_server, reference, family, served, shape, tmp_path):
+    """Wan streams its frames to the MP4 as it decodes them; tiled (exactly, in two bands here), they go in after."""
+    latents = seeded(*shape, seed=15)
+    data = remote_decode(url(video_server, served), tensor=latents, output_type="mp4", return_type="mp4", do_scaling=False)
     assert isinstance(data, bytes) and data[4:8] == b"ftyp"
     assert data.find(b"moov") < data.find(b"mdat")  # +faststart: the index comes first, browsers play while loading
     frames, meta = read_mp4(data, tmp_path)
-    assert frames.shape == (9, 32, 48, 3)
+    assert frames.shape == (4 * (shape[2] - 1) + 1, 8 * shape[3], 8 * shape[4], 3)
     assert meta["codec"] == "h264" and meta["pix_fmt"].startswith("yuv420p") and meta["fps"] == 24
     expected = local_uint8(local_decode(reference[family], latents))[0]
     assert psnr(torch.from_numpy(frames), torch.from_numpy(expected)) >= 30
@@ -175,11 +176,12 @@ def test_wan_explicit_scalar_factors(video_server, reference):
 
 
 @pytest.mark.parametrize("family", VIDEO)
-def test_tiled_decode_is_exact_where_the_model_allows_else_diffusers_tiled_decode(video_server, model_dirs, family):
-    """Above a family's tile_above_pixels: HunyuanVideo tiles exactly (tiling.py), so its frames are the untiled ones,
-    through diffusers' own frame batches; Wan, and tiling=blend, decode as diffusers does with enable_tiling()."""
-    frames = 5 if family == "hunyuanvideo" else 2  # 5 latent frames: past HunyuanVideo's 4, diffusers decodes in frame batches
-    latents = seeded(1, 16, frames, 8, 8, seed=21)  # 64x64 frames, tiles of 32
+def test_tiled_decode_is_exact_and_blend_is_diffusers_tiled_decode(video_server, model_dirs, family):
+    """Above a family's tile_above_pixels both tile exactly, so their frames are the untiled ones: HunyuanVideo layer by
+    layer (tiling.py) through diffusers' own frame batches, Wan in bands with their own frame caches (halo_tiling.py,
+    44 latent rows: two bands). tiling=blend decodes as diffusers does with enable_tiling()."""
+    # 5 latent frames: past HunyuanVideo's 4, diffusers decodes in frame batches; 64x64 frames, or 352x32 ones; tiles of 32
+    latents = seeded(1, 16, 5, 8, 8, seed=21) if family == "hunyuanvideo" else seeded(1, 16, 2, 44, 4, seed=21)
     out = remote_decode(url(video_server, f"{family}-tiled"), tensor=latents, output_type="pt", return_type="pt", do_scaling=False)
     blend = tensor_of(requests.post(url(video_server, f"{family}-tiled"), params={"shape": list(latents.shape), "dtype": "float32", "output_type": "pt", "tiling": "blend"},
                                     data=latents.numpy().tobytes(), headers={"Content-Type": "tensor/binary"}, timeout=120))
@@ -189,7 +191,8 @@ def test_tiled_decode_is_exact_where_the_model_allows_else_diffusers_tiled_decod
     tiled = local_decode(model, latents)
     assert (tiled - untiled).abs().max() > 1e-3  # tiling really happened
     torch.testing.assert_close(blend.reshape(tiled.shape), tiled, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(out, untiled if family == "hunyuanvideo" else tiled, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out, untiled, atol=1e-4, rtol=1e-4)
+    assert video_server.metric("remote_vae_model_calls_total", family=f"{family}-tiled", mode="tiled") >= 2
 
 
 def test_video_headers_and_json_reply(video_server):

@@ -101,6 +101,17 @@ def test_tensor_encode_with_remote_encode(video_server, reference, family):
     torch.testing.assert_close(latents, expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("family", VIDEO)
+def test_tiled_encode_is_the_untiled_encode(video_server, reference, family):
+    """Both families' '-tiled' twins tile every frame, exactly: HunyuanVideo layer by layer, Wan in bands (352 rows: two)."""
+    video = seeded(1, 3, 5, 352, 32, seed=33).clamp(-1, 1)
+    latents = remote_encode(url(video_server, f"{family}-tiled"), video)
+    with torch.no_grad():
+        expected = reference[family].encode(video).latent_dist.mean
+    torch.testing.assert_close(latents, expected, atol=1e-4, rtol=1e-4)
+    assert video_server.metric("remote_vae_model_calls_total", family=f"{family}-tiled", mode="tiled") >= 1
+
+
 def test_hunyuan_encode_scaling(video_server, reference):
     video = seeded(1, 3, 5, 16, 16, seed=31).clamp(-1, 1)
     factor = load_family("hunyuanvideo").scaling_factor
