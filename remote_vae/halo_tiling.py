@@ -241,7 +241,7 @@ class HaloTiler:
         """Within: the model's clip loops run once per band, with this tiler's decoder and encoder forward."""
         model = self.model
         decode, encode = model._decode, model._encode
-        model._decode, model._encode = self._passes(decode, self._assemble), self._passes(encode, lambda results: results[-1])
+        model._decode, model._encode = self._passes(decode, self._place), self._passes(encode, lambda output, result: result)
         model.decoder.forward, model.encoder.forward = self.decoder_forward, self.encoder_forward
         try:
             yield
@@ -249,23 +249,32 @@ class HaloTiler:
             del model._decode, model._encode, model.decoder.forward, model.encoder.forward  # back to the class's own
 
     def _passes(self, loop: Callable, combine: Callable) -> Callable:
-        """The model's clip loop run once per band of the clip (the first pass plans them), its results combined."""
+        """The model's clip loop run once per band of the clip (the first pass plans them), each result combined into
+        the output as its pass ends."""
         def run(*args, **kwargs):
-            self._plan, self._kept, results = [], [], []
-            while not results or len(results) < len(self._plan):
-                self._band, self._call = len(results), 0
-                results.append(loop(*args, **kwargs))
+            self._plan, self._kept, output, passes = [], [], None, 0
+            while passes == 0 or passes < len(self._plan):
+                self._band, self._call = passes, 0
+                output = combine(output, loop(*args, **kwargs))
+                passes += 1
                 self.bands += 1
             self._band, self._kept = 0, []
-            return combine(results)
+            return output
         return run
 
-    @staticmethod
-    def _assemble(results: list) -> torch.Tensor | DecoderOutput:
-        """The passes' decoded rows, top to bottom, as one output of the model's own type (a tensor or a DecoderOutput)."""
-        samples = [result.sample if isinstance(result, DecoderOutput) else result for result in results]
-        sample = samples[0] if len(samples) == 1 else torch.cat(samples, dim=-2)
-        return DecoderOutput(sample=sample) if isinstance(results[0], DecoderOutput) else sample
+    def _place(self, output: torch.Tensor | DecoderOutput | None, result: torch.Tensor | DecoderOutput) -> torch.Tensor | DecoderOutput:
+        """A pass's decoded rows put into the clip's output, of the model's own type (a tensor or a DecoderOutput),
+        allocated at the first pass: the output is held once, not also as its bands."""
+        if len(self._plan) == 1:
+            return result
+        sample = result.sample if isinstance(result, DecoderOutput) else result
+        (start, stop), _ = self._plan[self._band]
+        scale = sample.shape[-2] // (stop - start)  # output rows per latent row, after the model's own unfolding
+        if output is None:
+            whole = sample.new_empty(*sample.shape[:-2], self._plan[-1][0][1] * scale, sample.shape[-1])
+            output = DecoderOutput(sample=whole) if isinstance(result, DecoderOutput) else whole
+        (output.sample if isinstance(output, DecoderOutput) else output)[..., start * scale : stop * scale, :] = sample
+        return output
 
     def decoder_forward(self, x: torch.Tensor, feat_cache: list | None = None, feat_idx: list[int] | None = None,
                         first_chunk: bool = False) -> torch.Tensor:
