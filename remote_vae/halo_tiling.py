@@ -1,8 +1,10 @@
 """Exact spatial tiling for VAEs whose full-resolution layers are all row-local: the untiled result, band by band.
 
-Wan 2.1 / 2.2, Qwen-Image and HunyuanVideo 1.5 normalise with an RMS norm over
-the channels of each pixel, not with GroupNorm over the image, so outside their
-mid block (attention over a whole frame or clip) nothing needs the whole image:
+Wan 2.1 / 2.2, Qwen-Image, HunyuanVideo 1.5 and LTX-Video normalise with an RMS
+norm over the channels of each pixel, not with GroupNorm over the image, so
+outside their mid block (attention over a whole frame or clip in the first
+three; LTX's has none, but it is where the network is deepest, and running it
+whole halves the halo) nothing needs the whole image:
 a band of latent rows with a halo as wide as the receptive field gives exactly
 the untiled output for the band's own rows. So the decoder runs conv in and the
 mid block whole, at latent resolution, then the up blocks and head band by band;
@@ -29,24 +31,48 @@ import math
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+from diffusers.models import embeddings, normalization
 from diffusers.models.autoencoders import autoencoder_kl_hunyuanvideo15 as hv15
+from diffusers.models.autoencoders import autoencoder_kl_ltx as ltx
 from diffusers.models.autoencoders import autoencoder_kl_qwenimage as qwen
 from diffusers.models.autoencoders import autoencoder_kl_wan as wan
 from diffusers.models.autoencoders.vae import DecoderOutput
 from torch import nn
 
-# Frames out per frame in, at most, for any current video VAE: sizes bands, never results.
+# Frames out per latent frame, for a model that does not say (its `temporal_compression_ratio`): sizes bands, never results.
 TEMPORAL_BOUND = 4
+
+
+@dataclass
+class Call:
+    """What one call of a decoder's or encoder's forward gets beyond its input, by what it is."""
+
+    cache: list | None = None  # the causal convolutions' cache (Wan, Qwen-Image: a frame or a few per call), else None
+    index: list[int] = field(default_factory=lambda: [0])  # the next cache entry
+    first_chunk: bool = False  # Wan 2.2's first frame
+    temb: torch.Tensor | None = None  # LTX-Video's decode timestep
+
+    _NAMES = {"feat_cache": "cache", "feat_idx": "index", "first_chunk": "first_chunk", "temb": "temb"}
+
+    @classmethod
+    def of(cls, part: nn.Module, args: tuple, kwargs: dict) -> Call:
+        """The call from the arguments after the input, named as the part's own forward names them."""
+        names = list(inspect.signature(type(part).forward).parameters)[2:]  # after self and the input
+        given = {name: value for name, value in (dict(zip(names, args)) | kwargs).items() if value is not None}
+        if unknown := set(given) - set(cls._NAMES):
+            raise TypeError(f"{type(part).__name__}.forward got {sorted(unknown)}, which the banded path does not pass on")
+        return cls(**{cls._NAMES[name]: value for name, value in given.items()})
 
 
 # -- what runs whole and what runs per band, per architecture ---------------------------
 
 
-def _cached_conv(conv: nn.Module, x: torch.Tensor, cache: list | None, index: list[int]) -> torch.Tensor:
+def _cached_conv(conv: nn.Module, x: torch.Tensor, call: Call) -> torch.Tensor:
     """A causal conv through its cache entry (the last two frames of its input), as Wan's conv in / conv out run."""
+    cache, index = call.cache, call.index
     if cache is None:
         return conv(x)
     i = index[0]
@@ -59,51 +85,100 @@ def _cached_conv(conv: nn.Module, x: torch.Tensor, cache: list | None, index: li
     return x
 
 
-def _wan_decoder_whole(decoder, x, cache, index):
-    return decoder.mid_block(_cached_conv(decoder.conv_in, x, cache, index), cache, index)
+def _wan_decoder_whole(decoder, x, call):
+    return decoder.mid_block(_cached_conv(decoder.conv_in, x, call), call.cache, call.index)
 
 
-def _wan_decoder_banded(decoder, x, cache, index, first_chunk):
+def _wan_decoder_banded(decoder, x, call):
     for block in decoder.up_blocks:
-        chunk = {"first_chunk": first_chunk} if "first_chunk" in inspect.signature(block.forward).parameters else {}
-        x = block(x, cache, index, **chunk)
-    return _cached_conv(decoder.conv_out, decoder.nonlinearity(decoder.norm_out(x)), cache, index)
+        chunk = {"first_chunk": call.first_chunk} if "first_chunk" in inspect.signature(block.forward).parameters else {}
+        x = block(x, call.cache, call.index, **chunk)
+    return _cached_conv(decoder.conv_out, decoder.nonlinearity(decoder.norm_out(x)), call)
 
 
-def _wan_encoder_banded(encoder, x, cache, index):
-    x = _cached_conv(encoder.conv_in, x, cache, index)
+def _wan_encoder_banded(encoder, x, call):
+    x = _cached_conv(encoder.conv_in, x, call)
     for layer in encoder.down_blocks:
-        x = layer(x, cache, index)
+        x = layer(x, call.cache, call.index)
     return x
 
 
-def _wan_encoder_whole(encoder, x, cache, index):
-    x = encoder.nonlinearity(encoder.norm_out(encoder.mid_block(x, cache, index)))
-    return _cached_conv(encoder.conv_out, x, cache, index)
+def _wan_encoder_whole(encoder, x, call):
+    x = encoder.nonlinearity(encoder.norm_out(encoder.mid_block(x, call.cache, call.index)))
+    return _cached_conv(encoder.conv_out, x, call)
 
 
-def _hv15_decoder_whole(decoder, x, cache, index):
+def _hv15_decoder_whole(decoder, x, call):
     return decoder.mid_block(decoder.conv_in(x) + x.repeat_interleave(repeats=decoder.repeat, dim=1))
 
 
-def _hv15_decoder_banded(decoder, x, cache, index, first_chunk):
+def _hv15_decoder_banded(decoder, x, call):
     for block in decoder.up_blocks:
         x = block(x)
     return decoder.conv_out(decoder.conv_act(decoder.norm_out(x)))
 
 
-def _hv15_encoder_banded(encoder, x, cache, index):
+def _hv15_encoder_banded(encoder, x, call):
     x = encoder.conv_in(x)
     for block in encoder.down_blocks:
         x = block(x)
     return x
 
 
-def _hv15_encoder_whole(encoder, x, cache, index):
+def _hv15_encoder_whole(encoder, x, call):
     x = encoder.mid_block(x)
     batch, _, frames, height, width = x.shape
     shortcut = x.view(batch, -1, encoder.group_size, frames, height, width).mean(dim=2)
     return encoder.conv_out(encoder.conv_act(encoder.norm_out(x))) + shortcut
+
+
+def _ltx_temb(decoder, call):
+    return call.temb * decoder.timestep_scale_multiplier if decoder.timestep_scale_multiplier is not None else call.temb
+
+
+def _ltx_norm(norm, x):
+    return norm(x.movedim(1, -1)).movedim(-1, 1)
+
+
+def _ltx_decoder_whole(decoder, x, call):
+    return decoder.mid_block(decoder.conv_in(x), _ltx_temb(decoder, call))
+
+
+def _ltx_decoder_banded(decoder, x, call):
+    temb = _ltx_temb(decoder, call)
+    for block in decoder.up_blocks:
+        x = block(x, temb)
+    x = _ltx_norm(decoder.norm_out, x)
+    if decoder.time_embedder is not None:
+        embedded = decoder.time_embedder(timestep=temb.flatten(), resolution=None, aspect_ratio=None, batch_size=x.shape[0],
+                                         hidden_dtype=x.dtype)
+        shift, scale = (embedded.view(x.shape[0], 2, -1, 1, 1, 1) + decoder.scale_shift_table[None, ..., None, None, None]).unbind(dim=1)
+        x = x * (1 + scale) + shift
+    x = decoder.conv_out(decoder.conv_act(x))
+    p, p_t = decoder.patch_size, decoder.patch_size_t  # unpatchified as the decoder does, in its order
+    batch, _, frames, height, width = x.shape
+    x = x.reshape(batch, -1, p_t, p, p, frames, height, width)
+    return x.permute(0, 1, 5, 2, 6, 4, 7, 3).flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+
+def _ltx_encoder_banded(encoder, x, call):
+    p, p_t = encoder.patch_size, encoder.patch_size_t  # patchified as the encoder does, in its order
+    batch, channels, frames, height, width = x.shape
+    x = x.reshape(batch, channels, frames // p_t, p_t, height // p, p, width // p, p).permute(0, 1, 3, 7, 5, 2, 4, 6).flatten(1, 4)
+    x = encoder.conv_in(x)
+    for block in encoder.down_blocks:
+        x = block(x)
+    return x
+
+
+def _ltx_encoder_whole(encoder, x, call):
+    x = encoder.conv_out(encoder.conv_act(_ltx_norm(encoder.norm_out, encoder.mid_block(x))))
+    return torch.cat([x, x[:, -1:].repeat(1, x.shape[1] - 2, 1, 1, 1)], dim=1)  # the last channel repeated, as the encoder does
+
+
+def _draws_no_noise(module: nn.Module) -> bool:
+    """LTX 0.9.1's decoder can add spatial noise per resnet, drawn for the shape it sees: a band would draw other noise."""
+    return getattr(module, "per_channel_scale1", None) is None and getattr(module, "per_channel_scale2", None) is None
 
 
 @dataclass(frozen=True)
@@ -117,6 +192,7 @@ class Architecture:
     encoder_banded: Callable
     encoder_whole: Callable
     row_local: tuple[type, ...]  # every module type in the banded parts: none looks beyond its halo
+    band_safe: Callable[[nn.Module], bool] = lambda module: True  # and each module, as configured, gives a band its own rows
 
     def decoder_banded_modules(self, decoder: nn.Module) -> list[nn.Module]:
         return [decoder.up_blocks, decoder.norm_out, decoder.conv_out]
@@ -139,6 +215,13 @@ ARCHITECTURES = (
                  _CONTAINERS + (hv15.HunyuanVideo15CausalConv3d, hv15.HunyuanVideo15RMS_norm, hv15.HunyuanVideo15Upsample,
                                 hv15.HunyuanVideo15Downsample, hv15.HunyuanVideo15ResnetBlock, hv15.HunyuanVideo15UpBlock3D,
                                 hv15.HunyuanVideo15DownBlock3D)),
+    Architecture(ltx.LTXVideoDecoder3d, ltx.LTXVideoEncoder3d, _ltx_decoder_whole, _ltx_decoder_banded, _ltx_encoder_banded,
+                 _ltx_encoder_whole,
+                 _CONTAINERS + (ltx.LTXVideoCausalConv3d, ltx.LTXVideoResnetBlock3d, ltx.LTXVideoUpsampler3d, ltx.LTXVideoDownsampler3d,
+                                ltx.LTXVideoUpBlock3d, ltx.LTXVideoDownBlock3D, ltx.LTXVideo095DownBlock3D, normalization.RMSNorm,
+                                nn.LayerNorm, nn.Linear, embeddings.PixArtAlphaCombinedTimestepSizeEmbeddings, embeddings.Timesteps,
+                                embeddings.TimestepEmbedding),  # its norms normalise each pixel's channels; time embeddings, a sample's
+                 _draws_no_noise),
 )
 
 
@@ -148,7 +231,7 @@ def architecture_of(model: nn.Module) -> Architecture | None:
     for arch in ARCHITECTURES:
         if type(decoder) is arch.decoder and type(encoder) is arch.encoder:
             banded = arch.decoder_banded_modules(decoder) + arch.encoder_banded_modules(encoder)
-            if all(type(module) in arch.row_local for part in banded for module in part.modules()):
+            if all(type(module) in arch.row_local and arch.band_safe(module) for part in banded for module in part.modules()):
                 return arch
     return None
 
@@ -158,35 +241,52 @@ def architecture_of(model: nn.Module) -> Architecture | None:
 
 @dataclass(frozen=True)
 class Reach:
-    decoder_halo: int  # latent rows each side of a decoded band
-    encoder_halo: int  # latent rows each side of an encoded band
-    decoder_scale: int  # output rows per latent row
-    encoder_scale: int  # input rows per latent row
+    halo: int  # latent rows each side of a band
+    scale: int  # pixel rows per latent row: out of the decoder, into the encoder
 
 
+# A decoder's or encoder's reach, measured when it is first tiled, each on its own: a decode touches no encoder weights
+# (on the CPU, weights mapped from a file stay unread, out of memory, until a run touches them).
 _REACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def reach_of(model: nn.Module, arch: Architecture) -> Reach:
-    """Each part's halo, from one tiny run of it recording every convolution's kernel, stride and resolution."""
-    if model not in _REACHES:
-        dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
-        decoder, encoder = model.decoder, model.encoder
-        latent_channels = _first_conv(decoder.conv_in).in_channels
+def decoder_reach(model: nn.Module, arch: Architecture) -> Reach:
+    """The decoder's halo, from one tiny run of its banded part recording every convolution's kernel, stride and resolution."""
+    decoder = model.decoder
+    if decoder not in _REACHES:
+        parameter = next(decoder.parameters())
+        latent = torch.zeros(1, _first_conv(decoder.conv_in).in_channels, 1, 2, 2, dtype=parameter.dtype, device=parameter.device)
         with torch.inference_mode():
-            middle = arch.decoder_whole(decoder, torch.zeros(1, latent_channels, 1, 2, 2, dtype=dtype, device=device), *_fresh(decoder))
-            decoder_halo, out_rows = _halo(arch.decoder_banded_modules(decoder), 2,
-                                           lambda: arch.decoder_banded(decoder, middle, *_fresh(decoder), True))
-            encoder_in = torch.zeros(1, _first_conv(encoder.conv_in).in_channels, 1, 64, 64, dtype=dtype, device=device)
-            encoder_halo, latent_rows = _halo(arch.encoder_banded_modules(encoder), None,
-                                              lambda: arch.encoder_banded(encoder, encoder_in, *_fresh(encoder)))
-        _REACHES[model] = Reach(decoder_halo, encoder_halo, out_rows // 2, 64 // latent_rows)
-    return _REACHES[model]
+            middle = arch.decoder_whole(decoder, latent, _fresh(decoder))
+            halo, out_rows = _halo(arch.decoder_banded_modules(decoder), 2,
+                                   lambda: arch.decoder_banded(decoder, middle, _fresh(decoder, first_chunk=True)))
+        _REACHES[decoder] = Reach(halo, out_rows // 2)
+    return _REACHES[decoder]
 
 
-def _fresh(part: nn.Module) -> tuple[list, list[int]]:
-    """An empty cache (enough entries for every conv) and index, for a run that must not touch the model's own."""
-    return [None] * sum(isinstance(m, (nn.Conv2d, nn.Conv3d)) for m in part.modules()), [0]
+def encoder_reach(model: nn.Module, arch: Architecture) -> Reach:
+    """The encoder's halo, as the decoder's."""
+    encoder = model.encoder
+    if encoder not in _REACHES:
+        parameter = next(encoder.parameters())
+        pixels = torch.zeros(1, _encoder_channels(encoder), 1, 64, 64, dtype=parameter.dtype, device=parameter.device)
+        with torch.inference_mode():
+            halo, latent_rows = _halo(arch.encoder_banded_modules(encoder), None, lambda: arch.encoder_banded(encoder, pixels, _fresh(encoder)))
+        _REACHES[encoder] = Reach(halo, 64 // latent_rows)
+    return _REACHES[encoder]
+
+
+def _fresh(part: nn.Module, first_chunk: bool = False) -> Call:
+    """A call with an empty cache (an entry for every conv) and a timestep, for a run that must not touch the model's own."""
+    parameter = next(part.parameters())
+    return Call([None] * sum(isinstance(m, (nn.Conv2d, nn.Conv3d)) for m in part.modules()), [0], first_chunk,
+                torch.zeros(1, dtype=parameter.dtype, device=parameter.device))
+
+
+def _encoder_channels(encoder: nn.Module) -> int:
+    """The channels an encoder takes: its conv in's, unless it folds pixels into channels first (LTX's patches)."""
+    folded = getattr(encoder, "patch_size", None) or 1
+    return _first_conv(encoder.conv_in).in_channels // (folded**2 * (getattr(encoder, "patch_size_t", None) or 1))
 
 
 def _first_conv(module: nn.Module) -> nn.Module:
@@ -276,42 +376,43 @@ class HaloTiler:
         (output.sample if isinstance(output, DecoderOutput) else output)[..., start * scale : stop * scale, :] = sample
         return output
 
-    def decoder_forward(self, x: torch.Tensor, feat_cache: list | None = None, feat_idx: list[int] | None = None,
-                        first_chunk: bool = False) -> torch.Tensor:
+    def decoder_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """One call of the model's decode loop, for this pass's band: the whole part (from the first pass), then the band."""
-        decoder, reach, index = self.model.decoder, reach_of(self.model, self.arch), feat_idx or [0]
-        call, self._call = self._call, self._call + 1
+        decoder, reach = self.model.decoder, decoder_reach(self.model, self.arch)
+        call, number = Call.of(decoder, args, kwargs), self._call
+        self._call += 1
         if self._band == 0:
-            self._kept.append((self.arch.decoder_whole(decoder, x, feat_cache, index), index[0]))
-        middle, index[0] = self._kept[call]
-        if self._band == 0 and call == 0:
-            # Output pixels per latent row: a model with causal caches decodes a frame per call (at most TEMPORAL_BOUND
-            # frames out), one without decodes its whole clip in one.
-            frames = (x.shape[2] if feat_cache is None else 1) * TEMPORAL_BOUND
-            self._plan = self._bands(middle.shape[-2], reach.decoder_scale**2 * middle.shape[-1] * frames, reach.decoder_halo)
+            self._kept.append((self.arch.decoder_whole(decoder, x, call), call.index[0]))
+        middle, call.index[0] = self._kept[number]
+        if self._band == 0 and number == 0:
+            # Output pixels per latent row: a model with causal caches decodes a frame per call (to a few frames), one
+            # without decodes its whole clip in one.
+            frames = (x.shape[2] if call.cache is None else 1) * (getattr(self.model, "temporal_compression_ratio", None) or TEMPORAL_BOUND)
+            self._plan = self._bands(middle.shape[-2], reach.scale**2 * middle.shape[-1] * frames, reach.halo)
         (start, stop), (low, high) = self._plan[self._band]
-        rows = self.arch.decoder_banded(decoder, middle[..., low:high, :], feat_cache, index, first_chunk)
-        return rows[..., (start - low) * reach.decoder_scale : (stop - low) * reach.decoder_scale, :]
+        rows = self.arch.decoder_banded(decoder, middle[..., low:high, :], call)
+        return rows[..., (start - low) * reach.scale : (stop - low) * reach.scale, :]
 
-    def encoder_forward(self, x: torch.Tensor, feat_cache: list | None = None, feat_idx: list[int] | None = None) -> torch.Tensor:
+    def encoder_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """One call of the model's encode loop, for this pass's band: the band's rows gathered; in the last pass the whole
         part on all of them (earlier passes answer zeros of its shape, which the combination drops)."""
-        encoder, reach, index = self.model.encoder, reach_of(self.model, self.arch), feat_idx or [0]
-        call, self._call = self._call, self._call + 1
-        scale = reach.encoder_scale
-        if self._band == 0 and call == 0:
+        encoder, reach = self.model.encoder, encoder_reach(self.model, self.arch)
+        call, number = Call.of(encoder, args, kwargs), self._call
+        self._call += 1
+        scale = reach.scale
+        if self._band == 0 and number == 0:
             # Input pixels per latent row: a model with causal caches takes one frame, then up to TEMPORAL_BOUND, per call.
-            frames = x.shape[2] if feat_cache is None else TEMPORAL_BOUND
-            self._plan = self._bands(x.shape[-2] // scale, scale * x.shape[-1] * frames, reach.encoder_halo)
+            frames = x.shape[2] if call.cache is None else TEMPORAL_BOUND
+            self._plan = self._bands(x.shape[-2] // scale, scale * x.shape[-1] * frames, reach.halo)
         (start, stop), (low, high) = self._plan[self._band]
-        rows = self.arch.encoder_banded(encoder, x[..., low * scale : high * scale, :], feat_cache, index)[..., start - low : stop - low, :]
+        rows = self.arch.encoder_banded(encoder, x[..., low * scale : high * scale, :], call)[..., start - low : stop - low, :]
         if self._band == 0:
             self._kept.append(rows.new_empty(*rows.shape[:-2], x.shape[-2] // scale, rows.shape[-1]))
-        gathered = self._kept[call]
+        gathered = self._kept[number]
         gathered[..., start:stop, :] = rows
         if self._band + 1 < len(self._plan):
             return gathered.new_zeros(gathered.shape[0], _first_conv(encoder.conv_out).out_channels, *gathered.shape[2:])
-        return self.arch.encoder_whole(encoder, gathered, feat_cache, index)
+        return self.arch.encoder_whole(encoder, gathered, call)
 
     def _bands(self, rows: int, pixels_per_row: int, halo: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
         """(latent rows, the rows read with the halo) of bands covering `rows`, of near equal height (no thin last band

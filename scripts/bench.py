@@ -667,11 +667,13 @@ def tiling_worker(args: argparse.Namespace) -> None:
     else:
         inputs, call = torch.randn(1, family.latent_channels, *latent_frames, side, side, generator=generator), vae.decode
     tiling = {"untiled": None, "exact-held": "exact"}.get(args.way, args.way)
+    # LTX's decoder is conditioned on a decode timestep: its pipelines' recommended 0.05.
+    extra = {"timestep": torch.tensor([0.05])} if family.decode_timestep and args.operation == "decode" else {}
     seconds, peaks = [], []
     for _ in range(args.repeats):
         with PeakMemory(device) as peak:
             start = time.perf_counter()
-            result = call(inputs, tiling=tiling)
+            result = call(inputs, tiling=tiling, **extra)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds.append(time.perf_counter() - start)

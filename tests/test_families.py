@@ -11,7 +11,9 @@ from diffusers.utils.remote_utils import remote_decode, remote_encode
 
 from remote_vae import families
 from remote_vae.families import FamilyError, load_family, match_model_config
-from remote_vae.vae import default_source, load_vae, model_class, weights_folder
+from remote_vae.halo_tiling import HaloTiler
+from remote_vae.tiling import ExactTiler
+from remote_vae.vae import EXACT_TILERS, default_source, load_vae, model_class, weights_folder
 
 EXPECTED_FACTORS = {
     "sd15": (0.18215, None), "sdxl": (0.13025, None), "flux": (0.3611, 0.1159), "sd3": (1.5305, 0.0609),
@@ -176,3 +178,15 @@ def test_families_command_shows_each_familys_client_call(capsys):
         for key, value in family.client_scaling().items():
             assert f"{key}={value}" in block, name
         assert ("decode_timestep" in block) == bool(family.decode_timestep)
+
+
+EXACT_TILER = {"sd15": ExactTiler, "sdxl": ExactTiler, "sd3": ExactTiler, "flux": ExactTiler, "flux2": ExactTiler,
+               "hunyuanvideo": ExactTiler, "wan21": HaloTiler, "wan22": HaloTiler, "qwenimage": HaloTiler, "hunyuanvideo15": HaloTiler,
+               "ltxvideo": HaloTiler}  # the rest (CogVideoX, the preview decoders) tile with diffusers' blend only
+
+
+@pytest.mark.parametrize("name", families.available())
+def test_the_real_architecture_has_the_exact_tiler_its_tiny_model_is_tested_with(name):
+    with torch.device("meta"):
+        model = model_class(load_family(name)).from_config(load_family(name).architecture)
+    assert next((tiler for tiler in EXACT_TILERS if tiler.supports(model)), None) is EXACT_TILER.get(name)

@@ -1,4 +1,4 @@
-"""Exact banded tiling of the row-local VAEs (halo_tiling.py: Wan 2.1 / 2.2, Qwen-Image, HunyuanVideo 1.5): every band's
+"""Exact banded tiling of the row-local VAEs (halo_tiling.py: Wan 2.1 / 2.2, Qwen-Image, HunyuanVideo 1.5, LTX-Video): every band's
 rows equal the untiled decode and encode, through the models' own frame-by-frame causal caches; the measured halo is what
 makes them equal."""
 
@@ -6,13 +6,15 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import seeded
+from conftest import TINY_MODELS, seeded
 
 from remote_vae import halo_tiling
+from remote_vae.families import load_family
 from remote_vae.halo_tiling import HaloTiler
 from remote_vae.tiling import ExactTiler
+from remote_vae.vae import load_vae
 
-ROW_LOCAL = ("wan21", "wan22", "qwenimage", "hunyuanvideo15")
+ROW_LOCAL = ("wan21", "wan22", "qwenimage", "hunyuanvideo15", "ltxvideo")
 
 
 def test_the_halo_tiler_covers_the_row_local_families_and_no_groupnorm_one(reference):
@@ -21,54 +23,57 @@ def test_the_halo_tiler_covers_the_row_local_families_and_no_groupnorm_one(refer
     assert not any(ExactTiler.supports(reference[name]) for name in supported)
 
 
-def cases(family: str, model) -> tuple[torch.Tensor, torch.Tensor]:
-    """A latent and pixels of odd sizes: 2 latent frames (5 pixel frames), 11 x 5 latent cells."""
-    reach = halo_tiling.reach_of(model, halo_tiling.architecture_of(model))
+def cases(family: str, model) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """A latent and pixels of odd sizes (2 latent frames, 11 x 5 latent cells), and what else the decoder takes."""
+    reach = halo_tiling.encoder_reach(model, halo_tiling.architecture_of(model))
     channels = halo_tiling._first_conv(model.decoder.conv_in).in_channels
     batch = 1 if family == "hunyuanvideo15" else 2  # diffusers' HunyuanVideo 1.5 attention takes one sample per call
     latents = seeded(batch, channels, 2, 11, 5, seed=61)
-    compression = reach.encoder_scale * (model.config.get("patch_size") or 1)  # Wan 2.2 folds 2x2 pixels before its encoder
-    pixels = seeded(batch, 3, 5, 11 * compression, 5 * compression, seed=62)
-    return latents, pixels.clamp(-1, 1)
+    folded = model.config.get("patch_size") or 1 if family == "wan22" else 1  # Wan 2.2 folds 2x2 pixels before its encoder
+    compression = reach.scale * folded
+    frames = 1 + (getattr(model, "temporal_compression_ratio", None) or 4)  # two latent frames' worth
+    pixels = seeded(batch, 3, frames, 11 * compression, 5 * compression, seed=62)
+    extra = {"temb": torch.tensor([0.05, 0.4][:batch])} if model.config.get("timestep_conditioning") else {}  # LTX's decode timestep
+    return latents, pixels.clamp(-1, 1), extra
 
 
-def banded(model, call, **reach_changes):
-    """call() with the model's encoder and decoder run a latent row per band; with reach_changes, a changed halo."""
-    reach = halo_tiling.reach_of(model, halo_tiling.architecture_of(model))
-    halo_tiling._REACHES[model] = dataclasses.replace(reach, **reach_changes)
+def banded(model, call, halo_share: float = 1.0):
+    """call() with the model's encoder and decoder run a latent row per band, with this share of their measured halos."""
+    arch = halo_tiling.architecture_of(model)
+    reaches = {model.decoder: halo_tiling.decoder_reach(model, arch), model.encoder: halo_tiling.encoder_reach(model, arch)}
+    for part, reach in reaches.items():
+        halo_tiling._REACHES[part] = dataclasses.replace(reach, halo=int(reach.halo * halo_share))
     try:
         tiler = HaloTiler(model, band_pixels=1)
         tiler.min_band_halos = 0
         with torch.no_grad(), tiler.installed():
             return call(), tiler.bands
     finally:
-        halo_tiling._REACHES[model] = reach
+        halo_tiling._REACHES.update(reaches)
 
 
 @pytest.mark.parametrize("family", ROW_LOCAL)
 def test_a_latent_row_per_band_gives_the_untiled_decode_and_encode(reference, family):
     model = reference[family]
-    latents, pixels = cases(family, model)
+    latents, pixels, extra = cases(family, model)
     with torch.no_grad():
-        untiled, untiled_latents = model.decode(latents).sample, model.encode(pixels).latent_dist.mean
-    decoded, decode_bands = banded(model, lambda: model.decode(latents).sample)
+        untiled, untiled_latents = model.decode(latents, **extra).sample, model.encode(pixels).latent_dist.mean
+    decoded, decode_bands = banded(model, lambda: model.decode(latents, **extra).sample)
     encoded, encode_bands = banded(model, lambda: model.encode(pixels).latent_dist.mean)
     torch.testing.assert_close(decoded, untiled, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(encoded, untiled_latents, atol=1e-5, rtol=1e-5)
     assert decode_bands >= 11 and encode_bands >= 11  # every latent row its own band (in every call, where a model calls per frame)
 
 
-@pytest.mark.parametrize("family", ["wan21", "hunyuanvideo15"])
+@pytest.mark.parametrize("family", ["wan21", "hunyuanvideo15", "ltxvideo"])
 def test_the_measured_halo_is_what_makes_bands_exact(reference, family):
     """Half the halo, and band edges show: the test above would fail without the measured halo."""
     model = reference[family]
-    latents, pixels = cases(family, model)
-    reach = halo_tiling.reach_of(model, halo_tiling.architecture_of(model))
+    latents, pixels, extra = cases(family, model)
     with torch.no_grad():
-        untiled, untiled_latents = model.decode(latents).sample, model.encode(pixels).latent_dist.mean
-    short = dict(decoder_halo=reach.decoder_halo // 2, encoder_halo=reach.encoder_halo // 2)
-    decoded, _ = banded(model, lambda: model.decode(latents).sample, **short)
-    encoded, _ = banded(model, lambda: model.encode(pixels).latent_dist.mean, **short)
+        untiled, untiled_latents = model.decode(latents, **extra).sample, model.encode(pixels).latent_dist.mean
+    decoded, _ = banded(model, lambda: model.decode(latents, **extra).sample, halo_share=0.5)
+    encoded, _ = banded(model, lambda: model.encode(pixels).latent_dist.mean, halo_share=0.5)
     assert (decoded - untiled).abs().max() > 1e-4 and (encoded - untiled_latents).abs().max() > 1e-4
 
 
@@ -89,3 +94,28 @@ def test_each_band_is_a_pass_of_the_models_own_clip_loop(reference):
         torch.testing.assert_close(tiled, untiled, atol=1e-5, rtol=1e-5)
     for tiled in encoded:
         torch.testing.assert_close(tiled, untiled_latents, atol=1e-5, rtol=1e-5)
+
+
+def test_ltx_decodes_exactly_in_bands_through_the_vae_stage_with_its_timestep(model_dirs, reference, monkeypatch):
+    """The service's decode of LTX-Video, tiling=exact: its decode timestep reaches every band, the frame is split (two
+    or three bands: 41 latent rows, four halos at least each), and the result is the untiled decode; diffusers' blend differs."""
+    plans = []
+    plan = HaloTiler._bands
+    monkeypatch.setattr(HaloTiler, "_bands", lambda self, *args: plans.append(plan(self, *args)) or plans[-1])
+    vae = load_vae(load_family("ltxvideo"), str(model_dirs["ltxvideo"]), torch.device("cpu"), torch.float32, tile_above_pixels=0)
+    latents, timestep = seeded(2, 128, 2, 41, 2, seed=65), torch.tensor([0.05, 0.4])
+    with torch.no_grad():
+        untiled = reference["ltxvideo"].decode(latents, temb=timestep).sample
+    exact, blend = (vae.decode(latents, timestep=timestep, tiling=tiling) for tiling in ("exact", "blend"))
+    assert plans and all(len(bands) >= 2 for bands in plans) and vae.calls["tiled"] == 2
+    torch.testing.assert_close(exact, untiled, atol=1e-5, rtol=1e-5)
+    assert (blend - untiled).abs().max() > 1e-2
+
+
+def test_a_tiled_decode_measures_and_touches_only_the_decoder():
+    """The encoder's reach is measured when it is first tiled, not with the decoder's: on the CPU a decode then leaves the
+    encoder's weights unread (LTX's encoder holds 0.69 B of its 1.25 B parameters)."""
+    model = TINY_MODELS["ltxvideo"]()
+    with torch.no_grad(), HaloTiler(model, band_pixels=1).installed():
+        model.decode(seeded(1, 128, 1, 4, 2, seed=66), temb=torch.tensor([0.05]))
+    assert model.decoder in halo_tiling._REACHES and model.encoder not in halo_tiling._REACHES

@@ -81,8 +81,8 @@ def test_exact_tiled_encode_is_the_untiled_encode(tiling_server, reference, fami
 
 
 def test_exact_tiling_where_the_model_has_none_is_refused(families_server):
-    latents = torch.zeros(1, 128, 2, 2, 2)  # LTX-Video: neither GroupNorm over the image nor row-local outside the mid block
-    response = requests.post(f"{families_server.url}/ltxvideo/", params={"shape": list(latents.shape), "dtype": "float32", "output_type": "pt", "tiling": "exact"},
+    latents = torch.zeros(1, 3, 16, 2, 2)  # CogVideoX (frames first): its norms are conditioned on the latent, over frame batches
+    response = requests.post(f"{families_server.url}/cogvideox/", params={"shape": list(latents.shape), "dtype": "float32", "output_type": "pt", "tiling": "exact"},
                              data=latents.numpy().tobytes(), headers={"Content-Type": "tensor/binary"}, timeout=60)
     assert response.status_code == 400 and "tiling=blend" in response.json()["error"]
 

@@ -128,11 +128,12 @@ def test_channels_last_on_the_cpu_keeps_groupnorm_exact():
 
 
 def test_a_family_names_its_default_tiling_and_a_request_may_name_another(model_dirs):
-    """Wan tiles exactly unless asked for blend; HunyuanVideo 1.5's config keeps diffusers' blend by default (it decodes a
-    whole clip per call), while tiling=exact still gets the exact path; LTX has none to ask for."""
-    wan, hv15, ltx = (loaded(model_dirs, name, tile_above_pixels=0) for name in ("wan21", "hunyuanvideo15", "ltxvideo"))
+    """Wan tiles exactly unless asked for blend; HunyuanVideo 1.5's and LTX's configs keep diffusers' blend by default (they
+    decode a whole clip per call), while tiling=exact still gets the exact path; CogVideoX has none to ask for."""
+    wan, hv15, ltx, cogvideox = (loaded(model_dirs, name, tile_above_pixels=0) for name in ("wan21", "hunyuanvideo15", "ltxvideo", "cogvideox"))
     assert (wan.tiling_for(None), wan.tiling_for("blend")) == ("exact", "blend")
     assert (hv15.tiling_for(None), hv15.tiling_for("exact")) == ("blend", "exact")
-    assert ltx.tiling_for(None) == "blend"
+    assert (ltx.tiling_for(None), ltx.tiling_for("exact")) == ("blend", "exact")
+    assert cogvideox.tiling_for(None) == "blend"
     with pytest.raises(Exception, match="no exact tiled path"):
-        ltx.tiling_for("exact")
+        cogvideox.tiling_for("exact")
