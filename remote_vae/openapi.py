@@ -44,7 +44,7 @@ PARAMETERS: dict[str, tuple[dict[str, Any], str, tuple[str, ...]]] = {
     "decode_noise_scale": ({"type": "number"}, "LTX-Video: noise mixed into the latent before decoding, as its pipeline does.", DECODE),
     "decode_noise_seed": ({"type": "integer", "minimum": 0}, "LTX-Video: the seed of that noise.", DECODE),
     "tiling": ({"type": "string", "enum": ["exact", "blend"]}, "exact: tiles equal to the untiled result; blend: diffusers' blended tiles. "
-               "Missing: the server's choice by size.", BOTH),
+               "Missing: the family's default (exact where it has an exact path, unless its config says blend).", BOTH),
 }
 
 ERROR = {"type": "object", "properties": {"error": {"type": "string", "description": "what was wrong and what was expected"}}, "required": ["error"]}
