@@ -42,6 +42,8 @@ from diffusers.models.autoencoders import autoencoder_kl_wan as wan
 from diffusers.models.autoencoders.vae import DecoderOutput
 from torch import nn
 
+from .tiling import first_conv
+
 # Frames out per latent frame, for a model that does not say (its `temporal_compression_ratio`): sizes bands, never results.
 TEMPORAL_BOUND = 4
 
@@ -255,7 +257,7 @@ def decoder_reach(model: nn.Module, arch: Architecture) -> Reach:
     decoder = model.decoder
     if decoder not in _REACHES:
         parameter = next(decoder.parameters())
-        latent = torch.zeros(1, _first_conv(decoder.conv_in).in_channels, 1, 2, 2, dtype=parameter.dtype, device=parameter.device)
+        latent = torch.zeros(1, first_conv(decoder.conv_in).in_channels, 1, 2, 2, dtype=parameter.dtype, device=parameter.device)
         with torch.inference_mode():
             middle = arch.decoder_whole(decoder, latent, _fresh(decoder))
             halo, out_rows = _halo(arch.decoder_banded_modules(decoder), 2,
@@ -286,11 +288,7 @@ def _fresh(part: nn.Module, first_chunk: bool = False) -> Call:
 def _encoder_channels(encoder: nn.Module) -> int:
     """The channels an encoder takes: its conv in's, unless it folds pixels into channels first (LTX's patches)."""
     folded = getattr(encoder, "patch_size", None) or 1
-    return _first_conv(encoder.conv_in).in_channels // (folded**2 * (getattr(encoder, "patch_size_t", None) or 1))
-
-
-def _first_conv(module: nn.Module) -> nn.Module:
-    return next(m for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d)))
+    return first_conv(encoder.conv_in).in_channels // (folded**2 * (getattr(encoder, "patch_size_t", None) or 1))
 
 
 def _halo(modules: list[nn.Module], latent_rows: int | None, run: Callable[[], torch.Tensor]) -> tuple[int, int]:
@@ -411,7 +409,7 @@ class HaloTiler:
         gathered = self._kept[number]
         gathered[..., start:stop, :] = rows
         if self._band + 1 < len(self._plan):
-            return gathered.new_zeros(gathered.shape[0], _first_conv(encoder.conv_out).out_channels, *gathered.shape[2:])
+            return gathered.new_zeros(gathered.shape[0], first_conv(encoder.conv_out).out_channels, *gathered.shape[2:])
         return self.arch.encoder_whole(encoder, gathered, call)
 
     def _bands(self, rows: int, pixels_per_row: int, halo: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:

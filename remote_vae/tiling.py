@@ -29,7 +29,7 @@ frame batches) run around it unchanged. It applies to diffusers' 2-D
 `Encoder` / `Decoder` (AutoencoderKL and the families built on it: SD1.5, SDXL,
 SD3, Flux, Flux.2) and to HunyuanVideo's causal 3-D ones, spatially;
 `ExactTiler.supports` checks the structure, not a name. The VAEs that normalise
-each pixel on its own (Wan, Qwen-Image, HunyuanVideo 1.5) tile more simply, in
+each pixel on its own (Wan, Qwen-Image, HunyuanVideo 1.5, LTX-Video) tile more simply, in
 halo_tiling.py.
 """
 
@@ -118,7 +118,7 @@ def _sampler(sampler: nn.Module) -> Layer:
     if isinstance(sampler, UPSAMPLERS):
         factor = int(getattr(sampler, "upsample_factor", (2, 2))[-2])
         return Layer(sampler, halo=1, scale=factor)
-    stride = _first_conv(sampler).stride[-2]
+    stride = first_conv(sampler).stride[-2]
     return Layer(sampler, halo=2, scale=1 / stride, align=stride)
 
 
@@ -506,11 +506,12 @@ def _plain_attention(mid: nn.Module) -> bool:
     return True
 
 
-def _first_conv(module: nn.Module) -> nn.Module:
+def first_conv(module: nn.Module) -> nn.Module:
+    """The first convolution inside module (2-D or 3-D)."""
     return next(m for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d)))
 
 
 def _halo(module: nn.Module) -> int:
     """Rows a convolution reads either side of an output row."""
-    conv = _first_conv(module)
+    conv = first_conv(module)
     return conv.kernel_size[-2] // 2 * conv.dilation[-2]

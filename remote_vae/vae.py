@@ -49,9 +49,9 @@ from huggingface_hub import hf_hub_download
 from .device import BatchBudget, DevicePath, PeakMemory, available_memory, compile_model, compiled_calls, set_up_model, to_device
 from .errors import RequestError
 from .families import Family, config_latent_channels
+from .halo_tiling import HaloTiler
 from .latents import LatentLayout, Normalisation, own_normalisation
 from .media import TENSOR_DTYPES
-from .halo_tiling import HaloTiler
 from .tiling import ExactTiler
 
 log = logging.getLogger("remote_vae")

@@ -306,22 +306,25 @@ def multi_server(model_dirs, tmp_path_factory):
 TEST_TILING = {
     "hunyuanvideo": dict(tile_sample_min_height=32, tile_sample_min_width=32, tile_sample_stride_height=24, tile_sample_stride_width=24),
     "wan21": dict(tile_sample_min_height=32, tile_sample_min_width=32, tile_sample_stride_height=24, tile_sample_stride_width=24),
+    "ltxvideo": dict(tile_sample_min_height=256, tile_sample_min_width=256, tile_sample_stride_height=192, tile_sample_stride_width=192),
 }
 MAX_VIDEO_PIXELS = 17 * 64 * 64
 
 
 @pytest.fixture(scope="session")
 def video_server(model_dirs, tmp_path_factory):
-    """hunyuanvideo and wan21, plus each as a '-tiled' family (a config file) that always tiles."""
+    """hunyuanvideo and wan21, plus each (and ltxvideo) as a '-tiled' family (a config file) that always tiles."""
     configs = tmp_path_factory.mktemp("configs")
-    names, options = ["hunyuanvideo", "wan21"], ["--max-video-pixels", str(MAX_VIDEO_PIXELS), "--max-body-bytes", str(MAX_BODY_BYTES),
+    untiled = ["hunyuanvideo", "wan21"]
+    names, options = list(untiled), ["--max-video-pixels", str(MAX_VIDEO_PIXELS), "--max-body-bytes", str(MAX_BODY_BYTES),
                                                  "--tile-band-pixels", "20000"]  # exact tiling in several bands at these sizes
     for name, tiling in TEST_TILING.items():
         family = json.loads((ROOT / "configs" / f"{name}.json").read_text())
         path = configs / f"{name}-tiled.json"
         path.write_text(json.dumps({**family, "name": f"{name}-tiled", "tile_above_pixels": 0, "tiling_options": tiling}))
         names.append(str(path))
-        options += ["--model", f"{name}={model_dirs[name]}", "--model", f"{name}-tiled={model_dirs[name]}"]
+        options += ["--model", f"{name}-tiled={model_dirs[name]}"]
+    options += [option for name in untiled for option in ("--model", f"{name}={model_dirs[name]}")]
     args = names + options
     server = LiveServer(args, offline_env(), tmp_path_factory.mktemp("logs") / "video.log")
     yield server

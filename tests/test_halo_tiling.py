@@ -11,7 +11,7 @@ from conftest import TINY_MODELS, seeded
 from remote_vae import halo_tiling
 from remote_vae.families import load_family
 from remote_vae.halo_tiling import HaloTiler
-from remote_vae.tiling import ExactTiler
+from remote_vae.tiling import ExactTiler, first_conv
 from remote_vae.vae import load_vae
 
 ROW_LOCAL = ("wan21", "wan22", "qwenimage", "hunyuanvideo15", "ltxvideo")
@@ -26,7 +26,7 @@ def test_the_halo_tiler_covers_the_row_local_families_and_no_groupnorm_one(refer
 def cases(family: str, model) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """A latent and pixels of odd sizes (2 latent frames, 11 x 5 latent cells), and what else the decoder takes."""
     reach = halo_tiling.encoder_reach(model, halo_tiling.architecture_of(model))
-    channels = halo_tiling._first_conv(model.decoder.conv_in).in_channels
+    channels = first_conv(model.decoder.conv_in).in_channels
     batch = 1 if family == "hunyuanvideo15" else 2  # diffusers' HunyuanVideo 1.5 attention takes one sample per call
     latents = seeded(batch, channels, 2, 11, 5, seed=61)
     folded = model.config.get("patch_size") or 1 if family == "wan22" else 1  # Wan 2.2 folds 2x2 pixels before its encoder

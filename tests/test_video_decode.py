@@ -195,6 +195,26 @@ def test_tiled_decode_is_exact_and_blend_is_diffusers_tiled_decode(video_server,
     assert video_server.metric("remote_vae_model_calls_total", family=f"{family}-tiled", mode="tiled") >= 2
 
 
+def test_ltx_tiles_blended_by_default_and_exactly_on_request_with_its_timestep(video_server, model_dirs):
+    """LTX-Video's config keeps diffusers' blended tiles as its default (the real client's call, decode timestep 0);
+    tiling=exact gives the untiled frame in bands (24 latent rows: two bands of at least four 5-row halos), its decode
+    timestep reaching every band."""
+    latents, served = seeded(1, 128, 1, 24, 1, seed=23), url(video_server, "ltxvideo-tiled")  # one 768x32 frame
+    blend = remote_decode(served, tensor=latents, output_type="pt", return_type="pt", do_scaling=False)
+    exact = tensor_of(requests.post(served, params={"shape": list(latents.shape), "dtype": "float32", "output_type": "pt", "tiling": "exact",
+                                                    "do_scaling": "false", "decode_timestep": 0.05, "decode_noise_scale": 0},
+                                    data=latents.numpy().tobytes(), headers={"Content-Type": "tensor/binary"}, timeout=120))
+    model = MODEL_CLASSES["ltxvideo"].from_pretrained(model_dirs["ltxvideo"]).eval()
+    with torch.no_grad():
+        untiled, untiled_at_0 = (model.decode(latents, temb=torch.tensor([t])).sample for t in (0.05, 0.0))
+        model.enable_tiling(**TEST_TILING["ltxvideo"])
+        tiled_at_0 = model.decode(latents, temb=torch.tensor([0.0])).sample
+    assert (tiled_at_0 - untiled_at_0).abs().max() > 1e-3  # tiling really happened
+    torch.testing.assert_close(blend.reshape(tiled_at_0.shape), tiled_at_0, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(exact.reshape(untiled.shape), untiled, atol=1e-4, rtol=1e-4)
+    assert video_server.metric("remote_vae_model_calls_total", family="ltxvideo-tiled", mode="tiled") == 2
+
+
 def test_video_headers_and_json_reply(video_server):
     latents = seeded(*LATENT, seed=22)
     response = requests.post(
