@@ -119,3 +119,10 @@ def test_a_tiled_decode_measures_and_touches_only_the_decoder():
     with torch.no_grad(), HaloTiler(model, band_pixels=1).installed():
         model.decode(seeded(1, 128, 1, 4, 2, seed=66), temb=torch.tensor([0.05]))
     assert model.decoder in halo_tiling._REACHES and model.encoder not in halo_tiling._REACHES
+
+
+def test_a_decoder_that_draws_spatial_noise_has_no_exact_bands():
+    """LTX 0.9.1's resnets can add noise drawn for the shape they see: a band would draw other noise than the whole frame."""
+    model = TINY_MODELS["ltxvideo"]()
+    noisy = type(model).from_config({**model.config, "decoder_inject_noise": (True, False, False, False)})
+    assert HaloTiler.supports(model) and not HaloTiler.supports(noisy)
