@@ -15,12 +15,17 @@ It also decides when a batch runs whole: `BatchBudget`.
 
 from __future__ import annotations
 
+import logging
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
+
+log = logging.getLogger("remote_vae")
+# torch.compiler.set_stance (torch 2.6): without it a request of a new shape would compile inside the request.
+COMPILE_STANCES = hasattr(torch.compiler, "set_stance")
 
 
 @dataclass(frozen=True)
@@ -32,10 +37,13 @@ class DevicePath:
 
     @classmethod
     def default(cls, device: torch.device, compile: bool = False, channels_last: str = "auto") -> "DevicePath":
-        """The measured defaults for a device; `channels_last` is 'auto', 'on' or 'off'."""
+        """The measured defaults for a device; `channels_last` is 'auto', 'on' or 'off'. Compiling is off, said once, on a
+        torch without compile stances (before 2.6), which is what keeps compiling out of requests."""
         cuda = device.type == "cuda"
         layout = {"on": True, "off": False}.get(channels_last, cuda)
-        return cls(channels_last=layout, cudnn_benchmark=cuda, pinned_memory=cuda, compile=compile)
+        if compile and not COMPILE_STANCES:
+            log.warning("--compile needs torch >= 2.6 (compile stances); torch %s serves uncompiled", torch.__version__)
+        return cls(channels_last=layout, cudnn_benchmark=cuda, pinned_memory=cuda, compile=compile and COMPILE_STANCES)
 
 
 def memory_format(ndim: int, path: DevicePath) -> torch.memory_format:
@@ -157,7 +165,9 @@ class PeakMemory:
 def compile_model(model: torch.nn.Module, shapes_to_warm: int) -> Callable[[], None]:
     """Put compiled wrappers in place of the model's encoder and decoder; returns what undoes it."""
     # Each warmed shape takes two graphs (batch 1, then any batch); more than the limit would fall back to eager.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * shapes_to_warm + 4)
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # its name before torch 2.6
+    setattr(config, limit, max(getattr(config, limit), 2 * shapes_to_warm + 4))
     originals = {name: getattr(model, name) for name in ("decoder", "encoder") if isinstance(getattr(model, name, None), torch.nn.Module)}
     for name, part in originals.items():
         setattr(model, name, torch.compile(part))

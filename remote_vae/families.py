@@ -10,6 +10,9 @@ Video families add `temporal_compression` (latent frames T decode to
 (Wan) give `latents_mean` / `latents_std` instead of a scalar scaling factor.
 `tile_above_pixels` switches the model's own tiled decoding on for frames
 larger than that many pixels, with `tiling_options` passed to `enable_tiling`.
+`min_diffusers` is the oldest diffusers release with the model class and every
+feature of it the config uses: an older one makes the family unavailable, by
+name, while the server's other families serve.
 `streams_frames` says that the model's untiled decode calls its decoder once
 per latent frame, in order, and each call returns finished frames (Wan's
 causal decoder): the service then writes an MP4 while later frames decode.
@@ -36,6 +39,7 @@ What each family's pipeline does between its denoiser and `vae.decode` is data t
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +83,7 @@ class Family:
     samples_per_call: int | None = None
     latent_frames_odd: bool = False
     default_tiling: str = "exact"  # the tiling a call uses when it tiles and the request names none ("exact" where the model has it)
+    min_diffusers: str | None = None  # the oldest diffusers release that builds this family's model as configured
 
     @property
     def hub_id(self) -> str:
@@ -161,6 +166,9 @@ def _family_from_dict(data: dict[str, Any], source: str) -> Family:
             raise FamilyError(f"{source}: {key} must be true or false")
     if values.get("default_tiling", "exact") not in TILINGS:
         raise FamilyError(f"{source}: default_tiling must be one of {list(TILINGS)}")
+    minimum = values.get("min_diffusers")
+    if minimum is not None and not (isinstance(minimum, str) and re.fullmatch(r"\d+(\.\d+)*", minimum)):
+        raise FamilyError(f"{source}: min_diffusers must be a release number like \"0.36.0\", or null")
     _check_layout(values, source)
     _check_stats_in_weights(values, source)
     if values.get("model_latents", "raw") not in MODEL_LATENTS:

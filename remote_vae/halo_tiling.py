@@ -26,19 +26,17 @@ pass runs the mid block and head on them, with the model's cache, in order.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import inspect
 import math
+import sys
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from diffusers.models import embeddings, normalization
-from diffusers.models.autoencoders import autoencoder_kl_hunyuanvideo15 as hv15
-from diffusers.models.autoencoders import autoencoder_kl_ltx as ltx
-from diffusers.models.autoencoders import autoencoder_kl_qwenimage as qwen
-from diffusers.models.autoencoders import autoencoder_kl_wan as wan
 from diffusers.models.autoencoders.vae import DecoderOutput
 from torch import nn
 
@@ -78,8 +76,9 @@ def _cached_conv(conv: nn.Module, x: torch.Tensor, call: Call) -> torch.Tensor:
     if cache is None:
         return conv(x)
     i = index[0]
-    held = x[:, :, -wan.CACHE_T:].clone()
-    if held.shape[2] < wan.CACHE_T and cache[i] is not None:
+    frames = sys.modules[type(conv).__module__].CACHE_T  # the frames its module's convolutions cache (Wan's and Qwen-Image's: 2)
+    held = x[:, :, -frames:].clone()
+    if held.shape[2] < frames and cache[i] is not None:
         held = torch.cat([cache[i][:, :, -1:].to(held.device), held], dim=2)
     x = conv(x, cache[i])
     cache[i] = held
@@ -204,37 +203,69 @@ class Architecture:
 
 
 _CONTAINERS = (nn.ModuleList, nn.Sequential, nn.Identity, nn.Dropout, nn.SiLU, nn.ZeroPad2d, nn.Conv2d, nn.Conv3d)
-ARCHITECTURES = (
-    Architecture(wan.WanDecoder3d, wan.WanEncoder3d, _wan_decoder_whole, _wan_decoder_banded, _wan_encoder_banded, _wan_encoder_whole,
-                 _CONTAINERS + (wan.WanCausalConv3d, wan.WanRMS_norm, wan.WanUpsample, wan.WanResample, wan.WanResidualBlock,
-                                wan.WanUpBlock, wan.WanResidualUpBlock, wan.WanResidualDownBlock, wan.AvgDown3D, wan.DupUp3D)),
-    Architecture(qwen.QwenImageDecoder3d, qwen.QwenImageEncoder3d, _wan_decoder_whole, _wan_decoder_banded, _wan_encoder_banded,
-                 _wan_encoder_whole,
-                 _CONTAINERS + (qwen.QwenImageCausalConv3d, qwen.QwenImageRMS_norm, qwen.QwenImageUpsample, qwen.QwenImageResample,
-                                qwen.QwenImageResidualBlock, qwen.QwenImageUpBlock)),
-    Architecture(hv15.HunyuanVideo15Decoder3D, hv15.HunyuanVideo15Encoder3D, _hv15_decoder_whole, _hv15_decoder_banded,
-                 _hv15_encoder_banded, _hv15_encoder_whole,
-                 _CONTAINERS + (hv15.HunyuanVideo15CausalConv3d, hv15.HunyuanVideo15RMS_norm, hv15.HunyuanVideo15Upsample,
-                                hv15.HunyuanVideo15Downsample, hv15.HunyuanVideo15ResnetBlock, hv15.HunyuanVideo15UpBlock3D,
-                                hv15.HunyuanVideo15DownBlock3D)),
-    Architecture(ltx.LTXVideoDecoder3d, ltx.LTXVideoEncoder3d, _ltx_decoder_whole, _ltx_decoder_banded, _ltx_encoder_banded,
-                 _ltx_encoder_whole,
-                 _CONTAINERS + (ltx.LTXVideoCausalConv3d, ltx.LTXVideoResnetBlock3d, ltx.LTXVideoUpsampler3d, ltx.LTXVideoDownsampler3d,
-                                ltx.LTXVideoUpBlock3d, ltx.LTXVideoDownBlock3D, ltx.LTXVideo095DownBlock3D, normalization.RMSNorm,
-                                nn.LayerNorm, nn.Linear, embeddings.PixArtAlphaCombinedTimestepSizeEmbeddings, embeddings.Timesteps,
-                                embeddings.TimestepEmbedding),  # its norms normalise each pixel's channels; time embeddings, a sample's
-                 _draws_no_noise),
-)
+
+
+def _wan(wan) -> Architecture:
+    return Architecture(wan.WanDecoder3d, wan.WanEncoder3d, _wan_decoder_whole, _wan_decoder_banded, _wan_encoder_banded, _wan_encoder_whole,
+                        _CONTAINERS + (wan.WanCausalConv3d, wan.WanRMS_norm, wan.WanUpsample, wan.WanResample, wan.WanResidualBlock,
+                                       wan.WanUpBlock, wan.WanResidualUpBlock, wan.WanResidualDownBlock, wan.AvgDown3D, wan.DupUp3D))
+
+
+def _qwen(qwen) -> Architecture:
+    return Architecture(qwen.QwenImageDecoder3d, qwen.QwenImageEncoder3d, _wan_decoder_whole, _wan_decoder_banded, _wan_encoder_banded,
+                        _wan_encoder_whole,
+                        _CONTAINERS + (qwen.QwenImageCausalConv3d, qwen.QwenImageRMS_norm, qwen.QwenImageUpsample, qwen.QwenImageResample,
+                                       qwen.QwenImageResidualBlock, qwen.QwenImageUpBlock))
+
+
+def _hv15(hv15) -> Architecture:
+    return Architecture(hv15.HunyuanVideo15Decoder3D, hv15.HunyuanVideo15Encoder3D, _hv15_decoder_whole, _hv15_decoder_banded,
+                        _hv15_encoder_banded, _hv15_encoder_whole,
+                        _CONTAINERS + (hv15.HunyuanVideo15CausalConv3d, hv15.HunyuanVideo15RMS_norm, hv15.HunyuanVideo15Upsample,
+                                       hv15.HunyuanVideo15Downsample, hv15.HunyuanVideo15ResnetBlock, hv15.HunyuanVideo15UpBlock3D,
+                                       hv15.HunyuanVideo15DownBlock3D))
+
+
+def _ltx(ltx) -> Architecture:
+    from diffusers.models import embeddings, normalization
+
+    return Architecture(ltx.LTXVideoDecoder3d, ltx.LTXVideoEncoder3d, _ltx_decoder_whole, _ltx_decoder_banded, _ltx_encoder_banded,
+                        _ltx_encoder_whole,
+                        _CONTAINERS + (ltx.LTXVideoCausalConv3d, ltx.LTXVideoResnetBlock3d, ltx.LTXVideoUpsampler3d, ltx.LTXVideoDownsampler3d,
+                                       ltx.LTXVideoUpBlock3d, ltx.LTXVideoDownBlock3D, ltx.LTXVideo095DownBlock3D, normalization.RMSNorm,
+                                       nn.LayerNorm, nn.Linear, embeddings.PixArtAlphaCombinedTimestepSizeEmbeddings, embeddings.Timesteps,
+                                       embeddings.TimestepEmbedding),  # its norms normalise each pixel's channels; time embeddings, a sample's
+                        _draws_no_noise)
+
+
+# The architectures by the diffusers module that defines their decoder and encoder. A module is imported, and its
+# architecture built, only when a loaded model's decoder comes from it: a diffusers that lacks or renamed one of these
+# classes loses that architecture's exact path, never the import of this module or another family.
+_BUILDERS: dict[str, Callable[[object], Architecture]] = {
+    "diffusers.models.autoencoders.autoencoder_kl_wan": _wan,
+    "diffusers.models.autoencoders.autoencoder_kl_qwenimage": _qwen,
+    "diffusers.models.autoencoders.autoencoder_kl_hunyuanvideo15": _hv15,
+    "diffusers.models.autoencoders.autoencoder_kl_ltx": _ltx,
+}
+
+
+@functools.cache
+def _architecture_in(module: str) -> Architecture | None:
+    build = _BUILDERS.get(module)
+    try:
+        return build(importlib.import_module(module)) if build else None
+    except (ImportError, AttributeError):
+        return None
 
 
 def architecture_of(model: nn.Module) -> Architecture | None:
     """The model's split, if its encoder and decoder are of a known pair and their banded parts are row-local only."""
     decoder, encoder = getattr(model, "decoder", None), getattr(model, "encoder", None)
-    for arch in ARCHITECTURES:
-        if type(decoder) is arch.decoder and type(encoder) is arch.encoder:
-            banded = arch.decoder_banded_modules(decoder) + arch.encoder_banded_modules(encoder)
-            if all(type(module) in arch.row_local and arch.band_safe(module) for part in banded for module in part.modules()):
-                return arch
+    arch = _architecture_in(type(decoder).__module__)
+    if arch is not None and type(decoder) is arch.decoder and type(encoder) is arch.encoder:
+        banded = arch.decoder_banded_modules(decoder) + arch.encoder_banded_modules(encoder)
+        if all(type(module) in arch.row_local and arch.band_safe(module) for part in banded for module in part.modules()):
+            return arch
     return None
 
 

@@ -27,7 +27,7 @@ from .families import Family, FamilyError
 from .media import PNG_COMPRESSION, guard_decompression_bombs
 from .server import Registry, ServeOptions, Slot, create_app, load_in_background
 from .service import GPU_MAX_PIXELS, Limits, VaeService
-from .vae import default_source, download_weights, load_vae, network_failure, resolve_device, resolve_dtype
+from .vae import default_source, download_weights, load_vae, network_failure, resolve_device, resolve_dtype, unsupported
 
 log = logging.getLogger("remote_vae")
 
@@ -125,7 +125,14 @@ def plan(args: argparse.Namespace) -> tuple[Registry, ServeOptions, Callable[[Fa
         raise FamilyError(f"a family is named twice in {names}")
     specs = args.model if args.model is not None else env("MODEL", "").split()
     sources = model_sources([family.name for family in loaded], specs)
-    registry = Registry({family.name: Slot(family) for family in loaded})
+    # A family the installed diffusers cannot build is unavailable, by name, from the start; the others still serve.
+    registry = Registry({family.name: Slot(family, error=why, unavailable=True) if (why := unsupported(family)) else Slot(family)
+                         for family in loaded})
+    if all(slot.unavailable for slot in registry.slots.values()):
+        raise FamilyError("; ".join(slot.error for slot in registry.slots.values()))
+    for slot in registry.slots.values():
+        if slot.unavailable:
+            log.error("cannot serve %s: %s", slot.family.name, slot.error)
     options = serve_options(args)
     for family in loaded:
         warmup_sizes_for(family, args.warmup_sizes)  # refused now, not after the first model has loaded

@@ -52,18 +52,16 @@ class Slot:
     family: Family
     service: VaeService | None = None
     error: str | None = None
+    unavailable: bool = False  # this installation cannot serve it (`error` says why); the server's other families serve
 
     @property
     def status(self) -> str:
-        return "ready" if self.service else ("failed" if self.error else "loading")
+        return "ready" if self.service else "unavailable" if self.unavailable else "failed" if self.error else "loading"
 
 
 @dataclass
 class Registry:
     slots: dict[str, Slot]
-
-    def ready(self) -> bool:
-        return all(slot.service for slot in self.slots.values())
 
     def vaes(self):
         return [slot.service.vae for slot in self.slots.values() if slot.service]
@@ -87,6 +85,8 @@ CORS_EXPOSED_HEADERS = ["shape", "dtype", "image-count", "video-count", "frame-c
 def load_in_background(registry: Registry, load: Callable[[Family], VaeService], on_failure: Callable[[str], None]) -> threading.Thread:
     def run():
         for slot in registry.slots.values():
+            if slot.unavailable:
+                continue
             try:
                 slot.service = load(slot.family)
             except Exception as exc:  # reported, then the process exits: a half-loaded server is no use
@@ -143,18 +143,29 @@ def until_disconnected(request: Request) -> Callable[[], Awaitable[None]]:
     return wait
 
 
+def serving(slots: list[Slot]) -> bool:
+    """Every family loaded but those this installation cannot serve, and at least one."""
+    return all(slot.service or slot.unavailable for slot in slots) and any(slot.service for slot in slots)
+
+
+def health_status(slots: list[Slot]) -> str:
+    return "ok" if serving(slots) else "unavailable" if all(slot.unavailable for slot in slots) else "loading"
+
+
 def health_response(slots: list[Slot]) -> JSONResponse:
-    statuses = {slot.family.name: slot.status for slot in slots}
-    ready = all(status == "ready" for status in statuses.values())
-    body = {"status": "ok" if ready else "loading", "families": statuses}
-    return JSONResponse(body, status_code=200 if ready else 503)
+    status = health_status(slots)
+    body = {"status": status, "families": {slot.family.name: slot.status for slot in slots}}
+    if errors := {slot.family.name: slot.error for slot in slots if slot.error}:
+        body["errors"] = errors
+    return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
 
 def family_document(slot: Slot, path: str) -> dict:
     """A served family as a client needs it: where to send, what latents it takes, the scaling to send with a pipeline's latents."""
     family, layout = slot.family, LatentLayout.of(slot.family)
-    return {"path": path, "status": slot.status, "operations": list(family.operations), "video": family.is_video,
-            "description": family.description, "weights": family.hub_id, "latents": layout.describe(),
+    return {"path": path, "status": slot.status, **({"error": slot.error} if slot.error else {}),
+            "operations": list(family.operations), "video": family.is_video,
+            "description": family.description, "weights": slot.service.vae.source if slot.service else family.hub_id, "latents": layout.describe(),
             "latent_channels": layout.pipeline_channels, "spatial_compression": family.spatial_compression,
             "temporal_compression": family.temporal_compression, "packed": layout.packing != "none",
             "scaling": family.client_scaling()}
@@ -172,6 +183,8 @@ def family_routes(prefix: str, slot: Slot, guard: Guard) -> list[Route]:
     def predict(operation: str | None):
         async def endpoint(request: Request) -> Response:
             request.state.family, request.state.operation = slot.family.name, operation or "-"
+            if slot.unavailable:
+                return json_error(501, slot.error)
             if slot.service is None:
                 return json_error(503, f"{slot.family.name} is {slot.status}; retry when GET {prefix or '/'} answers 200", {"Retry-After": "5"})
             try:
@@ -289,9 +302,10 @@ def create_app(registry: Registry, options: ServeOptions = ServeOptions()):
 
         async def index(request: Request) -> Response:
             request.state.operation = "health"
-            ready = registry.ready()
-            families = {slot.family.name: {"path": f"/{slot.family.name}/", "status": slot.status, "operations": list(slot.family.operations)} for slot in slots}
-            return JSONResponse({"status": "ok" if ready else "loading", "families": families}, status_code=200 if ready else 503)
+            status = health_status(slots)
+            families = {slot.family.name: {"path": f"/{slot.family.name}/", "status": slot.status, "operations": list(slot.family.operations)}
+                        | ({"error": slot.error} if slot.error else {}) for slot in slots}
+            return JSONResponse({"status": status, "families": families}, status_code=200 if status == "ok" else 503)
 
         routes += [Route("/", index, methods=["GET"], name="health"), Route("/health", index, methods=["GET"], name="health")]
     for slot in slots:

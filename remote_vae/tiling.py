@@ -37,19 +37,13 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from diffusers.models.autoencoders.autoencoder_kl_hunyuan_video import (
-    HunyuanVideoDecoder3D,
-    HunyuanVideoDownsampleCausal3D,
-    HunyuanVideoEncoder3D,
-    HunyuanVideoResnetBlockCausal3D,
-    HunyuanVideoUpsampleCausal3D,
-)
 from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.models.autoencoders.vae import Decoder, Encoder
 from diffusers.models.downsampling import Downsample2D
@@ -58,9 +52,24 @@ from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D
 from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
-RESNETS = (ResnetBlock2D, HunyuanVideoResnetBlockCausal3D)
-UPSAMPLERS = (Upsample2D, HunyuanVideoUpsampleCausal3D)
-DOWNSAMPLERS = (Downsample2D, HunyuanVideoDownsampleCausal3D)
+
+def _classes(module: str, *names: str) -> tuple[type, ...]:
+    """These classes of a diffusers module, or none where the installed diffusers lacks one: its models then have no exact path here."""
+    try:
+        found = importlib.import_module(module)
+        return tuple(getattr(found, name) for name in names)
+    except (ImportError, AttributeError):
+        return ()
+
+
+# HunyuanVideo's causal 3-D decoder and encoder, built of the same pieces in 3-D (imported here, not by the server:
+# this module is imported when a model is first tiled).
+HUNYUAN_VIDEO = _classes("diffusers.models.autoencoders.autoencoder_kl_hunyuan_video", "HunyuanVideoDecoder3D", "HunyuanVideoEncoder3D",
+                         "HunyuanVideoResnetBlockCausal3D", "HunyuanVideoUpsampleCausal3D", "HunyuanVideoDownsampleCausal3D")
+PAIRS = ((Decoder, Encoder),) + ((HUNYUAN_VIDEO[:2],) if HUNYUAN_VIDEO else ())
+RESNETS = (ResnetBlock2D,) + HUNYUAN_VIDEO[2:3]
+UPSAMPLERS = (Upsample2D,) + HUNYUAN_VIDEO[3:4]
+DOWNSAMPLERS = (Downsample2D,) + HUNYUAN_VIDEO[4:5]
 
 
 # -- the program: what a slice of rows goes through ------------------------------------
@@ -161,7 +170,7 @@ class ExactTiler:
     def supports(model: nn.Module) -> bool:
         """Whether the model's encoder and decoder are built only of the pieces this tiler runs exactly."""
         decoder, encoder = getattr(model, "decoder", None), getattr(model, "encoder", None)
-        if (type(decoder), type(encoder)) not in ((Decoder, Encoder), (HunyuanVideoDecoder3D, HunyuanVideoEncoder3D)):
+        if (type(decoder), type(encoder)) not in PAIRS:
             return False
         if not isinstance(decoder.conv_norm_out, nn.GroupNorm) or not isinstance(encoder.conv_norm_out, nn.GroupNorm):
             return False  # a spatial norm (MoVQ) conditions on the latent

@@ -45,14 +45,13 @@ import torch
 from diffusers.models.modeling_utils import ModelMixin
 import requests
 from huggingface_hub import hf_hub_download
+from packaging.version import Version
 
 from .device import BatchBudget, DevicePath, PeakMemory, available_memory, compile_model, compiled_calls, set_up_model, to_device
 from .errors import RequestError
 from .families import Family, config_latent_channels
-from .halo_tiling import HaloTiler
 from .latents import LatentLayout, Normalisation, own_normalisation
 from .media import TENSOR_DTYPES
-from .tiling import ExactTiler
 
 log = logging.getLogger("remote_vae")
 
@@ -61,6 +60,11 @@ RANDOM_WEIGHTS_SEED = 0
 
 class LoadError(RuntimeError):
     """A model that cannot be loaded as configured."""
+
+
+class UnsupportedFamily(LoadError):
+    """A family the installed diffusers cannot build (too old, or without its model class): that family is unavailable,
+    the server's others serve."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -81,10 +85,31 @@ def resolve_dtype(name: str, family: Family, device: torch.device) -> torch.dtyp
 
 
 def model_class(family: Family) -> type[ModelMixin]:
-    cls = getattr(diffusers, family.model_class, None)
+    """The family's diffusers class; UnsupportedFamily, naming the class and the release it needs, where this diffusers lacks it."""
+    installed = diffusers.__version__
+    needed = family.min_diffusers
+    too_old = needed is not None and Version(installed) < Version(needed)
+    try:
+        cls = None if too_old else getattr(diffusers, family.model_class, None)
+    except (ImportError, RuntimeError) as exc:  # diffusers' lazy import of the class's module failed
+        raise UnsupportedFamily(f"family {family.name}: diffusers {installed} cannot import {family.model_class}: {exc}") from exc
+    if cls is None:
+        lacks = "is older than that" if too_old else f"has no {family.model_class}"
+        wanted = f"diffusers >= {needed}" if needed else "a diffusers release that has it"
+        raise UnsupportedFamily(f"family {family.name} needs {wanted} for its model class {family.model_class}; "
+                                f"the installed diffusers {installed} {lacks}")
     if not (isinstance(cls, type) and issubclass(cls, ModelMixin)):
         raise LoadError(f"family {family.name}: model_class {family.model_class!r} is not a diffusers model class")
     return cls
+
+
+def unsupported(family: Family) -> str | None:
+    """Why the installed diffusers cannot build the family, or None when it can."""
+    try:
+        model_class(family)
+    except UnsupportedFamily as exc:
+        return str(exc)
+    return None
 
 
 def _has_weights(directory: Path) -> bool:
@@ -190,7 +215,7 @@ class LoadedVae:
         # One inference at a time per model: the device is the bottleneck, and
         # interleaving two large decodes only doubles peak memory.
         self._lock = threading.Lock()
-        self.exact_tiler = next((tiler for tiler in EXACT_TILERS if tiler.supports(self.model)), None)
+        self.exact_tiler = exact_tiler_for(self.model)
         self.exact_tiling = self.exact_tiler is not None
         self.band_pixels = self.band_pixels or DEFAULT_BAND_PIXELS.get(self.device.type, DEFAULT_BAND_PIXELS["cpu"])
         self.can_tile = hasattr(self.model, "enable_tiling") or self.exact_tiling
@@ -395,8 +420,18 @@ def _compile_key(operation: str, inputs: torch.Tensor) -> tuple:
 
 
 _OUT_OF_MEMORY = object()
-# The exact tiled paths, tried in order: GroupNorm models layer by layer, row-local ones band by band.
-EXACT_TILERS = (ExactTiler, HaloTiler)
+
+
+def exact_tiler_for(model: ModelMixin) -> type[ExactTiler] | type[HaloTiler] | None:
+    """The exact tiled path for a model, tried in order: GroupNorm models layer by layer, row-local ones band by band.
+
+    Imported here, when a model is loaded, not with the server: they reach into diffusers' architecture modules,
+    and a diffusers without one of those must cost that architecture its exact path, not every family its import.
+    """
+    from .halo_tiling import HaloTiler
+    from .tiling import ExactTiler
+
+    return next((tiler for tiler in (ExactTiler, HaloTiler) if tiler.supports(model)), None)
 # Output pixels per band of the exact tiled path: what one step of device work is sized by.
 DEFAULT_BAND_PIXELS = {"cuda": 1 << 20, "cpu": 1 << 16}
 # Host memory one whole activation of the exact tiled path may take before its bands are recomputed instead:

@@ -13,7 +13,7 @@ from remote_vae import families
 from remote_vae.families import FamilyError, load_family, match_model_config
 from remote_vae.halo_tiling import HaloTiler
 from remote_vae.tiling import ExactTiler
-from remote_vae.vae import EXACT_TILERS, default_source, load_vae, model_class, weights_folder
+from remote_vae.vae import default_source, exact_tiler_for, load_vae, model_class, weights_folder
 
 EXPECTED_FACTORS = {
     "sd15": (0.18215, None), "sdxl": (0.13025, None), "flux": (0.3611, 0.1159), "sd3": (1.5305, 0.0609),
@@ -189,4 +189,4 @@ EXACT_TILER = {"sd15": ExactTiler, "sdxl": ExactTiler, "sd3": ExactTiler, "flux"
 def test_the_real_architecture_has_the_exact_tiler_its_tiny_model_is_tested_with(name):
     with torch.device("meta"):
         model = model_class(load_family(name)).from_config(load_family(name).architecture)
-    assert next((tiler for tiler in EXACT_TILERS if tiler.supports(model)), None) is EXACT_TILER.get(name)
+    assert exact_tiler_for(model) is EXACT_TILER.get(name)
