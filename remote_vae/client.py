@@ -264,12 +264,13 @@ def save_output(result, path: Path) -> list[Path]:
 
         save_file({"pixels": result.contiguous()}, path)
         return [path]
+    from .media import IMAGE_FORMATS, ImageFile, save_options
+
     images: Sequence[PIL.Image.Image] = [result] if isinstance(result, PIL.Image.Image) else result
-    if len(images) == 1:
-        images[0].save(path)
-        return [path]
-    paths = [path.with_name(f"{path.stem}-{index}{suffix}") for index in range(len(images))]
-    for image, target in zip(images, paths):
-        image.save(target)
+    file_format = IMAGE_FORMATS.get(suffix.lstrip("."))
+    options = save_options(ImageFile(file_format)) if file_format else {}  # the server's JPEG / WebP / PNG settings, not Pillow's defaults
+    paths = [path] if len(images) == 1 else [path.with_name(f"{path.stem}-{index}{suffix}") for index in range(len(images))]
+    for image, target in zip(images, paths, strict=True):
+        image.save(target, format=file_format, **options)
     return paths
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import secrets
 import shutil
 import sys
@@ -35,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from huggingface_hub import HfApi, constants  # noqa: E402
 from huggingface_hub.errors import HfHubHTTPError, InferenceEndpointError, InferenceEndpointTimeoutError  # noqa: E402
+from packaging.version import Version  # noqa: E402
 
 from remote_vae import families  # noqa: E402
 from remote_vae.auth import ApiKeyError, load_api_keys  # noqa: E402
@@ -44,8 +46,10 @@ from remote_vae.vae import WEIGHT_FILES, download_weights, weights_folder  # noq
 CONTAINER_PORT = 8000
 HEALTH_ROUTE = "/health"
 API_KEY_VARIABLE = "REMOTE_VAE_API_KEY"
-# What a model repository for the stock toolkit carries besides the weights.
+# What a model repository for the stock toolkit carries besides the weights, and its requirements.txt:
+# what installs over the toolkit image's packages without moving them.
 PACKAGE_FILES = ("handler.py", "remote_vae", "configs")
+TOOLKIT_REQUIREMENTS = ROOT / "deploy" / "toolkit" / "requirements.txt"
 
 
 class DeployError(RuntimeError):
@@ -319,8 +323,17 @@ def record_request(send) -> dict:
 # ---------------------------------------------------------------- prepare-repo
 
 
+def toolkit_diffusers() -> str:
+    """The diffusers release the toolkit's requirements pin."""
+    return re.search(r"^diffusers==(\S+)", TOOLKIT_REQUIREMENTS.read_text(), re.MULTILINE).group(1)
+
+
 def prepare_repo(args: argparse.Namespace) -> int:
     family = families.load_family(args.family)
+    pinned = toolkit_diffusers()
+    if family.min_diffusers and Version(family.min_diffusers) > Version(pinned):
+        raise DeployError(f"{family.name} needs diffusers >= {family.min_diffusers}; the stock toolkit runs {pinned} at most "
+                          "(newer releases do not import beside its transformers 4.x): deploy the container image (--image) instead")
     target: Path = args.directory
     if target.exists() and any(target.iterdir()):
         raise DeployError(f"{target} exists and is not empty")
@@ -331,9 +344,7 @@ def prepare_repo(args: argparse.Namespace) -> int:
             shutil.copytree(source, target / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         else:
             shutil.copy2(source, target / name)
-    requirements = [line for line in (ROOT / "requirements.txt").read_text().splitlines() if line and not line.startswith(("#", "torch"))]
-    header = "# remote-vae's requirements; torch is left out: the toolkit image brings its own CUDA build.\n"
-    (target / "requirements.txt").write_text(header + "\n".join(requirements) + "\n")
+    shutil.copy2(TOOLKIT_REQUIREMENTS, target / "requirements.txt")
     if args.model:
         copy_weights(family, args.model, target)
     else:

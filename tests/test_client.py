@@ -3,6 +3,7 @@ each result compared with diffusers in-process on the same weights."""
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -210,6 +211,22 @@ def test_decode_command_writes_each_latent_file_as_diffusers_pixels(secure, refe
         written = np.asarray(Image.open(tmp_path / "out" / f"{name}.png"))
         assert_pixels_close(written, uint8_locally(decode_locally(reference["sd15"], latent, SD))[0])
         assert str(tmp_path / "out" / f"{name}.png") in done.stdout
+
+
+def test_decode_command_writes_jpeg_and_webp_as_the_server_does(secure, reference, tmp_path):
+    """.jpg and .webp with the server's settings (JPEG quality 90 at 4:4:4, WebP 90), not Pillow's defaults (75, 4:2:0)."""
+    from remote_vae.media import ImageFile, encode_image
+
+    latent = seeded(1, 4, 24, 24, seed=97)
+    save_file({"latents": latent}, tmp_path / "image.safetensors")
+    local = uint8_locally(decode_locally(reference["sd15"], latent, SD))[0]
+    for suffix, file_format in ((".jpg", "JPEG"), (".webp", "WEBP")):
+        done = remote_vae("decode", str(tmp_path / "image.safetensors"), "-o", str(tmp_path / f"out{suffix}"), "--url", secure.url + "/sd15/",
+                          "--ca-cert", secure.verify, env={"REMOTE_VAE_API_KEY": KEY})
+        assert done.returncode == 0, done.stderr
+        written = np.asarray(Image.open(tmp_path / f"out{suffix}").convert("RGB")).astype(int)
+        servers = np.asarray(Image.open(io.BytesIO(encode_image(local, ImageFile(file_format)))).convert("RGB")).astype(int)
+        assert np.abs(written - servers).max() <= 3, suffix  # the same settings on pixels at most 1 level apart
 
 
 def test_decode_command_to_mp4_and_to_a_tensor(secure, reference, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,9 @@ SOURCES = ["pyproject.toml", "README.md", "requirements.txt", "requirements-dev.
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Path:
-    """A fresh venv (seeing this interpreter's packages, so nothing is downloaded but the build backend) with the project installed."""
+    """A fresh venv with the project installed, seeing the packages of the environment running the tests (so nothing is
+    downloaded but the build backend) through a .pth file: `--system-site-packages` would show the base interpreter's
+    instead, which has none of them when the tests themselves run in a virtual environment."""
     folder = tmp_path_factory.mktemp("install")
     source = folder / "source"
     source.mkdir()
@@ -29,7 +32,11 @@ def installed(tmp_path_factory) -> Path:
         else:
             shutil.copy(ROOT / name, source / name)
     venv = folder / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    site = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True, timeout=60).stdout.strip()
+    outer = dict.fromkeys(sysconfig.get_paths()[kind] for kind in ("purelib", "platlib"))  # after the venv's own: its copy wins
+    (Path(site) / "outer_environment.pth").write_text("\n".join(outer) + "\n")
     done = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--no-deps", "--quiet", str(source)],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
