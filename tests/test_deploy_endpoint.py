@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -249,15 +250,25 @@ def test_a_failed_deployment_exits_1(fake_api, capsys):
     assert "failed" in capsys.readouterr().err
 
 
+def test_prepare_repo_refuses_a_family_newer_than_the_toolkits_diffusers(model_dirs, tmp_path, capsys):
+    config = json.loads((ROOT / "configs" / "sd15.json").read_text()) | {"name": "future", "min_diffusers": "99.0"}
+    (tmp_path / "future.json").write_text(json.dumps(config))
+    assert deploy_endpoint.main(["prepare-repo", str(tmp_path / "repo"), "--family", str(tmp_path / "future.json"), "--model", str(model_dirs["sd15"])]) == 2
+    assert f"future needs diffusers >= 99.0; the stock toolkit runs {deploy_endpoint.toolkit_diffusers()}" in capsys.readouterr().err
+    assert not (tmp_path / "repo").exists()
+
+
 def test_prepared_repository_runs_under_the_toolkit_loader(model_dirs, reference, tmp_path, capsys):
     """prepare-repo, then load its handler.py as huggingface-inference-toolkit does, from a clean process."""
     repo = tmp_path / "vae-sd15-endpoint"
     assert deploy_endpoint.main(["prepare-repo", str(repo), "--family", "sd15", "--model", str(model_dirs["sd15"])]) == 0
     assert sorted(path.name for path in repo.iterdir()) == [
         "README.md", "config.json", "configs", "diffusion_pytorch_model.safetensors", "handler.py", "remote_vae", "requirements.txt"]
-    requirements = [line for line in (repo / "requirements.txt").read_text().splitlines() if not line.startswith("#")]
-    assert any(line.startswith("diffusers") for line in requirements)
-    assert not any(line.startswith("torch") for line in requirements)  # the toolkit image's torch stays
+    assert (repo / "requirements.txt").read_text() == deploy_endpoint.TOOLKIT_REQUIREMENTS.read_text()
+    requirements = {re.split(r"[=<>]", line)[0].lower(): line for line in (repo / "requirements.txt").read_text().splitlines() if line and not line.startswith("#")}
+    assert requirements["diffusers"] == f"diffusers=={deploy_endpoint.toolkit_diffusers()}"
+    assert not {"torch", "transformers", "starlette", "uvicorn", "sentence-transformers"} & set(requirements)  # the toolkit image's stay
+    assert requirements["huggingface_hub"].endswith(",<1.0")  # transformers 4.x needs it below 1.0
     assert deploy_endpoint.main(["prepare-repo", str(repo), "--family", "sd15", "--model", str(model_dirs["sd15"])]) == 2
 
     latents = seeded(1, 4, 8, 8)
