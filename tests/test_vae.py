@@ -111,10 +111,19 @@ def test_the_device_path_layout_and_transfers():
     back = to_host(on_device, path)
     assert back.is_contiguous() and torch.equal(back, images.half())  # what the wire sends is plain C order
     assert DevicePath.default(CPU) == DevicePath(channels_last=False, cudnn_benchmark=False, pinned_memory=False)
-    assert DevicePath.default(torch.device("cuda"), compile=True, channels_last="off") == DevicePath(False, True, True, True)
+    assert DevicePath.default(torch.device("cuda"), compile=True, channels_last="off") == DevicePath(False, True, True, device_path.COMPILE_STANCES)
     with PeakMemory(CPU) as peak:
         torch.ones(10)
     assert peak.bytes is None  # only CUDA's allocator keeps a peak
+
+
+def test_compiling_is_off_and_said_on_a_torch_without_compile_stances(monkeypatch, caplog):
+    """torch before 2.6 has no torch.compiler.set_stance, which keeps compiling out of requests: --compile is off there."""
+    monkeypatch.setattr(device_path, "COMPILE_STANCES", False)
+    assert DevicePath.default(CPU, compile=True).compile is False
+    assert "--compile needs torch >= 2.6" in caplog.text
+    monkeypatch.setattr(device_path, "COMPILE_STANCES", True)
+    assert DevicePath.default(CPU, compile=True).compile is True
 
 
 def test_channels_last_on_the_cpu_keeps_groupnorm_exact():
