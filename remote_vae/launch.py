@@ -167,7 +167,7 @@ def serve(args: argparse.Namespace) -> int:
 
     load_in_background(registry, load, on_failure)
     server.run()
-    failed = [slot for slot in registry.slots.values() if slot.error]
+    failed = [slot for slot in registry.slots.values() if slot.status == "failed"]
     return 1 if failed else 0
 
 
