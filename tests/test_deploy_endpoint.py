@@ -274,15 +274,12 @@ def test_prepared_repository_runs_under_the_toolkit_loader(model_dirs, reference
     latents = seeded(1, 4, 8, 8)
     request = {"inputs": base64.b64encode(latents.numpy().tobytes()).decode(),
                "parameters": {"shape": [1, 4, 8, 8], "dtype": "float32", "scaling_factor": SD, "output_type": "pt", "partial_postprocess": True}}
-    toolkit = """
-import base64, importlib.util, json, sys
-model_dir = sys.argv[1]
-spec = importlib.util.spec_from_file_location("handler.EndpointHandler", model_dir + "/handler.py")
-sys.path.insert(0, model_dir)
-module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
-reply = module.EndpointHandler(model_dir)(json.loads(sys.stdin.read()))
-print(json.dumps(reply))
+    # The handler loaded as the toolkit loads it (tests/toolkit_server.py), with only the prepared repository's package.
+    toolkit = f"""
+import json, sys
+sys.path.insert(0, {str(ROOT / "tests")!r})
+from toolkit_server import load_handler
+print(json.dumps(load_handler(sys.argv[1])(json.loads(sys.stdin.read()))))
 """
     env = {key: value for key, value in offline_env().items() if key != "PYTHONPATH"}  # only the prepared repository
     done = subprocess.run([sys.executable, "-c", toolkit, str(repo)], input=json.dumps(request), capture_output=True, text=True,
