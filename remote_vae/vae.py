@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import diffusers
 import numpy as np
@@ -52,6 +52,10 @@ from .errors import RequestError
 from .families import Family, config_latent_channels
 from .latents import LatentLayout, Normalisation, own_normalisation
 from .media import TENSOR_DTYPES
+
+if TYPE_CHECKING:  # imported for real when a model is loaded (exact_tiler_for)
+    from .halo_tiling import HaloTiler
+    from .tiling import ExactTiler
 
 log = logging.getLogger("remote_vae")
 

@@ -36,7 +36,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -140,7 +139,6 @@ class Suite:
             family = load_family(family_name)
             architecture = dict(family.architecture)
             if self.args.tiny:
-                sys.path.insert(0, str(ROOT / "scripts"))
                 from bench import TINY_ARCHITECTURES
 
                 architecture.update(TINY_ARCHITECTURES[family.model_class])
@@ -162,9 +160,7 @@ class Suite:
     def in_process(self, family_name: str, fast: bool):
         import torch
 
-        sys.path.insert(0, str(ROOT / "scripts"))
         from bench import InProcess
-        from diffusers import AutoencoderKL  # noqa: F401  (the headline families' class)
 
         from remote_vae.families import load_family
         from remote_vae.vae import model_class, resolve_dtype
@@ -217,7 +213,6 @@ class Server:
         return sums
 
     def peak_mib(self) -> float | None:
-        sys.path.insert(0, str(ROOT / "scripts"))
         from bench import server_cuda_peak_mib
 
         return server_cuda_peak_mib(self.url)
@@ -246,17 +241,13 @@ def synchronize(device: str):
 
 
 def median_ms(call, repeats: int, warm: int, device: str) -> tuple[float, object]:
-    sync, result = synchronize(device), None
+    """bench.timed's median after `warm` calls, in milliseconds."""
+    from bench import timed
+
     for _ in range(warm):
-        result = call()
-    sync()
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        result = call()
-        sync()
-        times.append(time.perf_counter() - began)
-    return round(1000 * statistics.median(times), 2), result
+        call()
+    seconds, result = timed(call, repeats, synchronize(device))
+    return round(1000 * seconds, 2), result
 
 
 # -- the stages ------------------------------------------------------------------------
@@ -316,7 +307,6 @@ def headline(suite: Suite, deadline: float) -> dict:
         for size in sizes["decode"]:
             side = size // family.spatial_compression
             latents = torch.randn(1, family.latent_channels, side, side, generator=torch.Generator().manual_seed(size))
-            sys.path.insert(0, str(ROOT / "scripts"))
             from bench import PeakMemory
 
             with PeakMemory(torch.device(device)) as peak:
@@ -346,7 +336,7 @@ def headline(suite: Suite, deadline: float) -> dict:
                          "service_ms": served_ms, "service_over_diffusers": round(served_ms / plain_ms, 3),
                          "server_stage_ms": per_request(before, after),
                          "max_latent_difference": float((latents.float().cpu() - local.float().cpu()).abs().max())})
-        del plain, fast
+        plain = fast = None  # their models' memory, before the next family's
         free(device)
     return {"rows": rows}
 
@@ -364,7 +354,6 @@ def throughput(suite: Suite, deadline: float) -> dict:
     import torch
     from diffusers.utils.remote_utils import remote_decode
 
-    sys.path.insert(0, str(ROOT / "scripts"))
     from bench import pooled, under_load
 
     from remote_vae.families import load_family
@@ -425,7 +414,6 @@ def large(suite: Suite, deadline: float) -> dict:
     import torch
     from diffusers.utils.remote_utils import remote_decode
 
-    sys.path.insert(0, str(ROOT / "scripts"))
     from bench import PeakMemory
 
     from remote_vae.families import load_family
@@ -459,7 +447,7 @@ def large(suite: Suite, deadline: float) -> dict:
                                      "time_ratio": round(ways["exact"]["ms"] / ways["untiled"]["ms"], 3)}
     found["sdxl_tiled"] = {"size": size, "dtype": str(vae.dtype).removeprefix("torch."), **{way: {k: v for k, v in row.items() if k != "pixels"}
                                                                                           for way, row in ways.items()}}
-    del vae, ways
+    vae = ways = None
     free(suite.args.device)
     if time.monotonic() > deadline:
         return found | {"wan": "skipped: the stage's time ran out"}
@@ -584,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.wheels:
         install_wheels(args.wheels)
-    sys.path.insert(0, str(ROOT))
+    sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]  # the package, and bench.py's helpers (imported after the wheels: they need diffusers)
     os.environ["PYTHONPATH"] = python_path()
     suite = Suite(args)
 
