@@ -41,6 +41,7 @@ from .media import (
     Postprocessor,
     VideoFile,
     VideoPostprocessor,
+    dtype_name,
     encode_pixels,
     is_image_file,
     is_video_file,
@@ -64,6 +65,9 @@ log = logging.getLogger("remote_vae")
 IMAGE_FORMS = ("raw", "uint8", "unit", "image", "pil")
 VIDEO_FORMS = ("raw", "uint8", "unit", "mp4")
 
+
+# Factors finite on their own can still overflow the latent (scaling_factor=1e-320, shift_factor=1e39): every output NaN.
+SCALED_FINITE = "in {dtype}: choose a scaling_factor and shift_factor that keep the scaled latent finite (e.g. the family's own: GET /families)"
 
 # --max-pixels on a GPU by default: one 8192x8192 image, which the exact tiled path decodes within memory.
 GPU_MAX_PIXELS = 8192 * 8192
@@ -219,6 +223,7 @@ class VaeService:
         # Scaled here, per request, so requests with different factors can share a model call.
         latents = latents.to(self.vae.dtype)
         latents = self.vae.layout.unfold(self._to_model_space(request.scaling.normalisation(self.vae.normalisation), latents))
+        latent_ops.check_finite(latents, "latent after scaling", SCALED_FINITE.format(dtype=dtype_name(self.vae.dtype)))
         if timestep is not None:
             latents, timestep = timestep.apply(latents)
         frames = plan.output_frames(self.family) if plan.latent_frames else None
@@ -244,7 +249,9 @@ class VaeService:
         tiling = self.vae.tiling_for(request.tiling)
 
         def respond(latents: torch.Tensor) -> torch.Tensor:
-            return self.to_host(layout.as_pipeline_holds(self._from_model_space(normalisation, layout.fold(latents))))
+            scaled = self._from_model_space(normalisation, layout.fold(latents))
+            latent_ops.check_finite(scaled, "latent after scaling", SCALED_FINITE.format(dtype=dtype_name(scaled.dtype)))
+            return self.to_host(layout.as_pipeline_holds(scaled))
 
         frames = pixels.shape[2] if pixels.ndim == 5 else None
         return Job("encode", pixels.to(self.vae.dtype), respond, pixels.shape[0], pixels.numel() // 3, frames, tiling=tiling)

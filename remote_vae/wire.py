@@ -109,6 +109,8 @@ class Params:
             number = float(value)
         except (TypeError, ValueError):
             raise RequestError(f"{name}={value!r} is not a number; expected e.g. {name}=0.18215") from None
+        except OverflowError:  # an integer too large for a float (JSON allows 4300 digits)
+            raise RequestError(f"{name} is an integer of {len(str(value))} digits; expected a finite number") from None
         if isinstance(value, bool) or not math.isfinite(number):
             raise RequestError(f"{name}={value!r} must be a finite number")
         return number

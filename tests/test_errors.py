@@ -1,5 +1,6 @@
 """PROTOCOL §7: every bad request gets a 4xx JSON error that says what was wrong; the server keeps serving."""
 
+import base64
 import io
 import socket
 
@@ -45,6 +46,9 @@ CASES = {
     "bad boolean": ("sd15/", {"shape": [1, 4, 8, 8], "dtype": "float16", "partial_postprocess": "maybe", "output_type": "pt"}, latent_bytes(1, 4, 8, 8), TENSOR, 400, ["partial_postprocess", "True or False"]),
     "scaling zero": ("sd15/", {"shape": [1, 4, 8, 8], "dtype": "float16", "scaling_factor": 0}, latent_bytes(1, 4, 8, 8), TENSOR, 400, ["scaling_factor"]),
     "scaling nan": ("sd15/", {"shape": [1, 4, 8, 8], "dtype": "float16", "scaling_factor": "nan"}, latent_bytes(1, 4, 8, 8), TENSOR, 400, ["finite"]),
+    "scaling underflows the latent": ("sd15/", {"shape": [1, 4, 8, 8], "dtype": "float32", "scaling_factor": 1e-320, "output_type": "pt"}, np.ones((1, 4, 8, 8), np.float32).tobytes(), TENSOR, 400, ["after scaling", "scaling_factor and shift_factor"]),
+    "shift overflows the latent": ("sd15/", {"shape": [1, 4, 8, 8], "dtype": "float32", "shift_factor": 1e39, "output_type": "pt"}, np.ones((1, 4, 8, 8), np.float32).tobytes(), TENSOR, 400, ["after scaling", "finite"]),
+    "encode scaling overflows the latent": ("sd15/encode", {"scaling_factor": 1e308}, png(16, 16), {}, 400, ["after scaling"]),
     "scaling text": ("sd15/", {"shape": [1, 4, 8, 8], "dtype": "float16", "shift_factor": "abc"}, latent_bytes(1, 4, 8, 8), TENSOR, 400, ["not a number"]),
     "mp4 on image family": ("sd15/", {"shape": [1, 4, 8, 8], "dtype": "float16", "output_type": "mp4"}, latent_bytes(1, 4, 8, 8), TENSOR, 400, ["mp4", "video"]),
     "unknown output_type": ("sd15/", {"shape": [1, 4, 8, 8], "dtype": "float16", "output_type": "gif"}, latent_bytes(1, 4, 8, 8), TENSOR, 400, ["output_type", "pt"]),
@@ -84,6 +88,17 @@ def test_bad_request_gets_json_error(multi_server, case):
     for word in words:
         assert word in message
     assert "Traceback" not in message
+    assert multi_server.healthy()
+
+
+@pytest.mark.parametrize("path, shape, name", [("sd15/", [1, 4, 8, 8], "scaling_factor"), ("sd15/", [1, 4, 8, 8], "shift_factor"),
+                                               ("sd15/", [1, 4, 8, 8], "quality"), ("flux/", [1, 16, 64], "height")])
+def test_a_huge_json_integer_is_a_400(multi_server, path, shape, name):
+    """JSON integers have up to 4300 digits: one too large for a float is a 400 naming the parameter, not a 500."""
+    parameters = {"shape": shape, "dtype": "float16", "width": 64, "height": 64, name: 10**400}
+    body = {"inputs": base64.b64encode(latent_bytes(*shape)).decode(), "parameters": parameters}
+    response = requests.post(f"{multi_server.url}/{path}", json=body, timeout=60)
+    assert response.status_code == 400 and name in response.json()["error"], response.status_code
     assert multi_server.healthy()
 
 
