@@ -50,6 +50,10 @@ MEDIA_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
 
 # Magic numbers of the image files an encode request may carry.
 IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM")
+# The image formats Pillow may decode for an encode: what clients send (diffusers' remote_encode and the ComfyUI nodes:
+# PNG; browsers and cameras: JPEG, WebP). Pillow knows dozens more (TGA, PCX, TIFF, and EPS through Ghostscript where
+# installed); each is decoder code a request could reach and no client needs. GIF travels as a video (ffmpeg).
+IMAGE_DECODERS = ("PNG", "JPEG", "WEBP")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -99,7 +103,7 @@ def guard_decompression_bombs(max_pixels: int) -> None:
 def open_image(data: bytes, max_pixels: int) -> PIL.Image.Image:
     """An RGB image from file bytes, refusing oversized images before decoding their pixels."""
     try:
-        image = PIL.Image.open(io.BytesIO(data))
+        image = PIL.Image.open(io.BytesIO(data), formats=IMAGE_DECODERS)
     except PIL.Image.DecompressionBombError as exc:
         raise RequestError(f"image is too large: {exc}", status=413) from exc
     except (PIL.UnidentifiedImageError, OSError, ValueError) as exc:

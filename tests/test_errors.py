@@ -19,6 +19,13 @@ def png(width: int, height: int) -> bytes:
     return buffer.getvalue()
 
 
+def image_file(width: int, height: int, file_format: str) -> bytes:
+    """A valid file that Pillow would decode, of a format the server does not take."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((height, width, 3), 128, dtype=np.uint8)).save(buffer, format=file_format)
+    return buffer.getvalue()
+
+
 def latent_bytes(*shape, itemsize=2) -> bytes:
     return bytes(int(np.prod(shape)) * itemsize)
 
@@ -55,6 +62,11 @@ CASES = {
     "unknown image_format": ("sd15/", {"shape": [1, 4, 8, 8], "dtype": "float16", "output_type": "pil", "image_format": "tiff"}, latent_bytes(1, 4, 8, 8), {**TENSOR, "Accept": "*/*"}, 400, ["image_format", "png"]),
     "bad quality": ("sd15/", {"shape": [1, 4, 8, 8], "dtype": "float16", "quality": 500}, latent_bytes(1, 4, 8, 8), TENSOR, 400, ["quality"]),
     "garbage image": ("sd15/encode", {}, b"not an image at all", {"Content-Type": "image/png"}, 400, ["not a readable image"]),
+    "tiff body": ("sd15/encode", {}, image_file(64, 64, "TIFF"), {"Content-Type": "image/tiff"}, 400, ["not a readable image", "PNG, JPEG or WebP"]),
+    "bmp body": ("sd15/", {}, image_file(64, 64, "BMP"), {}, 400, ["not a readable image", "PNG, JPEG or WebP"]),
+    "tga body": ("sd15/encode", {}, image_file(64, 64, "TGA"), {"Content-Type": "image/x-tga"}, 400, ["not a readable image"]),
+    "pcx body": ("sd15/encode", {}, image_file(64, 64, "PCX"), {"Content-Type": "image/x-pcx"}, 400, ["not a readable image"]),
+    "gif to an image family": ("sd15/encode", {}, image_file(64, 64, "GIF"), {"Content-Type": "image/gif"}, 400, ["not a readable image"]),
     "truncated png": ("sd15/", {}, png(64, 64)[:60], {}, 400, ["image"]),
     "image side not multiple of 8": ("sd15/", {}, png(60, 64), {}, 400, ["60x64", "multiples of 8"]),
     "image too large": ("sd15/", {}, png(1024, 1024), {}, 413, ["at most"]),
