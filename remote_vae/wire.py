@@ -32,6 +32,7 @@ log = logging.getLogger("remote_vae")
 
 MAX_SHAPE_DIMS = 8
 JSON_TYPES = ("application/json", "tensor/base64")
+MAX_JSON_TOKENS = 4096  # structure in a JSON body: a few dozen parameters' worth, far past what any client sends
 FORMATS_BY_MEDIA_TYPE = {media: name for name, media in MEDIA_TYPES.items()}
 
 
@@ -184,6 +185,12 @@ def read_payload(call: HttpCall) -> tuple[Params, bytes]:
         return params, call.body
     body = call.body.strip()
     if body.startswith(b"{"):
+        # A request's JSON is one base64 string and a few parameters. Its structure is counted before parsing: json.loads
+        # of 128 MB of "[]," builds tens of millions of objects (3.5 GB, seconds holding the GIL) before any check.
+        tokens = sum(body.count(token) for token in (b",", b":", b"[", b"{"))
+        if tokens > MAX_JSON_TOKENS:
+            raise RequestError(f"the JSON body has {tokens} commas, colons and brackets; a request's JSON holds one base64 string and a few "
+                               f"parameters (at most {MAX_JSON_TOKENS}): {{\"inputs\": \"<base64>\", \"parameters\": {{...}}}}")
         try:
             document = json.loads(body)
         except (ValueError, RecursionError) as exc:

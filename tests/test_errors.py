@@ -114,6 +114,15 @@ def test_a_huge_json_integer_is_a_400(multi_server, path, shape, name):
     assert multi_server.healthy()
 
 
+def test_a_json_structure_bomb_is_refused_before_parsing(multi_server):
+    """A body of nested or repeated lists is counted, not parsed: a 400 at once, whatever its size."""
+    for bomb in (b'{"inputs": "", "parameters": {"shape": [' + b"[]," * 500_000 + b'[]]}}', b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"):
+        response = requests.post(f"{multi_server.url}/sd15/", data=bomb, headers={"Content-Type": "application/json"}, timeout=60)
+        assert response.status_code == 400 and "base64 string and a few parameters" in response.json()["error"], response.text[:300]
+        assert response.elapsed.total_seconds() < 5
+    assert multi_server.healthy()
+
+
 def test_unknown_route_and_family_are_json_404(multi_server):
     for path in ("/nope", "/sdxl/", "/sd15/nope"):
         response = requests.post(multi_server.url + path, data=b"x")
