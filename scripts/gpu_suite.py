@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import io
 import json
 import os
 import platform
@@ -157,7 +158,8 @@ class Suite:
             self.servers[key] = Server(self, family_name, list(options), config)
         return self.servers[key]
 
-    def in_process(self, family_name: str, fast: bool):
+    def in_process(self, family_name: str):
+        """diffusers in this process as a user runs it, and with the service's device path: one load, two copies."""
         import torch
 
         from bench import InProcess
@@ -168,7 +170,8 @@ class Suite:
         family = load_family(family_name)
         device = torch.device(self.args.device)
         model = model_class(family).from_pretrained(self.model_dir(family_name)).eval()
-        return InProcess(model, family, device, resolve_dtype("auto", family, device), fast), family
+        dtype = resolve_dtype("auto", family, device)
+        return InProcess(model, family, device, dtype, fast=False), InProcess(model, family, device, dtype, fast=True), family
 
 
 class Server:
@@ -282,7 +285,8 @@ def cuda_tests(suite: Suite, deadline: float) -> dict:
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=max(5.0, deadline - time.monotonic()),
                               env={**os.environ, "PYTHONPATH": python_path()})
     except subprocess.TimeoutExpired as exc:
-        return {"summary": "timed out", "output": (exc.stdout or b"")[-3000:].decode(errors="replace") if isinstance(exc.stdout, bytes) else str(exc.stdout)[-3000:]}
+        output = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""  # bytes even with text=True
+        return {"summary": "timed out", "output": output[-3000:]}
     lines = [line for line in done.stdout.strip().splitlines() if line.strip()]
     failures = [line for line in lines if line.startswith(("FAILED", "ERROR"))]
     return {"exit_code": done.returncode, "summary": lines[-1] if lines else "", "failures": failures, "output": done.stdout[-4000:] if done.returncode else ""}
@@ -291,6 +295,7 @@ def cuda_tests(suite: Suite, deadline: float) -> dict:
 def headline(suite: Suite, deadline: float) -> dict:
     import numpy as np
     import torch
+    from bench import PeakMemory
     from diffusers.utils.remote_utils import remote_decode, remote_encode
     from PIL import Image
 
@@ -301,14 +306,11 @@ def headline(suite: Suite, deadline: float) -> dict:
         if time.monotonic() > deadline:
             rows.append({"family": family_name, "skipped": "the stage's time ran out"})
             continue
-        plain, family = suite.in_process(family_name, fast=False)
-        fast, _ = suite.in_process(family_name, fast=True)
+        plain, fast, family = suite.in_process(family_name)
         server = suite.server(family_name, *warmed(sizes))
         for size in sizes["decode"]:
             side = size // family.spatial_compression
             latents = torch.randn(1, family.latent_channels, side, side, generator=torch.Generator().manual_seed(size))
-            from bench import PeakMemory
-
             with PeakMemory(torch.device(device)) as peak:
                 plain_ms, files = median_ms(lambda: plain.decode(latents, "png"), repeats, warm, device)
             fast_ms, _ = median_ms(lambda: fast.decode(latents, "png"), repeats, warm, device)
@@ -316,7 +318,7 @@ def headline(suite: Suite, deadline: float) -> dict:
             served_ms, image = median_ms(lambda: remote_decode(endpoint=server.url, tensor=latents.to(fast.dtype), do_scaling=False, output_type="pil",
                                                                image_format="png"), repeats, warm, device)
             after = server.stages()
-            local = np.asarray(Image.open(__import__("io").BytesIO(files[0])))
+            local = np.asarray(Image.open(io.BytesIO(files[0])))
             difference = np.abs(np.asarray(image).astype(int) - local.astype(int))
             rows.append({"family": family_name, "operation": "decode", "size": size, "dtype": str(fast.dtype).removeprefix("torch."),
                          "diffusers_ms": plain_ms, "device_path_ms": fast_ms, "service_ms": served_ms,
