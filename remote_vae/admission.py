@@ -1,11 +1,17 @@
 """Admission: a bounded queue in front of the device.
 
-A request is admitted before its body is read, so at most `workers +
-max_waiting` bodies are ever held in memory; beyond that the server answers
-503 with Retry-After at once. An admitted request then waits for the device
-(batching.py: it may share a model call with others). It gives up with a 503
-after `wait_timeout` seconds, and its work is dropped unrun if the client
-disconnects while it waits. The device runs `workers` model calls at once.
+A request takes a place once its body has been read and checked (what its body
+and decoded pixels hold is bounded by the memory budget, memory.py, not by the
+queue), and holds it while its file decodes, it waits for the device, runs and
+its reply is rendered; not while the reply is sent. At most `1 + max_waiting`
+places exist; beyond that the server answers 503 with Retry-After at once. A
+request waits for the device (batching.py: it may share a model call with
+others), gives up with a 503 after `wait_timeout` seconds, and has its work
+dropped unrun if the client disconnects while it waits. One model call runs at
+a time.
+
+Retry-After is the measured time between requests leaving the device: when a
+place is likely to be free again.
 
 Everything here runs on the event loop, so the counters need no lock.
 """
@@ -15,11 +21,16 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections import deque
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import AsyncIterator, Iterator
 
 from .errors import RequestError
+
+
+RATE_WINDOW = 64  # requests the service rate is measured over
+RATE_SECONDS = 60.0
 
 
 class ClientGone(Exception):
@@ -29,7 +40,7 @@ class ClientGone(Exception):
 @dataclass(frozen=True)
 class QueueSettings:
     workers: int = 1  # model calls on the device at once
-    max_waiting: int = 32  # admitted requests beyond one worker's, waiting or being parsed
+    max_waiting: int = 32  # admitted requests beyond one worker's: decoding, waiting or rendering
     wait_timeout: float = 120.0  # seconds a request may wait for a worker
 
 
@@ -37,21 +48,32 @@ class WorkQueue:
     def __init__(self, settings: QueueSettings | None = None):
         settings = settings or QueueSettings()
         self.settings = settings
-        self.admitted = 0  # holding a place: reading, parsing, waiting or running
+        self.receiving = 0  # in front of the queue: their bodies being read (and checked), no place held
+        self.admitted = 0  # holding a place: decoding, waiting, running or rendering
         self.waiting = 0  # waiting for the device (batching.py counts them)
         self.running = 0  # requests in the model calls now on the device
         self.current_batch = 0  # images or videos in those requests
-        self._seconds_per_job = 1.0  # moving average of device time per request, for Retry-After
+        self._finished: deque[float] = deque(maxlen=RATE_WINDOW)  # when requests last left the device, for Retry-After
+        self._call_started: float | None = None
         self._workers = asyncio.Semaphore(settings.workers)  # binds to the running loop on first use
 
     @property
     def capacity(self) -> int:
         return self.settings.workers + self.settings.max_waiting
 
+    def service_interval(self) -> float | None:
+        """Seconds between requests leaving the device, measured over the last RATE_WINDOW of them (at most a minute
+        back, up to now); before any has, the time the call now running has taken; None when idle from the start."""
+        now = time.monotonic()
+        recent = [moment for moment in self._finished if now - moment <= RATE_SECONDS]
+        if recent:
+            return (now - recent[0]) / len(recent)
+        return now - self._call_started if self._call_started is not None else None
+
     def retry_after(self) -> int:
-        """Seconds until a place is likely free: the work ahead at the recent pace, 1 to 60."""
-        ahead = (self.waiting + self.running) / self.settings.workers
-        return max(1, min(60, math.ceil(ahead * self._seconds_per_job)))
+        """Seconds until a place is likely free: the measured interval between requests leaving the device, 1 to 60."""
+        interval = self.service_interval()
+        return max(1, min(60, math.ceil(interval if interval is not None else 1.0)))
 
     @asynccontextmanager
     async def place(self) -> AsyncIterator[None]:
@@ -82,11 +104,12 @@ class WorkQueue:
         """Count `requests` holding `images` images or videos as on the device, and time them for Retry-After."""
         self.running += requests
         self.current_batch += images
-        started = time.monotonic()
+        self._call_started = time.monotonic()
         try:
             yield
         finally:
-            self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * (time.monotonic() - started) / requests
+            self._call_started = None
+            self._finished.extend([time.monotonic()] * requests)
             self.running -= requests
             self.current_batch -= images
 

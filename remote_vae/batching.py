@@ -135,7 +135,7 @@ class Batcher:
             self._news.clear()
             try:
                 await asyncio.wait_for(self._news.wait(), left)
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 pass
         return []  # everyone left while the device was being waited for
 

@@ -21,11 +21,14 @@ from . import families
 from .admission import QueueSettings
 from .auth import ApiKeyError, load_api_keys
 from .batching import BatchSettings
+from .connections import ConnectionSettings, ConnectionStats, connection_limit, limit_log_floods, protocol_class
 from .cli import ENV_PREFIX, SettingsError, byte_budget, default_port, env, env_flag, model_sources, pixel_budget, tile_threshold, warmup_size, warmup_sizes_for
 from .device import BatchBudget, DevicePath
 from .families import Family, FamilyError
-from .media import PNG_COMPRESSION, guard_decompression_bombs
-from .server import Registry, ServeOptions, Slot, create_app, load_in_background
+from .decoders import DEFAULT_DECODE_CPU_SECONDS, guard_decompression_bombs
+from .media import PNG_COMPRESSION
+from .memory import auto_budget, size_text, tune_allocator
+from .server import BODY_COST, JSON_BODY_COST, Registry, ServeOptions, Slot, create_app, load_in_background
 from .service import GPU_MAX_PIXELS, Limits, VaeService
 from .vae import default_source, download_weights, load_vae, network_failure, resolve_device, resolve_dtype, unsupported
 
@@ -46,9 +49,16 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--max-pixels", type=pixel_budget, default=pixel_budget(env("MAX_PIXELS", "auto")), metavar="N|auto", help=f"most pixels (over the batch) a decode returns or an encode takes; more gets 413 at once [env REMOTE_VAE_MAX_PIXELS] (default auto: {GPU_MAX_PIXELS} = 8192x8192 on a GPU, {Limits.max_pixels} on CPU)")
     serve.add_argument("--max-video-pixels", type=int, default=int(env("MAX_VIDEO_PIXELS", Limits.max_video_pixels)), help=f"the same for videos, counting every frame; more gets 413 [env REMOTE_VAE_MAX_VIDEO_PIXELS] (default {Limits.max_video_pixels}, room for 129 frames of 1280x720)")
     serve.add_argument("--max-batch", type=int, default=int(env("MAX_BATCH", Limits.max_batch)), help=f"most images or videos in one request; more gets 413 [env REMOTE_VAE_MAX_BATCH] (default {Limits.max_batch})")
-    serve.add_argument("--max-queue", type=int, default=int(env("MAX_QUEUE", QueueSettings.max_waiting)), help=f"requests held beyond the one on the device; more get 503 with Retry-After, before their body is read [env REMOTE_VAE_MAX_QUEUE] (default {QueueSettings.max_waiting})")
+    serve.add_argument("--max-queue", type=int, default=int(env("MAX_QUEUE", QueueSettings.max_waiting)), help=f"requests held beyond the one on the device, from when their body has been read and checked until their reply is rendered; more get 503 with Retry-After, before anything is decoded [env REMOTE_VAE_MAX_QUEUE] (default {QueueSettings.max_waiting})")
     serve.add_argument("--queue-timeout", type=float, default=float(env("QUEUE_TIMEOUT", QueueSettings.wait_timeout)), help=f"seconds a request may wait for the device; longer gets 503 [env REMOTE_VAE_QUEUE_TIMEOUT] (default {QueueSettings.wait_timeout:g})")
     serve.add_argument("--body-timeout", type=float, default=float(env("BODY_TIMEOUT", ServeOptions.body_timeout)), help=f"seconds to receive a request body; slower gets 408 [env REMOTE_VAE_BODY_TIMEOUT] (default {ServeOptions.body_timeout:g})")
+    connections = ConnectionSettings()
+    serve.add_argument("--min-transfer-rate", type=int, default=int(env("MIN_TRANSFER_RATE", connections.min_rate)), metavar="BYTES_PER_S", help=f"a body must arrive, and a reply drain, at least this fast after the first {connections.rate_grace:g} s: a slower body gets 408, a slower reply is cut; 0 turns it off [env REMOTE_VAE_MIN_TRANSFER_RATE] (default {connections.min_rate})")
+    serve.add_argument("--header-timeout", type=float, default=float(env("HEADER_TIMEOUT", connections.header_timeout)), metavar="S", help=f"seconds a connection has to send a request's head, after opening or after its last reply; then 408 and closed [env REMOTE_VAE_HEADER_TIMEOUT] (default {connections.header_timeout:g})")
+    serve.add_argument("--idle-timeout", type=float, default=float(env("IDLE_TIMEOUT", connections.idle_timeout)), metavar="S", help=f"seconds an idle keep-alive connection stays open [env REMOTE_VAE_IDLE_TIMEOUT] (default {connections.idle_timeout:g})")
+    serve.add_argument("--max-connections", type=int, default=int(env("MAX_CONNECTIONS", connections.max_connections)), metavar="N", help=f"open connections at once; past it the one idle longest is closed, or with none idle the new one gets 503 (lowered to fit the open-file limit) [env REMOTE_VAE_MAX_CONNECTIONS] (default {connections.max_connections})")
+    serve.add_argument("--memory-budget", type=byte_budget, default=byte_budget(env("MEMORY_BUDGET", "auto")), metavar="BYTES|auto", help="host memory the requests in flight may hold at once (bodies, decoded pixels and frames, replies not yet sent), reserved before it is allocated; more waits, then gets 503 [env REMOTE_VAE_MEMORY_BUDGET] (default auto: 40%% of the machine's or the container's memory, at least 512 MiB)")
+    serve.add_argument("--decode-cpu-seconds", type=float, default=float(env("DECODE_CPU_SECONDS", DEFAULT_DECODE_CPU_SECONDS)), metavar="S", help=f"most CPU one image or video file may take to decode (each gets 1 s plus 250 ns a pixel, up to this); more gets 413 [env REMOTE_VAE_DECODE_CPU_SECONDS] (default {DEFAULT_DECODE_CPU_SECONDS:g})")
     serve.add_argument("--api-key", default=env("API_KEY"), help="require 'Authorization: Bearer KEY' on every POST (health and /metrics stay open) [env REMOTE_VAE_API_KEY]")
     serve.add_argument("--api-key-file", default=env("API_KEY_FILE"), help="the same with keys read from a file, one per line (several for rotation) [env REMOTE_VAE_API_KEY_FILE]")
     serve.add_argument("--cors-origins", nargs="*", default=env("CORS_ORIGINS", "").split(), metavar="ORIGIN", help="let web pages on these origins call the API from a browser (e.g. https://app.example.com, or * for any) [env REMOTE_VAE_CORS_ORIGINS, space-separated]")
@@ -71,7 +81,8 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
 def limits_from(args: argparse.Namespace, device_type: str) -> Limits:
     """The request limits; --max-pixels auto takes 8192x8192 on a GPU, where the exact tiled path keeps such an image within memory."""
     max_pixels = args.max_pixels or (GPU_MAX_PIXELS if device_type == "cuda" else Limits.max_pixels)
-    return Limits(max_body_bytes=args.max_body_bytes, max_pixels=max_pixels, max_video_pixels=args.max_video_pixels, max_batch=args.max_batch)
+    return Limits(max_body_bytes=args.max_body_bytes, max_pixels=max_pixels, max_video_pixels=args.max_video_pixels, max_batch=args.max_batch,
+                  decode_cpu_seconds=args.decode_cpu_seconds)
 
 
 def serve_options(args: argparse.Namespace) -> ServeOptions:
@@ -82,6 +93,14 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         raise SettingsError("--max-batch-images must be at least 1 and --batch-wait-ms from 0 to 10000")
     if args.max_queue < 0 or args.queue_timeout <= 0 or args.body_timeout <= 0 or args.graceful_timeout < 0:
         raise SettingsError("--max-queue and --graceful-timeout must be 0 or more, --queue-timeout and --body-timeout above 0")
+    if args.min_transfer_rate < 0 or args.header_timeout <= 0 or args.idle_timeout <= 0 or args.max_connections < 1 or args.decode_cpu_seconds <= 0:
+        raise SettingsError("--min-transfer-rate must be 0 or more, --header-timeout, --idle-timeout and --decode-cpu-seconds above 0, "
+                            "--max-connections at least 1")
+    budget = args.memory_budget or auto_budget()
+    largest = max(BODY_COST * args.max_body_bytes, JSON_BODY_COST * Limits(max_body_bytes=args.max_body_bytes).max_json_bytes)
+    if budget < largest:
+        raise SettingsError(f"--memory-budget ({size_text(budget)}) must hold the largest body a request may send: {size_text(largest)} "
+                            f"({BODY_COST} x --max-body-bytes, as it is read and joined); raise it or lower --max-body-bytes")
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
         raise SettingsError("HTTPS needs both --ssl-certfile and --ssl-keyfile")
     for path in filter(None, (args.ssl_certfile, args.ssl_keyfile)):
@@ -93,7 +112,10 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         raise SettingsError(str(exc)) from None
     queue = QueueSettings(max_waiting=args.max_queue, wait_timeout=args.queue_timeout)
     batching = BatchSettings(max_images=args.max_batch_images, wait=args.batch_wait_ms / 1000)
-    return ServeOptions(queue=queue, batching=batching, body_timeout=args.body_timeout, api_keys=keys, cors_origins=tuple(args.cors_origins))
+    connections = ConnectionSettings(max_connections=args.max_connections, header_timeout=args.header_timeout, idle_timeout=args.idle_timeout,
+                                     min_rate=args.min_transfer_rate)
+    return ServeOptions(queue=queue, batching=batching, body_timeout=args.body_timeout, api_keys=keys, cors_origins=tuple(args.cors_origins),
+                        memory_budget=budget, connections=connections)
 
 
 def load_service(family: Family, source: str, args: argparse.Namespace) -> VaeService:
@@ -148,12 +170,15 @@ def plan(args: argparse.Namespace) -> tuple[Registry, ServeOptions, Callable[[Fa
 
 def serve(args: argparse.Namespace) -> int:
     registry, options, load = plan(args)
+    tune_allocator()
+    limit_log_floods()
+    stats = ConnectionStats(options.connections, limit=connection_limit(options.connections))
     config = uvicorn.Config(
-        create_app(registry, options), host=args.host, port=args.port, log_level=args.log_level,
+        create_app(registry, options, stats), host=args.host, port=args.port, log_level=args.log_level,
         access_log=False,  # observability.RequestLog writes one line per request, with its id
-        # h11 and asyncio whatever else is installed (Ray brings httptools and uvloop): h11 hands malformed
-        # requests to the app, which answers them in JSON; httptools answers them itself, in plain text.
-        http="h11", loop="asyncio",
+        # h11 (connections.py's protocol is uvicorn's h11 one with the connection rules) and asyncio, whatever else is
+        # installed (Ray brings httptools and uvloop): h11 hands malformed requests to the app, which answers them in JSON.
+        http=protocol_class(stats), loop="asyncio", timeout_keep_alive=options.connections.idle_timeout,
         timeout_graceful_shutdown=args.graceful_timeout, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
     )
     server = GracefulServer(config)

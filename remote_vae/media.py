@@ -6,7 +6,7 @@ pipeline would produce. It runs on the model's device, and only the uint8
 pixels are copied back. Images are written by Pillow (PNG at a fast zlib level
 by default), or, on CUDA with torchvision, JPEG by nvJPEG on the device. Video
 files go through the ffmpeg that imageio-ffmpeg ships: H.264 MP4 out (written
-by a thread of its own while frames still decode), MP4 / WebM / GIF in.
+by a thread of its own while frames still decode). Files in are decoders.py's.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import io
 import logging
 import math
 import queue
-import shutil
 import tempfile
 import threading
+import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -48,14 +48,6 @@ INPUT_DTYPES = ("float16", "bfloat16", "float32")
 IMAGE_FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
 MEDIA_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
 
-# Magic numbers of the image files an encode request may carry.
-IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM")
-# The image formats Pillow may decode for an encode: what clients send (diffusers' remote_encode and the ComfyUI nodes:
-# PNG; browsers and cameras: JPEG, WebP). Pillow knows dozens more (TGA, PCX, TIFF, and EPS through Ghostscript where
-# installed); each is decoder code a request could reach and no client needs. GIF travels as a video (ffmpeg).
-IMAGE_DECODERS = ("PNG", "JPEG", "WEBP")
-
-
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -71,51 +63,32 @@ def byte_count(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
 
 
-def tensor_from_bytes(data: bytes, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """The tensor whose raw little-endian, C-contiguous memory is `data`."""
+def check_byte_count(data: bytes, shape: tuple[int, ...], dtype: torch.dtype) -> None:
     expected = byte_count(shape, dtype)
     if len(data) != expected:
         raise RequestError(
             f"body is {len(data)} bytes, but shape {list(shape)} {dtype_name(dtype)} needs {expected} bytes "
             f"(the raw, C-contiguous memory of the tensor)"
         )
+
+
+def tensor_from_bytes(data: bytes, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """The tensor whose raw little-endian, C-contiguous memory is `data`."""
+    check_byte_count(data, shape, dtype)
     # bytearray: torch.frombuffer wants a writable buffer.
     return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
+
+
+def host_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor sharing a decoded file's pixels, which may be read-only (Pillow's bytes): only ever read, never copied."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        return torch.from_numpy(array)
 
 
 def tensor_to_bytes(tensor: torch.Tensor) -> bytes:
     # A uint8 view keeps bfloat16 exact (numpy has no bfloat16).
     return tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
-
-
-def is_image_file(data: bytes) -> bool:
-    return data.startswith(IMAGE_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
-
-
-def guard_decompression_bombs(max_pixels: int) -> None:
-    """Pillow's own guard, process-wide: it refuses (DecompressionBombError) images over twice this size on open.
-
-    open_image checks each image against the request's limit as well, before any pixel is decoded.
-    """
-    PIL.Image.MAX_IMAGE_PIXELS = max_pixels
-
-
-def open_image(data: bytes, max_pixels: int) -> PIL.Image.Image:
-    """An RGB image from file bytes, refusing oversized images before decoding their pixels."""
-    try:
-        image = PIL.Image.open(io.BytesIO(data), formats=IMAGE_DECODERS)
-    except PIL.Image.DecompressionBombError as exc:
-        raise RequestError(f"image is too large: {exc}", status=413) from exc
-    except (PIL.UnidentifiedImageError, OSError, ValueError) as exc:
-        raise RequestError(f"body is not a readable image ({exc}); expected a PNG, JPEG or WebP file") from exc
-    width, height = image.size
-    if width * height > max_pixels:
-        raise RequestError(f"image is {width}x{height} = {width * height} pixels; this server accepts at most {max_pixels}", status=413)
-    try:
-        image.load()
-        return image.convert("RGB")
-    except (OSError, ValueError, PIL.Image.DecompressionBombError) as exc:
-        raise RequestError(f"image data is corrupt or truncated ({exc}); expected a complete PNG, JPEG or WebP file") from exc
 
 
 # zlib level of PNG replies. Measured on photos (docs/benchmarks.md): level 1 writes 3.3-4.6x faster
@@ -212,6 +185,7 @@ def uint8_images(sample: torch.Tensor) -> torch.Tensor:
 
 
 HostCopy = Callable[[torch.Tensor], torch.Tensor]
+PREPROCESS_PIXELS = 1 << 20  # pixels an encode's input is made float in at a time
 
 
 # Without a device path: a plain copy back, no pinned buffer.
@@ -256,29 +230,21 @@ class Postprocessor:
         """[1, 3, H, W] in -1..1 from an RGB image, as a pipeline prepares an image to encode."""
         return self.processor.preprocess(image)
 
+    def preprocess_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] in -1..1 from uint8 [B, H, W, 3], as `preprocess` prepares those pixels as an image
+        (VaeImageProcessor: x / 255 in float32, then 2x - 1), a band of rows at a time: no float copies of the whole."""
+        batch, height, width, _ = pixels.shape
+        out = torch.empty((batch, 3, height, width), dtype=torch.float32)
+        step = self.processor.config.vae_scale_factor
+        rows = max(step, PREPROCESS_PIXELS // max(1, width) // step * step)  # whole cells: the processor keeps the size
+        for index in range(batch):
+            for top in range(0, height, rows):
+                band = pixels[index, top : top + rows].numpy()
+                out[index : index + 1, :, top : top + rows] = self.processor.preprocess(band.astype(np.float32) / 255.0)
+        return out
+
 
 # -- video -------------------------------------------------------------------
-
-# ffmpeg demuxers by magic number. The demuxer is forced, never probed, so a
-# body cannot make ffmpeg open playlists, URLs or other files.
-VIDEO_DEMUXERS = (
-    (4, b"ftyp", "mov"),  # MP4 / MOV / M4V
-    (0, b"\x1a\x45\xdf\xa3", "matroska"),  # WebM / MKV
-    (0, b"GIF87a", "gif"),
-    (0, b"GIF89a", "gif"),
-)
-VIDEO_TYPES = "an MP4, WebM or GIF file"
-
-
-def video_demuxer(data: bytes) -> str | None:
-    for offset, magic, demuxer in VIDEO_DEMUXERS:
-        if data[offset : offset + len(magic)] == magic:
-            return demuxer
-    return None
-
-
-def is_video_file(data: bytes) -> bool:
-    return video_demuxer(data) in ("mov", "matroska")  # a GIF is an image too
 
 
 @dataclass(frozen=True)
@@ -305,60 +271,6 @@ def write_mp4(frames: Iterable[np.ndarray], width: int, height: int, options: Mp
         finally:
             writer.close()
         return path.read_bytes()
-
-
-class VideoFile:
-    """A video body handed to ffmpeg: its frame size first, then its frames, read within a limit."""
-
-    def __init__(self, data: bytes):
-        demuxer = video_demuxer(data)
-        if demuxer is None:
-            raise RequestError(f"body is not a video file; expected {VIDEO_TYPES}")
-        self._folder = tempfile.mkdtemp(prefix="remote-vae-")
-        path = Path(self._folder) / "input"
-        path.write_bytes(data)
-        self._reader = imageio_ffmpeg.read_frames(str(path), input_params=["-f", demuxer])
-        try:
-            meta = next(self._reader)
-            self.width, self.height = (int(side) for side in meta["size"])
-            if self.width < 1 or self.height < 1:
-                raise ValueError(f"frame size {self.width}x{self.height}")
-        except (OSError, RuntimeError, StopIteration, KeyError, TypeError, ValueError) as exc:
-            self.close()
-            raise RequestError(f"body is not a readable video ({_first_line(exc)}); expected {VIDEO_TYPES}") from None
-
-    def frames(self, max_frames: int) -> np.ndarray:
-        """uint8 [F, H, W, 3]; more than max_frames frames is a 413."""
-        frames = []
-        shape = (self.height, self.width, 3)
-        try:
-            for chunk in self._reader:
-                if len(frames) == max_frames:
-                    raise RequestError(
-                        f"video has more than {max_frames} frames of {self.width}x{self.height}; "
-                        f"this server accepts at most {max_frames} at that size",
-                        status=413,
-                    )
-                frames.append(np.frombuffer(chunk, dtype=np.uint8).reshape(shape))
-        except (OSError, RuntimeError, ValueError) as exc:
-            raise RequestError(f"video data is corrupt or truncated ({_first_line(exc)}); expected {VIDEO_TYPES}") from None
-        if not frames:
-            raise RequestError(f"video has no frames; expected {VIDEO_TYPES}")
-        return np.stack(frames)
-
-    def close(self) -> None:
-        self._reader.close()  # stops ffmpeg if frames are left unread
-        shutil.rmtree(self._folder, ignore_errors=True)
-
-    def __enter__(self) -> "VideoFile":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
-
-def _first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
 class VideoPostprocessor(Postprocessor):
@@ -402,9 +314,16 @@ class VideoPostprocessor(Postprocessor):
                 stream.add(clip, frames.numpy())
         return stream
 
-    def preprocess_frames(self, frames: np.ndarray) -> torch.Tensor:
-        """[1, 3, F, H, W] in -1..1 from uint8 [F, H, W, 3] frames, as VideoProcessor.preprocess_video prepares them."""
-        return self.processor.preprocess_video(frames.astype(np.float32) / 255.0)
+    def preprocess_frames(self, videos: torch.Tensor) -> torch.Tensor:
+        """[B, 3, F, H, W] in -1..1 from uint8 [B, F, H, W, 3], as VideoProcessor.preprocess_video prepares x / 255,
+        a few frames at a time: no float copies of the whole clip."""
+        batch, frames, height, width, _ = videos.shape
+        out = torch.empty((batch, 3, frames, height, width), dtype=torch.float32)
+        for index in range(batch):
+            for start in range(0, frames, self.FRAMES_AT_ONCE):
+                chunk = videos[index, start : start + self.FRAMES_AT_ONCE].numpy()
+                out[index : index + 1, :, start : start + self.FRAMES_AT_ONCE] = self.processor.preprocess_video(chunk.astype(np.float32) / 255.0)
+        return out
 
 
 _END = object()

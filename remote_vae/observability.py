@@ -31,6 +31,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessColl
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .admission import WorkQueue
+from .connections import ConnectionStats
+from .memory import MemoryBudget
 from .vae import LoadedVae
 
 log = logging.getLogger("remote_vae.access")
@@ -48,7 +50,8 @@ class Metrics:
 
     content_type = "text/plain; version=0.0.4; charset=utf-8"
 
-    def __init__(self, queue: WorkQueue, vaes: Callable[[], Iterable[LoadedVae]]):
+    def __init__(self, queue: WorkQueue, vaes: Callable[[], Iterable[LoadedVae]], memory: MemoryBudget | None = None,
+                 connections: ConnectionStats | None = None):
         self.registry = CollectorRegistry()
         self.requests = Counter("remote_vae_requests", "Requests answered, by family, operation and HTTP status",
                                 ["family", "operation", "status"], registry=self.registry)
@@ -63,7 +66,7 @@ class Metrics:
         self.model_call_requests = Histogram("remote_vae_model_call_requests", "Requests coalesced into one model call",
                                              ["family", "operation"], buckets=BATCH_BUCKETS, registry=self.registry)
         ProcessCollector(registry=self.registry)  # process_resident_memory_bytes and friends
-        self.registry.register(_LiveState(queue, vaes))
+        self.registry.register(_LiveState(queue, vaes, memory, connections))
 
     def observe_request(self, family: str, operation: str, status: int, seconds: float) -> None:
         self.requests.labels(family, operation, str(status)).inc()
@@ -76,9 +79,12 @@ class Metrics:
 class _LiveState:
     """Gauges read at scrape time: the queue, device memory, out-of-memory events."""
 
-    def __init__(self, queue: WorkQueue, vaes: Callable[[], Iterable[LoadedVae]]):
+    def __init__(self, queue: WorkQueue, vaes: Callable[[], Iterable[LoadedVae]], memory: MemoryBudget | None,
+                 connections: ConnectionStats | None):
         self.queue = queue
         self.vaes = vaes
+        self.memory = memory
+        self.connections = connections
 
     def describe(self):
         return []  # collected only at scrape time
@@ -87,10 +93,24 @@ class _LiveState:
         queue = self.queue
         yield GaugeMetricFamily("remote_vae_queue_length", "Requests waiting for the device", value=queue.waiting)
         yield GaugeMetricFamily("remote_vae_running", "Requests on the device now", value=queue.running)
-        yield GaugeMetricFamily("remote_vae_admitted", "Requests holding a place (reading, parsing, waiting or running)", value=queue.admitted)
+        yield GaugeMetricFamily("remote_vae_receiving", "Requests whose bodies are being read and checked (no place held yet)", value=queue.receiving)
+        yield GaugeMetricFamily("remote_vae_admitted", "Requests holding a place (decoding, waiting, running or rendering)", value=queue.admitted)
         yield GaugeMetricFamily("remote_vae_queue_capacity", "Most requests admitted at once; more get 503", value=queue.capacity)
         yield GaugeMetricFamily("inf_queue_size", "Requests waiting (the Inference Toolkit's name)", value=queue.waiting)
         yield GaugeMetricFamily("inf_batch_current_size", "Images or videos on the device now (the Inference Toolkit's name)", value=queue.current_batch)
+        if (budget := self.memory) is not None:
+            yield GaugeMetricFamily("remote_vae_memory_budget_bytes", "Host memory the requests in flight may hold at once (--memory-budget)", value=budget.limit)
+            yield GaugeMetricFamily("remote_vae_memory_reserved_bytes", "Host memory reserved by requests in flight now", value=budget.in_use)
+            yield GaugeMetricFamily("remote_vae_memory_reserved_peak_bytes", "The most reserved at once since start-up", value=budget.peak)
+            yield GaugeMetricFamily("remote_vae_memory_waiting", "Requests waiting for their memory to be reserved", value=budget.waiting)
+            yield CounterMetricFamily("remote_vae_memory_refused", "Requests refused with 503 for memory", value=budget.refused)
+        if (stats := self.connections) is not None:
+            yield GaugeMetricFamily("remote_vae_connections_open", "HTTP connections open now", value=stats.open)
+            yield GaugeMetricFamily("remote_vae_connections_limit", "The most connections open at once (--max-connections)", value=stats.limit)
+            closed = CounterMetricFamily("remote_vae_connections_closed", "Connections the server closed, by reason", labels=["reason"])
+            for reason, count in stats.closed.items():
+                closed.add_metric([reason], count)
+            yield closed
         vaes = list(self.vaes())
         memory = GaugeMetricFamily("remote_vae_device_memory_bytes", "Device memory: torch allocated / reserved / peak and device total on CUDA; resident set on CPU", labels=["device", "kind"])
         for device in sorted({str(vae.device) for vae in vaes}):

@@ -4,14 +4,18 @@ One family is served at `/`; several are served each under `/<family>/`
 (a single family is also reachable under its own prefix). Models load in a
 background thread so health answers 503 while loading.
 
-A POST goes: API key (auth.py) -> a place in the bounded queue, before the
-body is read (admission.py) -> read the body -> parse and check it (a worker
-thread) -> wait for the device, perhaps joined by other requests for one model
-call (batching.py) -> the model and on-device postprocessing (a worker thread)
--> media encoding (a worker thread) -> reply. Only the model step is
-serialised, so a bad request is answered at once and MP4 / PNG encoding
-overlaps the next model call. Around it all, every request gets an id, an
-access-log line and its metrics (observability.py).
+A POST goes: API key (auth.py) -> read the body at a minimum rate, each chunk
+reserved from the memory budget as it arrives (memory.py) -> parse and check it
+from its numbers and headers (a worker thread) -> a place in the bounded queue
+(admission.py) -> reserve what it will hold decoded -> decode its file or build
+its latents (a worker thread) -> wait for the device, perhaps joined by other
+requests for one model call (batching.py) -> the model and on-device
+postprocessing (a worker thread) -> media encoding (a worker thread) -> leave
+the queue -> send the reply, a chunk at a time, then release its memory. Only
+the model step is serialised, so a bad request is answered at once and MP4 /
+PNG encoding overlaps the next model call. Around it all, every request gets
+an id, an access-log line and its metrics (observability.py). Connections
+themselves are capped and timed by connections.py.
 """
 
 from __future__ import annotations
@@ -35,12 +39,14 @@ from . import openapi
 from .admission import ClientGone, QueueSettings, WorkQueue
 from .auth import ApiKeyMiddleware
 from .batching import Batcher, BatchSettings
+from .connections import ConnectionSettings, ConnectionStats
 from .errors import RequestError
 from .families import Family
 from .latents import LatentLayout
+from .memory import MemoryBudget, Reservation, auto_budget, release_free_memory
 from .observability import Metrics, RequestLog, StageTimer
-from .service import VaeService
-from .wire import HttpCall, HttpReply, failure_reply, prepare_call, render
+from .service import Limits, VaeService
+from .wire import JSON_TYPES, HttpCall, HttpReply, failure_reply, inspect_call, json_too_large, media_type, prepare_inspected, render
 
 log = logging.getLogger("remote_vae")
 
@@ -76,6 +82,14 @@ class ServeOptions:
     body_timeout: float = 120.0  # seconds to receive a whole body; slower gets 408
     api_keys: tuple[str, ...] = ()  # none: no key needed
     cors_origins: tuple[str, ...] = ()  # web pages on these origins may call the API from a browser; none: no CORS
+    memory_budget: int | None = None  # host bytes the requests in flight may hold at once (memory.py); None: auto
+    connections: ConnectionSettings = field(default_factory=ConnectionSettings)  # min_rate and rate_grace apply to bodies too
+
+
+# What a body costs the budget per byte received: the chunks and their join (2), or for JSON the text, its parse and
+# the base64 payload decoded (4).
+BODY_COST, JSON_BODY_COST = 2, 4
+REPLY_CHUNK = 256 * 1024  # a reply is written this much at a time, so the connection's buffer never holds a whole copy
 
 
 # Reply headers a browser page may read: tensor shape and dtype, counts, the request id, Retry-After.
@@ -105,32 +119,66 @@ def json_error(status: int, message: str, headers: dict[str, str] | None = None)
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-def http_response(reply: HttpReply) -> Response:
-    return Response(reply.body, status_code=reply.status, media_type=reply.media_type, headers=reply.headers)
+class ReplyResponse(Response):
+    """A reply written REPLY_CHUNK bytes at a time (uvicorn waits for each to drain), calling `sent()` when done or abandoned."""
+
+    def __init__(self, reply: HttpReply, sent: Callable[[], None]):
+        super().__init__(reply.body, status_code=reply.status, media_type=reply.media_type, headers=reply.headers)
+        self.sent = sent
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            body = self.body  # bytes, as ASGI requires (Ray Serve pickles each message); a chunk's slice is a copy of the chunk only
+            for start in range(0, max(1, len(body)), REPLY_CHUNK):
+                more = start + REPLY_CHUNK < len(body)
+                await send({"type": "http.response.body", "body": body[start : start + REPLY_CHUNK], "more_body": more})
+        finally:
+            self.sent()
 
 
-async def read_body(request: Request, limit: int, timeout: float) -> bytes:
-    """The body, refusing one over `limit` bytes before reading the rest, or one slower than `timeout` seconds."""
+async def read_body(request: Request, limits: Limits, options: ServeOptions, reservation: Reservation) -> bytes:
+    """The body, each chunk reserved from the memory budget as it arrives. 413 past the body limit (JSON bodies: their
+    own, smaller one), from Content-Length before reading; 408 if it arrives slower than the minimum rate after the grace
+    period, or not within the body timeout. Waiting for memory does not count against the client."""
+    json_body = media_type(request.headers.get("content-type")) in JSON_TYPES
+    limit, cost = (limits.max_json_bytes, JSON_BODY_COST) if json_body else (limits.max_body_bytes, BODY_COST)
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
             raise RequestError(f"Content-Length {declared!r} is not a byte count")
         if int(declared) > limit:
-            raise RequestError(f"body is {declared} bytes; this server accepts at most {limit}", status=413)
-
-    async def read() -> bytes:
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise RequestError(f"body is over {limit} bytes; this server accepts at most {limit}", status=413)
+            raise json_too_large(declared, limits) if json_body else RequestError(
+                f"body is {declared} bytes; this server accepts at most {limit}", status=413)
+    rate, grace, total = options.connections.min_rate, options.connections.rate_grace, options.body_timeout
+    chunks, size, waited = [], 0, 0.0
+    started = time.monotonic()
+    stream = request.stream()
+    while True:
+        elapsed = time.monotonic() - started - waited
+        by_rate = grace + size / rate - elapsed if rate else float("inf")
+        left = min(total - elapsed, by_rate)
+        try:
+            if left <= 0:
+                raise asyncio.TimeoutError
+            chunk = await asyncio.wait_for(stream.__anext__(), left)
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            if by_rate < total - elapsed:
+                raise RequestError(f"the body arrived at {size / max(elapsed, 1e-9):.0f} bytes/s ({size} bytes in {elapsed:.1f} s); this server "
+                                   f"needs at least {rate} bytes/s after the first {grace:g} s", status=408) from None
+            raise RequestError(f"the body did not arrive within {total:g} s", status=408) from None
+        size += len(chunk)
+        if size > limit:
+            raise json_too_large(f"over {limit}", limits) if json_body else RequestError(
+                f"body is over {limit} bytes; this server accepts at most {limit}", status=413)
+        if chunk:
+            before = time.monotonic()
+            await reservation.grow(len(chunk) * cost, max(0.0, total - elapsed), "its body")
+            waited += time.monotonic() - before
             chunks.append(chunk)
-        return b"".join(chunks)
-
-    try:
-        return await asyncio.wait_for(read(), timeout)
-    except TimeoutError:
-        raise RequestError(f"the body did not arrive within {timeout:g} s", status=408) from None
+    return b"".join(chunks)
 
 
 def until_disconnected(request: Request) -> Callable[[], Awaitable[None]]:
@@ -187,12 +235,7 @@ def family_routes(prefix: str, slot: Slot, guard: Guard) -> list[Route]:
                 return json_error(501, slot.error)
             if slot.service is None:
                 return json_error(503, f"{slot.family.name} is {slot.status}; retry when GET {prefix or '/'} answers 200", {"Retry-After": "5"})
-            try:
-                return http_response(await guard.serve(request, slot.service, operation))
-            except ClientGone:
-                return Response(status_code=499)  # nginx's "client closed request": for the log and metrics only
-            except ClientDisconnect:
-                return Response(status_code=400)
+            return await guard.serve(request, slot.service, operation)
 
         return endpoint
 
@@ -212,10 +255,11 @@ def family_routes(prefix: str, slot: Slot, guard: Guard) -> list[Route]:
 
 
 class Guard:
-    """One POST through the queue, its family's batcher and the three steps of wire.py, each step timed."""
+    """One POST through the memory budget, the queue, its family's batcher and the steps of wire.py, each step timed."""
 
-    def __init__(self, queue: WorkQueue, metrics: Metrics, options: ServeOptions):
+    def __init__(self, queue: WorkQueue, memory: MemoryBudget, metrics: Metrics, options: ServeOptions):
         self.queue = queue
+        self.memory = memory
         self.metrics = metrics
         self.options = options
         self.batchers: dict[str, Batcher] = {}
@@ -226,27 +270,50 @@ class Guard:
             self.batchers[name] = Batcher(service, self.queue, self.options.batching, self.metrics)
         return self.batchers[name]
 
-    async def serve(self, request: Request, service: VaeService, operation: str | None) -> HttpReply:
+    async def serve(self, request: Request, service: VaeService, operation: str | None) -> Response:
+        """The reply; the request's memory stays reserved until it has been sent (or abandoned)."""
+        reservation = self.memory.reservation()
+        try:
+            reply = await self._answer(request, service, operation, reservation)
+        except ClientGone:
+            reservation.release()
+            return Response(status_code=499)  # nginx's "client closed request": for the log and metrics only
+        except ClientDisconnect:
+            reservation.release()
+            return Response(status_code=400)
+        except Exception as exc:
+            reply = failure_reply(exc)
+        reservation.shrink_to(len(reply.body))  # what is left of the request now: its reply
+        return ReplyResponse(reply, sent=reservation.release)
+
+    async def _answer(self, request: Request, service: VaeService, operation: str | None, reservation: Reservation) -> HttpReply:
         timer = StageTimer(self.metrics, service.family.name)
         batcher = self.batcher(service)
+        started = time.monotonic()
+        self.queue.receiving += 1
+        try:
+            with batcher.arrival():
+                body = await read_body(request, service.limits, self.options, reservation)
+                call = HttpCall(body, request.url.query, request.headers.get("content-type", ""), request.headers.get("accept", ""), operation)
+                del body
+                inspected = await run_in_threadpool(inspect_call, service, call)
+                del call
+        finally:
+            self.queue.receiving -= 1
+        request.state.operation = inspected.operation
         try:
             async with self.queue.place():
-                started = time.monotonic()
                 with batcher.arrival():
-                    body = await read_body(request, service.limits.max_body_bytes, self.options.body_timeout)
-                    call = HttpCall(body, request.url.query, request.headers.get("content-type", ""), request.headers.get("accept", ""), operation)
-                    prepared = await run_in_threadpool(prepare_call, service, call)
-                request.state.operation = "encode" if prepared.form == "latents" else "decode"
+                    await reservation.grow(inspected.checked.hold_bytes, self.queue.settings.wait_timeout, inspected.checked.purpose)
+                    prepared = await run_in_threadpool(prepare_inspected, service, inspected)
                 timer.observe("parse", started)
                 result = await batcher.run(prepared.job, until_disconnected(request))  # times the queue and inference stages
                 started = time.monotonic()
                 reply = await run_in_threadpool(render, prepared, result)
                 timer.observe("media", started)
                 return reply
-        except (ClientGone, ClientDisconnect):
-            raise
-        except Exception as exc:
-            return failure_reply(exc)
+        finally:
+            inspected.close()
 
 
 def api_description_routes(routes: list[Route], families: dict[str, Family], api_keys: bool) -> list[Route]:
@@ -274,15 +341,18 @@ def api_description_routes(routes: list[Route], families: dict[str, Family], api
         Route(f"/docs/{name}", asset(name), methods=["GET"], name="docs") for name in ("swagger-ui.css", "swagger-ui-bundle.js")]
 
 
-def create_app(registry: Registry, options: ServeOptions = ServeOptions()):
+def create_app(registry: Registry, options: ServeOptions = ServeOptions(), connections: ConnectionStats | None = None):
     """The ASGI app: request log and metrics outermost, then CORS, then the API key check, then the routes.
 
     CORS sits outside the key check so that browsers' preflight requests (which carry no key)
-    are answered, and a 401 still reaches the page readably.
+    are answered, and a 401 still reaches the page readably. `connections` are the server's
+    connection counters (connections.py), for /metrics; None where the app runs behind another server.
     """
     queue = WorkQueue(options.queue)
-    metrics = Metrics(queue, registry.vaes)
-    guard = Guard(queue, metrics, options)
+    memory = MemoryBudget(options.memory_budget or auto_budget(), retry_after=queue.retry_after)
+    memory.when_idle(release_free_memory)
+    metrics = Metrics(queue, registry.vaes, memory, connections)
+    guard = Guard(queue, memory, metrics, options)
     slots = list(registry.slots.values())
 
     async def metrics_endpoint(request: Request) -> Response:

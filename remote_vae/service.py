@@ -18,12 +18,12 @@ device and run several requests in one model call:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable
 
-import numpy as np
 import PIL.Image
 import torch
 
@@ -31,25 +31,32 @@ from . import latents as latent_ops
 from .device import to_host
 from .errors import RequestError
 from .families import Family
+from .decoders import (
+    DEFAULT_DECODE_CPU_SECONDS,
+    IMAGE_TYPES,
+    VIDEO_TYPES,
+    ImageHeader,
+    VideoFile,
+    is_image_file,
+    is_video_file,
+    read_image_header,
+    video_demuxer,
+)
 from .media import (
     PNG_COMPRESSION,
-    VIDEO_TYPES,
     FrameRouter,
     ImageFile,
     Mp4Options,
     Mp4Stream,
     Postprocessor,
-    VideoFile,
     VideoPostprocessor,
+    check_byte_count,
     dtype_name,
     encode_pixels,
-    is_image_file,
-    is_video_file,
+    host_tensor,
     jpeg_encoder_for,
-    open_image,
     parse_dtype,
     tensor_from_bytes,
-    video_demuxer,
 )
 from .vae import LoadedVae
 
@@ -82,6 +89,42 @@ class Limits:
     max_video_pixels: int = 1 << 27
     # Images or videos in one request.
     max_batch: int = 64
+    # CPU seconds any one image or video file may take to decode (each gets 1 s plus 250 ns a pixel, up to this).
+    decode_cpu_seconds: float = DEFAULT_DECODE_CPU_SECONDS
+
+    @property
+    def max_json_bytes(self) -> int:
+        """A JSON body carries parameters and one base64 payload, and parsing it holds the GIL: an eighth of the body limit
+        (32 MiB by default, 24 MiB of payload: any latent or image file a JSON client sends), at least 1 MiB."""
+        return min(self.max_body_bytes, max(1 << 20, self.max_body_bytes // 8))
+
+
+# -- what a request holds on the host ------------------------------------------------
+# Reserved from the memory budget (memory.py) before it is allocated, from the sizes alone. Measured against the code
+# below; each is an upper bound of the copies alive at once. A request's body is reserved as it arrives (server.py).
+LATENT_COPIES = 6  # from the bytes, canonical, in the model's dtype, scaled, unfolded, noised: 4 bytes a value each
+IMAGE_REPLY_BYTES_PER_PIXEL = 14  # uint8 sheet (3), Pillow's copy (4), the file twice while written (up to 2 x 3.5)
+MP4_REPLY_BYTES_PER_PIXEL = 7  # frames of later clips waiting their turn (3), the MP4 read back (up to 3.5)
+IMAGE_DECODE_BYTES_PER_PIXEL = 12  # Pillow's image (4), its RGB conversion (4), the packed array the job holds (3)
+VIDEO_DECODE_BYTES_PER_PIXEL = 3  # ffmpeg writes the frames into the one array the job holds
+TENSOR_REPLY_COPIES = {"binary": 2, "json": 5}  # the result, its bytes (and base64 twice, for JSON replies)
+
+
+def tensor_reply_bytes(values: int, element_size: int, encoding: str) -> int:
+    return values * element_size * TENSOR_REPLY_COPIES["binary" if encoding == "binary" else "json"]
+
+
+@dataclass
+class Checked:
+    """A request checked against the limits from its numbers and headers alone: what it will hold on the host, and why."""
+
+    hold_bytes: int
+    purpose: str
+    header: "ImageHeader | VideoFile | None" = None  # an encode's file, opened, not yet decoded
+
+    def close(self) -> None:
+        if isinstance(self.header, VideoFile):
+            self.header.close()
 
 
 @dataclass
@@ -156,7 +199,7 @@ class Job:
     """
 
     operation: str  # "decode" or "encode"
-    inputs: torch.Tensor
+    inputs: torch.Tensor  # held while the job waits: the model's input, or an encode file's uint8 pixels
     respond: Callable[[torch.Tensor], Any]
     count: int
     pixels: int  # the decode's output or the encode's input: count x frames x height x width
@@ -165,6 +208,10 @@ class Job:
     stream: Mp4Stream | None = None
     timestep: torch.Tensor | None = None  # [count]: a decode timestep per sample (LTX)
     tiling: str = "blend"  # how the call tiles, if it does: "exact" or "blend"
+    expand: Callable[[torch.Tensor], torch.Tensor] = _unchanged  # held inputs -> the model's input, in the model call
+
+    def model_inputs(self) -> torch.Tensor:
+        return self.expand(self.inputs)
 
     @property
     def batch_key(self) -> tuple:
@@ -202,7 +249,8 @@ class VaeService:
         if not self.family.serves(operation):
             raise RequestError(f"family {self.family.name} does not {operation}; it serves: {', '.join(self.family.operations)}")
 
-    def prepare_decode(self, request: DecodeRequest) -> Job:
+    def check_decode(self, request: DecodeRequest, reply_encoding: str = "binary") -> Checked:
+        """Every check a decode needs before a tensor exists, and what it will hold: latents, result and reply."""
         self._require("decode")
         raw = request.latent
         plan = latent_ops.plan_decode(raw.shape, self.family, request.height, request.width, request.packed_memory)
@@ -214,6 +262,25 @@ class VaeService:
             else:
                 hint = "decodes images: output_type=mp4 is for video families; use output_type=pil or pt"
             raise RequestError(f"{self.family.name} {hint}")
+        check_byte_count(raw.data, raw.shape, parse_dtype(raw.dtype))
+        self._decode_timestep(request)
+        pixels = plan.output_pixels(self.family)
+        latents = math.prod(raw.shape) * LATENT_COPIES * max(4, self.vae.dtype.itemsize)
+        if request.form == "image":
+            result = pixels * IMAGE_REPLY_BYTES_PER_PIXEL
+        elif request.form == "mp4":
+            result = pixels * MP4_REPLY_BYTES_PER_PIXEL
+        else:
+            element = 1 if request.form == "uint8" else self.vae.dtype.itemsize
+            result = tensor_reply_bytes(pixels * 3, element, reply_encoding)
+        return Checked(latents + result, f"a decode to {pixels} pixels as {request.form}")
+
+    def prepare_decode(self, request: DecodeRequest, checked: Checked | None = None) -> Job:
+        """The job for a decode, checked first unless `check_decode` already has been (the memory it needs reserved)."""
+        if checked is None:
+            self.check_decode(request)
+        raw = request.latent
+        plan = latent_ops.plan_decode(raw.shape, self.family, request.height, request.width, request.packed_memory)
         timestep = self._decode_timestep(request)
         tiling = self.vae.tiling_for(request.tiling)
         latents = tensor_from_bytes(raw.data, raw.shape, parse_dtype(raw.dtype))
@@ -238,12 +305,39 @@ class VaeService:
             return job(partial(self.post.image, options=request.image), finish=partial(encode_pixels, options=request.image))
         return job(getattr(self.post, request.form))
 
-    def prepare_encode(self, request: EncodeRequest) -> Job:
+    def check_encode(self, request: EncodeRequest, reply_encoding: str = "binary") -> Checked:
+        """Every check an encode needs before its pixels are decoded or allocated (a file's size from its headers),
+        and what it will hold: its pixels and the latents' reply."""
         self._require("encode")
         if request.tensor is not None:
-            pixels = self._pixel_tensor(request.tensor)
+            count, frames, height, width = self._check_pixel_tensor(request.tensor)
+            values = count * frames * height * width * 3
+            held = values * (parse_dtype(request.tensor.dtype).itemsize + max(4, self.vae.dtype.itemsize))
+            header = None
         else:
-            pixels = self._video_file(request.image) if self.family.is_video else self._image_file(request.image)
+            header = self._open_file(request.image)
+            count, frames, height, width = 1, getattr(header, "frame_count", 1), header.height, header.width
+            per_pixel = VIDEO_DECODE_BYTES_PER_PIXEL if isinstance(header, VideoFile) else IMAGE_DECODE_BYTES_PER_PIXEL
+            held = frames * height * width * per_pixel
+        s, t = self.family.spatial_compression, self.family.temporal_compression or 1
+        latent_values = count * ((frames - 1) // t + 1) * math.ceil(height / s) * math.ceil(width / s) * self.family.latent_channels
+        held += tensor_reply_bytes(latent_values, 4, reply_encoding) + latent_values * 4
+        what = f"{frames} frames of {width}x{height}" if self.family.is_video else f"{count} image(s) of {width}x{height}"
+        return Checked(held, f"an encode of {what}", header)
+
+    def prepare_encode(self, request: EncodeRequest, checked: Checked | None = None) -> Job:
+        """The job for an encode, checked first unless `check_encode` already has been (the memory it needs reserved).
+        A file's pixels are held as uint8 while the job waits; the model call makes them its float input."""
+        checked = checked or self.check_encode(request)
+        try:
+            if request.tensor is not None:
+                inputs, expand = self._pixel_tensor(request.tensor).to(self.vae.dtype), _unchanged
+            else:
+                inputs = self._decoded(checked.header)
+                preprocess = self.post.preprocess_frames if self.family.is_video else self.post.preprocess_pixels
+                expand = partial(_expand_to, preprocess=preprocess, dtype=self.vae.dtype)
+        finally:
+            checked.close()
         normalisation = request.scaling.normalisation(self.vae.normalisation)
         layout = self.vae.layout
         tiling = self.vae.tiling_for(request.tiling)
@@ -253,8 +347,13 @@ class VaeService:
             latent_ops.check_finite(scaled, "latent after scaling", SCALED_FINITE.format(dtype=dtype_name(scaled.dtype)))
             return self.to_host(layout.as_pipeline_holds(scaled))
 
-        frames = pixels.shape[2] if pixels.ndim == 5 else None
-        return Job("encode", pixels.to(self.vae.dtype), respond, pixels.shape[0], pixels.numel() // 3, frames, tiling=tiling)
+        if request.tensor is not None:
+            count, frames = inputs.shape[0], (inputs.shape[2] if inputs.ndim == 5 else None)
+            pixels = inputs.numel() // 3
+        else:  # uint8 [1, H, W, 3] or [1, F, H, W, 3]
+            count, frames = 1, (inputs.shape[1] if self.family.is_video else None)
+            pixels = inputs.numel() // 3
+        return Job("encode", inputs, respond, count, pixels, frames, tiling=tiling, expand=expand)
 
     def _decode_timestep(self, request: DecodeRequest) -> DecodeTimestep | None:
         """The request's decode timestep where the model takes one; refused where the family has none."""
@@ -306,7 +405,7 @@ class VaeService:
 
     def _model_call(self, jobs: Sequence[Job]) -> Sequence[torch.Tensor]:
         """The model's output for all jobs at once, split back into each job's rows."""
-        inputs = jobs[0].inputs if len(jobs) == 1 else torch.cat([job.inputs for job in jobs])
+        inputs = jobs[0].model_inputs() if len(jobs) == 1 else torch.cat([job.model_inputs() for job in jobs])
         if jobs[0].operation == "encode":
             outputs = self.vae.encode(inputs, jobs[0].tiling)
         else:
@@ -335,8 +434,8 @@ class VaeService:
     def encode(self, request: EncodeRequest) -> torch.Tensor:
         return self.call(self.prepare_encode(request))
 
-    def _pixel_tensor(self, raw: RawTensor) -> torch.Tensor:
-        """Images [B, 3, H, W] or videos [B, 3, F, H, W] in -1..1, their size checked before allocation."""
+    def _check_pixel_tensor(self, raw: RawTensor) -> tuple[int, int, int, int]:
+        """(count, frames, height, width) of images [B, 3, H, W] or videos [B, 3, F, H, W], checked from the shape."""
         latent_ops.check_dims(raw.shape)
         video = self.family.is_video
         kind, layout = ("video", "[B, 3, F, H, W] in -1..1 (F = 1 for a single image)") if video else ("image", "[B, 3, H, W] in -1..1")
@@ -347,40 +446,57 @@ class VaeService:
             batch, _, frames, height, width = raw.shape
             latent_ops.check_video_size(batch, frames, height, width, self.family, self.max_pixels)
         else:
-            latent_ops.check_image_size(raw.shape[0], raw.shape[2], raw.shape[3], self.family, self.max_pixels)
+            (batch, _, height, width), frames = raw.shape, 1
+            latent_ops.check_image_size(batch, height, width, self.family, self.max_pixels)
+        check_byte_count(raw.data, raw.shape, parse_dtype(raw.dtype))
+        return batch, frames, height, width
+
+    def _pixel_tensor(self, raw: RawTensor) -> torch.Tensor:
+        """Images [B, 3, H, W] or videos [B, 3, F, H, W] in -1..1, their size checked before allocation."""
+        self._check_pixel_tensor(raw)
         pixels = tensor_from_bytes(raw.data, raw.shape, parse_dtype(raw.dtype))
-        latent_ops.check_finite(pixels, f"{kind} tensor", "in -1..1")
+        latent_ops.check_finite(pixels, f"{'video' if self.family.is_video else 'image'} tensor", "in -1..1")
         return pixels
 
-    def _image_file(self, image: PIL.Image.Image | bytes | None) -> torch.Tensor:
-        """[1, 3, H, W] in -1..1 from an image or its file bytes."""
-        if image is None:
-            raise RequestError("nothing to encode: send an image file (PNG, JPEG, WebP) or a tensor with shape and dtype")
-        if isinstance(image, (bytes, bytearray)):
-            if is_video_file(image):
-                raise RequestError(f"{self.family.name} encodes images; this is a video file: send it to a video family")
-            image = open_image(bytes(image), self.max_pixels)
-        else:
-            image = image.convert("RGB")
-        latent_ops.check_image_size(1, image.height, image.width, self.family, self.max_pixels)
-        return self.post.preprocess(image)
-
-    def _video_file(self, data: PIL.Image.Image | bytes | None) -> torch.Tensor:
-        """[1, 3, F, H, W] in -1..1 from a video file, or from an image (a one-frame video)."""
+    def _open_file(self, data: PIL.Image.Image | bytes | None) -> ImageHeader | VideoFile:
+        """An image or video file opened and its size checked from its headers, no pixel decoded yet."""
+        video = self.family.is_video
         if data is None:
-            raise RequestError("nothing to encode: send a video file (MP4, WebM, GIF), an image, or a [B, 3, F, H, W] tensor with shape and dtype")
+            sent = f"a video file ({VIDEO_TYPES}), an image, or a [B, 3, F, H, W]" if video else f"an image file ({IMAGE_TYPES}) or a"
+            raise RequestError(f"nothing to encode: send {sent} tensor with shape and dtype")
         if isinstance(data, PIL.Image.Image):
-            frames = np.asarray(data.convert("RGB"))[None]
-        elif video_demuxer(data):
-            frames = self._read_video(bytes(data))
-        elif is_image_file(data):
-            frames = np.asarray(open_image(bytes(data), self.max_pixels))[None]
+            header = ImageHeader(data, None, data.width, data.height)
+        elif video and video_demuxer(data):
+            header = VideoFile(data)
+        elif is_video_file(data):
+            raise RequestError(f"{self.family.name} encodes images; this is a video file: send it to a video family")
+        elif video and not is_image_file(data):
+            raise RequestError(f"body is neither a video file ({VIDEO_TYPES}) nor an image file ({IMAGE_TYPES})")
         else:
-            raise RequestError(f"body is neither a video file ({VIDEO_TYPES}) nor an image file (PNG, JPEG, WebP)")
-        latent_ops.check_video_size(1, frames.shape[0], frames.shape[1], frames.shape[2], self.family, self.max_pixels)
-        return self.post.preprocess_frames(frames)
+            header = read_image_header(data, self.max_pixels)
+        try:
+            frames = getattr(header, "frame_count", 1)
+            if video:
+                latent_ops.check_video_size(1, frames, header.height, header.width, self.family, self.max_pixels)
+            else:
+                latent_ops.check_image_size(1, header.height, header.width, self.family, self.max_pixels)
+        except RequestError:
+            if isinstance(header, VideoFile):
+                header.close()
+            raise
+        return header
 
-    def _read_video(self, data: bytes) -> np.ndarray:
-        with VideoFile(data) as video:
-            latent_ops.check_sides(video.height, video.width, self.family, "video frame")
-            return video.frames(max_frames=max(1, self.max_pixels // (video.width * video.height)))
+    def _decoded(self, header: ImageHeader | VideoFile) -> torch.Tensor:
+        """A file's uint8 pixels, [1, H, W, 3] for an image family, [1, F, H, W, 3] for a video family."""
+        cap = self.limits.decode_cpu_seconds
+        if isinstance(header, VideoFile):
+            frames = header.frames(max_frames=header.frame_count, cap=cap)
+            latent_ops.check_video_size(1, frames.shape[0], header.height, header.width, self.family, self.max_pixels)
+        else:
+            frames = header.pixels(cap)[None]
+        return host_tensor(frames[None] if self.family.is_video else frames)
+
+
+def _expand_to(pixels: torch.Tensor, preprocess: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    return preprocess(pixels).to(dtype)
+

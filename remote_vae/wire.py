@@ -24,8 +24,9 @@ import torch
 from .errors import RequestError
 from .families import TILINGS
 from .latents import PACKED_MEMORY, Scaling
-from .media import IMAGE_FORMATS, MEDIA_TYPES, ImageFile, Mp4Options, dtype_name, is_image_file, is_video_file, tensor_to_bytes
-from .service import DecodeRequest, DecodeTimestep, EncodeRequest, Job, RawTensor, VaeService
+from .decoders import is_image_file, is_video_file
+from .media import IMAGE_FORMATS, MEDIA_TYPES, ImageFile, Mp4Options, dtype_name, tensor_to_bytes
+from .service import Checked, DecodeRequest, DecodeTimestep, EncodeRequest, Job, Limits, RawTensor, VaeService
 
 log = logging.getLogger("remote_vae")
 
@@ -177,12 +178,20 @@ def error_reply(status: int, message: str, headers: dict[str, str] | None = None
 # -- parsing -----------------------------------------------------------------
 
 
-def read_payload(call: HttpCall) -> tuple[Params, bytes]:
+def json_too_large(size: int | str, limits: Limits) -> RequestError:
+    return RequestError(f"the JSON body is {size} bytes; this server takes JSON bodies of at most {limits.max_json_bytes} "
+                        f"(an eighth of --max-body-bytes): send large tensors and files as raw bytes (Content-Type: "
+                        "tensor/binary with shape and dtype in the query, or the file itself)", status=413)
+
+
+def read_payload(call: HttpCall, limits: Limits | None = None) -> tuple[Params, bytes]:
     """The request's parameters and the bytes it carries (raw tensor memory or an image file)."""
     params = Params.from_query(call.query)
     content_type = media_type(call.content_type)
     if content_type not in JSON_TYPES:
         return params, call.body
+    if limits is not None and len(call.body) > limits.max_json_bytes:
+        raise json_too_large(len(call.body), limits)
     body = call.body.strip()
     if body.startswith(b"{"):
         # A request's JSON is one base64 string and a few parameters. Its structure is counted before parsing: json.loads
@@ -364,29 +373,69 @@ class Prepared:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-def prepare(service: VaeService, params: Params, data: bytes, content_type: str = "", accept: str = "", operation: str | None = None,
-            images_as: str = "image") -> Prepared:
-    """Parse and check one request, up to the point where it needs the model; shared by the HTTP server and handler.py.
+@dataclass
+class Inspected:
+    """A request parsed and checked from its numbers and headers, before anything is decoded or allocated:
+    what it will hold on the host (`checked.hold_bytes`) is known, so the server can reserve it first."""
+
+    operation: str
+    request: DecodeRequest | EncodeRequest
+    checked: Checked
+    reply: ReplyShape
+
+    def close(self) -> None:
+        self.checked.close()
+
+
+def inspect(service: VaeService, params: Params, data: bytes, content_type: str = "", accept: str = "", operation: str | None = None,
+            images_as: str = "image") -> Inspected:
+    """Parse and check one request up to the point where it would decode or allocate; shared by the HTTP server and handler.py.
 
     `images_as` is the form of an image reply: "image" (the file's bytes) or "pil" (PIL images, for handler.py).
     """
     operation = operation or infer_operation(content_type, data, params.shape())
     if operation == "encode":
-        job = service.prepare_encode(parse_encode(content_type, params, data))
-        return Prepared(job, "latents", ReplyShape(tensor_encoding=accept if accept in JSON_TYPES else "binary"))
+        reply = ReplyShape(tensor_encoding=accept if accept in JSON_TYPES else "binary")
+        request = parse_encode(content_type, params, data)
+        return Inspected("encode", request, service.check_encode(request, reply.tensor_encoding), reply)
     form, reply = negotiate_decode(params, accept, service.png_compression)
     request = parse_decode(params, data)
     request.form = images_as if form == "image" else form
     if form == "mp4":
         request.mp4 = mp4_options(params)
     request.image = reply.image
-    job = service.prepare_decode(request)
-    return Prepared(job, request.form, reply, count_headers(job))
+    return Inspected("decode", request, service.check_decode(request, reply.tensor_encoding), reply)
+
+
+def prepare_inspected(service: VaeService, inspected: Inspected) -> Prepared:
+    """The job of a request `inspect` has checked: its latents built, or its file decoded."""
+    if inspected.operation == "encode":
+        return Prepared(service.prepare_encode(inspected.request, inspected.checked), "latents", inspected.reply)
+    job = service.prepare_decode(inspected.request, inspected.checked)
+    return Prepared(job, inspected.request.form, inspected.reply, count_headers(job))
+
+
+def prepare(service: VaeService, params: Params, data: bytes, content_type: str = "", accept: str = "", operation: str | None = None,
+            images_as: str = "image") -> Prepared:
+    """Parse, check and prepare one request at once, up to the point where it needs the model."""
+    inspected = inspect(service, params, data, content_type, accept, operation, images_as)
+    try:
+        return prepare_inspected(service, inspected)
+    finally:
+        inspected.close()
+
+
+def inspect_call(service: VaeService, call: HttpCall) -> Inspected:
+    params, data = read_payload(call, service.limits)
+    return inspect(service, params, data, media_type(call.content_type), first_accepted(call.accept), call.operation)
 
 
 def prepare_call(service: VaeService, call: HttpCall) -> Prepared:
-    params, data = read_payload(call)
-    return prepare(service, params, data, media_type(call.content_type), first_accepted(call.accept), call.operation)
+    inspected = inspect_call(service, call)
+    try:
+        return prepare_inspected(service, inspected)
+    finally:
+        inspected.close()
 
 
 def render(prepared: Prepared, result: Any) -> HttpReply:

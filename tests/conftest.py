@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import socket
 import struct
@@ -236,7 +237,7 @@ class LiveServer:
     """
 
     def __init__(self, args: list[str], env: dict[str, str], log_path: Path, launcher: list[str] | None = None, verify: str | None = None,
-                 startup_seconds: float = STARTUP_SECONDS, device: str = "cpu"):
+                 startup_seconds: float = STARTUP_SECONDS, device: str = "cpu", open_files: int | None = None):
         self.startup_seconds = startup_seconds
         self.port = free_port()
         self.url = f"{'https' if verify else 'http'}://127.0.0.1:{self.port}"
@@ -244,7 +245,9 @@ class LiveServer:
         self.log_path = log_path
         command = [sys.executable, *(launcher or ["-m", "remote_vae"]), "serve", *args, "--host", "127.0.0.1", "--port", str(self.port), "--device", device]
         self.log = open(log_path, "wb")
-        self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        # open_files: the server's RLIMIT_NOFILE, soft and hard (as `ulimit -n` sets it), to test the open-file limit
+        limit = (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))) if open_files else None
+        self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=limit)
         self.wait_healthy()
 
     def wait_healthy(self) -> None:
@@ -274,6 +277,14 @@ class LiveServer:
 
     def metric(self, name: str, **labels: str) -> float:
         return self.metrics().get((name, tuple(sorted(labels.items()))), 0.0)
+
+    def memory(self) -> dict[str, float]:
+        """The server process's resident set now and its peak since the last reset_peak(), in MiB (Linux /proc)."""
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines() if ":" in line)
+        return {"resident": int(fields["VmRSS"].split()[0]) / 1024, "peak": int(fields["VmHWM"].split()[0]) / 1024}
+
+    def reset_peak(self) -> None:
+        Path(f"/proc/{self.process.pid}/clear_refs").write_text("5")  # resets VmHWM to the resident set now
 
     def stop(self) -> None:
         self.process.terminate()

@@ -11,6 +11,9 @@ faults of a running server by rewriting the file:
                           RuntimeError: one poisoned request in a batch
   {"oom_exact": true}     the exact tiled decode (remote_vae/tiling.py, which
                           runs the decoder's layers itself) runs out of memory too
+  {"fast": true}          the decoder and encoder are replaced by a resampling of
+                          the right shape, so the attack tests measure the request
+                          path's memory and time, not a model's
 """
 
 import json
@@ -28,6 +31,7 @@ from remote_vae.cli import main  # noqa: E402
 from remote_vae.tiling import ExactTiler  # noqa: E402
 
 decoder_forward = vae_blocks.Decoder.forward
+encoder_forward = vae_blocks.Encoder.forward
 exact_decoder_forward = ExactTiler.decoder_forward
 
 
@@ -45,7 +49,17 @@ def faulty_forward(self, z, *args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected by tests/faulty_serve.py)")
     if "fail_above" in fault and z.abs().max() > fault["fail_above"]:
         raise RuntimeError("model failure injected by tests/faulty_serve.py")
+    if fault.get("fast"):
+        return torch.nn.functional.interpolate(z[:, :3].tanh(), scale_factor=8)
     return decoder_forward(self, z, *args, **kwargs)
+
+
+def faulty_encoder_forward(self, x, *args, **kwargs):
+    if faults().get("fast"):
+        pooled = torch.nn.functional.avg_pool2d(x, 8)  # [B, 3, H/8, W/8]
+        channels = self.conv_out.out_channels
+        return pooled.repeat(1, (channels + 2) // 3, 1, 1)[:, :channels]
+    return encoder_forward(self, x, *args, **kwargs)
 
 
 def faulty_exact_decoder_forward(self, sample, *extra):
@@ -55,6 +69,7 @@ def faulty_exact_decoder_forward(self, sample, *extra):
 
 
 vae_blocks.Decoder.forward = faulty_forward
+vae_blocks.Encoder.forward = faulty_encoder_forward
 ExactTiler.decoder_forward = faulty_exact_decoder_forward
 
 if __name__ == "__main__":

@@ -178,7 +178,7 @@ def test_a_forming_batch_waits_for_arriving_requests_but_never_past_the_batch_wa
     with socket.create_connection(("127.0.0.1", batching.port)) as slow:
         slow.sendall(b"POST /sd15/?shape=1&shape=4&shape=8&shape=8&dtype=float32&output_type=pt HTTP/1.1\r\nHost: x\r\n"
                      + f"Content-Type: tensor/binary\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body[:100])
-        wait_until(lambda: batching.metric("remote_vae_admitted") == 1)
+        wait_until(lambda: batching.metric("remote_vae_receiving") == 1)
         waited = timed_decode()
         assert BATCH_WAIT_MS / 1000 <= waited < BATCH_WAIT_MS / 1000 + 1.0
         slow.sendall(body[100:])

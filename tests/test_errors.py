@@ -115,11 +115,15 @@ def test_a_huge_json_integer_is_a_400(multi_server, path, shape, name):
 
 
 def test_a_json_structure_bomb_is_refused_before_parsing(multi_server):
-    """A body of nested or repeated lists is counted, not parsed: a 400 at once, whatever its size."""
-    for bomb in (b'{"inputs": "", "parameters": {"shape": [' + b"[]," * 500_000 + b'[]]}}', b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"):
+    """A body of nested or repeated lists is counted, not parsed: a 400 at once, whatever its size within the JSON
+    body limit (an eighth of --max-body-bytes, at least 1 MiB); past that limit, a 413 from its Content-Length."""
+    for bomb in (b'{"inputs": "", "parameters": {"shape": [' + b"[]," * 300_000 + b'[]]}}', b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"):
         response = requests.post(f"{multi_server.url}/sd15/", data=bomb, headers={"Content-Type": "application/json"}, timeout=60)
         assert response.status_code == 400 and "base64 string and a few parameters" in response.json()["error"], response.text[:300]
         assert response.elapsed.total_seconds() < 5
+    too_large = b'{"inputs": "", "parameters": {"shape": [' + b"[]," * 500_000 + b'[]]}}'
+    response = requests.post(f"{multi_server.url}/sd15/", data=too_large, headers={"Content-Type": "application/json"}, timeout=60)
+    assert response.status_code == 413 and "JSON bodies of at most 1048576" in response.json()["error"], response.text[:300]
     assert multi_server.healthy()
 
 

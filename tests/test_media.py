@@ -8,6 +8,7 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
+from remote_vae.decoders import VideoFile, is_image_file, open_image, video_demuxer
 from remote_vae.errors import RequestError
 from remote_vae.media import (
     FrameRouter,
@@ -15,17 +16,13 @@ from remote_vae.media import (
     Mp4Options,
     Mp4Stream,
     Postprocessor,
-    VideoFile,
     VideoPostprocessor,
     encode_image,
     encode_pixels,
-    is_image_file,
     jpeg_encoder_for,
-    open_image,
     tensor_from_bytes,
     tensor_to_bytes,
     uint8_images,
-    video_demuxer,
     write_mp4,
 )
 

@@ -13,6 +13,7 @@ from conftest import ROOT, free_port, offline_env
 
 from remote_vae.families import load_family
 from remote_vae.server import Registry, Slot, create_app
+from remote_vae.service import Limits
 from remote_vae.wire import HttpCall, failure_reply, prepare_call
 
 
@@ -54,8 +55,9 @@ def test_multi_family_index(multi_server):
 def test_unexpected_errors_are_500_json_without_details():
     class Broken:
         png_compression = 1
+        limits = Limits()
 
-        def prepare_decode(self, request):
+        def check_decode(self, request, reply_encoding="binary"):
             raise ZeroDivisionError("secret internals")
 
     call = HttpCall(body=bytes(512), query="shape=1&shape=4&shape=8&shape=8&dtype=float16", content_type="tensor/binary")

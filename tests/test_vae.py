@@ -12,7 +12,8 @@ from remote_vae import device as device_path
 from remote_vae.device import CPU_WHOLE_BATCH_PIXELS, BatchBudget, DevicePath, PeakMemory, memory_format, to_device, to_host
 from remote_vae.families import load_family
 from remote_vae.latents import Scaling
-from remote_vae.media import Mp4Options, VideoFile
+from remote_vae.decoders import VideoFile
+from remote_vae.media import Mp4Options
 from remote_vae.service import DecodeRequest, Limits, RawTensor, VaeService
 from remote_vae.vae import load_vae
 
