@@ -1,8 +1,8 @@
 """Admission: a bounded queue in front of the device.
 
-A request takes a place once its body has been read and checked (what its body
-and decoded pixels hold is bounded by the memory budget, memory.py, not by the
-queue), and holds it while its file decodes, it waits for the device, runs and
+A request takes a place once its body has been read (what its body and decoded
+pixels hold is bounded by the memory budget, memory.py, not by the queue), and
+holds it while it is checked, its file decodes, it waits for the device, runs and
 its reply is rendered; not while the reply is sent. At most `1 + max_waiting`
 places exist; beyond that the server answers 503 with Retry-After at once. A
 request waits for the device (batching.py: it may share a model call with
@@ -48,7 +48,7 @@ class WorkQueue:
     def __init__(self, settings: QueueSettings | None = None):
         settings = settings or QueueSettings()
         self.settings = settings
-        self.receiving = 0  # in front of the queue: their bodies being read (and checked), no place held
+        self.receiving = 0  # in front of the queue: their bodies being read, no place held
         self.admitted = 0  # holding a place: decoding, waiting, running or rendering
         self.waiting = 0  # waiting for the device (batching.py counts them)
         self.running = 0  # requests in the model calls now on the device

@@ -27,7 +27,7 @@ from .device import BatchBudget, DevicePath
 from .families import Family, FamilyError
 from .decoders import DEFAULT_DECODE_CPU_SECONDS, guard_decompression_bombs
 from .media import PNG_COMPRESSION
-from .memory import auto_budget, size_text, tune_allocator
+from .memory import auto_budget, size_text
 from .server import BODY_COST, JSON_BODY_COST, Registry, ServeOptions, Slot, create_app, load_in_background
 from .service import GPU_MAX_PIXELS, Limits, VaeService
 from .vae import default_source, download_weights, load_vae, network_failure, resolve_device, resolve_dtype, unsupported
@@ -49,7 +49,7 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--max-pixels", type=pixel_budget, default=pixel_budget(env("MAX_PIXELS", "auto")), metavar="N|auto", help=f"most pixels (over the batch) a decode returns or an encode takes; more gets 413 at once [env REMOTE_VAE_MAX_PIXELS] (default auto: {GPU_MAX_PIXELS} = 8192x8192 on a GPU, {Limits.max_pixels} on CPU)")
     serve.add_argument("--max-video-pixels", type=int, default=int(env("MAX_VIDEO_PIXELS", Limits.max_video_pixels)), help=f"the same for videos, counting every frame; more gets 413 [env REMOTE_VAE_MAX_VIDEO_PIXELS] (default {Limits.max_video_pixels}, room for 129 frames of 1280x720)")
     serve.add_argument("--max-batch", type=int, default=int(env("MAX_BATCH", Limits.max_batch)), help=f"most images or videos in one request; more gets 413 [env REMOTE_VAE_MAX_BATCH] (default {Limits.max_batch})")
-    serve.add_argument("--max-queue", type=int, default=int(env("MAX_QUEUE", QueueSettings.max_waiting)), help=f"requests held beyond the one on the device, from when their body has been read and checked until their reply is rendered; more get 503 with Retry-After, before anything is decoded [env REMOTE_VAE_MAX_QUEUE] (default {QueueSettings.max_waiting})")
+    serve.add_argument("--max-queue", type=int, default=int(env("MAX_QUEUE", QueueSettings.max_waiting)), help=f"requests held beyond the one on the device, from when their body has been read until their reply is rendered; more get 503 with Retry-After, before anything is parsed or decoded [env REMOTE_VAE_MAX_QUEUE] (default {QueueSettings.max_waiting})")
     serve.add_argument("--queue-timeout", type=float, default=float(env("QUEUE_TIMEOUT", QueueSettings.wait_timeout)), help=f"seconds a request may wait for the device; longer gets 503 [env REMOTE_VAE_QUEUE_TIMEOUT] (default {QueueSettings.wait_timeout:g})")
     serve.add_argument("--body-timeout", type=float, default=float(env("BODY_TIMEOUT", ServeOptions.body_timeout)), help=f"seconds to receive a request body; slower gets 408 [env REMOTE_VAE_BODY_TIMEOUT] (default {ServeOptions.body_timeout:g})")
     connections = ConnectionSettings()
@@ -170,7 +170,6 @@ def plan(args: argparse.Namespace) -> tuple[Registry, ServeOptions, Callable[[Fa
 
 def serve(args: argparse.Namespace) -> int:
     registry, options, load = plan(args)
-    tune_allocator()
     limit_log_floods()
     stats = ConnectionStats(options.connections, limit=connection_limit(options.connections))
     config = uvicorn.Config(

@@ -14,7 +14,8 @@ Waiting cannot deadlock: a request holding part of the budget may wait for more
 to a waiting request, none will be released, so the newest waiter is refused at
 once and its bytes go to the others.
 
-Everything here runs on the event loop, so the counters need no lock.
+Everything here runs on the event loop but `Reservation.try_grow`, which a worker thread calls to go on at once when
+the memory is free (the common case, saving a second trip to a thread); a lock keeps the counters whole.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class MemoryBudget:
         self._held_by_waiters = 0
         self._on_idle: list[Callable[[int], None]] = []
         self._peak_since_idle = 0
+        self._lock = threading.RLock()  # the counters, against try_grow from worker threads
 
     @property
     def waiting(self) -> int:
@@ -106,16 +108,29 @@ class MemoryBudget:
         return RequestError(f"the server is at its memory budget ({size_text(self.limit)} for requests in flight, --memory-budget): {reason}; "
                             "retry after the Retry-After seconds", status=503, headers={"Retry-After": str(self.retry_after())})
 
-    async def _acquire(self, reservation: "Reservation", extra: int, timeout: float) -> None:
-        if reservation.held + extra > self.limit:
-            raise RequestError(f"this request needs {size_text(reservation.held + extra)} of host memory ({reservation.purpose}); "
-                               f"this server's --memory-budget holds {size_text(self.limit)} for all requests at once", status=413)
-        if not self._waiters and self._fits(extra):
+    def _too_large(self, reservation: "Reservation", extra: int) -> RequestError | None:
+        if reservation.held + extra <= self.limit:
+            return None
+        return RequestError(f"this request needs {size_text(reservation.held + extra)} of host memory ({reservation.purpose}); "
+                            f"this server's --memory-budget holds {size_text(self.limit)} for all requests at once", status=413)
+
+    def _take_now(self, reservation: "Reservation", extra: int) -> bool:
+        """Grant at once if nobody waits and it fits (any thread)."""
+        with self._lock:
+            if self._waiters or not self._fits(extra):
+                return False
             self._grant(reservation, extra)
+            return True
+
+    async def _acquire(self, reservation: "Reservation", extra: int, timeout: float) -> None:
+        if error := self._too_large(reservation, extra):
+            raise error
+        if self._take_now(reservation, extra):
             return
         waiter = _Waiter(reservation, extra)
-        self._waiters.append(waiter)
-        self._held_by_waiters += reservation.held
+        with self._lock:
+            self._waiters.append(waiter)
+            self._held_by_waiters += reservation.held
         self._settle()
         try:
             await asyncio.wait_for(asyncio.shield(waiter.granted), timeout)
@@ -131,10 +146,15 @@ class MemoryBudget:
         waiter.granted.result()  # raises the refusal, if it was refused
 
     def _remove(self, waiter: _Waiter) -> None:
-        self._waiters.remove(waiter)
-        self._held_by_waiters -= waiter.reservation.held
+        with self._lock:
+            self._waiters.remove(waiter)
+            self._held_by_waiters -= waiter.reservation.held
 
     def _settle(self) -> None:
+        with self._lock:
+            self._settle_locked()
+
+    def _settle_locked(self) -> None:
         """Grant waiters in order while they fit; refuse the newest while only waiters hold memory (nothing will be released)."""
         while self._waiters:
             head = self._waiters[0]
@@ -153,7 +173,8 @@ class MemoryBudget:
                 return
 
     def _release(self, count: int) -> None:
-        self.in_use -= count
+        with self._lock:
+            self.in_use -= count
         self._settle()
         if self.in_use == 0:
             peak, self._peak_since_idle = self._peak_since_idle, 0
@@ -176,8 +197,13 @@ class Reservation:
         if extra > 0:
             await self.budget._acquire(self, extra, timeout)
 
-    async def ensure(self, total: int, timeout: float, purpose: str | None = None) -> None:
-        await self.grow(total - self.held, timeout, purpose)
+    def try_grow(self, extra: int, purpose: str | None = None) -> bool:
+        """Reserve `extra` bytes more if that needs no wait (from any thread); 413 if the request could never fit."""
+        if purpose:
+            self.purpose = purpose
+        if error := self.budget._too_large(self, extra):
+            raise error
+        return extra <= 0 or self.budget._take_now(self, extra)
 
     def shrink_to(self, total: int) -> None:
         if total < self.held:
@@ -190,11 +216,11 @@ class Reservation:
 
 # -- the allocator ---------------------------------------------------------------
 # glibc keeps freed memory for reuse: its mmap threshold rises to the largest block freed (up to 32 MiB), after which
-# large buffers come from the heap and stay resident, and each thread's arena keeps its own. Measured after a flood of
-# large requests: resident memory stayed at 1.6-6 GB instead of returning to its idle 341 MB. A fixed threshold sends
-# every buffer over it to mmap, which returns it to the system when freed; malloc_trim hands back the heaps' free pages.
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-MMAP_THRESHOLD = 1 * MIB
+# large buffers come from the heaps and stay resident, and each thread has its own heap. Seen after a flood of large
+# requests: resident memory stayed at 1.6-6 GB instead of returning to its idle 341 MB. malloc_trim hands every heap's
+# free pages back (measured: 16 encodes of 4096x4096 at once, 1071 MiB at the peak, 384 MiB two seconds after, idle
+# 369). A fixed mmap threshold would return them too, but made the model's CPU decode 20-30% slower (a page fault on
+# every fresh activation), so it is not set.
 
 
 def _libc():
@@ -203,21 +229,12 @@ def _libc():
         libc = ctypes.CDLL(name) if name else None
     except OSError:
         return None
-    return libc if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None  # glibc's; musl and others have none
 
 
 _LIBC = _libc()
-
-
-def tune_allocator() -> bool:
-    """Fix glibc's mmap and trim thresholds (False where the C library is not glibc: nothing to tune)."""
-    if _LIBC is None:
-        return False
-    return bool(_LIBC.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(_LIBC.mallopt(M_TRIM_THRESHOLD, MMAP_THRESHOLD))
-
-
 _trimming = threading.Lock()
-TRIM_AFTER_BYTES = 64 * MIB  # trimming after small requests would only cost time: their memory is reused at once
+TRIM_AFTER_BYTES = 16 * MIB  # after smaller requests trimming would only cost time: their memory is reused at once
 
 
 def release_free_memory(reserved: int = TRIM_AFTER_BYTES) -> None:

@@ -93,7 +93,7 @@ class _LiveState:
         queue = self.queue
         yield GaugeMetricFamily("remote_vae_queue_length", "Requests waiting for the device", value=queue.waiting)
         yield GaugeMetricFamily("remote_vae_running", "Requests on the device now", value=queue.running)
-        yield GaugeMetricFamily("remote_vae_receiving", "Requests whose bodies are being read and checked (no place held yet)", value=queue.receiving)
+        yield GaugeMetricFamily("remote_vae_receiving", "Requests whose bodies are being read (no place held yet)", value=queue.receiving)
         yield GaugeMetricFamily("remote_vae_admitted", "Requests holding a place (decoding, waiting, running or rendering)", value=queue.admitted)
         yield GaugeMetricFamily("remote_vae_queue_capacity", "Most requests admitted at once; more get 503", value=queue.capacity)
         yield GaugeMetricFamily("inf_queue_size", "Requests waiting (the Inference Toolkit's name)", value=queue.waiting)

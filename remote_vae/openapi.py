@@ -51,9 +51,9 @@ ERROR = {"type": "object", "properties": {"error": {"type": "string", "descripti
 ERRORS = {
     "400": "Malformed request: wrong body size for shape and dtype, bad shape for the family, bad parameter, NaN in the tensor.",
     "401": "A POST without a valid `Authorization: Bearer KEY` (when the server has API keys).",
-    "408": "The body did not arrive within the body timeout.",
-    "413": "Body, pixels, frames or batch over the server's limits; refused before anything is allocated.",
-    "503": "Queue full, the model still loading, or the device out of memory: retry after `Retry-After` seconds.",
+    "408": "The body did not arrive within the body timeout, or slower than the minimum transfer rate.",
+    "413": "Body, pixels, frames, batch, decode work or host memory over the server's limits; refused before anything is allocated.",
+    "503": "Queue full, memory budget full, the model still loading, or the device out of memory: retry after `Retry-After` seconds.",
     "500": "An internal error; the server log has it under the request's X-Request-Id.",
 }
 TENSOR_HEADERS = {

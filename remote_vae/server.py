@@ -5,10 +5,11 @@ One family is served at `/`; several are served each under `/<family>/`
 background thread so health answers 503 while loading.
 
 A POST goes: API key (auth.py) -> read the body at a minimum rate, each chunk
-reserved from the memory budget as it arrives (memory.py) -> parse and check it
-from its numbers and headers (a worker thread) -> a place in the bounded queue
-(admission.py) -> reserve what it will hold decoded -> decode its file or build
-its latents (a worker thread) -> wait for the device, perhaps joined by other
+reserved from the memory budget as it arrives (memory.py) -> a place in the
+bounded queue (admission.py) -> parse and check it from its numbers and headers,
+reserve what it will hold, decode its file or build its latents (a worker
+thread; if its memory is not free at once, it waits for it between the check and
+the decode) -> wait for the device, perhaps joined by other
 requests for one model call (batching.py) -> the model and on-device
 postprocessing (a worker thread) -> media encoding (a worker thread) -> leave
 the queue -> send the reply, a chunk at a time, then release its memory. Only
@@ -24,6 +25,7 @@ import asyncio
 import logging
 import threading
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
@@ -46,7 +48,19 @@ from .latents import LatentLayout
 from .memory import MemoryBudget, Reservation, auto_budget, release_free_memory
 from .observability import Metrics, RequestLog, StageTimer
 from .service import Limits, VaeService
-from .wire import JSON_TYPES, HttpCall, HttpReply, failure_reply, inspect_call, json_too_large, media_type, prepare_inspected, render
+from .wire import (
+    JSON_TYPES,
+    HttpCall,
+    HttpReply,
+    Inspected,
+    Prepared,
+    failure_reply,
+    inspect_call,
+    json_too_large,
+    media_type,
+    prepare_inspected,
+    render,
+)
 
 log = logging.getLogger("remote_vae")
 
@@ -283,6 +297,9 @@ class Guard:
             return Response(status_code=400)
         except Exception as exc:
             reply = failure_reply(exc)
+        except BaseException:  # cancelled (shutdown): nothing left to send
+            reservation.release()
+            raise
         reservation.shrink_to(len(reply.body))  # what is left of the request now: its reply
         return ReplyResponse(reply, sent=reservation.release)
 
@@ -290,30 +307,44 @@ class Guard:
         timer = StageTimer(self.metrics, service.family.name)
         batcher = self.batcher(service)
         started = time.monotonic()
-        self.queue.receiving += 1
-        try:
-            with batcher.arrival():
+        with ExitStack() as arriving:  # a forming batch may wait for this request until it is prepared
+            arriving.enter_context(batcher.arrival())
+            self.queue.receiving += 1
+            try:
                 body = await read_body(request, service.limits, self.options, reservation)
-                call = HttpCall(body, request.url.query, request.headers.get("content-type", ""), request.headers.get("accept", ""), operation)
-                del body
-                inspected = await run_in_threadpool(inspect_call, service, call)
-                del call
-        finally:
-            self.queue.receiving -= 1
-        request.state.operation = inspected.operation
-        try:
+            finally:
+                self.queue.receiving -= 1
+            call = HttpCall(body, request.url.query, request.headers.get("content-type", ""), request.headers.get("accept", ""), operation)
+            del body
             async with self.queue.place():
-                with batcher.arrival():
-                    await reservation.grow(inspected.checked.hold_bytes, self.queue.settings.wait_timeout, inspected.checked.purpose)
-                    prepared = await run_in_threadpool(prepare_inspected, service, inspected)
+                inspected, prepared = await run_in_threadpool(prepare_if_memory_is_free, service, call, reservation)
+                del call
+                request.state.operation = inspected.operation
+                try:
+                    if prepared is None:  # wait for its memory, then decode
+                        await reservation.grow(inspected.checked.hold_bytes, self.queue.settings.wait_timeout, inspected.checked.purpose)
+                        prepared = await run_in_threadpool(prepare_inspected, service, inspected)
+                finally:
+                    inspected.close()
+                arriving.close()
                 timer.observe("parse", started)
                 result = await batcher.run(prepared.job, until_disconnected(request))  # times the queue and inference stages
                 started = time.monotonic()
                 reply = await run_in_threadpool(render, prepared, result)
                 timer.observe("media", started)
                 return reply
-        finally:
-            inspected.close()
+
+
+def prepare_if_memory_is_free(service: VaeService, call: HttpCall, reservation: Reservation) -> tuple[Inspected, Prepared | None]:
+    """In a worker thread: check the request, and if what it will hold can be reserved at once, decode it too."""
+    inspected = inspect_call(service, call)
+    try:
+        if reservation.try_grow(inspected.checked.hold_bytes, inspected.checked.purpose):
+            return inspected, prepare_inspected(service, inspected)
+    except BaseException:
+        inspected.close()
+        raise
+    return inspected, None
 
 
 def api_description_routes(routes: list[Route], families: dict[str, Family], api_keys: bool) -> list[Route]:

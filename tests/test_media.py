@@ -237,3 +237,18 @@ def test_frame_router_sends_each_clip_its_frames(sliced):
     assert set(first.frames) == {0, 1} and not second.frames
     router.restart()
     assert first.restarts == 1 and router.received == [0, 0, 0]
+
+
+def test_encode_inputs_made_float_in_bands_are_the_processors_own(monkeypatch):
+    """Held as uint8 until the model call, then made float a band of rows (or a few frames) at a time: exactly what
+    VaeImageProcessor makes of the PIL image and VideoProcessor of the frames x / 255, bit for bit."""
+    import remote_vae.media as media
+    from diffusers.video_processor import VideoProcessor
+
+    monkeypatch.setattr(media, "PREPROCESS_PIXELS", 40 * 24)  # bands of 40 rows: a 24-wide image in three and a bit
+    pixels = (np.random.default_rng(5).random((2, 136, 24, 3)) * 255).astype(np.uint8)
+    expected = VaeImageProcessor(vae_scale_factor=8).preprocess([Image.fromarray(image) for image in pixels])
+    assert torch.equal(Postprocessor(8).preprocess_pixels(torch.from_numpy(pixels)), expected)
+    frames = (np.random.default_rng(6).random((1, 11, 16, 24, 3)) * 255).astype(np.uint8)  # more frames than at once
+    expected = VideoProcessor(vae_scale_factor=8).preprocess_video(frames[0].astype(np.float32) / 255.0)
+    assert torch.equal(VideoPostprocessor(8).preprocess_frames(torch.from_numpy(frames)), expected)
