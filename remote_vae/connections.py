@@ -12,7 +12,7 @@ limit, new connections fail and every failed accept logs a traceback. Here
   request in progress) is closed to make room, and when none is idle the new one
   gets 503 and is closed. An idle flood thus costs legitimate clients nothing;
 - a reply that the client stops reading is aborted once it drains slower than
-  `min_rate` bytes a second over `rate_grace` seconds, which frees its buffers.
+  `min_rate` bytes a second over `header_timeout` seconds, which frees its buffers.
 Bodies are read by the app, which applies its own rate (server.read_body).
 """
 
@@ -38,7 +38,12 @@ class ConnectionSettings:
     header_timeout: float = 10.0  # seconds for a request's head to arrive
     idle_timeout: float = 5.0  # seconds a keep-alive connection may sit idle between requests (uvicorn's timeout_keep_alive)
     min_rate: int = 32 * 1024  # bytes a second a body must arrive at (server.read_body) and a reply drain at; 0: no minimum
-    rate_grace: float = 5.0  # seconds before the rate applies: to a body from its start, to a reply from each stall
+
+    @property
+    def rate_grace(self) -> float:
+        """Seconds before the rate applies, to a body from its start and to a reply from each stall: a body or a reply
+        gets as long to get going as a request's head."""
+        return self.header_timeout
 
 
 @dataclass
@@ -163,6 +168,12 @@ def protocol_class(stats: ConnectionStats) -> type[H11Protocol]:
                 if self.idle:
                     stats.idle[self] = None  # now the most recently idle
                     self._arm_head_timer()
+
+        def send_400_response(self, msg: str) -> None:
+            """A request h11 cannot parse (a malformed request line, a head over 16 KiB): JSON, like every other error."""
+            self.transport.write(raw_reply(400, "Bad Request", f"{msg.rstrip('.')}: expected an HTTP/1.1 request whose "
+                                                               "request line and headers together take at most 16 KiB"))
+            self.transport.close()
 
         # -- replies that stop draining --------------------------------------------
         def pause_writing(self) -> None:

@@ -53,7 +53,7 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--queue-timeout", type=float, default=float(env("QUEUE_TIMEOUT", QueueSettings.wait_timeout)), help=f"seconds a request may wait for the device; longer gets 503 [env REMOTE_VAE_QUEUE_TIMEOUT] (default {QueueSettings.wait_timeout:g})")
     serve.add_argument("--body-timeout", type=float, default=float(env("BODY_TIMEOUT", ServeOptions.body_timeout)), help=f"seconds to receive a request body; slower gets 408 [env REMOTE_VAE_BODY_TIMEOUT] (default {ServeOptions.body_timeout:g})")
     connections = ConnectionSettings()
-    serve.add_argument("--min-transfer-rate", type=int, default=int(env("MIN_TRANSFER_RATE", connections.min_rate)), metavar="BYTES_PER_S", help=f"a body must arrive, and a reply drain, at least this fast after the first {connections.rate_grace:g} s: a slower body gets 408, a slower reply is cut; 0 turns it off [env REMOTE_VAE_MIN_TRANSFER_RATE] (default {connections.min_rate})")
+    serve.add_argument("--min-transfer-rate", type=int, default=int(env("MIN_TRANSFER_RATE", connections.min_rate)), metavar="BYTES_PER_S", help=f"a body must arrive, and a reply drain, at least this fast after the first --header-timeout seconds: a slower body gets 408, a slower reply is cut; 0 turns it off [env REMOTE_VAE_MIN_TRANSFER_RATE] (default {connections.min_rate})")
     serve.add_argument("--header-timeout", type=float, default=float(env("HEADER_TIMEOUT", connections.header_timeout)), metavar="S", help=f"seconds a connection has to send a request's head, after opening or after its last reply; then 408 and closed [env REMOTE_VAE_HEADER_TIMEOUT] (default {connections.header_timeout:g})")
     serve.add_argument("--idle-timeout", type=float, default=float(env("IDLE_TIMEOUT", connections.idle_timeout)), metavar="S", help=f"seconds an idle keep-alive connection stays open [env REMOTE_VAE_IDLE_TIMEOUT] (default {connections.idle_timeout:g})")
     serve.add_argument("--max-connections", type=int, default=int(env("MAX_CONNECTIONS", connections.max_connections)), metavar="N", help=f"open connections at once; past it the one idle longest is closed, or with none idle the new one gets 503 (lowered to fit the open-file limit) [env REMOTE_VAE_MAX_CONNECTIONS] (default {connections.max_connections})")
@@ -176,7 +176,7 @@ def serve(args: argparse.Namespace) -> int:
         create_app(registry, options, stats), host=args.host, port=args.port, log_level=args.log_level,
         access_log=False,  # observability.RequestLog writes one line per request, with its id
         # h11 (connections.py's protocol is uvicorn's h11 one with the connection rules) and asyncio, whatever else is
-        # installed (Ray brings httptools and uvloop): h11 hands malformed requests to the app, which answers them in JSON.
+        # installed (Ray brings httptools and uvloop): what h11 cannot parse is answered in JSON there too.
         http=protocol_class(stats), loop="asyncio", timeout_keep_alive=options.connections.idle_timeout,
         timeout_graceful_shutdown=args.graceful_timeout, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
     )

@@ -26,6 +26,7 @@ import ctypes.util
 import logging
 import os
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -234,6 +235,7 @@ def _libc():
 
 _LIBC = _libc()
 _trimming = threading.Lock()
+TRIM_DELAYS = (0.2, 1.0)  # seconds: soon after the last release, and once more when the stragglers are surely gone
 TRIM_AFTER_BYTES = 16 * MIB  # after smaller requests trimming would only cost time: their memory is reused at once
 
 
@@ -245,7 +247,9 @@ def release_free_memory(reserved: int = TRIM_AFTER_BYTES) -> None:
 
     def trim() -> None:
         try:
-            _LIBC.malloc_trim(0)
+            for delay in TRIM_DELAYS:  # the requests' last objects (a reply's bytes, a job's tensors) are freed as they unwind
+                time.sleep(delay)
+                _LIBC.malloc_trim(0)
         finally:
             _trimming.release()
 

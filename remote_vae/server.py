@@ -141,13 +141,14 @@ class ReplyResponse(Response):
         self.sent = sent
 
     async def __call__(self, scope, receive, send) -> None:
+        body, self.body = self.body, b""  # bytes, as ASGI requires (Ray Serve pickles each message)
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-            body = self.body  # bytes, as ASGI requires (Ray Serve pickles each message); a chunk's slice is a copy of the chunk only
-            for start in range(0, max(1, len(body)), REPLY_CHUNK):
+            for start in range(0, max(1, len(body)), REPLY_CHUNK):  # a chunk's slice is a copy of the chunk only
                 more = start + REPLY_CHUNK < len(body)
                 await send({"type": "http.response.body", "body": body[start : start + REPLY_CHUNK], "more_body": more})
         finally:
+            del body  # freed before its memory is released, so the allocator can hand it back
             self.sent()
 
 
