@@ -11,8 +11,8 @@ faults of a running server by rewriting the file:
                           RuntimeError: one poisoned request in a batch
   {"oom_exact": true}     the exact tiled decode (remote_vae/tiling.py, which
                           runs the decoder's layers itself) runs out of memory too
-  {"fast": true}          the decoder and encoder are replaced by a resampling of
-                          the right shape, so the attack tests measure the request
+  {"fast": true}          the decoder and encoder (and Wan's encoder) are replaced by
+                          a resampling (zeros) of the right shape, so the attack tests measure the request
                           path's memory and time, not a model's
 """
 
@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from diffusers.models.autoencoders import autoencoder_kl_wan
 from diffusers.models.autoencoders import vae as vae_blocks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -68,8 +69,18 @@ def faulty_exact_decoder_forward(self, sample, *extra):
     return exact_decoder_forward(self, sample, *extra)
 
 
+wan_encode = autoencoder_kl_wan.AutoencoderKLWan._encode
+
+
+def faulty_wan_encode(self, x):
+    if faults().get("fast"):  # Wan's encoder output: mean and log-variance, 4x fewer frames (the first alone), 8x smaller
+        return torch.zeros(x.shape[0], 2 * self.config.z_dim, 1 + (x.shape[2] - 1) // 4, x.shape[3] // 8, x.shape[4] // 8, dtype=x.dtype)
+    return wan_encode(self, x)
+
+
 vae_blocks.Decoder.forward = faulty_forward
 vae_blocks.Encoder.forward = faulty_encoder_forward
+autoencoder_kl_wan.AutoencoderKLWan._encode = faulty_wan_encode
 ExactTiler.decoder_forward = faulty_exact_decoder_forward
 
 if __name__ == "__main__":

@@ -211,6 +211,31 @@ def test_concurrent_image_bombs_stay_within_the_memory_budget(attacked, fast, re
     legitimate_request_is_answered(attacked, reference, set_faults)
 
 
+def test_concurrent_video_bombs_stay_within_the_memory_budget(attacked, fast, reference, set_faults):
+    """A few KB of MP4 that decode to 16 Mpx of frames each: held as uint8 in one array each, reserved before decoding."""
+    video = write_mp4(iter([np.full((512, 512, 3), 100, np.uint8)] * 61), 512, 512, Mp4Options())  # 61 x 512^2: just within 2^24
+
+    def encode(index=0) -> requests.Response:
+        return requests.post(attacked.url + "/wan21/", data=video, headers={"Content-Type": "video/mp4"}, timeout=120)
+
+    baseline = attacked.memory()["resident"]
+    attacked.reset_peak()
+    assert encode().status_code == 200
+    lone = attacked.memory()["peak"] - baseline
+    back_near_baseline(attacked, baseline)
+    attacked.reset_peak()
+    responses = in_parallel(8, encode, stagger=0)
+    peak = attacked.memory()["peak"] - baseline
+    statuses = [response.status_code for response in responses]
+    assert set(statuses) <= {200, 503} and statuses.count(200) >= 3, statuses
+    record("video bombs, decodable", requests=8, mp4_bytes=len(video), frames=61, pixels=61 * 512 * 512, served=statuses.count(200),
+           lone_mib=lone, peak_mib=peak, bound_mib=BUDGET_MIB + lone + SLACK_MIB)
+    assert peak < BUDGET_MIB + lone + SLACK_MIB, (peak, lone)
+    assert attacked.metric("remote_vae_memory_reserved_peak_bytes") <= BUDGET_MIB * MIB
+    back_near_baseline(attacked, baseline)
+    legitimate_request_is_answered(attacked, reference, set_faults)
+
+
 def test_oversized_and_overlong_videos_are_refused_from_their_headers(attacked, reference, set_faults):
     """A few KB of MP4 whose frames are too large, or too many, is refused before one frame is decoded."""
     big_frame = write_mp4(iter([np.full((4096, 8192, 3), 128, np.uint8)]), 8192, 4096, Mp4Options())  # 33.5 Mpx, 100 MB raw
