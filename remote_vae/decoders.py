@@ -202,7 +202,7 @@ class ImageHeader:
         if returncode in KILLED:
             raise too_slow("image", seconds)
         if returncode != 0 or filled != out.nbytes:
-            raise RequestError(f"image data is corrupt or truncated ({_first_line(errors)}); expected {IMAGE_TYPES}, complete")
+            raise RequestError(f"image data is corrupt or truncated ({_last_line(errors)}); expected {IMAGE_TYPES}, complete")
         return out
 
 
@@ -324,7 +324,8 @@ def _cpu_seconds(pid: int) -> float:
         return 0.0
 
 
-def _first_line(text: str) -> str:
+def _last_line(text: str) -> str:
+    """A child's last words on stderr: ffmpeg and Python both end with the error that stopped them."""
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return (lines[-1] if lines else "ffmpeg failed")[:300]
 
@@ -365,7 +366,7 @@ class VideoFile:
         size = STREAM_SIZE.search(text)
         packets = PACKETS.findall(report)
         if process.returncode != 0 or size is None or not packets:
-            raise RequestError(f"body is not a readable video ({_first_line(text)}); expected {VIDEO_TYPES}")
+            raise RequestError(f"body is not a readable video ({_last_line(text)}); expected {VIDEO_TYPES}")
         width, height, frames = int(size[1]), int(size[2]), int(packets[-1])
         if width < 1 or height < 1:
             raise RequestError(f"the video's frames are {width}x{height}; expected {VIDEO_TYPES} with frames of at least 1x1")
@@ -391,7 +392,7 @@ class VideoFile:
             raise too_slow("video", seconds)
         complete = filled // frame_bytes
         if returncode != 0 and complete < self.frame_count:
-            raise RequestError(f"video data is corrupt or truncated ({_first_line(message)}); expected {VIDEO_TYPES}")
+            raise RequestError(f"video data is corrupt or truncated ({_last_line(message)}); expected {VIDEO_TYPES}")
         if complete == 0:
             raise RequestError(f"video has no frames that decode; expected {VIDEO_TYPES}")
         return out[:complete]  # a view: fewer frames decoded than packets (rare) costs no copy

@@ -121,6 +121,7 @@ class Checked:
     hold_bytes: int
     purpose: str
     header: "ImageHeader | VideoFile | None" = None  # an encode's file, opened, not yet decoded
+    plan: latent_ops.LatentPlan | None = None  # a decode's latent, planned
 
     def close(self) -> None:
         if isinstance(self.header, VideoFile):
@@ -273,14 +274,12 @@ class VaeService:
         else:
             element = 1 if request.form == "uint8" else self.vae.dtype.itemsize
             result = tensor_reply_bytes(pixels * 3, element, reply_encoding)
-        return Checked(latents + result, f"a decode to {pixels} pixels as {request.form}")
+        return Checked(latents + result, f"a decode to {pixels} pixels as {request.form}", plan=plan)
 
     def prepare_decode(self, request: DecodeRequest, checked: Checked | None = None) -> Job:
         """The job for a decode, checked first unless `check_decode` already has been (the memory it needs reserved)."""
-        if checked is None:
-            self.check_decode(request)
+        plan = (checked or self.check_decode(request)).plan
         raw = request.latent
-        plan = latent_ops.plan_decode(raw.shape, self.family, request.height, request.width, request.packed_memory)
         timestep = self._decode_timestep(request)
         tiling = self.vae.tiling_for(request.tiling)
         latents = tensor_from_bytes(raw.data, raw.shape, parse_dtype(raw.dtype))
@@ -332,10 +331,12 @@ class VaeService:
         try:
             if request.tensor is not None:
                 inputs, expand = self._pixel_tensor(request.tensor).to(self.vae.dtype), _unchanged
-            else:
+                count, frames = inputs.shape[0], (inputs.shape[2] if inputs.ndim == 5 else None)
+            else:  # uint8 [1, H, W, 3] or [1, F, H, W, 3]
                 inputs = self._decoded(checked.header)
                 preprocess = self.post.preprocess_frames if self.family.is_video else self.post.preprocess_pixels
                 expand = partial(_expand_to, preprocess=preprocess, dtype=self.vae.dtype)
+                count, frames = 1, (inputs.shape[1] if self.family.is_video else None)
         finally:
             checked.close()
         normalisation = request.scaling.normalisation(self.vae.normalisation)
@@ -347,13 +348,7 @@ class VaeService:
             latent_ops.check_finite(scaled, "latent after scaling", SCALED_FINITE.format(dtype=dtype_name(scaled.dtype)))
             return self.to_host(layout.as_pipeline_holds(scaled))
 
-        if request.tensor is not None:
-            count, frames = inputs.shape[0], (inputs.shape[2] if inputs.ndim == 5 else None)
-            pixels = inputs.numel() // 3
-        else:  # uint8 [1, H, W, 3] or [1, F, H, W, 3]
-            count, frames = 1, (inputs.shape[1] if self.family.is_video else None)
-            pixels = inputs.numel() // 3
-        return Job("encode", inputs, respond, count, pixels, frames, tiling=tiling, expand=expand)
+        return Job("encode", inputs, respond, count, inputs.numel() // 3, frames, tiling=tiling, expand=expand)
 
     def _decode_timestep(self, request: DecodeRequest) -> DecodeTimestep | None:
         """The request's decode timestep where the model takes one; refused where the family has none."""
@@ -452,8 +447,7 @@ class VaeService:
         return batch, frames, height, width
 
     def _pixel_tensor(self, raw: RawTensor) -> torch.Tensor:
-        """Images [B, 3, H, W] or videos [B, 3, F, H, W] in -1..1, their size checked before allocation."""
-        self._check_pixel_tensor(raw)
+        """Images [B, 3, H, W] or videos [B, 3, F, H, W] in -1..1, from a tensor `_check_pixel_tensor` has checked."""
         pixels = tensor_from_bytes(raw.data, raw.shape, parse_dtype(raw.dtype))
         latent_ops.check_finite(pixels, f"{'video' if self.family.is_video else 'image'} tensor", "in -1..1")
         return pixels

@@ -184,14 +184,13 @@ def json_too_large(size: int | str, limits: Limits) -> RequestError:
                         "tensor/binary with shape and dtype in the query, or the file itself)", status=413)
 
 
-def read_payload(call: HttpCall, limits: Limits | None = None) -> tuple[Params, bytes]:
-    """The request's parameters and the bytes it carries (raw tensor memory or an image file)."""
+def read_payload(call: HttpCall) -> tuple[Params, bytes]:
+    """The request's parameters and the bytes it carries (raw tensor memory or an image file). A JSON body's size was
+    bounded as it was read (server.read_body, Limits.max_json_bytes)."""
     params = Params.from_query(call.query)
     content_type = media_type(call.content_type)
     if content_type not in JSON_TYPES:
         return params, call.body
-    if limits is not None and len(call.body) > limits.max_json_bytes:
-        raise json_too_large(len(call.body), limits)
     body = call.body.strip()
     if body.startswith(b"{"):
         # A request's JSON is one base64 string and a few parameters. Its structure is counted before parsing: json.loads
@@ -426,7 +425,7 @@ def prepare(service: VaeService, params: Params, data: bytes, content_type: str 
 
 
 def inspect_call(service: VaeService, call: HttpCall) -> Inspected:
-    params, data = read_payload(call, service.limits)
+    params, data = read_payload(call)
     return inspect(service, params, data, media_type(call.content_type), first_accepted(call.accept), call.operation)
 
 

@@ -13,7 +13,6 @@ from conftest import ROOT, free_port, offline_env
 
 from remote_vae.families import load_family
 from remote_vae.server import Registry, Slot, create_app
-from remote_vae.service import Limits
 from remote_vae.wire import HttpCall, failure_reply, prepare_call
 
 
@@ -55,7 +54,6 @@ def test_multi_family_index(multi_server):
 def test_unexpected_errors_are_500_json_without_details():
     class Broken:
         png_compression = 1
-        limits = Limits()
 
         def check_decode(self, request, reply_encoding="binary"):
             raise ZeroDivisionError("secret internals")
