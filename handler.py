@@ -25,9 +25,9 @@ import PIL.Image
 import torch
 
 from remote_vae import families
-from remote_vae.cli import build_parser, env
 from remote_vae.launch import load_service
 from remote_vae.errors import RequestError
+from remote_vae.settings import Settings
 from remote_vae.media import ImageFile, dtype_name, encode_image, save_options, stack_vertically, tensor_to_bytes
 from remote_vae.vae import default_source
 from remote_vae.wire import Params, dispatch, first_accepted
@@ -45,10 +45,10 @@ def _family_for(path: str, names: list[str]) -> families.Family:
 class EndpointHandler:
     def __init__(self, path: str = ""):
         # The same settings `serve` reads from REMOTE_VAE_* environment variables.
-        options = build_parser().parse_args(["serve"])
-        family = _family_for(path, env("FAMILIES", "").split())
-        source = default_source(family, [path or os.environ.get("HF_MODEL_DIR"), options.weights_dir], several=False)
-        self.service = load_service(family, source, options)
+        settings = Settings.parse()
+        family = _family_for(path, settings.families)
+        source = default_source(family, [path or os.environ.get("HF_MODEL_DIR"), settings.weights_dir], several=False)
+        self.service = load_service(family, source, settings)
 
     def __call__(self, data: dict[str, Any]) -> dict[str, Any] | PIL.Image.Image:
         inputs = data.get("inputs", data) if isinstance(data, dict) else data
@@ -64,11 +64,17 @@ class EndpointHandler:
             # The toolkit writes the image itself (save(format=...) for an image/* Accept, PNG inside JSON), with
             # Pillow's defaults: JPEG quality 75 at 4:2:0, about 18 dB against the server's 30. Pillow (11.1 on) merges
             # an image's own `encoderinfo` into save()'s options, so the server's settings for every format go with it.
-            image.encoderinfo = {**save_options(ImageFile("JPEG")), **save_options(ImageFile("PNG", png_compression=self.service.png_compression))}
+            image.encoderinfo = {
+                **save_options(ImageFile("JPEG")),
+                **save_options(ImageFile("PNG", png_compression=self.service.png_compression)),
+            }
             return image
         counts = {name.replace("-", "_"): int(value) for name, value in outcome.headers.items()}
         if outcome.form == "mp4":
-            return {"inputs": base64.b64encode(outcome.value).decode(), "parameters": {"media_type": "video/mp4", **counts}}
+            return {
+                "inputs": base64.b64encode(outcome.value).decode(),
+                "parameters": {"media_type": "video/mp4", **counts},
+            }
         tensor = outcome.value
         return {
             "inputs": base64.b64encode(tensor_to_bytes(tensor)).decode(),
@@ -91,5 +97,6 @@ class EndpointHandler:
                 return base64.b64decode(inputs, validate=True), ""
             except (binascii.Error, ValueError) as exc:
                 raise RequestError(f'"inputs" is not valid base64 ({exc})') from None
-        raise RequestError(f'"inputs" is a {type(inputs).__name__}; expected a tensor, bytes, a base64 string or a PIL image')
-
+        raise RequestError(
+            f'"inputs" is a {type(inputs).__name__}; expected a tensor, bytes, a base64 string or a PIL image'
+        )

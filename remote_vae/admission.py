@@ -23,10 +23,10 @@ import math
 import time
 from collections import deque
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
 from typing import AsyncIterator, Iterator
 
 from .errors import RequestError
+from .settings import QueueSettings
 
 
 RATE_WINDOW = 64  # requests the service rate is measured over
@@ -35,13 +35,6 @@ RATE_SECONDS = 60.0
 
 class ClientGone(Exception):
     """The client disconnected while its request waited: nothing is left to answer."""
-
-
-@dataclass(frozen=True)
-class QueueSettings:
-    workers: int = 1  # model calls on the device at once
-    max_waiting: int = 32  # admitted requests beyond one worker's: decoding, waiting or rendering
-    wait_timeout: float = 120.0  # seconds a request may wait for a worker
 
 
 class WorkQueue:
@@ -55,11 +48,11 @@ class WorkQueue:
         self.current_batch = 0  # images or videos in those requests
         self._finished: deque[float] = deque(maxlen=RATE_WINDOW)  # when requests last left the device, for Retry-After
         self._call_started: float | None = None
-        self._workers = asyncio.Semaphore(settings.workers)  # binds to the running loop on first use
+        self._device = asyncio.Semaphore(1)  # one model call at a time; binds to the running loop on first use
 
     @property
     def capacity(self) -> int:
-        return self.settings.workers + self.settings.max_waiting
+        return 1 + self.settings.max_waiting
 
     def service_interval(self) -> float | None:
         """Seconds between requests leaving the device, measured over the last RATE_WINDOW of them (at most a minute
@@ -82,7 +75,8 @@ class WorkQueue:
             raise RequestError(
                 f"the server is busy: {self.running} request(s) running and {self.admitted - self.running} queued, "
                 f"the most it holds; retry after the Retry-After seconds",
-                status=503, headers={"Retry-After": str(self.retry_after())},
+                status=503,
+                headers={"Retry-After": str(self.retry_after())},
             )
         self.admitted += 1
         try:
@@ -92,12 +86,12 @@ class WorkQueue:
 
     @asynccontextmanager
     async def device(self) -> AsyncIterator[None]:
-        """Wait for a worker (the device), then hold it for one model call."""
-        await self._workers.acquire()
+        """Wait for the device, then hold it for one model call."""
+        await self._device.acquire()
         try:
             yield
         finally:
-            self._workers.release()
+            self._device.release()
 
     @contextmanager
     def running_batch(self, requests: int, images: int) -> Iterator[None]:
@@ -117,5 +111,6 @@ class WorkQueue:
         return RequestError(
             f"waited {self.settings.wait_timeout:g} s for the device without a turn; the server is overloaded, "
             "retry after the Retry-After seconds",
-            status=503, headers={"Retry-After": str(self.retry_after())},
+            status=503,
+            headers={"Retry-After": str(self.retry_after())},
         )

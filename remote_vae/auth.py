@@ -38,7 +38,9 @@ def load_api_keys(key: str | None, key_file: str | None) -> tuple[str, ...]:
             raise ApiKeyError(f"--api-key-file {key_file} holds no key")
     for candidate in keys:
         if len(candidate) < 16 or not candidate.isprintable() or any(char.isspace() for char in candidate):
-            raise ApiKeyError("an API key must be at least 16 printable characters without spaces (e.g. `openssl rand -hex 32`)")
+            raise ApiKeyError(
+                "an API key must be at least 16 printable characters without spaces (e.g. `openssl rand -hex 32`)"
+            )
     return tuple(keys)
 
 
@@ -83,6 +85,11 @@ class ApiKeyMiddleware:
             await self.app(scope, receive, send)
             return
         missing = not any(name == b"authorization" for name, _ in scope["headers"])
-        message = ("this server needs an API key: send the header 'Authorization: Bearer <key>'" if missing
-                   else "the API key is not valid; send 'Authorization: Bearer <key>' with a key this server was given")
-        await JSONResponse({"error": message}, status_code=401, headers={"WWW-Authenticate": 'Bearer realm="remote-vae"'})(scope, receive, send)
+        message = (
+            "this server needs an API key: send the header 'Authorization: Bearer <key>'"
+            if missing
+            else "the API key is not valid; send 'Authorization: Bearer <key>' with a key this server was given"
+        )
+        await JSONResponse(
+            {"error": message}, status_code=401, headers={"WWW-Authenticate": 'Bearer realm="remote-vae"'}
+        )(scope, receive, send)

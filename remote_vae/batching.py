@@ -35,12 +35,7 @@ from starlette.concurrency import run_in_threadpool
 from .admission import ClientGone, WorkQueue
 from .observability import Metrics
 from .service import Job, VaeService
-
-
-@dataclass(frozen=True)
-class BatchSettings:
-    max_images: int = 8  # images or videos per model call; 1 turns batching off
-    wait: float = 0.002  # seconds the oldest job may wait for more to join
+from .settings import BatchSettings
 
 
 @dataclass(eq=False)
@@ -88,7 +83,9 @@ class Batcher:
             self._dispatcher = asyncio.ensure_future(self._dispatch())
         watch = asyncio.ensure_future(disconnected())
         try:
-            await asyncio.wait({entry.result, watch}, timeout=self.queue.settings.wait_timeout, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                {entry.result, watch}, timeout=self.queue.settings.wait_timeout, return_when=asyncio.FIRST_COMPLETED
+            )
             if not entry.result.done():
                 if self._withdraw(entry):  # still waiting: it leaves the queue unrun
                     raise ClientGone() if watch.done() else self.queue.timed_out()

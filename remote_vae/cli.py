@@ -1,8 +1,8 @@
 """Command line: `remote-vae serve FAMILY ...` (or `python -m remote_vae ...`), and its client commands.
 
 `serve` and `download` start the server's machinery (launch.py); everything else
-here, `--help`, `families`, `health` and the argument parsing, answers without
-importing torch. `decode` and `encode` are the client (client.py) on files.
+here, `--help`, `families`, `health` and the argument parsing (settings.py), answers
+without importing torch. `decode` and `encode` are the client (client.py) on files.
 Every serve option has an environment variable (REMOTE_VAE_<OPTION>), so a
 container is configured by its environment alone.
 """
@@ -18,131 +18,49 @@ import urllib.request
 from pathlib import Path
 
 from . import families
-from .errors import RequestError
 from .families import Family, FamilyError
-from .latents import LatentLayout, check_frame_count, check_sides, frame_step
+from .latents import LatentLayout, frame_step
+from .settings import Settings, SettingsError, add_arguments, env
 
 log = logging.getLogger("remote_vae")
 
-ENV_PREFIX = "REMOTE_VAE_"
 
-
-class SettingsError(ValueError):
-    """Serve options that do not fit together; reported, then exit 2."""
-
-
-def env(name: str, default=None):
-    return os.environ.get(ENV_PREFIX + name, default)
-
-
-def env_flag(name: str) -> bool:
-    return str(env(name, "")).strip().lower() in ("1", "true", "yes", "on")
-
-
-def build_parser(serve_options: bool = True) -> argparse.ArgumentParser:
-    """The command line. Without serve_options, `serve` takes no arguments of its own (main parses them again in
-    full), so that --help and the other commands never import the server's machinery."""
-    parser = argparse.ArgumentParser(prog="remote-vae", description="Serve diffusion-model VAEs over HTTP, and call such a server.")
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; it imports no torch (settings.py), so --help and the client commands answer at once."""
+    parser = argparse.ArgumentParser(
+        prog="remote-vae", description="Serve diffusion-model VAEs over HTTP, and call such a server."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="serve one or more VAE families", add_help=serve_options)
-    if serve_options:
-        from .launch import add_serve_arguments
-
-        add_serve_arguments(serve)
+    add_arguments(commands.add_parser("serve", help="serve one or more VAE families"))
 
     commands.add_parser("families", help="list the families in configs/")
 
-    download = commands.add_parser("download", help="copy families' VAE weights from the Hub into DIR/<family>/ (to bake them into an image)")
+    download = commands.add_parser(
+        "download", help="copy families' VAE weights from the Hub into DIR/<family>/ (to bake them into an image)"
+    )
     download.add_argument("families", nargs="+", metavar="FAMILY")
-    download.add_argument("--to", default=env("WEIGHTS_DIR"), required=env("WEIGHTS_DIR") is None, metavar="DIR", help="[env REMOTE_VAE_WEIGHTS_DIR]")
+    download.add_argument(
+        "--to",
+        default=env("WEIGHTS_DIR"),
+        required=env("WEIGHTS_DIR") is None,
+        metavar="DIR",
+        help="[env REMOTE_VAE_WEIGHTS_DIR]",
+    )
 
-    health = commands.add_parser("health", help="exit 0 if the server on this machine answers /health with 200 (a container HEALTHCHECK)")
-    health.add_argument("--port", type=int, default=default_port(), help="[env REMOTE_VAE_PORT or PORT] (default 8000)")
+    health = commands.add_parser(
+        "health", help="exit 0 if the server on this machine answers /health with 200 (a container HEALTHCHECK)"
+    )
+    health.add_argument(
+        "--port",
+        type=int,
+        default=int(env("PORT", os.environ.get("PORT", "8000"))),
+        help="[env REMOTE_VAE_PORT or PORT] (default 8000)",
+    )
     health.add_argument("--timeout", type=float, default=5.0)
 
     add_client_commands(commands)
     return parser
-
-
-def default_port() -> int:
-    return int(env("PORT", os.environ.get("PORT", "8000")))
-
-
-def tile_threshold(value: str) -> int | None | str:
-    """--tile-above-pixels: a pixel count, 'family' (the config's) or 'never'."""
-    text = str(value).strip().lower()
-    if text in ("family", "never"):
-        return None if text == "never" else "family"
-    try:
-        pixels = int(text)
-    except ValueError:
-        pixels = -1
-    if pixels < 0:
-        raise argparse.ArgumentTypeError(f"{value!r}: expected a pixel count (0 or more), 'family' or 'never'")
-    return pixels
-
-
-def _count_or_auto(value: str, unit: str, least: int) -> int | None:
-    """A count of `unit` (at least `least`), or 'auto' (None: the default)."""
-    text = str(value).strip().lower()
-    if text == "auto":
-        return None
-    if not text.isdigit() or int(text) < least:
-        raise argparse.ArgumentTypeError(f"{value!r}: expected a {unit} count ({least} or more) or 'auto'")
-    return int(text)
-
-
-def byte_budget(value: str) -> int | None:
-    """--tile-store-bytes: a byte count, or 'auto' (None: the default)."""
-    return _count_or_auto(value, "byte", 0)
-
-
-def pixel_budget(value: str) -> int | None:
-    """--batch-pixel-budget and the other pixel budgets: a pixel count, or 'auto' (None: from the device)."""
-    return _count_or_auto(value, "pixel", 1)
-
-
-def warmup_size(value: str) -> tuple[int, ...]:
-    """--warmup-sizes: 'WxH' or, for video families, 'WxHxF' (frames)."""
-    parts = str(value).lower().split("x")
-    if len(parts) not in (2, 3) or not all(part.isdigit() and int(part) > 0 for part in parts):
-        raise argparse.ArgumentTypeError(f"{value!r}: expected WIDTHxHEIGHT in pixels, e.g. 1024x1024, or WIDTHxHEIGHTxFRAMES for video families")
-    return tuple(int(part) for part in parts)
-
-
-def warmup_sizes_for(family: Family, sizes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
-    """The warm-up sizes as the family takes them (a video's frames default to 1), or SettingsError."""
-    fitted = []
-    for size in sizes:
-        if len(size) == 3 and not family.is_video:
-            raise SettingsError(f"--warmup-sizes {'x'.join(map(str, size))}: {family.name} decodes images; give WIDTHxHEIGHT")
-        try:
-            check_sides(size[1], size[0], family, "warm-up size")
-            if family.is_video:
-                size = size if len(size) == 3 else (*size, 1)
-                check_frame_count(size[2], family)
-        except RequestError as exc:
-            raise SettingsError(f"--warmup-sizes for {family.name}: {exc.message}") from None
-        fitted.append(size)
-    return fitted
-
-
-def model_sources(names: list[str], specs: list[str]) -> dict[str, str]:
-    """--model values by family: 'FAMILY=SOURCE', or a bare SOURCE when serving one family."""
-    sources: dict[str, str] = {}
-    for spec in specs:
-        family, sep, source = spec.partition("=")
-        if not sep:
-            if len(names) != 1:
-                raise FamilyError(f"--model {spec!r} is ambiguous with several families; write --model FAMILY={spec}")
-            family, source = names[0], spec
-        if family not in names:
-            raise FamilyError(f"--model {spec!r} names family {family!r}, which is not being served ({', '.join(names)})")
-        sources[family] = source
-    return sources
-
-
 
 
 def check_health(port: int, timeout: float) -> int:
@@ -153,7 +71,9 @@ def check_health(port: int, timeout: float) -> int:
         context = ssl.create_default_context()
         context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
     try:
-        with urllib.request.urlopen(f"{scheme}://127.0.0.1:{port}/health", timeout=timeout, context=context) as response:
+        with urllib.request.urlopen(
+            f"{scheme}://127.0.0.1:{port}/health", timeout=timeout, context=context
+        ) as response:
             print(response.read().decode(errors="replace"))
             return 0 if response.status == 200 else 1
     except OSError as exc:  # refused, timed out, or an HTTPError such as 503 while loading
@@ -167,13 +87,15 @@ def describe(family: Family) -> str:
     scaling = ", ".join(f"{name}={value}" for name, value in family.client_scaling().items() if name != "do_scaling")
     extra = "; optional decode_timestep=, decode_noise_scale=, decode_noise_seed=" if family.decode_timestep else ""
     kind = f"video, {frame_step(family)}k+1 frames" if family.is_video else "image"
-    return "\n".join([
-        f"{family.name} ({kind}): {family.description}",
-        f"  weights  {family.hub_id}",
-        f"  latents  {LatentLayout.of(family).describe()}",
-        f"  client   remote_decode(url, latents{', ' + scaling if scaling else ''}{', height=H, width=W' if LatentLayout.of(family).packing != 'none' else ''}){extra}",
-        f"  wire     {'&'.join(f'{name}={value}' for name, value in family.client_scaling().items())}",
-    ])
+    return "\n".join(
+        [
+            f"{family.name} ({kind}): {family.description}",
+            f"  weights  {family.hub_id}",
+            f"  latents  {LatentLayout.of(family).describe()}",
+            f"  client   remote_decode(url, latents{', ' + scaling if scaling else ''}{', height=H, width=W' if LatentLayout.of(family).packing != 'none' else ''}){extra}",
+            f"  wire     {'&'.join(f'{name}={value}' for name, value in family.client_scaling().items())}",
+        ]
+    )
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -182,27 +104,67 @@ OUTPUT_SUFFIXES = IMAGE_SUFFIXES + (".mp4", ".safetensors")
 
 def add_client_commands(commands) -> None:
     """`decode` and `encode`: the client on files, several at once."""
-    def common(command: argparse.ArgumentParser) -> None:
-        command.add_argument("-o", "--output", required=True, metavar="OUT",
-                             help="the file to write; with several inputs, a pattern with {name} (the input's name without suffix), or a directory")
-        command.add_argument("--url", default=env("URL"), required=env("URL") is None, help="the server, or one family's path on it [env REMOTE_VAE_URL]")
-        command.add_argument("--family", help="which family, when the server serves several")
-        command.add_argument("--api-key-env", default="REMOTE_VAE_API_KEY", metavar="VAR", help="environment variable holding the API key (default REMOTE_VAE_API_KEY; unset: no key)")
-        command.add_argument("--ca-cert", metavar="PEM", help="trust this certificate (a self-signed server)")
-        command.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the server (default 300)")
-        command.add_argument("--retries", type=int, default=3, help="retries after 503 (queue full, loading) or a dropped connection (default 3)")
-        command.add_argument("--raw", action="store_true", help="latents are the VAE's own, not normalised as the pipeline holds them")
 
-    decode = commands.add_parser("decode", help="decode latent files on a server: .safetensors, .pt or .npy to .png/.jpg/.webp/.mp4/.safetensors")
-    decode.add_argument("inputs", nargs="+", metavar="LATENTS", help="a pipeline's output_type='latent', saved with safetensors.torch.save_file (or torch.save, numpy.save)")
+    def common(command: argparse.ArgumentParser) -> None:
+        command.add_argument(
+            "-o",
+            "--output",
+            required=True,
+            metavar="OUT",
+            help="the file to write; with several inputs, a pattern with {name} (the input's name without suffix), or a directory",
+        )
+        command.add_argument(
+            "--url",
+            default=env("URL"),
+            required=env("URL") is None,
+            help="the server, or one family's path on it [env REMOTE_VAE_URL]",
+        )
+        command.add_argument("--family", help="which family, when the server serves several")
+        command.add_argument(
+            "--api-key-env",
+            default="REMOTE_VAE_API_KEY",
+            metavar="VAR",
+            help="environment variable holding the API key (default REMOTE_VAE_API_KEY; unset: no key)",
+        )
+        command.add_argument("--ca-cert", metavar="PEM", help="trust this certificate (a self-signed server)")
+        command.add_argument(
+            "--timeout", type=float, default=300.0, help="seconds to wait for the server (default 300)"
+        )
+        command.add_argument(
+            "--retries",
+            type=int,
+            default=3,
+            help="retries after 503 (queue full, loading) or a dropped connection (default 3)",
+        )
+        command.add_argument(
+            "--raw", action="store_true", help="latents are the VAE's own, not normalised as the pipeline holds them"
+        )
+
+    decode = commands.add_parser(
+        "decode", help="decode latent files on a server: .safetensors, .pt or .npy to .png/.jpg/.webp/.mp4/.safetensors"
+    )
+    decode.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="LATENTS",
+        help="a pipeline's output_type='latent', saved with safetensors.torch.save_file (or torch.save, numpy.save)",
+    )
     decode.add_argument("--key", help="the tensor's name in a file that holds several")
     decode.add_argument("--height", type=int, help="pixel height, for packed latents (Flux, Qwen-Image, LTX)")
     decode.add_argument("--width", type=int, help="pixel width, for packed latents")
-    decode.add_argument("--format", choices=[suffix[1:] for suffix in OUTPUT_SUFFIXES], help="output format when OUT is a directory (default png, mp4 for video families)")
+    decode.add_argument(
+        "--format",
+        choices=[suffix[1:] for suffix in OUTPUT_SUFFIXES],
+        help="output format when OUT is a directory (default png, mp4 for video families)",
+    )
     decode.add_argument("--fps", type=float, help="frame rate of an MP4")
     common(decode)
-    encode = commands.add_parser("encode", help="encode images or videos on a server to latents (.safetensors, key 'latents')")
-    encode.add_argument("inputs", nargs="+", metavar="IMAGE_OR_VIDEO", help="a .png, .jpg, .webp, .mp4, .webm or .gif file")
+    encode = commands.add_parser(
+        "encode", help="encode images or videos on a server to latents (.safetensors, key 'latents')"
+    )
+    encode.add_argument(
+        "inputs", nargs="+", metavar="IMAGE_OR_VIDEO", help="a .png, .jpg, .webp, .mp4, .webm or .gif file"
+    )
     common(encode)
 
 
@@ -230,47 +192,70 @@ def run_client(args: argparse.Namespace) -> int:
         if not Path(source).is_file():
             raise SettingsError(f"{source}: no such file")
     failed = 0
-    with Client(args.url, api_key=api_key, timeout=args.timeout, retries=args.retries, verify=args.ca_cert or True) as client:
+    with Client(
+        args.url, api_key=api_key, timeout=args.timeout, retries=args.retries, verify=args.ca_cert or True
+    ) as client:
         try:
             family = client.family(args.family)
         except (ValueError, RemoteVaeError, OSError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1 if isinstance(exc, (RemoteVaeError, OSError)) else 2
-        default = ".safetensors" if args.command == "encode" else f".{args.format}" if args.format else ".mp4" if family["video"] else ".png"
+        default = (
+            ".safetensors"
+            if args.command == "encode"
+            else f".{args.format}"
+            if args.format
+            else ".mp4"
+            if family["video"]
+            else ".png"
+        )
         targets = output_paths(args.output, args.inputs, default)
         for target in targets:
             if args.command == "decode" and target.suffix.lower() not in OUTPUT_SUFFIXES:
                 raise SettingsError(f"{target}: expected an output ending in {', '.join(OUTPUT_SUFFIXES)}")
-        for source, target in tqdm(list(zip(args.inputs, targets)), unit="file", disable=len(targets) < 2, file=sys.stderr):
+        for source, target in tqdm(
+            list(zip(args.inputs, targets)), unit="file", disable=len(targets) < 2, file=sys.stderr
+        ):
             try:
                 if args.command == "decode":
                     latents = load_latents(source, args.key)
                     suffix = target.suffix.lower()
                     output = "mp4" if suffix == ".mp4" else "pt" if suffix == ".safetensors" else "pil"
                     options = {"fps": args.fps} if args.fps else {}
-                    result = client.decode(latents, args.family, output, normalised=not args.raw, height=args.height, width=args.width, **options)
+                    result = client.decode(
+                        latents,
+                        args.family,
+                        output,
+                        normalised=not args.raw,
+                        height=args.height,
+                        width=args.width,
+                        **options,
+                    )
                     written = save_output(result, target)
                 else:
                     from safetensors.torch import save_file
 
                     target.parent.mkdir(parents=True, exist_ok=True)
-                    save_file({"latents": client.encode(source, args.family, normalised=not args.raw).contiguous()}, target)
+                    save_file(
+                        {"latents": client.encode(source, args.family, normalised=not args.raw).contiguous()}, target
+                    )
                     written = [target]
                 tqdm.write(" ".join(str(path) for path in written), file=sys.stdout)
-            except (RemoteVaeError, OSError, ValueError) as exc:  # OSError: connection failures (requests' are OSErrors) and files
+            except (
+                RemoteVaeError,
+                OSError,
+                ValueError,
+            ) as exc:  # OSError: connection failures (requests' are OSErrors) and files
                 failed += 1
                 tqdm.write(f"error: {source}: {exc}", file=sys.stderr)
     return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser(serve_options=False)
-    args, unknown = parser.parse_known_args(argv)
-    if args.command == "serve":
-        args = build_parser().parse_args(argv)
-    elif unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    logging.basicConfig(level=getattr(args, "log_level", "info").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(args, "log_level", "info").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         if args.command == "families":
             print("\n\n".join(describe(families.load_family(name)) for name in families.available()))
@@ -283,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.command == "download":
             return launch.download(args.families, Path(args.to))
-        return launch.serve(args)
+        return launch.serve(Settings.from_namespace(args))
     except (FamilyError, SettingsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

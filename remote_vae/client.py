@@ -34,8 +34,15 @@ import torch
 
 WIRE_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32", torch.uint8: "uint8"}
 REPLY_DTYPES = {name: dtype for dtype, name in WIRE_DTYPES.items()}
-FILE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp",
-              ".mp4": "video/mp4", ".webm": "video/webm", ".gif": "image/gif"}
+FILE_TYPES = {
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".webp": "image/webp",
+    ".mp4": "video/mp4",
+    ".webm": "video/webm",
+    ".gif": "image/gif",
+}
 OUTPUTS = ("pil", "uint8", "pt", "mp4")
 
 
@@ -55,8 +62,16 @@ class Client:
     retried, each after the server's Retry-After (at most `max_retry_wait` seconds).
     """
 
-    def __init__(self, url: str, api_key: str | None = None, timeout: float | None = 300.0, retries: int = 3,
-                 max_retry_wait: float = 30.0, headers: dict[str, str] | None = None, verify: bool | str = True):
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None = None,
+        timeout: float | None = 300.0,
+        retries: int = 3,
+        max_retry_wait: float = 30.0,
+        headers: dict[str, str] | None = None,
+        verify: bool | str = True,
+    ):
         self.url = url if url.endswith("/") else url + "/"
         self.timeout, self.retries, self.max_retry_wait = timeout, max(0, retries), max_retry_wait
         self.session = requests.Session()  # one connection, kept alive across calls
@@ -96,8 +111,17 @@ class Client:
 
     # -- decode ---------------------------------------------------------------------------
 
-    def decode(self, latents: torch.Tensor, family: str | None = None, output: str | None = None, *, normalised: bool = True,
-               height: int | None = None, width: int | None = None, **options: Any):
+    def decode(
+        self,
+        latents: torch.Tensor,
+        family: str | None = None,
+        output: str | None = None,
+        *,
+        normalised: bool = True,
+        height: int | None = None,
+        width: int | None = None,
+        **options: Any,
+    ):
         """Decode latents to pixels.
 
         latents: as the family's pipeline hands them with output_type="latent" (normalised:
@@ -122,8 +146,13 @@ class Client:
             accept = "tensor/binary"
         body, shape, dtype = tensor_bytes(latents)
         params.update(shape=list(shape), dtype=dtype)
-        reply = self._request("POST", described["path"], params=params, data=body,
-                              headers={"Content-Type": "tensor/binary", "Accept": accept})
+        reply = self._request(
+            "POST",
+            described["path"],
+            params=params,
+            data=body,
+            headers={"Content-Type": "tensor/binary", "Accept": accept},
+        )
         if output == "mp4":
             return reply.content
         tensor = reply_tensor(reply)
@@ -147,16 +176,26 @@ class Client:
         params.update(options)
         if isinstance(images, (str, Path)):
             path = Path(images)
-            body, content_type = path.read_bytes(), content_type or FILE_TYPES.get(path.suffix.lower(), "application/octet-stream")
+            body, content_type = (
+                path.read_bytes(),
+                content_type or FILE_TYPES.get(path.suffix.lower(), "application/octet-stream"),
+            )
         elif isinstance(images, (bytes, bytearray)):
             body, content_type = bytes(images), content_type or "application/octet-stream"
         else:
-            tensor = images if isinstance(images, torch.Tensor) else pil_to_tensor(images, described["spatial_compression"])
+            tensor = (
+                images if isinstance(images, torch.Tensor) else pil_to_tensor(images, described["spatial_compression"])
+            )
             body, shape, dtype = tensor_bytes(tensor)
             params.update(shape=list(shape), dtype=dtype)
             content_type = "tensor/binary"
-        reply = self._request("POST", described["path"] + "encode", params=params, data=body,
-                              headers={"Content-Type": content_type, "Accept": "tensor/binary"})
+        reply = self._request(
+            "POST",
+            described["path"] + "encode",
+            params=params,
+            data=body,
+            headers={"Content-Type": content_type, "Accept": "tensor/binary"},
+        )
         return reply_tensor(reply)
 
     # -- transport ------------------------------------------------------------------------
@@ -208,7 +247,9 @@ def pil_to_tensor(images, spatial_compression: int) -> torch.Tensor:
     from diffusers.image_processor import VaeImageProcessor
 
     images = [images] if isinstance(images, PIL.Image.Image) else list(images)
-    return VaeImageProcessor(vae_scale_factor=spatial_compression).preprocess([image.convert("RGB") for image in images])
+    return VaeImageProcessor(vae_scale_factor=spatial_compression).preprocess(
+        [image.convert("RGB") for image in images]
+    )
 
 
 def retry_after(reply: requests.Response) -> float:
@@ -268,9 +309,12 @@ def save_output(result, path: Path) -> list[Path]:
 
     images: Sequence[PIL.Image.Image] = [result] if isinstance(result, PIL.Image.Image) else result
     file_format = IMAGE_FORMATS.get(suffix.lstrip("."))
-    options = save_options(ImageFile(file_format)) if file_format else {}  # the server's JPEG / WebP / PNG settings, not Pillow's defaults
-    paths = [path] if len(images) == 1 else [path.with_name(f"{path.stem}-{index}{suffix}") for index in range(len(images))]
+    options = (
+        save_options(ImageFile(file_format)) if file_format else {}
+    )  # the server's JPEG / WebP / PNG settings, not Pillow's defaults
+    paths = (
+        [path] if len(images) == 1 else [path.with_name(f"{path.stem}-{index}{suffix}") for index in range(len(images))]
+    )
     for image, target in zip(images, paths, strict=True):
         image.save(target, format=file_format, **options)
     return paths
-

@@ -26,24 +26,12 @@ from dataclasses import dataclass, field
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from .settings import ConnectionSettings
+
 log = logging.getLogger("remote_vae")
 
 # File descriptors kept free of connections: the listening socket, model files, logs, ffmpeg's pipes and temporary files.
 RESERVED_FILES = 256
-
-
-@dataclass(frozen=True)
-class ConnectionSettings:
-    max_connections: int = 1000
-    header_timeout: float = 10.0  # seconds for a request's head to arrive
-    idle_timeout: float = 5.0  # seconds a keep-alive connection may sit idle between requests (uvicorn's timeout_keep_alive)
-    min_rate: int = 32 * 1024  # bytes a second a body must arrive at (server.read_body) and a reply drain at; 0: no minimum
-
-    @property
-    def rate_grace(self) -> float:
-        """Seconds before the rate applies, to a body from its start and to a reply from each stall: a body or a reply
-        gets as long to get going as a request's head."""
-        return self.header_timeout
 
 
 @dataclass
@@ -53,8 +41,12 @@ class ConnectionStats:
     settings: ConnectionSettings = field(default_factory=ConnectionSettings)
     open: int = 0
     limit: int = 0  # the cap in force: max_connections, lowered to fit the open-file limit
-    closed: dict[str, int] = field(default_factory=lambda: dict.fromkeys(("header_timeout", "evicted_idle", "refused_full", "write_stalled"), 0))
-    idle: dict = field(default_factory=dict)  # connections with no request in progress, the longest idle first (insertion order)
+    closed: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(("header_timeout", "evicted_idle", "refused_full", "write_stalled"), 0)
+    )
+    idle: dict = field(
+        default_factory=dict
+    )  # connections with no request in progress, the longest idle first (insertion order)
 
 
 def raise_open_file_limit() -> int:
@@ -75,16 +67,22 @@ def connection_limit(settings: ConnectionSettings) -> int:
     files = raise_open_file_limit()
     fitting = max(16, files - RESERVED_FILES) if files != resource.RLIM_INFINITY else settings.max_connections
     if fitting < settings.max_connections:
-        log.warning("at most %d connections at once: the open-file limit is %d (ulimit -n); --max-connections asked for %d",
-                    fitting, files, settings.max_connections)
+        log.warning(
+            "at most %d connections at once: the open-file limit is %d (ulimit -n); --max-connections asked for %d",
+            fitting,
+            files,
+            settings.max_connections,
+        )
     return min(settings.max_connections, fitting)
 
 
 def raw_reply(status: int, reason: str, message: str) -> bytes:
     """A whole HTTP/1.1 reply with a JSON error body that closes the connection, for answers given outside any request."""
     body = json.dumps({"error": message}).encode()
-    head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
-            "connection: close\r\n\r\n")
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+        "connection: close\r\n\r\n"
+    )
     return head.encode() + body
 
 
@@ -129,8 +127,14 @@ def protocol_class(stats: ConnectionStats) -> type[H11Protocol]:
                 oldest.transport.abort() if oldest.transport.get_write_buffer_size() else oldest.transport.close()
                 return
             stats.closed["refused_full"] += 1
-            self.transport.write(raw_reply(503, "Service Unavailable", f"the server holds its most connections ({stats.limit}), "
-                                                                        "every one with a request in progress; retry in a few seconds"))
+            self.transport.write(
+                raw_reply(
+                    503,
+                    "Service Unavailable",
+                    f"the server holds its most connections ({stats.limit}), "
+                    "every one with a request in progress; retry in a few seconds",
+                )
+            )
             self.transport.close()
 
         def _arm_head_timer(self) -> None:
@@ -145,7 +149,13 @@ def protocol_class(stats: ConnectionStats) -> type[H11Protocol]:
             stats.idle.pop(self, None)
             stats.closed["header_timeout"] += 1
             if self._received:  # part of a request arrived: say why it is closed
-                self.transport.write(raw_reply(408, "Request Timeout", f"the request's head did not arrive within {settings.header_timeout:g} s"))
+                self.transport.write(
+                    raw_reply(
+                        408,
+                        "Request Timeout",
+                        f"the request's head did not arrive within {settings.header_timeout:g} s",
+                    )
+                )
             self.transport.close()
 
         def data_received(self, data: bytes) -> None:
@@ -171,8 +181,14 @@ def protocol_class(stats: ConnectionStats) -> type[H11Protocol]:
 
         def send_400_response(self, msg: str) -> None:
             """A request h11 cannot parse (a malformed request line, a head over 16 KiB): JSON, like every other error."""
-            self.transport.write(raw_reply(400, "Bad Request", f"{msg.rstrip('.')}: expected an HTTP/1.1 request whose "
-                                                               "request line and headers together take at most 16 KiB"))
+            self.transport.write(
+                raw_reply(
+                    400,
+                    "Bad Request",
+                    f"{msg.rstrip('.')}: expected an HTTP/1.1 request whose "
+                    "request line and headers together take at most 16 KiB",
+                )
+            )
             self.transport.close()
 
         # -- replies that stop draining --------------------------------------------
@@ -195,11 +211,18 @@ def protocol_class(stats: ConnectionStats) -> type[H11Protocol]:
 
         def _check_drain(self, buffered_before: int, seconds: float) -> None:
             self._stall_timer = None
-            buffered = self.transport.get_write_buffer_size()  # still watched after a close: it waits for the buffer to drain
+            buffered = (
+                self.transport.get_write_buffer_size()
+            )  # still watched after a close: it waits for the buffer to drain
             if buffered_before - buffered < settings.min_rate * seconds:
                 stats.closed["write_stalled"] += 1
-                log.info("aborted a reply to %s: it drained %d bytes in %g s, slower than %d bytes/s",
-                         self.client[0] if self.client else "-", max(0, buffered_before - buffered), seconds, settings.min_rate)
+                log.info(
+                    "aborted a reply to %s: it drained %d bytes in %g s, slower than %d bytes/s",
+                    self.client[0] if self.client else "-",
+                    max(0, buffered_before - buffered),
+                    seconds,
+                    settings.min_rate,
+                )
                 self.transport.abort()  # frees the buffered reply now; close() would wait for it to drain
                 return
             self._watch_drain(buffered, seconds)

@@ -42,6 +42,7 @@ import PIL.Image
 import PIL.PngImagePlugin
 
 from .errors import RequestError
+from .settings import Limits
 
 log = logging.getLogger("remote_vae")
 
@@ -59,7 +60,7 @@ MAX_PNG_TEXT_BYTES = 1 << 20
 # conversion to RGB on this project's CI machine; JPEG 18, WebP 41, ffmpeg's H.264 under 10), capped by the setting.
 DECODE_FLOOR_SECONDS = 1.0
 DECODE_SECONDS_PER_PIXEL = 250e-9
-DEFAULT_DECODE_CPU_SECONDS = 10.0
+DEFAULT_DECODE_CPU_SECONDS = Limits.decode_cpu_seconds
 
 
 def decode_cpu_seconds(pixels: int, cap: float = DEFAULT_DECODE_CPU_SECONDS) -> float:
@@ -80,8 +81,11 @@ def is_image_file(data: bytes) -> bool:
 
 
 def too_slow(what: str, seconds: float) -> RequestError:
-    return RequestError(f"decoding the {what} took more than its {seconds:.3g} s of CPU (1 s plus 250 ns a pixel, at most "
-                        "--decode-cpu-seconds); send a simpler file of the same pixels (e.g. a baseline JPEG or a PNG)", status=413)
+    return RequestError(
+        f"decoding the {what} took more than its {seconds:.3g} s of CPU (1 s plus 250 ns a pixel, at most "
+        "--decode-cpu-seconds); send a simpler file of the same pixels (e.g. a baseline JPEG or a PNG)",
+        status=413,
+    )
 
 
 # -- images ------------------------------------------------------------------------
@@ -114,14 +118,22 @@ def check_jpeg(data: bytes) -> bool:
         if 0xE0 <= marker <= 0xEF or marker == 0xFE:
             metadata += length
             if metadata > MAX_METADATA_BYTES:
-                raise RequestError(f"the JPEG carries more than {MAX_METADATA_BYTES >> 20} MiB of metadata (APPn and COM "
-                                   "segments); strip it (e.g. save the image again without EXIF)", status=413)
+                raise RequestError(
+                    f"the JPEG carries more than {MAX_METADATA_BYTES >> 20} MiB of metadata (APPn and COM "
+                    "segments); strip it (e.g. save the image again without EXIF)",
+                    status=413,
+                )
         position += length
-        if marker == 0xDA:  # start of scan: entropy-coded data follows, up to the next marker that is not 0xFF00 or RSTn
+        if (
+            marker == 0xDA
+        ):  # start of scan: entropy-coded data follows, up to the next marker that is not 0xFF00 or RSTn
             scans += 1
             if scans > MAX_JPEG_SCANS:
-                raise RequestError(f"the JPEG has more than {MAX_JPEG_SCANS} scans, each a pass over the whole image; "
-                                   "expected a baseline or ordinary progressive JPEG (libjpeg writes 10 scans)", status=413)
+                raise RequestError(
+                    f"the JPEG has more than {MAX_JPEG_SCANS} scans, each a pass over the whole image; "
+                    "expected a baseline or ordinary progressive JPEG (libjpeg writes 10 scans)",
+                    status=413,
+                )
             while True:
                 position = data.find(b"\xff", position)
                 if position < 0 or position + 1 >= end:
@@ -156,8 +168,10 @@ class DeadlineReader(io.BytesIO):
 # A progressive JPEG is decoded by Pillow in a child process: libjpeg does the work of all its scans in one call after
 # the last byte is read, which no check in this process can interrupt; RLIMIT_CPU ends the child. The same Pillow, so
 # the same pixels; 50-80 ms to start. Every other format decodes as it reads, and is checked between reads here.
-PILLOW_CHILD = ("import sys, PIL.Image as I; I.MAX_IMAGE_PIXELS = None; "
-                "sys.stdout.buffer.write(I.open(sys.argv[1], formats=['JPEG']).convert('RGB').tobytes())")
+PILLOW_CHILD = (
+    "import sys, PIL.Image as I; I.MAX_IMAGE_PIXELS = None; "
+    "sys.stdout.buffer.write(I.open(sys.argv[1], formats=['JPEG']).convert('RGB').tobytes())"
+)
 
 
 @dataclass
@@ -202,7 +216,9 @@ class ImageHeader:
         if returncode in KILLED:
             raise too_slow("image", seconds)
         if returncode != 0 or filled != out.nbytes:
-            raise RequestError(f"image data is corrupt or truncated ({_last_line(errors)}); expected {IMAGE_TYPES}, complete")
+            raise RequestError(
+                f"image data is corrupt or truncated ({_last_line(errors)}); expected {IMAGE_TYPES}, complete"
+            )
         return out
 
 
@@ -218,7 +234,9 @@ def read_image_header(data: bytes, max_pixels: int) -> ImageHeader:
         raise RequestError(f"body is not a readable image ({exc}); expected {IMAGE_TYPES}") from exc
     width, height = image.size
     if width * height > max_pixels:
-        raise RequestError(f"image is {width}x{height} = {width * height} pixels; this server accepts at most {max_pixels}", status=413)
+        raise RequestError(
+            f"image is {width}x{height} = {width * height} pixels; this server accepts at most {max_pixels}", status=413
+        )
     return ImageHeader(image, reader, width, height, data if progressive else None)
 
 
@@ -269,13 +287,15 @@ KILLED = (-9, -24)  # SIGKILL (the watchdog, or RLIMIT_CPU's hard limit), SIGXCP
 def run_into(out: np.ndarray, command: list[str], cpu_seconds: float) -> tuple[int, int, str]:
     """Run a decoder that writes raw pixels to its stdout straight into `out` (no copy held twice), under RLIMIT_CPU and a
     wall-clock watchdog (a stalled pipe, not just CPU, ends it). (bytes filled, return code, the last of its stderr)."""
-    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+    process = subprocess.Popen(
+        command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0
+    )
     _limit_cpu(process, cpu_seconds)
     errors = bytearray()
 
     def read_errors() -> None:  # all of it, so the child never blocks on a full pipe; the last 64 KB kept
         while chunk := process.stderr.read(1 << 16):
-            errors[:] = (errors + chunk)[-(1 << 16):]
+            errors[:] = (errors + chunk)[-(1 << 16) :]
 
     reader = threading.Thread(target=read_errors, name="decoder-errors", daemon=True)
     reader.start()
@@ -354,14 +374,30 @@ class VideoFile:
 
     def _probe(self) -> tuple[int, int, int]:
         """(width, height, frames): the stream header's size and the container's video packets, demuxed, not decoded."""
-        process = self._ffmpeg("-f", self.demuxer, "-i", str(self.path), "-map", "0:v:0", "-c", "copy", "-f", "null", "-",
-                               cpu_seconds=PROBE_CPU_SECONDS, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        process = self._ffmpeg(
+            "-f",
+            self.demuxer,
+            "-i",
+            str(self.path),
+            "-map",
+            "0:v:0",
+            "-c",
+            "copy",
+            "-f",
+            "null",
+            "-",
+            cpu_seconds=PROBE_CPU_SECONDS,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         try:
             _, report = process.communicate(timeout=PROBE_CPU_SECONDS * 4)
         except subprocess.TimeoutExpired:
             process.kill()
             process.communicate()
-            raise RequestError(f"the video's container could not be read within {PROBE_CPU_SECONDS * 4} s; expected {VIDEO_TYPES}") from None
+            raise RequestError(
+                f"the video's container could not be read within {PROBE_CPU_SECONDS * 4} s; expected {VIDEO_TYPES}"
+            ) from None
         text = report.decode("utf-8", errors="replace")
         size = STREAM_SIZE.search(text)
         packets = PACKETS.findall(report)
@@ -369,7 +405,9 @@ class VideoFile:
             raise RequestError(f"body is not a readable video ({_last_line(text)}); expected {VIDEO_TYPES}")
         width, height, frames = int(size[1]), int(size[2]), int(packets[-1])
         if width < 1 or height < 1:
-            raise RequestError(f"the video's frames are {width}x{height}; expected {VIDEO_TYPES} with frames of at least 1x1")
+            raise RequestError(
+                f"the video's frames are {width}x{height}; expected {VIDEO_TYPES} with frames of at least 1x1"
+            )
         if frames < 1:
             raise RequestError(f"video has no frames; expected {VIDEO_TYPES}")
         return width, height, frames
@@ -377,16 +415,40 @@ class VideoFile:
     def frames(self, max_frames: int, cap: float = DEFAULT_DECODE_CPU_SECONDS) -> np.ndarray:
         """uint8 [F, H, W, 3], decoded into one array; more than max_frames frames is a 413, before any is decoded."""
         if self.frame_count > max_frames:
-            raise RequestError(f"video has {self.frame_count} frames of {self.width}x{self.height}; "
-                               f"this server accepts at most {max_frames} at that size", status=413)
+            raise RequestError(
+                f"video has {self.frame_count} frames of {self.width}x{self.height}; "
+                f"this server accepts at most {max_frames} at that size",
+                status=413,
+            )
         pixels = self.frame_count * self.width * self.height
         seconds = decode_cpu_seconds(pixels, cap)
         frame_bytes = self.width * self.height * 3
         out = np.empty((self.frame_count, self.height, self.width, 3), dtype=np.uint8)
         # The decoder refuses any frame far larger than the header said (its buffers are padded: a margin of twice that).
-        command = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error",
-                   "-max_pixels", str(2 * self.width * self.height + (1 << 16)), "-f", self.demuxer, "-i", str(self.path),
-                   "-map", "0:v:0", "-frames:v", str(self.frame_count), "-fps_mode", "passthrough", "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"]
+        command = [
+            imageio_ffmpeg.get_ffmpeg_exe(),
+            "-hide_banner",
+            "-nostdin",
+            "-loglevel",
+            "error",
+            "-max_pixels",
+            str(2 * self.width * self.height + (1 << 16)),
+            "-f",
+            self.demuxer,
+            "-i",
+            str(self.path),
+            "-map",
+            "0:v:0",
+            "-frames:v",
+            str(self.frame_count),
+            "-fps_mode",
+            "passthrough",
+            "-f",
+            "rawvideo",
+            "-pix_fmt",
+            "rgb24",
+            "pipe:1",
+        ]
         filled, returncode, message = run_into(out, command, seconds)
         if returncode in KILLED:
             raise too_slow("video", seconds)

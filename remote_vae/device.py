@@ -130,7 +130,9 @@ class BatchBudget:
             return self.pixels
         if device.type != "cuda":
             return CPU_WHOLE_BATCH_PIXELS
-        return int(CUDA_MEMORY_SHARE * available_memory(device) / (self.bytes_per_pixel or DEFAULT_CUDA_BYTES_PER_PIXEL))
+        return int(
+            CUDA_MEMORY_SHARE * available_memory(device) / (self.bytes_per_pixel or DEFAULT_CUDA_BYTES_PER_PIXEL)
+        )
 
 
 def available_memory(device: torch.device) -> int:
@@ -168,7 +170,11 @@ def compile_model(model: torch.nn.Module, shapes_to_warm: int) -> Callable[[], N
     config = torch._dynamo.config
     limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # its name before torch 2.6
     setattr(config, limit, max(getattr(config, limit), 2 * shapes_to_warm + 4))
-    originals = {name: getattr(model, name) for name in ("decoder", "encoder") if isinstance(getattr(model, name, None), torch.nn.Module)}
+    originals = {
+        name: getattr(model, name)
+        for name in ("decoder", "encoder")
+        if isinstance(getattr(model, name, None), torch.nn.Module)
+    }
     for name, part in originals.items():
         setattr(model, name, torch.compile(part))
 

@@ -82,7 +82,9 @@ class Family:
     decode_timestep: str | None = None
     samples_per_call: int | None = None
     latent_frames_odd: bool = False
-    default_tiling: str = "exact"  # the tiling a call uses when it tiles and the request names none ("exact" where the model has it)
+    default_tiling: str = (
+        "exact"  # the tiling a call uses when it tiles and the request names none ("exact" where the model has it)
+    )
     min_diffusers: str | None = None  # the oldest diffusers release that builds this family's model as configured
 
     @property
@@ -149,8 +151,14 @@ def _family_from_dict(data: dict[str, Any], source: str) -> Family:
         stats = values.get(key)
         if stats is None:
             continue
-        if not (isinstance(stats, list) and len(stats) == values["latent_channels"] and all(isinstance(v, (int, float)) for v in stats)):
-            raise FamilyError(f"{source}: {key} must be a list of {values['latent_channels']} numbers (one per latent channel)")
+        if not (
+            isinstance(stats, list)
+            and len(stats) == values["latent_channels"]
+            and all(isinstance(v, (int, float)) for v in stats)
+        ):
+            raise FamilyError(
+                f"{source}: {key} must be a list of {values['latent_channels']} numbers (one per latent channel)"
+            )
         values[key] = tuple(float(v) for v in stats)
     if (values.get("latents_mean") is None) != (values.get("latents_std") is None):
         raise FamilyError(f"{source}: latents_mean and latents_std come together")
@@ -168,18 +176,22 @@ def _family_from_dict(data: dict[str, Any], source: str) -> Family:
         raise FamilyError(f"{source}: default_tiling must be one of {list(TILINGS)}")
     minimum = values.get("min_diffusers")
     if minimum is not None and not (isinstance(minimum, str) and re.fullmatch(r"\d+(\.\d+)*", minimum)):
-        raise FamilyError(f"{source}: min_diffusers must be a release number like \"0.36.0\", or null")
+        raise FamilyError(f'{source}: min_diffusers must be a release number like "0.36.0", or null')
     _check_layout(values, source)
     _check_stats_in_weights(values, source)
     if values.get("model_latents", "raw") not in MODEL_LATENTS:
         raise FamilyError(f"{source}: model_latents must be one of {list(MODEL_LATENTS)}")
     if values.get("model_latents") == "normalised" and values.get("scaling_factor") is None:
-        raise FamilyError(f"{source}: model_latents 'normalised' needs the full family's scaling_factor (the space the model works in)")
+        raise FamilyError(
+            f"{source}: model_latents 'normalised' needs the full family's scaling_factor (the space the model works in)"
+        )
     per_call = values.get("samples_per_call")
     if per_call is not None and not (isinstance(per_call, int) and per_call >= 1):
         raise FamilyError(f"{source}: samples_per_call must be a positive integer or null (any batch)")
     if not isinstance(values.get("decode_timestep") or "", str):
-        raise FamilyError(f"{source}: decode_timestep is the name of the decode argument that takes the timestep (e.g. 'temb'), or null")
+        raise FamilyError(
+            f"{source}: decode_timestep is the name of the decode argument that takes the timestep (e.g. 'temb'), or null"
+        )
     return Family(**values)
 
 
@@ -196,7 +208,9 @@ def _check_layout(values: dict[str, Any], source: str) -> None:
     for key, value in layout.items():
         kind = LAYOUT_KEYS.get(key)
         if kind is None or not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
-            raise FamilyError(f"{source}: latent_layout.{key} = {value!r}; expected keys {sorted(LAYOUT_KEYS)} (patch: int, packing: str, others: true/false)")
+            raise FamilyError(
+                f"{source}: latent_layout.{key} = {value!r}; expected keys {sorted(LAYOUT_KEYS)} (patch: int, packing: str, others: true/false)"
+            )
     if layout.get("patch", 1) < 1:
         raise FamilyError(f"{source}: latent_layout.patch must be at least 1")
     if layout.get("packing", "none") not in PACKINGS:
@@ -216,10 +230,14 @@ def _check_stats_in_weights(values: dict[str, Any], source: str) -> None:
         return
     forms = ({"mean", "std"}, {"mean", "variance", "eps"})
     if not (isinstance(stats, dict) and set(stats) in forms and all(isinstance(v, str) for v in stats.values())):
-        raise FamilyError(f"{source}: latents_stats_in_weights names the model's buffers: {{mean, std}} or {{mean, variance, eps}} "
-                          "(eps: a model config key), e.g. {\"mean\": \"bn.running_mean\", \"variance\": \"bn.running_var\", \"eps\": \"batch_norm_eps\"}")
+        raise FamilyError(
+            f"{source}: latents_stats_in_weights names the model's buffers: {{mean, std}} or {{mean, variance, eps}} "
+            '(eps: a model config key), e.g. {"mean": "bn.running_mean", "variance": "bn.running_var", "eps": "batch_norm_eps"}'
+        )
     if values.get("latents_mean") is not None or values.get("shift_factor") is not None:
-        raise FamilyError(f"{source}: latents_stats_in_weights takes an optional scaling_factor, not latents_mean or shift_factor")
+        raise FamilyError(
+            f"{source}: latents_stats_in_weights takes an optional scaling_factor, not latents_mean or shift_factor"
+        )
 
 
 def available() -> list[str]:
@@ -233,7 +251,9 @@ def load_family(name_or_path: str) -> Family:
     if not (path.suffix == ".json" and path.is_file()):
         path = CONFIG_DIR / f"{name_or_path}.json"
         if not path.is_file():
-            raise FamilyError(f"unknown family {name_or_path!r}; known families: {', '.join(available())} (or pass a config file path)")
+            raise FamilyError(
+                f"unknown family {name_or_path!r}; known families: {', '.join(available())} (or pass a config file path)"
+            )
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:

@@ -63,7 +63,9 @@ class Call:
         names = list(inspect.signature(type(part).forward).parameters)[2:]  # after self and the input
         given = {name: value for name, value in (dict(zip(names, args)) | kwargs).items() if value is not None}
         if unknown := set(given) - set(cls._NAMES):
-            raise TypeError(f"{type(part).__name__}.forward got {sorted(unknown)}, which the banded path does not pass on")
+            raise TypeError(
+                f"{type(part).__name__}.forward got {sorted(unknown)}, which the banded path does not pass on"
+            )
         return cls(**{cls._NAMES[name]: value for name, value in given.items()})
 
 
@@ -76,7 +78,9 @@ def _cached_conv(conv: nn.Module, x: torch.Tensor, call: Call) -> torch.Tensor:
     if cache is None:
         return conv(x)
     i = index[0]
-    frames = sys.modules[type(conv).__module__].CACHE_T  # the frames its module's convolutions cache (Wan's and Qwen-Image's: 2)
+    frames = sys.modules[
+        type(conv).__module__
+    ].CACHE_T  # the frames its module's convolutions cache (Wan's and Qwen-Image's: 2)
     held = x[:, :, -frames:].clone()
     if held.shape[2] < frames and cache[i] is not None:
         held = torch.cat([cache[i][:, :, -1:].to(held.device), held], dim=2)
@@ -92,7 +96,9 @@ def _wan_decoder_whole(decoder, x, call):
 
 def _wan_decoder_banded(decoder, x, call):
     for block in decoder.up_blocks:
-        chunk = {"first_chunk": call.first_chunk} if "first_chunk" in inspect.signature(block.forward).parameters else {}
+        chunk = (
+            {"first_chunk": call.first_chunk} if "first_chunk" in inspect.signature(block.forward).parameters else {}
+        )
         x = block(x, call.cache, call.index, **chunk)
     return _cached_conv(decoder.conv_out, decoder.nonlinearity(decoder.norm_out(x)), call)
 
@@ -151,9 +157,12 @@ def _ltx_decoder_banded(decoder, x, call):
         x = block(x, temb)
     x = _ltx_norm(decoder.norm_out, x)
     if decoder.time_embedder is not None:
-        embedded = decoder.time_embedder(timestep=temb.flatten(), resolution=None, aspect_ratio=None, batch_size=x.shape[0],
-                                         hidden_dtype=x.dtype)
-        shift, scale = (embedded.view(x.shape[0], 2, -1, 1, 1, 1) + decoder.scale_shift_table[None, ..., None, None, None]).unbind(dim=1)
+        embedded = decoder.time_embedder(
+            timestep=temb.flatten(), resolution=None, aspect_ratio=None, batch_size=x.shape[0], hidden_dtype=x.dtype
+        )
+        shift, scale = (
+            embedded.view(x.shape[0], 2, -1, 1, 1, 1) + decoder.scale_shift_table[None, ..., None, None, None]
+        ).unbind(dim=1)
         x = x * (1 + scale) + shift
     x = decoder.conv_out(decoder.conv_act(x))
     p, p_t = decoder.patch_size, decoder.patch_size_t  # unpatchified as the decoder does, in its order
@@ -165,7 +174,11 @@ def _ltx_decoder_banded(decoder, x, call):
 def _ltx_encoder_banded(encoder, x, call):
     p, p_t = encoder.patch_size, encoder.patch_size_t  # patchified as the encoder does, in its order
     batch, channels, frames, height, width = x.shape
-    x = x.reshape(batch, channels, frames // p_t, p_t, height // p, p, width // p, p).permute(0, 1, 3, 7, 5, 2, 4, 6).flatten(1, 4)
+    x = (
+        x.reshape(batch, channels, frames // p_t, p_t, height // p, p, width // p, p)
+        .permute(0, 1, 3, 7, 5, 2, 4, 6)
+        .flatten(1, 4)
+    )
     x = encoder.conv_in(x)
     for block in encoder.down_blocks:
         x = block(x)
@@ -174,7 +187,9 @@ def _ltx_encoder_banded(encoder, x, call):
 
 def _ltx_encoder_whole(encoder, x, call):
     x = encoder.conv_out(encoder.conv_act(_ltx_norm(encoder.norm_out, encoder.mid_block(x))))
-    return torch.cat([x, x[:, -1:].repeat(1, x.shape[1] - 2, 1, 1, 1)], dim=1)  # the last channel repeated, as the encoder does
+    return torch.cat(
+        [x, x[:, -1:].repeat(1, x.shape[1] - 2, 1, 1, 1)], dim=1
+    )  # the last channel repeated, as the encoder does
 
 
 def _draws_no_noise(module: nn.Module) -> bool:
@@ -193,7 +208,9 @@ class Architecture:
     encoder_banded: Callable
     encoder_whole: Callable
     row_local: tuple[type, ...]  # every module type in the banded parts: none looks beyond its halo
-    band_safe: Callable[[nn.Module], bool] = lambda module: True  # and each module, as configured, gives a band its own rows
+    band_safe: Callable[[nn.Module], bool] = lambda module: (
+        True
+    )  # and each module, as configured, gives a band its own rows
 
     def decoder_banded_modules(self, decoder: nn.Module) -> list[nn.Module]:
         return [decoder.up_blocks, decoder.norm_out, decoder.conv_out]
@@ -206,36 +223,98 @@ _CONTAINERS = (nn.ModuleList, nn.Sequential, nn.Identity, nn.Dropout, nn.SiLU, n
 
 
 def _wan(wan) -> Architecture:
-    return Architecture(wan.WanDecoder3d, wan.WanEncoder3d, _wan_decoder_whole, _wan_decoder_banded, _wan_encoder_banded, _wan_encoder_whole,
-                        _CONTAINERS + (wan.WanCausalConv3d, wan.WanRMS_norm, wan.WanUpsample, wan.WanResample, wan.WanResidualBlock,
-                                       wan.WanUpBlock, wan.WanResidualUpBlock, wan.WanResidualDownBlock, wan.AvgDown3D, wan.DupUp3D))
+    return Architecture(
+        wan.WanDecoder3d,
+        wan.WanEncoder3d,
+        _wan_decoder_whole,
+        _wan_decoder_banded,
+        _wan_encoder_banded,
+        _wan_encoder_whole,
+        _CONTAINERS
+        + (
+            wan.WanCausalConv3d,
+            wan.WanRMS_norm,
+            wan.WanUpsample,
+            wan.WanResample,
+            wan.WanResidualBlock,
+            wan.WanUpBlock,
+            wan.WanResidualUpBlock,
+            wan.WanResidualDownBlock,
+            wan.AvgDown3D,
+            wan.DupUp3D,
+        ),
+    )
 
 
 def _qwen(qwen) -> Architecture:
-    return Architecture(qwen.QwenImageDecoder3d, qwen.QwenImageEncoder3d, _wan_decoder_whole, _wan_decoder_banded, _wan_encoder_banded,
-                        _wan_encoder_whole,
-                        _CONTAINERS + (qwen.QwenImageCausalConv3d, qwen.QwenImageRMS_norm, qwen.QwenImageUpsample, qwen.QwenImageResample,
-                                       qwen.QwenImageResidualBlock, qwen.QwenImageUpBlock))
+    return Architecture(
+        qwen.QwenImageDecoder3d,
+        qwen.QwenImageEncoder3d,
+        _wan_decoder_whole,
+        _wan_decoder_banded,
+        _wan_encoder_banded,
+        _wan_encoder_whole,
+        _CONTAINERS
+        + (
+            qwen.QwenImageCausalConv3d,
+            qwen.QwenImageRMS_norm,
+            qwen.QwenImageUpsample,
+            qwen.QwenImageResample,
+            qwen.QwenImageResidualBlock,
+            qwen.QwenImageUpBlock,
+        ),
+    )
 
 
 def _hv15(hv15) -> Architecture:
-    return Architecture(hv15.HunyuanVideo15Decoder3D, hv15.HunyuanVideo15Encoder3D, _hv15_decoder_whole, _hv15_decoder_banded,
-                        _hv15_encoder_banded, _hv15_encoder_whole,
-                        _CONTAINERS + (hv15.HunyuanVideo15CausalConv3d, hv15.HunyuanVideo15RMS_norm, hv15.HunyuanVideo15Upsample,
-                                       hv15.HunyuanVideo15Downsample, hv15.HunyuanVideo15ResnetBlock, hv15.HunyuanVideo15UpBlock3D,
-                                       hv15.HunyuanVideo15DownBlock3D))
+    return Architecture(
+        hv15.HunyuanVideo15Decoder3D,
+        hv15.HunyuanVideo15Encoder3D,
+        _hv15_decoder_whole,
+        _hv15_decoder_banded,
+        _hv15_encoder_banded,
+        _hv15_encoder_whole,
+        _CONTAINERS
+        + (
+            hv15.HunyuanVideo15CausalConv3d,
+            hv15.HunyuanVideo15RMS_norm,
+            hv15.HunyuanVideo15Upsample,
+            hv15.HunyuanVideo15Downsample,
+            hv15.HunyuanVideo15ResnetBlock,
+            hv15.HunyuanVideo15UpBlock3D,
+            hv15.HunyuanVideo15DownBlock3D,
+        ),
+    )
 
 
 def _ltx(ltx) -> Architecture:
     from diffusers.models import embeddings, normalization
 
-    return Architecture(ltx.LTXVideoDecoder3d, ltx.LTXVideoEncoder3d, _ltx_decoder_whole, _ltx_decoder_banded, _ltx_encoder_banded,
-                        _ltx_encoder_whole,
-                        _CONTAINERS + (ltx.LTXVideoCausalConv3d, ltx.LTXVideoResnetBlock3d, ltx.LTXVideoUpsampler3d, ltx.LTXVideoDownsampler3d,
-                                       ltx.LTXVideoUpBlock3d, ltx.LTXVideoDownBlock3D, ltx.LTXVideo095DownBlock3D, normalization.RMSNorm,
-                                       nn.LayerNorm, nn.Linear, embeddings.PixArtAlphaCombinedTimestepSizeEmbeddings, embeddings.Timesteps,
-                                       embeddings.TimestepEmbedding),  # its norms normalise each pixel's channels; time embeddings, a sample's
-                        _draws_no_noise)
+    return Architecture(
+        ltx.LTXVideoDecoder3d,
+        ltx.LTXVideoEncoder3d,
+        _ltx_decoder_whole,
+        _ltx_decoder_banded,
+        _ltx_encoder_banded,
+        _ltx_encoder_whole,
+        _CONTAINERS
+        + (
+            ltx.LTXVideoCausalConv3d,
+            ltx.LTXVideoResnetBlock3d,
+            ltx.LTXVideoUpsampler3d,
+            ltx.LTXVideoDownsampler3d,
+            ltx.LTXVideoUpBlock3d,
+            ltx.LTXVideoDownBlock3D,
+            ltx.LTXVideo095DownBlock3D,
+            normalization.RMSNorm,
+            nn.LayerNorm,
+            nn.Linear,
+            embeddings.PixArtAlphaCombinedTimestepSizeEmbeddings,
+            embeddings.Timesteps,
+            embeddings.TimestepEmbedding,
+        ),  # its norms normalise each pixel's channels; time embeddings, a sample's
+        _draws_no_noise,
+    )
 
 
 # The architectures by the diffusers module that defines their decoder and encoder. A module is imported, and its
@@ -264,7 +343,9 @@ def architecture_of(model: nn.Module) -> Architecture | None:
     arch = _architecture_in(type(decoder).__module__)
     if arch is not None and type(decoder) is arch.decoder and type(encoder) is arch.encoder:
         banded = arch.decoder_banded_modules(decoder) + arch.encoder_banded_modules(encoder)
-        if all(type(module) in arch.row_local and arch.band_safe(module) for part in banded for module in part.modules()):
+        if all(
+            type(module) in arch.row_local and arch.band_safe(module) for part in banded for module in part.modules()
+        ):
             return arch
     return None
 
@@ -288,11 +369,16 @@ def decoder_reach(model: nn.Module, arch: Architecture) -> Reach:
     decoder = model.decoder
     if decoder not in _REACHES:
         parameter = next(decoder.parameters())
-        latent = torch.zeros(1, first_conv(decoder.conv_in).in_channels, 1, 2, 2, dtype=parameter.dtype, device=parameter.device)
+        latent = torch.zeros(
+            1, first_conv(decoder.conv_in).in_channels, 1, 2, 2, dtype=parameter.dtype, device=parameter.device
+        )
         with torch.inference_mode():
             middle = arch.decoder_whole(decoder, latent, _fresh(decoder))
-            halo, out_rows = _halo(arch.decoder_banded_modules(decoder), 2,
-                                   lambda: arch.decoder_banded(decoder, middle, _fresh(decoder, first_chunk=True)))
+            halo, out_rows = _halo(
+                arch.decoder_banded_modules(decoder),
+                2,
+                lambda: arch.decoder_banded(decoder, middle, _fresh(decoder, first_chunk=True)),
+            )
         _REACHES[decoder] = Reach(halo, out_rows // 2)
     return _REACHES[decoder]
 
@@ -304,7 +390,11 @@ def encoder_reach(model: nn.Module, arch: Architecture) -> Reach:
         parameter = next(encoder.parameters())
         pixels = torch.zeros(1, _encoder_channels(encoder), 1, 64, 64, dtype=parameter.dtype, device=parameter.device)
         with torch.inference_mode():
-            halo, latent_rows = _halo(arch.encoder_banded_modules(encoder), None, lambda: arch.encoder_banded(encoder, pixels, _fresh(encoder)))
+            halo, latent_rows = _halo(
+                arch.encoder_banded_modules(encoder),
+                None,
+                lambda: arch.encoder_banded(encoder, pixels, _fresh(encoder)),
+            )
         _REACHES[encoder] = Reach(halo, 64 // latent_rows)
     return _REACHES[encoder]
 
@@ -312,8 +402,12 @@ def encoder_reach(model: nn.Module, arch: Architecture) -> Reach:
 def _fresh(part: nn.Module, first_chunk: bool = False) -> Call:
     """A call with an empty cache (an entry for every conv) and a timestep, for a run that must not touch the model's own."""
     parameter = next(part.parameters())
-    return Call([None] * sum(isinstance(m, (nn.Conv2d, nn.Conv3d)) for m in part.modules()), [0], first_chunk,
-                torch.zeros(1, dtype=parameter.dtype, device=parameter.device))
+    return Call(
+        [None] * sum(isinstance(m, (nn.Conv2d, nn.Conv3d)) for m in part.modules()),
+        [0],
+        first_chunk,
+        torch.zeros(1, dtype=parameter.dtype, device=parameter.device),
+    )
 
 
 def _encoder_channels(encoder: nn.Module) -> int:
@@ -325,11 +419,15 @@ def _encoder_channels(encoder: nn.Module) -> int:
 def _halo(modules: list[nn.Module], latent_rows: int | None, run: Callable[[], torch.Tensor]) -> tuple[int, int]:
     """(halo in latent rows, output rows) of run(): each conv reaches half its kernel each side (its whole kernel when
     strided, where padding may be one-sided), divided by its input's rows per latent row. latent_rows None: the output's."""
-    seen: list[tuple[int, int, int]] = []  # (kernel rows spanned, stride, rows at its resolution: output rows times stride,
+    seen: list[
+        tuple[int, int, int]
+    ] = []  # (kernel rows spanned, stride, rows at its resolution: output rows times stride,
     # as its input may come padded)
 
     def record(conv: nn.Module, args, out: torch.Tensor) -> None:
-        seen.append((conv.dilation[-2] * (conv.kernel_size[-2] - 1) + 1, conv.stride[-2], out.shape[-2] * conv.stride[-2]))
+        seen.append(
+            (conv.dilation[-2] * (conv.kernel_size[-2] - 1) + 1, conv.stride[-2], out.shape[-2] * conv.stride[-2])
+        )
 
     convs = [m for part in modules for m in part.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))]
     hooks = [conv.register_forward_hook(record) for conv in convs]
@@ -351,7 +449,9 @@ class HaloTiler:
 
     min_band_halos = 4  # a band is at least this many halos tall: the halos' extra work stays under half
 
-    def __init__(self, model: nn.Module, band_pixels: int, store: torch.device | None = None, store_limit: int | None = None):
+    def __init__(
+        self, model: nn.Module, band_pixels: int, store: torch.device | None = None, store_limit: int | None = None
+    ):
         self.model = model  # (store and store_limit are tiling.ExactTiler's: nothing here waits between layers)
         self.arch = architecture_of(model)
         self.band_pixels = max(1, band_pixels)  # output (decode) or input (encode) pixels per band
@@ -370,7 +470,10 @@ class HaloTiler:
         """Within: the model's clip loops run once per band, with this tiler's decoder and encoder forward."""
         model = self.model
         decode, encode = model._decode, model._encode
-        model._decode, model._encode = self._passes(decode, self._place), self._passes(encode, lambda output, result: result)
+        model._decode, model._encode = (
+            self._passes(decode, self._place),
+            self._passes(encode, lambda output, result: result),
+        )
         model.decoder.forward, model.encoder.forward = self.decoder_forward, self.encoder_forward
         try:
             yield
@@ -380,6 +483,7 @@ class HaloTiler:
     def _passes(self, loop: Callable, combine: Callable) -> Callable:
         """The model's clip loop run once per band of the clip (the first pass plans them), each result combined into
         the output as its pass ends."""
+
         def run(*args, **kwargs):
             self._plan, self._kept, output, passes = [], [], None, 0
             while passes == 0 or passes < len(self._plan):
@@ -389,9 +493,12 @@ class HaloTiler:
                 self.bands += 1
             self._band, self._kept = 0, []
             return output
+
         return run
 
-    def _place(self, output: torch.Tensor | DecoderOutput | None, result: torch.Tensor | DecoderOutput) -> torch.Tensor | DecoderOutput:
+    def _place(
+        self, output: torch.Tensor | DecoderOutput | None, result: torch.Tensor | DecoderOutput
+    ) -> torch.Tensor | DecoderOutput:
         """A pass's decoded rows put into the clip's output, of the model's own type (a tensor or a DecoderOutput),
         allocated at the first pass: the output is held once, not also as its bands."""
         if len(self._plan) == 1:
@@ -416,7 +523,9 @@ class HaloTiler:
         if self._band == 0 and number == 0:
             # Output pixels per latent row: a model with causal caches decodes a frame per call (to a few frames), one
             # without decodes its whole clip in one.
-            frames = (x.shape[2] if call.cache is None else 1) * (getattr(self.model, "temporal_compression_ratio", None) or TEMPORAL_BOUND)
+            frames = (x.shape[2] if call.cache is None else 1) * (
+                getattr(self.model, "temporal_compression_ratio", None) or TEMPORAL_BOUND
+            )
             self._plan = self._bands(middle.shape[-2], reach.scale**2 * middle.shape[-1] * frames, reach.halo)
         (start, stop), (low, high) = self._plan[self._band]
         rows = self.arch.decoder_banded(decoder, middle[..., low:high, :], call)
@@ -434,7 +543,9 @@ class HaloTiler:
             frames = x.shape[2] if call.cache is None else TEMPORAL_BOUND
             self._plan = self._bands(x.shape[-2] // scale, scale * x.shape[-1] * frames, reach.halo)
         (start, stop), (low, high) = self._plan[self._band]
-        rows = self.arch.encoder_banded(encoder, x[..., low * scale : high * scale, :], call)[..., start - low : stop - low, :]
+        rows = self.arch.encoder_banded(encoder, x[..., low * scale : high * scale, :], call)[
+            ..., start - low : stop - low, :
+        ]
         if self._band == 0:
             self._kept.append(rows.new_empty(*rows.shape[:-2], x.shape[-2] // scale, rows.shape[-1]))
         gathered = self._kept[number]
@@ -449,4 +560,6 @@ class HaloTiler:
         height = max(self.band_pixels // max(1, pixels_per_row), self.min_band_halos * halo, 1)
         count = math.ceil(rows / height)
         edges = [rows * band // count for band in range(count + 1)]
-        return [((start, stop), (max(0, start - halo), min(rows, stop + halo))) for start, stop in zip(edges, edges[1:])]
+        return [
+            ((start, stop), (max(0, start - halo), min(rows, stop + halo))) for start, stop in zip(edges, edges[1:])
+        ]

@@ -90,7 +90,9 @@ class WeightStats:
 
     def _stats(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         view = (1, -1) + (1,) * (latents.ndim - 2)
-        return self.mean.view(view).to(latents.device, latents.dtype), self.std.view(view).to(latents.device, latents.dtype)
+        return self.mean.view(view).to(latents.device, latents.dtype), self.std.view(view).to(
+            latents.device, latents.dtype
+        )
 
     def unscale(self, latents: torch.Tensor) -> torch.Tensor:
         mean, std = self._stats(latents)
@@ -149,7 +151,12 @@ class LatentLayout:
     @classmethod
     def of(cls, family: Family) -> "LatentLayout":
         packing = family.latent_layout.get("packing", "none" if family.is_video else "patches")
-        return cls(family.latent_channels, family.spatial_compression, family.is_video, **{**family.latent_layout, "packing": packing})
+        return cls(
+            family.latent_channels,
+            family.spatial_compression,
+            family.is_video,
+            **{**family.latent_layout, "packing": packing},
+        )
 
     @property
     def pipeline_channels(self) -> int:
@@ -159,7 +166,11 @@ class LatentLayout:
         """The accepted latent forms, for error messages."""
         c = self.pipeline_channels
         if self.video:
-            forms = [f"[B, T, {c}, h, w] (as the pipeline holds it) or [B, {c}, T, h, w]" if self.frames_first else f"[B, {c}, T, h, w]"]
+            forms = [
+                f"[B, T, {c}, h, w] (as the pipeline holds it) or [B, {c}, T, h, w]"
+                if self.frames_first
+                else f"[B, {c}, T, h, w]"
+            ]
             if self.packing == "tokens":
                 forms.append(f"packed [B, T*h*w, {c}] with height and width")
             return " or ".join(forms)
@@ -184,7 +195,11 @@ class LatentLayout:
         if self.patch == 1:
             return latents
         p, (b, c, h, w) = self.patch, latents.shape
-        return latents.reshape(b, c // (p * p), p, p, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c // (p * p), h * p, w * p)
+        return (
+            latents.reshape(b, c // (p * p), p, p, h, w)
+            .permute(0, 1, 4, 2, 5, 3)
+            .reshape(b, c // (p * p), h * p, w * p)
+        )
 
     def as_pipeline_holds(self, latents: torch.Tensor) -> torch.Tensor:
         """Canonical -> the layout the pipeline holds (an encode's reply)."""
@@ -223,7 +238,9 @@ def check_dims(shape: tuple[int, ...]) -> None:
         raise RequestError(f"shape {list(shape)} has a dimension below 1; every dimension must be a positive integer")
 
 
-def plan_decode(shape: tuple[int, ...], family: Family, height: int | None, width: int | None, packed_memory: str | None = None) -> LatentPlan:
+def plan_decode(
+    shape: tuple[int, ...], family: Family, height: int | None, width: int | None, packed_memory: str | None = None
+) -> LatentPlan:
     check_dims(shape)
     layout = LatentLayout.of(family)
     kind = "video" if family.is_video else "image"
@@ -248,10 +265,14 @@ def _plan_image(shape, layout: LatentLayout, height, width, expected: str) -> La
     if len(shape) == 5 and layout.frame_axis and shape[1:3] == (channels, 1):
         return LatentPlan(shape, batch, shape[3] * p, shape[4] * p)
     if len(shape) == 4 and shape[1] == channels:
-        return LatentPlan(shape, batch, shape[2] * p, shape[3] * p, "no_frame_axis" if layout.frame_axis else "canonical")
+        return LatentPlan(
+            shape, batch, shape[2] * p, shape[3] * p, "no_frame_axis" if layout.frame_axis else "canonical"
+        )
     if len(shape) == 4 and p > 1 and shape[1] == layout.channels:
         if shape[2] % p or shape[3] % p:
-            raise RequestError(f"latent {list(shape)} is the VAE's own; its sides must be multiples of {p} to fold into the pipeline's {channels} channels")
+            raise RequestError(
+                f"latent {list(shape)} is the VAE's own; its sides must be multiples of {p} to fold into the pipeline's {channels} channels"
+            )
         return LatentPlan(shape, batch, shape[2], shape[3], "unfolded")
     if len(shape) in (4, 5) and shape[1] not in (channels, layout.channels):
         raise RequestError(f"latent has {shape[1]} channels, but {expected}")
@@ -278,7 +299,9 @@ def _plan_video(shape, layout: LatentLayout, height, width, expected: str) -> La
 def _plan_packed(shape, layout: LatentLayout, height, width, expected: str) -> LatentPlan:
     batch, seq, features = shape
     if height is None or width is None:
-        raise RequestError(f"packed latent {list(shape)} needs the image's pixel height and width (query height=..&width=..)")
+        raise RequestError(
+            f"packed latent {list(shape)} needs the image's pixel height and width (query height=..&width=..)"
+        )
     if layout.packing == "patches":
         # Flux.1 packs 2x2 patches of the latent into one token of 4*C features.
         if features % 4 or features // 4 != layout.pipeline_channels:
@@ -295,10 +318,16 @@ def _plan_packed(shape, layout: LatentLayout, height, width, expected: str) -> L
         h, w = height // cell, width // cell
         frames = max(1, seq // (h * w)) if h * w and layout.video else 1
         tokens = h * w * frames
-        grid = f"{h}x{w} cells of {cell}x{cell} pixels" + (" per latent frame, so a multiple of that" if layout.video else "")
-        plan = LatentPlan(shape, batch, h * layout.patch, w * layout.patch, "tokens", latent_frames=frames if layout.video else None)
+        grid = f"{h}x{w} cells of {cell}x{cell} pixels" + (
+            " per latent frame, so a multiple of that" if layout.video else ""
+        )
+        plan = LatentPlan(
+            shape, batch, h * layout.patch, w * layout.patch, "tokens", latent_frames=frames if layout.video else None
+        )
     if tokens == 0 or seq != tokens:
-        raise RequestError(f"packed latent has {seq} tokens, but height={height} width={width} means {tokens} tokens ({grid})")
+        raise RequestError(
+            f"packed latent has {seq} tokens, but height={height} width={width} means {tokens} tokens ({grid})"
+        )
     return plan
 
 
@@ -337,14 +366,18 @@ def to_canonical(latents: torch.Tensor, plan: LatentPlan, layout: LatentLayout) 
 
 def check_batch(batch: int, max_batch: int) -> None:
     if batch > max_batch:
-        raise RequestError(f"batch of {batch}; this server takes at most {max_batch} images or videos per request", status=413)
+        raise RequestError(
+            f"batch of {batch}; this server takes at most {max_batch} images or videos per request", status=413
+        )
 
 
 def check_finite(values: torch.Tensor, what: str, expected: str = "") -> None:
     """NaN or infinity in is refused, not decoded: it would come out as black or garbage pixels."""
     bad = values.numel() - int(values.isfinite().sum())
     if bad:
-        raise RequestError(f"{what} holds {bad} NaN or infinite value(s); expected finite values{' ' + expected if expected else ''}")
+        raise RequestError(
+            f"{what} holds {bad} NaN or infinite value(s); expected finite values{' ' + expected if expected else ''}"
+        )
 
 
 def check_sides(height: int, width: int, family: Family, what: str = "image") -> None:
@@ -362,7 +395,10 @@ def check_image_size(batch: int, height: int, width: int, family: Family, max_pi
     check_sides(height, width, family)
     pixels = batch * height * width
     if pixels > max_pixels:
-        raise RequestError(f"{batch} image(s) of {width}x{height} = {pixels} pixels; this server accepts at most {max_pixels}", status=413)
+        raise RequestError(
+            f"{batch} image(s) of {width}x{height} = {pixels} pixels; this server accepts at most {max_pixels}",
+            status=413,
+        )
 
 
 def frame_step(family: Family) -> int:
@@ -404,7 +440,11 @@ def check_output_size(plan: LatentPlan, family: Family, max_pixels: int) -> None
     pixels = plan.output_pixels(family)
     if pixels > max_pixels:
         width, height = plan.output_size(family)
-        what = f"{plan.batch} video(s) of {plan.output_frames(family)} frames" if plan.latent_frames else f"{plan.batch} image(s)"
+        what = (
+            f"{plan.batch} video(s) of {plan.output_frames(family)} frames"
+            if plan.latent_frames
+            else f"{plan.batch} image(s)"
+        )
         raise RequestError(
             f"latent {list(plan.wire_shape)} decodes to {what} of {width}x{height} = {pixels} pixels; "
             f"this server returns at most {max_pixels}",

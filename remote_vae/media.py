@@ -32,6 +32,7 @@ from diffusers.video_processor import VideoProcessor
 
 from .device import DevicePath, to_host
 from .errors import RequestError
+from .settings import Settings
 
 log = logging.getLogger("remote_vae")
 
@@ -47,6 +48,7 @@ INPUT_DTYPES = ("float16", "bfloat16", "float32")
 # Pillow format names by the names clients use (`image_format`, Accept).
 IMAGE_FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
 MEDIA_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
+
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
@@ -93,7 +95,7 @@ def tensor_to_bytes(tensor: torch.Tensor) -> bytes:
 
 # zlib level of PNG replies. Measured on photos (docs/benchmarks.md): level 1 writes 3.3-4.6x faster
 # than Pillow's default 6 for 7-10% more bytes; 0 is twice as fast again but 60-85% larger.
-PNG_COMPRESSION = 1
+PNG_COMPRESSION = Settings.png_compression
 
 
 @dataclass(frozen=True)
@@ -134,7 +136,9 @@ JpegEncoder = Callable[[torch.Tensor, int], bytes]
 
 
 def _torchvision_encode_jpeg():
-    from torchvision.io import encode_jpeg  # optional: images with CUDA torch ship it; pip has no CPU build to test with
+    from torchvision.io import (
+        encode_jpeg,
+    )  # optional: images with CUDA torch ship it; pip has no CPU build to test with
 
     return encode_jpeg
 
@@ -260,9 +264,15 @@ def write_mp4(frames: Iterable[np.ndarray], width: int, height: int, options: Mp
         # +faststart rewrites the file once it is complete, so ffmpeg needs a seekable file, not a pipe.
         path = Path(folder) / "video.mp4"
         writer = imageio_ffmpeg.write_frames(
-            str(path), (width, height), fps=options.fps, codec="libx264", pix_fmt_out="yuv420p", quality=None,
+            str(path),
+            (width, height),
+            fps=options.fps,
+            codec="libx264",
+            pix_fmt_out="yuv420p",
+            quality=None,
             macro_block_size=2,  # yuv420p needs even sides; ours are multiples of 8, so nothing is rescaled
-            output_params=["-crf", str(options.crf), "-movflags", "+faststart"], ffmpeg_log_level="error",
+            output_params=["-crf", str(options.crf), "-movflags", "+faststart"],
+            ffmpeg_log_level="error",
         )
         writer.send(None)
         try:
@@ -322,7 +332,9 @@ class VideoPostprocessor(Postprocessor):
         for index in range(batch):
             for start in range(0, frames, self.FRAMES_AT_ONCE):
                 chunk = videos[index, start : start + self.FRAMES_AT_ONCE].numpy()
-                out[index : index + 1, :, start : start + self.FRAMES_AT_ONCE] = self.processor.preprocess_video(chunk.astype(np.float32) / 255.0)
+                out[index : index + 1, :, start : start + self.FRAMES_AT_ONCE] = self.processor.preprocess_video(
+                    chunk.astype(np.float32) / 255.0
+                )
         return out
 
 
@@ -426,7 +438,9 @@ class FrameRouter:
         if frames.shape[0] == len(self.rows):
             indices = range(len(self.rows))
         else:
-            indices = [next(index for index, count in enumerate(self.received) if count < self.frames_per_row)]  # sliced: the row being decoded
+            indices = [
+                next(index for index, count in enumerate(self.received) if count < self.frames_per_row)
+            ]  # sliced: the row being decoded
         for index, clip in zip(indices, frames):
             self.received[index] += clip.shape[1]
             if self.rows[index] is not None:

@@ -33,6 +33,10 @@ from typing import Callable
 
 from .errors import RequestError
 
+# What a body costs the budget per byte received: the chunks and their join (2), or for JSON the text, its parse and
+# the base64 payload decoded (4).
+BODY_COST, JSON_BODY_COST = 2, 4
+
 log = logging.getLogger("remote_vae")
 
 MIB = 1 << 20
@@ -106,14 +110,21 @@ class MemoryBudget:
 
     def _busy(self, reason: str) -> RequestError:
         self.refused += 1
-        return RequestError(f"the server is at its memory budget ({size_text(self.limit)} for requests in flight, --memory-budget): {reason}; "
-                            "retry after the Retry-After seconds", status=503, headers={"Retry-After": str(self.retry_after())})
+        return RequestError(
+            f"the server is at its memory budget ({size_text(self.limit)} for requests in flight, --memory-budget): {reason}; "
+            "retry after the Retry-After seconds",
+            status=503,
+            headers={"Retry-After": str(self.retry_after())},
+        )
 
     def _too_large(self, reservation: "Reservation", extra: int) -> RequestError | None:
         if reservation.held + extra <= self.limit:
             return None
-        return RequestError(f"this request needs {size_text(reservation.held + extra)} of host memory ({reservation.purpose}); "
-                            f"this server's --memory-budget holds {size_text(self.limit)} for all requests at once", status=413)
+        return RequestError(
+            f"this request needs {size_text(reservation.held + extra)} of host memory ({reservation.purpose}); "
+            f"this server's --memory-budget holds {size_text(self.limit)} for all requests at once",
+            status=413,
+        )
 
     def _take_now(self, reservation: "Reservation", extra: int) -> bool:
         """Grant at once if nobody waits and it fits (any thread)."""
@@ -247,7 +258,9 @@ def release_free_memory(reserved: int = TRIM_AFTER_BYTES) -> None:
 
     def trim() -> None:
         try:
-            for delay in TRIM_DELAYS:  # the requests' last objects (a reply's bytes, a job's tensors) are freed as they unwind
+            for (
+                delay
+            ) in TRIM_DELAYS:  # the requests' last objects (a reply's bytes, a job's tensors) are freed as they unwind
                 time.sleep(delay)
                 _LIBC.malloc_trim(0)
         finally:

@@ -27,7 +27,14 @@ import uuid
 from typing import Callable, Iterable
 
 import torch
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, disable_created_metrics, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .admission import WorkQueue
@@ -50,21 +57,55 @@ class Metrics:
 
     content_type = "text/plain; version=0.0.4; charset=utf-8"
 
-    def __init__(self, queue: WorkQueue, vaes: Callable[[], Iterable[LoadedVae]], memory: MemoryBudget | None = None,
-                 connections: ConnectionStats | None = None):
+    def __init__(
+        self,
+        queue: WorkQueue,
+        vaes: Callable[[], Iterable[LoadedVae]],
+        memory: MemoryBudget | None = None,
+        connections: ConnectionStats | None = None,
+    ):
         self.registry = CollectorRegistry()
-        self.requests = Counter("remote_vae_requests", "Requests answered, by family, operation and HTTP status",
-                                ["family", "operation", "status"], registry=self.registry)
-        self.request_seconds = Histogram("remote_vae_request_duration_seconds", "Whole-request latency",
-                                         ["family", "operation"], buckets=SECONDS_BUCKETS, registry=self.registry)
-        self.stage_seconds = Histogram("remote_vae_stage_duration_seconds", "Latency of each stage: " + ", ".join(STAGES),
-                                       ["family", "stage"], buckets=SECONDS_BUCKETS, registry=self.registry)
-        self.batch_size = Histogram("remote_vae_batch_size", "Images or videos per request that reached the device",
-                                    ["family", "operation"], buckets=BATCH_BUCKETS, registry=self.registry)
-        self.model_call_images = Histogram("remote_vae_model_call_images", "Images or videos per model call (several requests' when batched)",
-                                           ["family", "operation"], buckets=BATCH_BUCKETS, registry=self.registry)
-        self.model_call_requests = Histogram("remote_vae_model_call_requests", "Requests coalesced into one model call",
-                                             ["family", "operation"], buckets=BATCH_BUCKETS, registry=self.registry)
+        self.requests = Counter(
+            "remote_vae_requests",
+            "Requests answered, by family, operation and HTTP status",
+            ["family", "operation", "status"],
+            registry=self.registry,
+        )
+        self.request_seconds = Histogram(
+            "remote_vae_request_duration_seconds",
+            "Whole-request latency",
+            ["family", "operation"],
+            buckets=SECONDS_BUCKETS,
+            registry=self.registry,
+        )
+        self.stage_seconds = Histogram(
+            "remote_vae_stage_duration_seconds",
+            "Latency of each stage: " + ", ".join(STAGES),
+            ["family", "stage"],
+            buckets=SECONDS_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "remote_vae_batch_size",
+            "Images or videos per request that reached the device",
+            ["family", "operation"],
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.model_call_images = Histogram(
+            "remote_vae_model_call_images",
+            "Images or videos per model call (several requests' when batched)",
+            ["family", "operation"],
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.model_call_requests = Histogram(
+            "remote_vae_model_call_requests",
+            "Requests coalesced into one model call",
+            ["family", "operation"],
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
         ProcessCollector(registry=self.registry)  # process_resident_memory_bytes and friends
         self.registry.register(_LiveState(queue, vaes, memory, connections))
 
@@ -79,8 +120,13 @@ class Metrics:
 class _LiveState:
     """Gauges read at scrape time: the queue, device memory, out-of-memory events."""
 
-    def __init__(self, queue: WorkQueue, vaes: Callable[[], Iterable[LoadedVae]], memory: MemoryBudget | None,
-                 connections: ConnectionStats | None):
+    def __init__(
+        self,
+        queue: WorkQueue,
+        vaes: Callable[[], Iterable[LoadedVae]],
+        memory: MemoryBudget | None,
+        connections: ConnectionStats | None,
+    ):
         self.queue = queue
         self.vaes = vaes
         self.memory = memory
@@ -93,33 +139,76 @@ class _LiveState:
         queue = self.queue
         yield GaugeMetricFamily("remote_vae_queue_length", "Requests waiting for the device", value=queue.waiting)
         yield GaugeMetricFamily("remote_vae_running", "Requests on the device now", value=queue.running)
-        yield GaugeMetricFamily("remote_vae_receiving", "Requests whose bodies are being read (no place held yet)", value=queue.receiving)
-        yield GaugeMetricFamily("remote_vae_admitted", "Requests holding a place (decoding, waiting, running or rendering)", value=queue.admitted)
-        yield GaugeMetricFamily("remote_vae_queue_capacity", "Most requests admitted at once; more get 503", value=queue.capacity)
-        yield GaugeMetricFamily("inf_queue_size", "Requests waiting (the Inference Toolkit's name)", value=queue.waiting)
-        yield GaugeMetricFamily("inf_batch_current_size", "Images or videos on the device now (the Inference Toolkit's name)", value=queue.current_batch)
+        yield GaugeMetricFamily(
+            "remote_vae_receiving", "Requests whose bodies are being read (no place held yet)", value=queue.receiving
+        )
+        yield GaugeMetricFamily(
+            "remote_vae_admitted",
+            "Requests holding a place (decoding, waiting, running or rendering)",
+            value=queue.admitted,
+        )
+        yield GaugeMetricFamily(
+            "remote_vae_queue_capacity", "Most requests admitted at once; more get 503", value=queue.capacity
+        )
+        yield GaugeMetricFamily(
+            "inf_queue_size", "Requests waiting (the Inference Toolkit's name)", value=queue.waiting
+        )
+        yield GaugeMetricFamily(
+            "inf_batch_current_size",
+            "Images or videos on the device now (the Inference Toolkit's name)",
+            value=queue.current_batch,
+        )
         if (budget := self.memory) is not None:
-            yield GaugeMetricFamily("remote_vae_memory_budget_bytes", "Host memory the requests in flight may hold at once (--memory-budget)", value=budget.limit)
-            yield GaugeMetricFamily("remote_vae_memory_reserved_bytes", "Host memory reserved by requests in flight now", value=budget.in_use)
-            yield GaugeMetricFamily("remote_vae_memory_reserved_peak_bytes", "The most reserved at once since start-up", value=budget.peak)
-            yield GaugeMetricFamily("remote_vae_memory_waiting", "Requests waiting for their memory to be reserved", value=budget.waiting)
-            yield CounterMetricFamily("remote_vae_memory_refused", "Requests refused with 503 for memory", value=budget.refused)
+            yield GaugeMetricFamily(
+                "remote_vae_memory_budget_bytes",
+                "Host memory the requests in flight may hold at once (--memory-budget)",
+                value=budget.limit,
+            )
+            yield GaugeMetricFamily(
+                "remote_vae_memory_reserved_bytes",
+                "Host memory reserved by requests in flight now",
+                value=budget.in_use,
+            )
+            yield GaugeMetricFamily(
+                "remote_vae_memory_reserved_peak_bytes", "The most reserved at once since start-up", value=budget.peak
+            )
+            yield GaugeMetricFamily(
+                "remote_vae_memory_waiting", "Requests waiting for their memory to be reserved", value=budget.waiting
+            )
+            yield CounterMetricFamily(
+                "remote_vae_memory_refused", "Requests refused with 503 for memory", value=budget.refused
+            )
         if (stats := self.connections) is not None:
             yield GaugeMetricFamily("remote_vae_connections_open", "HTTP connections open now", value=stats.open)
-            yield GaugeMetricFamily("remote_vae_connections_limit", "The most connections open at once (--max-connections)", value=stats.limit)
-            closed = CounterMetricFamily("remote_vae_connections_closed", "Connections the server closed, by reason", labels=["reason"])
+            yield GaugeMetricFamily(
+                "remote_vae_connections_limit",
+                "The most connections open at once (--max-connections)",
+                value=stats.limit,
+            )
+            closed = CounterMetricFamily(
+                "remote_vae_connections_closed", "Connections the server closed, by reason", labels=["reason"]
+            )
             for reason, count in stats.closed.items():
                 closed.add_metric([reason], count)
             yield closed
         vaes = list(self.vaes())
-        memory = GaugeMetricFamily("remote_vae_device_memory_bytes", "Device memory: torch allocated / reserved / peak and device total on CUDA; resident set on CPU", labels=["device", "kind"])
+        memory = GaugeMetricFamily(
+            "remote_vae_device_memory_bytes",
+            "Device memory: torch allocated / reserved / peak and device total on CUDA; resident set on CPU",
+            labels=["device", "kind"],
+        )
         for device in sorted({str(vae.device) for vae in vaes}):
             for kind, value in device_memory(torch.device(device)).items():
                 memory.add_metric([device, kind], value)
         yield memory
-        oom = CounterMetricFamily("remote_vae_out_of_memory", "Device out-of-memory events, by outcome", labels=["family", "outcome"])
-        calls = CounterMetricFamily("remote_vae_model_calls", "Model calls, by how they ran: whole batch, sliced (one sample at a time) or tiled",
-                                    labels=["family", "mode"])
+        oom = CounterMetricFamily(
+            "remote_vae_out_of_memory", "Device out-of-memory events, by outcome", labels=["family", "outcome"]
+        )
+        calls = CounterMetricFamily(
+            "remote_vae_model_calls",
+            "Model calls, by how they ran: whole batch, sliced (one sample at a time) or tiled",
+            labels=["family", "mode"],
+        )
         for vae in vaes:
             for outcome, count in vae.oom_events.items():
                 oom.add_metric([vae.family.name, outcome], count)
@@ -132,8 +221,13 @@ class _LiveState:
 def device_memory(device: torch.device) -> dict[str, int]:
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        return {"allocated": torch.cuda.memory_allocated(device), "reserved": torch.cuda.memory_reserved(device),
-                "peak_allocated": torch.cuda.max_memory_allocated(device), "free": free, "total": total}
+        return {
+            "allocated": torch.cuda.memory_allocated(device),
+            "reserved": torch.cuda.memory_reserved(device),
+            "peak_allocated": torch.cuda.max_memory_allocated(device),
+            "free": free,
+            "total": total,
+        }
     return {"resident": resident_bytes()}
 
 
@@ -192,10 +286,23 @@ class RequestLog:
             family, operation = state.get("family", "-"), state.get("operation", "-")
             self.metrics.observe_request(family, operation, status, seconds)
             client = scope.get("client") or ("-", 0)
-            received = next((value.decode("latin-1") for name, value in scope["headers"] if name == b"content-length"), "-")
+            received = next(
+                (value.decode("latin-1") for name, value in scope["headers"] if name == b"content-length"), "-"
+            )
             path = scope["path"][:200].encode("unicode_escape").decode("ascii")  # one line, whatever the path holds
-            log.info('%s %s "%s %s" %d in=%s out=%d %.1fms %s %s', rid, client[0], scope["method"], path,
-                     status, received[:20], sent, seconds * 1000, family, operation)
+            log.info(
+                '%s %s "%s %s" %d in=%s out=%d %.1fms %s %s',
+                rid,
+                client[0],
+                scope["method"],
+                path,
+                status,
+                received[:20],
+                sent,
+                seconds * 1000,
+                family,
+                operation,
+            )
 
         async def send_with_id(message):
             nonlocal status, sent

@@ -19,35 +19,97 @@ BOTH, DECODE, ENCODE = ("decode", "encode"), ("decode",), ("encode",)
 
 # name: (JSON schema, what it does, the operations that read it). Lists are repeated keys (shape=1&shape=4&...).
 PARAMETERS: dict[str, tuple[dict[str, Any], str, tuple[str, ...]]] = {
-    "shape": ({"type": "array", "items": {"type": "integer", "minimum": 1}},
-              "The body tensor's shape, one repeated key per dimension (shape=1&shape=4&shape=64&shape=64). Decode: the latent, "
-              "[B, C, h, w] or [B, C, T, h, w] or packed [B, seq, features]; encode: an image tensor [B, 3, H, W] (video "
-              "[B, 3, F, H, W]) in -1..1. Omitted when encoding an image or video file.", BOTH),
-    "dtype": ({"type": "string", "enum": list(DTYPES)}, "The body tensor's dtype (little-endian; bfloat16 as raw 2-byte words).", BOTH),
-    "scaling_factor": ({"type": "number"}, "Decode: latent / scaling_factor before the VAE; encode: latent * scaling_factor after it.", BOTH),
-    "shift_factor": ({"type": "number"}, "Decode: + shift_factor after unscaling; encode: - shift_factor before scaling.", BOTH),
-    "do_scaling": ({"type": "boolean"}, "True with no factors: the family's own normalisation (per-channel families take only this); "
-                   "False or nothing: the latent is the VAE's own. Explicit factors win.", BOTH),
-    "output_type": ({"type": "string", "enum": ["pil", "pt", "mp4"]},
-                    "pil: an image file (or, with Accept: tensor/binary, float pixels 0..1); pt: a tensor; mp4: an H.264 video. "
-                    "Missing: inferred from Accept.", DECODE),
-    "partial_postprocess": ({"type": "boolean"}, "With output_type=pt: uint8 pixels [B, H, W, 3] (a video: [F, H, W, 3]) instead of the VAE's raw output.", DECODE),
-    "image_format": ({"type": "string", "enum": ["jpg", "jpeg", "png", "webp"], "default": "jpg"}, "With output_type=pil: the image file's format.", DECODE),
+    "shape": (
+        {"type": "array", "items": {"type": "integer", "minimum": 1}},
+        "The body tensor's shape, one repeated key per dimension (shape=1&shape=4&shape=64&shape=64). Decode: the latent, "
+        "[B, C, h, w] or [B, C, T, h, w] or packed [B, seq, features]; encode: an image tensor [B, 3, H, W] (video "
+        "[B, 3, F, H, W]) in -1..1. Omitted when encoding an image or video file.",
+        BOTH,
+    ),
+    "dtype": (
+        {"type": "string", "enum": list(DTYPES)},
+        "The body tensor's dtype (little-endian; bfloat16 as raw 2-byte words).",
+        BOTH,
+    ),
+    "scaling_factor": (
+        {"type": "number"},
+        "Decode: latent / scaling_factor before the VAE; encode: latent * scaling_factor after it.",
+        BOTH,
+    ),
+    "shift_factor": (
+        {"type": "number"},
+        "Decode: + shift_factor after unscaling; encode: - shift_factor before scaling.",
+        BOTH,
+    ),
+    "do_scaling": (
+        {"type": "boolean"},
+        "True with no factors: the family's own normalisation (per-channel families take only this); "
+        "False or nothing: the latent is the VAE's own. Explicit factors win.",
+        BOTH,
+    ),
+    "output_type": (
+        {"type": "string", "enum": ["pil", "pt", "mp4"]},
+        "pil: an image file (or, with Accept: tensor/binary, float pixels 0..1); pt: a tensor; mp4: an H.264 video. "
+        "Missing: inferred from Accept.",
+        DECODE,
+    ),
+    "partial_postprocess": (
+        {"type": "boolean"},
+        "With output_type=pt: uint8 pixels [B, H, W, 3] (a video: [F, H, W, 3]) instead of the VAE's raw output.",
+        DECODE,
+    ),
+    "image_format": (
+        {"type": "string", "enum": ["jpg", "jpeg", "png", "webp"], "default": "jpg"},
+        "With output_type=pil: the image file's format.",
+        DECODE,
+    ),
     "quality": ({"type": "number"}, "JPEG / WebP quality 1..100; for mp4, imageio's 0..10 (10 best).", DECODE),
-    "png_compression": ({"type": "integer", "minimum": 0, "maximum": 9}, "zlib level of a PNG reply (the pixels are the same at every level).", DECODE),
+    "png_compression": (
+        {"type": "integer", "minimum": 0, "maximum": 9},
+        "zlib level of a PNG reply (the pixels are the same at every level).",
+        DECODE,
+    ),
     "fps": ({"type": "number", "minimum": 1, "maximum": 240}, "Frame rate of an mp4 reply.", DECODE),
-    "crf": ({"type": "integer", "minimum": 0, "maximum": 51}, "x264's constant rate factor of an mp4 reply (lower is better).", DECODE),
-    "height": ({"type": "integer", "minimum": 1}, "Pixel height, for packed (3-D) latents only; ignored otherwise.", DECODE),
-    "width": ({"type": "integer", "minimum": 1}, "Pixel width, for packed (3-D) latents only; ignored otherwise.", DECODE),
-    "packed_memory": ({"type": "string", "enum": ["channels_first", "tokens_first"]}, "Which memory order a packed latent's bytes are in.", DECODE),
+    "crf": (
+        {"type": "integer", "minimum": 0, "maximum": 51},
+        "x264's constant rate factor of an mp4 reply (lower is better).",
+        DECODE,
+    ),
+    "height": (
+        {"type": "integer", "minimum": 1},
+        "Pixel height, for packed (3-D) latents only; ignored otherwise.",
+        DECODE,
+    ),
+    "width": (
+        {"type": "integer", "minimum": 1},
+        "Pixel width, for packed (3-D) latents only; ignored otherwise.",
+        DECODE,
+    ),
+    "packed_memory": (
+        {"type": "string", "enum": ["channels_first", "tokens_first"]},
+        "Which memory order a packed latent's bytes are in.",
+        DECODE,
+    ),
     "decode_timestep": ({"type": "number"}, "LTX-Video: the decode timestep its pipeline passes.", DECODE),
-    "decode_noise_scale": ({"type": "number"}, "LTX-Video: noise mixed into the latent before decoding, as its pipeline does.", DECODE),
+    "decode_noise_scale": (
+        {"type": "number"},
+        "LTX-Video: noise mixed into the latent before decoding, as its pipeline does.",
+        DECODE,
+    ),
     "decode_noise_seed": ({"type": "integer", "minimum": 0}, "LTX-Video: the seed of that noise.", DECODE),
-    "tiling": ({"type": "string", "enum": ["exact", "blend"]}, "exact: tiles equal to the untiled result; blend: diffusers' blended tiles. "
-               "Missing: the family's default (exact where it has an exact path, unless its config says blend).", BOTH),
+    "tiling": (
+        {"type": "string", "enum": ["exact", "blend"]},
+        "exact: tiles equal to the untiled result; blend: diffusers' blended tiles. "
+        "Missing: the family's default (exact where it has an exact path, unless its config says blend).",
+        BOTH,
+    ),
 }
 
-ERROR = {"type": "object", "properties": {"error": {"type": "string", "description": "what was wrong and what was expected"}}, "required": ["error"]}
+ERROR = {
+    "type": "object",
+    "properties": {"error": {"type": "string", "description": "what was wrong and what was expected"}},
+    "required": ["error"],
+}
 ERRORS = {
     "400": "Malformed request: wrong body size for shape and dtype, bad shape for the family, bad parameter, NaN in the tensor.",
     "401": "A POST without a valid `Authorization: Bearer KEY` (when the server has API keys).",
@@ -61,12 +123,28 @@ TENSOR_HEADERS = {
     "dtype": {"description": "float16, bfloat16, float32 or uint8", "schema": {"type": "string"}},
 }
 BINARY = {"schema": {"type": "string", "format": "binary"}}
-JSON_FORM = {"schema": {"type": "object", "properties": {"inputs": {"type": "string", "description": "base64 of the raw tensor bytes"},
-                                                         "parameters": {"type": "object", "description": "query parameters, shape and dtype among them"}}}}
+JSON_FORM = {
+    "schema": {
+        "type": "object",
+        "properties": {
+            "inputs": {"type": "string", "description": "base64 of the raw tensor bytes"},
+            "parameters": {"type": "object", "description": "query parameters, shape and dtype among them"},
+        },
+    }
+}
 DECODE_BODIES = {"tensor/binary": BINARY, "tensor/base64": JSON_FORM, "application/json": JSON_FORM}
-ENCODE_BODIES = {"tensor/binary": BINARY, **{kind: BINARY for kind in ("image/png", "image/jpeg", "image/webp", "video/mp4", "video/webm", "image/gif")}}
-DECODE_REPLIES = {"image/jpeg": BINARY, "image/png": BINARY, "image/webp": BINARY, "video/mp4": BINARY, "tensor/binary": BINARY,
-                  "application/json": JSON_FORM}
+ENCODE_BODIES = {
+    "tensor/binary": BINARY,
+    **{kind: BINARY for kind in ("image/png", "image/jpeg", "image/webp", "video/mp4", "video/webm", "image/gif")},
+}
+DECODE_REPLIES = {
+    "image/jpeg": BINARY,
+    "image/png": BINARY,
+    "image/webp": BINARY,
+    "video/mp4": BINARY,
+    "tensor/binary": BINARY,
+    "application/json": JSON_FORM,
+}
 
 
 def document(routes: list[tuple[str, str, str]], families: dict[str, Family], api_keys: bool) -> dict[str, Any]:
@@ -79,12 +157,17 @@ def document(routes: list[tuple[str, str, str]], families: dict[str, Family], ap
         paths.setdefault(path, {})[method.lower()] = _operation(what, family, api_keys and method == "POST")
     components: dict[str, Any] = {"schemas": {"Error": ERROR}}
     if api_keys:
-        components["securitySchemes"] = {"apiKey": {"type": "http", "scheme": "bearer", "description": "a key given to the server with --api-key"}}
+        components["securitySchemes"] = {
+            "apiKey": {"type": "http", "scheme": "bearer", "description": "a key given to the server with --api-key"}
+        }
     return {
         "openapi": "3.0.3",
-        "info": {"title": "remote-vae", "version": __version__,
-                 "description": "Decode diffusion latents to images, videos or tensors, and encode images and videos to latents, "
-                                "with the same pixels diffusers computes locally. Served families: " + ", ".join(families) + "."},
+        "info": {
+            "title": "remote-vae",
+            "version": __version__,
+            "description": "Decode diffusion latents to images, videos or tensors, and encode images and videos to latents, "
+            "with the same pixels diffusers computes locally. Served families: " + ", ".join(families) + ".",
+        },
         "paths": paths,
         "components": components,
     }
@@ -93,30 +176,62 @@ def document(routes: list[tuple[str, str, str]], families: dict[str, Family], ap
 def _operation(what: str, family: Family | None, secured: bool) -> dict[str, Any]:
     name = f" ({family.name})" if family else ""
     if what == "health":
-        return {"summary": f"Health{name}", "tags": ["status"],
-                "responses": {"200": _json("loaded: {status: ok, families: {name: ready}}"), "503": _json("still loading")}}
+        return {
+            "summary": f"Health{name}",
+            "tags": ["status"],
+            "responses": {"200": _json("loaded: {status: ok, families: {name: ready}}"), "503": _json("still loading")},
+        }
     if what == "families":
-        return {"summary": "The families served, with each one's path, latent forms and the scaling a client sends", "tags": ["status"],
-                "responses": {"200": _json("{families: {name: {path, status, video, latents, scaling, ...}}}")}}
+        return {
+            "summary": "The families served, with each one's path, latent forms and the scaling a client sends",
+            "tags": ["status"],
+            "responses": {"200": _json("{families: {name: {path, status, video, latents, scaling, ...}}}")},
+        }
     if what == "metrics":
-        return {"summary": "Prometheus metrics", "tags": ["status"], "responses": {"200": {"description": "Prometheus text", "content": {"text/plain": {}}}}}
+        return {
+            "summary": "Prometheus metrics",
+            "tags": ["status"],
+            "responses": {"200": {"description": "Prometheus text", "content": {"text/plain": {}}}},
+        }
     if what == "openapi":
         return {"summary": "This document", "tags": ["status"], "responses": {"200": _json("OpenAPI 3.0")}}
     if what == "docs":
-        return {"summary": "This page", "tags": ["status"], "responses": {"200": {"description": "HTML", "content": {"text/html": {}}}}}
+        return {
+            "summary": "This page",
+            "tags": ["status"],
+            "responses": {"200": {"description": "HTML", "content": {"text/html": {}}}},
+        }
     operations = {"predict": BOTH, "decode": DECODE, "encode": ENCODE}[what]
-    summary = {"predict": "Decode or encode, told apart by the request: a tensor/* or JSON body with a latent shape decodes, an image or a 3-channel tensor encodes",
-               "decode": "Decode latents to an image, video or tensor", "encode": "Encode images or a video to latents"}[what]
+    summary = {
+        "predict": "Decode or encode, told apart by the request: a tensor/* or JSON body with a latent shape decodes, an image or a 3-channel tensor encodes",
+        "decode": "Decode latents to an image, video or tensor",
+        "encode": "Encode images or a video to latents",
+    }[what]
     bodies = {**(DECODE_BODIES if "decode" in operations else {}), **(ENCODE_BODIES if "encode" in operations else {})}
     replies = DECODE_REPLIES if "decode" in operations else {"tensor/binary": BINARY}
     operation: dict[str, Any] = {
-        "summary": summary + name, "tags": [family.name if family else "vae"],
+        "summary": summary + name,
+        "tags": [family.name if family else "vae"],
         "description": _family_note(family),
-        "parameters": [_parameter(key, *spec[:2]) for key, spec in PARAMETERS.items() if set(spec[2]) & set(operations)],
+        "parameters": [
+            _parameter(key, *spec[:2]) for key, spec in PARAMETERS.items() if set(spec[2]) & set(operations)
+        ],
         "requestBody": {"required": True, "content": bodies},
-        "responses": {"200": {"description": "the result; tensors as raw bytes with shape and dtype headers", "headers": TENSOR_HEADERS, "content": replies},
-                      **{status: {"description": text, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-                         for status, text in ERRORS.items() if status != "401" or secured}},
+        "responses": {
+            "200": {
+                "description": "the result; tensors as raw bytes with shape and dtype headers",
+                "headers": TENSOR_HEADERS,
+                "content": replies,
+            },
+            **{
+                status: {
+                    "description": text,
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+                }
+                for status, text in ERRORS.items()
+                if status != "401" or secured
+            },
+        },
     }
     if secured:
         operation["security"] = [{"apiKey": []}]

@@ -43,16 +43,16 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from . import families
-from .cli import build_parser
+from .settings import Settings
 from .families import FamilyError
 
 # In a replica's own process: the registry its app serves, for the index's questions (set by the ingress builder).
 _registry = None
 
 
-def parse_options(family: str, options: list[str]) -> Any:
-    """`remote-vae serve FAMILY OPTIONS...` parsed as the command line would (REMOTE_VAE_* variables included)."""
-    return build_parser().parse_args(["serve", family, *[str(option) for option in options]])
+def parse_options(family: str, options: list[str]) -> Settings:
+    """`remote-vae serve FAMILY OPTIONS...` read as the command line would (REMOTE_VAE_* variables included)."""
+    return Settings.parse([family, *options])
 
 
 def replica_app(family: str, options: list[str]):
@@ -61,11 +61,12 @@ def replica_app(family: str, options: list[str]):
     from . import launch
     from .server import create_app
 
-    registry, serve_options, load = launch.plan(parse_options(family, options))
+    settings = parse_options(family, options)
+    registry, load = launch.plan(settings)
     for slot in registry.slots.values():
         slot.service = load(slot.family)
     _registry = registry
-    return create_app(registry, serve_options)
+    return create_app(registry, settings)
 
 
 class FamilyReplica:
@@ -83,7 +84,9 @@ def family_app(args: dict[str, Any]) -> Application:
     from . import launch
 
     name, options = args["family"], list(args.get("options", []))
-    launch.plan(parse_options(name, options))  # refuses bad options and unknown families now, on the driver, not in every replica
+    launch.plan(
+        parse_options(name, options)
+    )  # refuses bad options and unknown families now, on the driver, not in every replica
     ingress = serve.ingress(lambda: replica_app(name, options))(FamilyReplica)
     return serve.deployment(name=name, **args.get("deployment", {}))(ingress).bind()
 
@@ -111,9 +114,17 @@ def index_app(args: dict[str, Any]) -> Application:
         async def health(request: Request) -> JSONResponse:
             found = await documents()
             ready = all(document["status"] == "ready" for document in found.values())
-            body = {"status": "ok" if ready else "loading", "families": {name: {"path": f"/{name}/", "status": document["status"],
-                                                                               "operations": document.get("operations", [])}
-                                                                        for name, document in found.items()}}
+            body = {
+                "status": "ok" if ready else "loading",
+                "families": {
+                    name: {
+                        "path": f"/{name}/",
+                        "status": document["status"],
+                        "operations": document.get("operations", []),
+                    }
+                    for name, document in found.items()
+                },
+            }
             return JSONResponse(body, status_code=200 if ready else 503)
 
         async def described(request: Request) -> JSONResponse:
@@ -122,4 +133,3 @@ def index_app(args: dict[str, Any]) -> Application:
         return Starlette(routes=[Route("/", health), Route("/health", health), Route("/families", described)])
 
     return serve.deployment(name="index", **args.get("deployment", {}))(serve.ingress(build)(_Index)).bind()
-

@@ -38,16 +38,17 @@ from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Respon
 from starlette.routing import Route
 
 from . import openapi
-from .admission import ClientGone, QueueSettings, WorkQueue
+from .admission import ClientGone, WorkQueue
 from .auth import ApiKeyMiddleware
-from .batching import Batcher, BatchSettings
-from .connections import ConnectionSettings, ConnectionStats
+from .batching import Batcher
+from .connections import ConnectionStats
 from .errors import RequestError
 from .families import Family
 from .latents import LatentLayout
-from .memory import MemoryBudget, Reservation, auto_budget, release_free_memory
+from .memory import BODY_COST, JSON_BODY_COST, MemoryBudget, Reservation, auto_budget, release_free_memory
 from .observability import Metrics, RequestLog, StageTimer
-from .service import Limits, VaeService
+from .service import VaeService
+from .settings import Limits, Settings
 from .wire import (
     JSON_TYPES,
     HttpCall,
@@ -87,22 +88,6 @@ class Registry:
         return [slot.service.vae for slot in self.slots.values() if slot.service]
 
 
-@dataclass(frozen=True)
-class ServeOptions:
-    """How the HTTP layer guards the service."""
-
-    queue: QueueSettings = field(default_factory=QueueSettings)
-    batching: BatchSettings = field(default_factory=BatchSettings)
-    body_timeout: float = 120.0  # seconds to receive a whole body; slower gets 408
-    api_keys: tuple[str, ...] = ()  # none: no key needed
-    cors_origins: tuple[str, ...] = ()  # web pages on these origins may call the API from a browser; none: no CORS
-    memory_budget: int | None = None  # host bytes the requests in flight may hold at once (memory.py); None: auto
-    connections: ConnectionSettings = field(default_factory=ConnectionSettings)  # min_rate and rate_grace apply to bodies too
-
-
-# What a body costs the budget per byte received: the chunks and their join (2), or for JSON the text, its parse and
-# the base64 payload decoded (4).
-BODY_COST, JSON_BODY_COST = 2, 4
 REPLY_CHUNK = 256 * 1024  # a reply is written this much at a time, so the connection's buffer never holds a whole copy
 
 
@@ -110,7 +95,9 @@ REPLY_CHUNK = 256 * 1024  # a reply is written this much at a time, so the conne
 CORS_EXPOSED_HEADERS = ["shape", "dtype", "image-count", "video-count", "frame-count", "x-request-id", "retry-after"]
 
 
-def load_in_background(registry: Registry, load: Callable[[Family], VaeService], on_failure: Callable[[str], None]) -> threading.Thread:
+def load_in_background(
+    registry: Registry, load: Callable[[Family], VaeService], on_failure: Callable[[str], None]
+) -> threading.Thread:
     def run():
         for slot in registry.slots.values():
             if slot.unavailable:
@@ -152,7 +139,7 @@ class ReplyResponse(Response):
             self.sent()
 
 
-async def read_body(request: Request, limits: Limits, options: ServeOptions, reservation: Reservation) -> bytes:
+async def read_body(request: Request, limits: Limits, options: Settings, reservation: Reservation) -> bytes:
     """The body, each chunk reserved from the memory budget as it arrives. 413 past the body limit (JSON bodies: their
     own, smaller one), from Content-Length before reading; 408 if it arrives slower than the minimum rate after the grace
     period, or not within the body timeout. Waiting for memory does not count against the client."""
@@ -163,8 +150,11 @@ async def read_body(request: Request, limits: Limits, options: ServeOptions, res
         if not declared.isdigit():
             raise RequestError(f"Content-Length {declared!r} is not a byte count")
         if int(declared) > limit:
-            raise json_too_large(declared, limits) if json_body else RequestError(
-                f"body is {declared} bytes; this server accepts at most {limit}", status=413)
+            raise (
+                json_too_large(declared, limits)
+                if json_body
+                else RequestError(f"body is {declared} bytes; this server accepts at most {limit}", status=413)
+            )
     rate, grace, total = options.connections.min_rate, options.connections.rate_grace, options.body_timeout
     chunks, size, waited = [], 0, 0.0
     started = time.monotonic()
@@ -181,13 +171,19 @@ async def read_body(request: Request, limits: Limits, options: ServeOptions, res
             break
         except asyncio.TimeoutError:
             if by_rate < total - elapsed:
-                raise RequestError(f"the body arrived at {size / max(elapsed, 1e-9):.0f} bytes/s ({size} bytes in {elapsed:.1f} s); this server "
-                                   f"needs at least {rate} bytes/s after the first {grace:g} s", status=408) from None
+                raise RequestError(
+                    f"the body arrived at {size / max(elapsed, 1e-9):.0f} bytes/s ({size} bytes in {elapsed:.1f} s); this server "
+                    f"needs at least {rate} bytes/s after the first {grace:g} s",
+                    status=408,
+                ) from None
             raise RequestError(f"the body did not arrive within {total:g} s", status=408) from None
         size += len(chunk)
         if size > limit:
-            raise json_too_large(f"over {limit}", limits) if json_body else RequestError(
-                f"body is over {limit} bytes; this server accepts at most {limit}", status=413)
+            raise (
+                json_too_large(f"over {limit}", limits)
+                if json_body
+                else RequestError(f"body is over {limit} bytes; this server accepts at most {limit}", status=413)
+            )
         if chunk:
             before = time.monotonic()
             await reservation.grow(len(chunk) * cost, max(0.0, total - elapsed), "its body")
@@ -226,12 +222,21 @@ def health_response(slots: list[Slot]) -> JSONResponse:
 def family_document(slot: Slot, path: str) -> dict:
     """A served family as a client needs it: where to send, what latents it takes, the scaling to send with a pipeline's latents."""
     family, layout = slot.family, LatentLayout.of(slot.family)
-    return {"path": path, "status": slot.status, **({"error": slot.error} if slot.error else {}),
-            "operations": list(family.operations), "video": family.is_video,
-            "description": family.description, "weights": slot.service.vae.source if slot.service else family.hub_id, "latents": layout.describe(),
-            "latent_channels": layout.pipeline_channels, "spatial_compression": family.spatial_compression,
-            "temporal_compression": family.temporal_compression, "packed": layout.packing != "none",
-            "scaling": family.client_scaling()}
+    return {
+        "path": path,
+        "status": slot.status,
+        **({"error": slot.error} if slot.error else {}),
+        "operations": list(family.operations),
+        "video": family.is_video,
+        "description": family.description,
+        "weights": slot.service.vae.source if slot.service else family.hub_id,
+        "latents": layout.describe(),
+        "latent_channels": layout.pipeline_channels,
+        "spatial_compression": family.spatial_compression,
+        "temporal_compression": family.temporal_compression,
+        "packed": layout.packing != "none",
+        "scaling": family.client_scaling(),
+    }
 
 
 def family_routes(prefix: str, slot: Slot, guard: Guard) -> list[Route]:
@@ -249,7 +254,11 @@ def family_routes(prefix: str, slot: Slot, guard: Guard) -> list[Route]:
             if slot.unavailable:
                 return json_error(501, slot.error)
             if slot.service is None:
-                return json_error(503, f"{slot.family.name} is {slot.status}; retry when GET {prefix or '/'} answers 200", {"Retry-After": "5"})
+                return json_error(
+                    503,
+                    f"{slot.family.name} is {slot.status}; retry when GET {prefix or '/'} answers 200",
+                    {"Retry-After": "5"},
+                )
             return await guard.serve(request, slot.service, operation)
 
         return endpoint
@@ -265,14 +274,17 @@ def family_routes(prefix: str, slot: Slot, guard: Guard) -> list[Route]:
         routes.append(Route(f"{prefix}/families", described, methods=["GET"], name="families"))
     # The family's root, with and without the trailing slash (no redirect for POST bodies).
     for root in sorted({f"{prefix}/", prefix or "/"}):
-        routes += [Route(root, health, methods=["GET"], name="health"), Route(root, either, methods=["POST"], name="predict")]
+        routes += [
+            Route(root, health, methods=["GET"], name="health"),
+            Route(root, either, methods=["POST"], name="predict"),
+        ]
     return routes
 
 
 class Guard:
     """One POST through the memory budget, the queue, its family's batcher and the steps of wire.py, each step timed."""
 
-    def __init__(self, queue: WorkQueue, memory: MemoryBudget, metrics: Metrics, options: ServeOptions):
+    def __init__(self, queue: WorkQueue, memory: MemoryBudget, metrics: Metrics, options: Settings):
         self.queue = queue
         self.memory = memory
         self.metrics = metrics
@@ -304,7 +316,9 @@ class Guard:
         reservation.shrink_to(len(reply.body))  # what is left of the request now: its reply
         return ReplyResponse(reply, sent=reservation.release)
 
-    async def _answer(self, request: Request, service: VaeService, operation: str | None, reservation: Reservation) -> HttpReply:
+    async def _answer(
+        self, request: Request, service: VaeService, operation: str | None, reservation: Reservation
+    ) -> HttpReply:
         timer = StageTimer(self.metrics, service.family.name)
         batcher = self.batcher(service)
         started = time.monotonic()
@@ -315,7 +329,13 @@ class Guard:
                 body = await read_body(request, service.limits, self.options, reservation)
             finally:
                 self.queue.receiving -= 1
-            call = HttpCall(body, request.url.query, request.headers.get("content-type", ""), request.headers.get("accept", ""), operation)
+            call = HttpCall(
+                body,
+                request.url.query,
+                request.headers.get("content-type", ""),
+                request.headers.get("accept", ""),
+                operation,
+            )
             del body
             async with self.queue.place():
                 inspected, prepared = await run_in_threadpool(prepare_if_memory_is_free, service, call, reservation)
@@ -323,20 +343,26 @@ class Guard:
                 request.state.operation = inspected.operation
                 try:
                     if prepared is None:  # wait for its memory, then decode
-                        await reservation.grow(inspected.checked.hold_bytes, self.queue.settings.wait_timeout, inspected.checked.purpose)
+                        await reservation.grow(
+                            inspected.checked.hold_bytes, self.queue.settings.wait_timeout, inspected.checked.purpose
+                        )
                         prepared = await run_in_threadpool(prepare_inspected, service, inspected)
                 finally:
                     inspected.close()
                 arriving.close()
                 timer.observe("parse", started)
-                result = await batcher.run(prepared.job, until_disconnected(request))  # times the queue and inference stages
+                result = await batcher.run(
+                    prepared.job, until_disconnected(request)
+                )  # times the queue and inference stages
                 started = time.monotonic()
                 reply = await run_in_threadpool(render, prepared, result)
                 timer.observe("media", started)
                 return reply
 
 
-def prepare_if_memory_is_free(service: VaeService, call: HttpCall, reservation: Reservation) -> tuple[Inspected, Prepared | None]:
+def prepare_if_memory_is_free(
+    service: VaeService, call: HttpCall, reservation: Reservation
+) -> tuple[Inspected, Prepared | None]:
     """In a worker thread: check the request, and if what it will hold can be reserved at once, decode it too."""
     inspected = inspect_call(service, call)
     try:
@@ -367,13 +393,19 @@ def api_description_routes(routes: list[Route], families: dict[str, Family], api
         async def endpoint(request: Request) -> Response:
             request.state.operation = "docs"
             return FileResponse(files / name)
+
         return endpoint
 
-    return [Route("/openapi.json", openapi_endpoint, methods=["GET"], name="openapi"), Route("/docs", docs, methods=["GET"], name="docs")] + [
-        Route(f"/docs/{name}", asset(name), methods=["GET"], name="docs") for name in ("swagger-ui.css", "swagger-ui-bundle.js")]
+    return [
+        Route("/openapi.json", openapi_endpoint, methods=["GET"], name="openapi"),
+        Route("/docs", docs, methods=["GET"], name="docs"),
+    ] + [
+        Route(f"/docs/{name}", asset(name), methods=["GET"], name="docs")
+        for name in ("swagger-ui.css", "swagger-ui-bundle.js")
+    ]
 
 
-def create_app(registry: Registry, options: ServeOptions = ServeOptions(), connections: ConnectionStats | None = None):
+def create_app(registry: Registry, options: Settings = Settings(), connections: ConnectionStats | None = None):
     """The ASGI app: request log and metrics outermost, then CORS, then the API key check, then the routes.
 
     CORS sits outside the key check so that browsers' preflight requests (which carry no key)
@@ -394,10 +426,14 @@ def create_app(registry: Registry, options: ServeOptions = ServeOptions(), conne
     async def families_endpoint(request: Request) -> Response:
         request.state.operation = "families"
         prefix = "" if len(slots) == 1 else "{}/"
-        return JSONResponse({"families": {slot.family.name: family_document(slot, prefix.format(slot.family.name)) for slot in slots}})
+        return JSONResponse(
+            {"families": {slot.family.name: family_document(slot, prefix.format(slot.family.name)) for slot in slots}}
+        )
 
-    routes: list[Route] = [Route("/metrics", metrics_endpoint, methods=["GET"], name="metrics"),
-                           Route("/families", families_endpoint, methods=["GET"], name="families")]
+    routes: list[Route] = [
+        Route("/metrics", metrics_endpoint, methods=["GET"], name="metrics"),
+        Route("/families", families_endpoint, methods=["GET"], name="families"),
+    ]
     if len(slots) == 1:
         routes += family_routes("", slots[0], guard)
     else:
@@ -405,16 +441,30 @@ def create_app(registry: Registry, options: ServeOptions = ServeOptions(), conne
         async def index(request: Request) -> Response:
             request.state.operation = "health"
             status = health_status(slots)
-            families = {slot.family.name: {"path": f"/{slot.family.name}/", "status": slot.status, "operations": list(slot.family.operations)}
-                        | ({"error": slot.error} if slot.error else {}) for slot in slots}
+            families = {
+                slot.family.name: {
+                    "path": f"/{slot.family.name}/",
+                    "status": slot.status,
+                    "operations": list(slot.family.operations),
+                }
+                | ({"error": slot.error} if slot.error else {})
+                for slot in slots
+            }
             return JSONResponse({"status": status, "families": families}, status_code=200 if status == "ok" else 503)
 
-        routes += [Route("/", index, methods=["GET"], name="health"), Route("/health", index, methods=["GET"], name="health")]
+        routes += [
+            Route("/", index, methods=["GET"], name="health"),
+            Route("/health", index, methods=["GET"], name="health"),
+        ]
     for slot in slots:
         routes += family_routes(f"/{slot.family.name}", slot, guard)
     routes += api_description_routes(routes, {slot.family.name: slot.family for slot in slots}, bool(options.api_keys))
 
-    routes_hint = "POST / (or /predict, /decode, /encode)" if len(slots) == 1 else "POST /<family>/ for " + ", ".join(f"/{s.family.name}/" for s in slots)
+    routes_hint = (
+        "POST / (or /predict, /decode, /encode)"
+        if len(slots) == 1
+        else "POST /<family>/ for " + ", ".join(f"/{s.family.name}/" for s in slots)
+    )
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
         messages = {
@@ -432,7 +482,11 @@ def create_app(registry: Registry, options: ServeOptions = ServeOptions(), conne
         app = ApiKeyMiddleware(app, options.api_keys)
     if options.cors_origins:
         app = CORSMiddleware(
-            app, allow_origins=list(options.cors_origins), allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type", "Accept"], expose_headers=CORS_EXPOSED_HEADERS, max_age=3600,
+            app,
+            allow_origins=list(options.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "Accept"],
+            expose_headers=CORS_EXPOSED_HEADERS,
+            max_age=3600,
         )
     return RequestLog(app, metrics)

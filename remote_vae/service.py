@@ -31,8 +31,8 @@ from . import latents as latent_ops
 from .device import to_host
 from .errors import RequestError
 from .families import Family
+from .settings import Limits
 from .decoders import (
-    DEFAULT_DECODE_CPU_SECONDS,
     IMAGE_TYPES,
     VIDEO_TYPES,
     ImageHeader,
@@ -75,29 +75,6 @@ VIDEO_FORMS = ("raw", "uint8", "unit", "mp4")
 
 # Factors finite on their own can still overflow the latent (scaling_factor=1e-320, shift_factor=1e39): every output NaN.
 SCALED_FINITE = "in {dtype}: choose a scaling_factor and shift_factor that keep the scaled latent finite (e.g. the family's own: GET /families)"
-
-# --max-pixels on a GPU by default: one 8192x8192 image, which the exact tiled path decodes within memory.
-GPU_MAX_PIXELS = 8192 * 8192
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_body_bytes: int = 256 * 1024 * 1024
-    # Pixels over the whole batch, of a decode's output or an encode's input.
-    max_pixels: int = 4 * 2048 * 2048
-    # The same over every frame of a video batch: 2^27 holds 129 frames of 1280x720.
-    max_video_pixels: int = 1 << 27
-    # Images or videos in one request.
-    max_batch: int = 64
-    # CPU seconds any one image or video file may take to decode (each gets 1 s plus 250 ns a pixel, up to this).
-    decode_cpu_seconds: float = DEFAULT_DECODE_CPU_SECONDS
-
-    @property
-    def max_json_bytes(self) -> int:
-        """A JSON body carries parameters and one base64 payload, and parsing it holds the GIL: an eighth of the body limit
-        (32 MiB by default, 24 MiB of payload: any latent or image file a JSON client sends), at least 1 MiB."""
-        return min(self.max_body_bytes, max(1 << 20, self.max_body_bytes // 8))
-
 
 # -- what a request holds on the host ------------------------------------------------
 # Reserved from the memory budget (memory.py) before it is allocated, from the sizes alone. Measured against the code
@@ -147,7 +124,9 @@ class DecodeRequest:
     mp4: Mp4Options = field(default_factory=Mp4Options)
     image: ImageFile = field(default_factory=ImageFile)
     decode_timestep: "DecodeTimestep | None" = None
-    packed_memory: str | None = None  # token sequences: "channels_first" (the pipelines' memory, default) or "tokens_first"
+    packed_memory: str | None = (
+        None  # token sequences: "channels_first" (the pipelines' memory, default) or "tokens_first"
+    )
     tiling: str | None = None  # when the call tiles: "exact" or "blend"; None: exact where the model allows
 
 
@@ -168,7 +147,9 @@ class DecodeTimestep:
         scale = self.timestep if self.noise_scale is None else self.noise_scale
         timestep = torch.full((latents.shape[0],), self.timestep, dtype=latents.dtype)
         if scale:  # (1 - 0) * z + 0 * noise is z: no noise to draw
-            noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(self.noise_seed), dtype=latents.dtype)
+            noise = torch.randn(
+                latents.shape, generator=torch.Generator().manual_seed(self.noise_seed), dtype=latents.dtype
+            )
             scales = torch.full((latents.shape[0],) + (1,) * (latents.ndim - 1), scale, dtype=latents.dtype)
             latents = (1 - scales) * latents + scales * noise
         return latents, timestep
@@ -236,7 +217,9 @@ class VaeService:
         self.png_compression = png_compression  # a PNG reply's zlib level unless the request names one
         video = self.family.is_video
         self.to_host = partial(to_host, path=vae.path)
-        self.post = (VideoPostprocessor if video else Postprocessor)(self.family.spatial_compression, self.to_host, jpeg_encoder_for(vae.device))
+        self.post = (VideoPostprocessor if video else Postprocessor)(
+            self.family.spatial_compression, self.to_host, jpeg_encoder_for(vae.device)
+        )
         self.forms = VIDEO_FORMS if video else IMAGE_FORMS
         self.max_pixels = limits.max_video_pixels if video else limits.max_pixels
 
@@ -248,7 +231,9 @@ class VaeService:
 
     def _require(self, operation: str) -> None:
         if not self.family.serves(operation):
-            raise RequestError(f"family {self.family.name} does not {operation}; it serves: {', '.join(self.family.operations)}")
+            raise RequestError(
+                f"family {self.family.name} does not {operation}; it serves: {', '.join(self.family.operations)}"
+            )
 
     def check_decode(self, request: DecodeRequest, reply_encoding: str = "binary") -> Checked:
         """Every check a decode needs before a tensor exists, and what it will hold: latents, result and reply."""
@@ -288,20 +273,32 @@ class VaeService:
         # Convert, then scale: on CPU a float16 latent is scaled in float32, not in float16.
         # Scaled here, per request, so requests with different factors can share a model call.
         latents = latents.to(self.vae.dtype)
-        latents = self.vae.layout.unfold(self._to_model_space(request.scaling.normalisation(self.vae.normalisation), latents))
+        latents = self.vae.layout.unfold(
+            self._to_model_space(request.scaling.normalisation(self.vae.normalisation), latents)
+        )
         latent_ops.check_finite(latents, "latent after scaling", SCALED_FINITE.format(dtype=dtype_name(self.vae.dtype)))
         if timestep is not None:
             latents, timestep = timestep.apply(latents)
         frames = plan.output_frames(self.family) if plan.latent_frames else None
-        job = partial(Job, "decode", latents, count=plan.batch, pixels=plan.output_pixels(self.family), frames=frames, timestep=timestep,
-                      tiling=tiling)
+        job = partial(
+            Job,
+            "decode",
+            latents,
+            count=plan.batch,
+            pixels=plan.output_pixels(self.family),
+            frames=frames,
+            timestep=timestep,
+            tiling=tiling,
+        )
         if request.form == "mp4":
             width, height = plan.output_size(self.family)
             stream = Mp4Stream(plan.batch, frames, width, height, request.mp4)
             return job(partial(self.post.mp4, stream=stream), finish=Mp4Stream.result, stream=stream)
         if request.form == "image":
             # A JPEG may be written on the device; anything else is written after the device is free.
-            return job(partial(self.post.image, options=request.image), finish=partial(encode_pixels, options=request.image))
+            return job(
+                partial(self.post.image, options=request.image), finish=partial(encode_pixels, options=request.image)
+            )
         return job(getattr(self.post, request.form))
 
     def check_encode(self, request: EncodeRequest, reply_encoding: str = "binary") -> Checked:
@@ -319,9 +316,13 @@ class VaeService:
             per_pixel = VIDEO_DECODE_BYTES_PER_PIXEL if isinstance(header, VideoFile) else IMAGE_DECODE_BYTES_PER_PIXEL
             held = frames * height * width * per_pixel
         s, t = self.family.spatial_compression, self.family.temporal_compression or 1
-        latent_values = count * ((frames - 1) // t + 1) * math.ceil(height / s) * math.ceil(width / s) * self.family.latent_channels
+        latent_values = (
+            count * ((frames - 1) // t + 1) * math.ceil(height / s) * math.ceil(width / s) * self.family.latent_channels
+        )
         held += tensor_reply_bytes(latent_values, 4, reply_encoding) + latent_values * 4
-        what = f"{frames} frames of {width}x{height}" if self.family.is_video else f"{count} image(s) of {width}x{height}"
+        what = (
+            f"{frames} frames of {width}x{height}" if self.family.is_video else f"{count} image(s) of {width}x{height}"
+        )
         return Checked(held, f"an encode of {what}", header)
 
     def prepare_encode(self, request: EncodeRequest, checked: Checked | None = None) -> Job:
@@ -345,7 +346,9 @@ class VaeService:
 
         def respond(latents: torch.Tensor) -> torch.Tensor:
             scaled = self._from_model_space(normalisation, layout.fold(latents))
-            latent_ops.check_finite(scaled, "latent after scaling", SCALED_FINITE.format(dtype=dtype_name(scaled.dtype)))
+            latent_ops.check_finite(
+                scaled, "latent after scaling", SCALED_FINITE.format(dtype=dtype_name(scaled.dtype))
+            )
             return self.to_host(layout.as_pipeline_holds(scaled))
 
         return Job("encode", inputs, respond, count, inputs.numel() // 3, frames, tiling=tiling, expand=expand)
@@ -353,7 +356,9 @@ class VaeService:
     def _decode_timestep(self, request: DecodeRequest) -> DecodeTimestep | None:
         """The request's decode timestep where the model takes one; refused where the family has none."""
         if request.decode_timestep is not None and not self.family.decode_timestep:
-            raise RequestError(f"{self.family.name} takes no decode timestep; drop decode_timestep / decode_noise_scale / decode_noise_seed")
+            raise RequestError(
+                f"{self.family.name} takes no decode timestep; drop decode_timestep / decode_noise_scale / decode_noise_seed"
+            )
         if self.vae.timestep_argument is None:
             return None  # LTX 0.9.0 weights are not conditioned: LTXPipeline passes no timestep and no noise either
         return request.decode_timestep or DecodeTimestep()
@@ -386,7 +391,13 @@ class VaeService:
                     job.stream.restart()
             if len(jobs) == 1 or isinstance(exc, RequestError):
                 return [exc] * len(jobs)
-            log.warning("%s: a batch of %d requests failed (%s: %s); running them one at a time", self.family.name, len(jobs), type(exc).__name__, exc)
+            log.warning(
+                "%s: a batch of %d requests failed (%s: %s); running them one at a time",
+                self.family.name,
+                len(jobs),
+                type(exc).__name__,
+                exc,
+            )
             return [self.run([job])[0] for job in jobs]
         results: list[Any] = []
         for job, output in zip(jobs, outputs):
@@ -433,7 +444,11 @@ class VaeService:
         """(count, frames, height, width) of images [B, 3, H, W] or videos [B, 3, F, H, W], checked from the shape."""
         latent_ops.check_dims(raw.shape)
         video = self.family.is_video
-        kind, layout = ("video", "[B, 3, F, H, W] in -1..1 (F = 1 for a single image)") if video else ("image", "[B, 3, H, W] in -1..1")
+        kind, layout = (
+            ("video", "[B, 3, F, H, W] in -1..1 (F = 1 for a single image)")
+            if video
+            else ("image", "[B, 3, H, W] in -1..1")
+        )
         if len(raw.shape) != (5 if video else 4) or raw.shape[1] != 3:
             raise RequestError(f"{kind} tensor has shape {list(raw.shape)}; expected {layout}")
         latent_ops.check_batch(raw.shape[0], self.limits.max_batch)
@@ -456,7 +471,11 @@ class VaeService:
         """An image or video file opened and its size checked from its headers, no pixel decoded yet."""
         video = self.family.is_video
         if data is None:
-            sent = f"a video file ({VIDEO_TYPES}), an image, or a [B, 3, F, H, W]" if video else f"an image file ({IMAGE_TYPES}) or a"
+            sent = (
+                f"a video file ({VIDEO_TYPES}), an image, or a [B, 3, F, H, W]"
+                if video
+                else f"an image file ({IMAGE_TYPES}) or a"
+            )
             raise RequestError(f"nothing to encode: send {sent} tensor with shape and dtype")
         if isinstance(data, PIL.Image.Image):
             header = ImageHeader(data, None, data.width, data.height)
@@ -491,6 +510,7 @@ class VaeService:
         return host_tensor(frames[None] if self.family.is_video else frames)
 
 
-def _expand_to(pixels: torch.Tensor, preprocess: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+def _expand_to(
+    pixels: torch.Tensor, preprocess: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype
+) -> torch.Tensor:
     return preprocess(pixels).to(dtype)
-

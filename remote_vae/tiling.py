@@ -64,8 +64,14 @@ def _classes(module: str, *names: str) -> tuple[type, ...]:
 
 # HunyuanVideo's causal 3-D decoder and encoder, built of the same pieces in 3-D (imported here, not by the server:
 # this module is imported when a model is first tiled).
-HUNYUAN_VIDEO = _classes("diffusers.models.autoencoders.autoencoder_kl_hunyuan_video", "HunyuanVideoDecoder3D", "HunyuanVideoEncoder3D",
-                         "HunyuanVideoResnetBlockCausal3D", "HunyuanVideoUpsampleCausal3D", "HunyuanVideoDownsampleCausal3D")
+HUNYUAN_VIDEO = _classes(
+    "diffusers.models.autoencoders.autoencoder_kl_hunyuan_video",
+    "HunyuanVideoDecoder3D",
+    "HunyuanVideoEncoder3D",
+    "HunyuanVideoResnetBlockCausal3D",
+    "HunyuanVideoUpsampleCausal3D",
+    "HunyuanVideoDownsampleCausal3D",
+)
 PAIRS = ((Decoder, Encoder),) + ((HUNYUAN_VIDEO[:2],) if HUNYUAN_VIDEO else ())
 RESNETS = (ResnetBlock2D,) + HUNYUAN_VIDEO[2:3]
 UPSAMPLERS = (Upsample2D,) + HUNYUAN_VIDEO[3:4]
@@ -114,8 +120,14 @@ Step = Layer | Norm | Save | Add
 
 def resnet_steps(resnet: nn.Module, name: str) -> list[Step]:
     """ResnetBlock2D (no time embedding) or HunyuanVideo's causal resnet; dropout is the identity in eval mode."""
-    return [Save(name), Norm(resnet.norm1, resnet.nonlinearity), _conv(resnet.conv1), Norm(resnet.norm2, resnet.nonlinearity),
-            _conv(resnet.conv2), Add(name, resnet.conv_shortcut, getattr(resnet, "output_scale_factor", 1.0))]
+    return [
+        Save(name),
+        Norm(resnet.norm1, resnet.nonlinearity),
+        _conv(resnet.conv1),
+        Norm(resnet.norm2, resnet.nonlinearity),
+        _conv(resnet.conv2),
+        Add(name, resnet.conv_shortcut, getattr(resnet, "output_scale_factor", 1.0)),
+    ]
 
 
 def _conv(conv: nn.Module) -> Layer:
@@ -157,13 +169,19 @@ def encoder_head(encoder: nn.Module) -> list[Step]:
 class ExactTiler:
     """Runs a model's encoder and decoder band by band, exactly (see the module's docstring)."""
 
-    def __init__(self, model: nn.Module, band_pixels: int, store: torch.device | None = None, store_limit: int | None = None):
+    def __init__(
+        self, model: nn.Module, band_pixels: int, store: torch.device | None = None, store_limit: int | None = None
+    ):
         self.model = model
         self.band_pixels = max(1, band_pixels)  # output pixels per band: what bounds the device's work
         self.device = next(model.parameters()).device
         self.store = store or self.device
-        self.store_limit = store_limit  # bytes a cut may hold whole in `store` (activation and residuals across it); None: no limit
-        self.recomputed = 0  # passes that recompute layers to gather a GroupNorm's statistics (read by tests and the benchmark)
+        self.store_limit = (
+            store_limit  # bytes a cut may hold whole in `store` (activation and residuals across it); None: no limit
+        )
+        self.recomputed = (
+            0  # passes that recompute layers to gather a GroupNorm's statistics (read by tests and the benchmark)
+        )
         self.overwritten = 0  # segments whose output overwrote their input in place (read by tests)
 
     @staticmethod
@@ -176,11 +194,17 @@ class ExactTiler:
             return False  # a spatial norm (MoVQ) conditions on the latent
         for block in list(decoder.up_blocks) + list(encoder.down_blocks):
             for resnet in block.resnets:
-                if type(resnet) not in RESNETS or getattr(resnet, "upsample", None) is not None or getattr(resnet, "downsample", None) is not None:
+                if (
+                    type(resnet) not in RESNETS
+                    or getattr(resnet, "upsample", None) is not None
+                    or getattr(resnet, "downsample", None) is not None
+                ):
                     return False
                 if not (isinstance(resnet.norm1, nn.GroupNorm) and isinstance(resnet.norm2, nn.GroupNorm)):
                     return False
-            for sampler in list(getattr(block, "upsamplers", None) or []) + list(getattr(block, "downsamplers", None) or []):
+            for sampler in list(getattr(block, "upsamplers", None) or []) + list(
+                getattr(block, "downsamplers", None) or []
+            ):
                 if type(sampler) not in UPSAMPLERS + DOWNSAMPLERS:
                     return False
                 if type(sampler) in (Upsample2D, Downsample2D) and (sampler.norm is not None or not sampler.use_conv):
@@ -286,7 +310,9 @@ class ExactTiler:
         """Where the segment from `start` ends: before the next GroupNorm where what stays held fits store_limit (else at the end)."""
         first_computing = next(i for i in range(start, len(steps)) if not isinstance(steps[i], Save))
         for stop in range(first_computing + 1, len(steps)):
-            if isinstance(steps[stop], Norm) and (self.store_limit is None or self._held_bytes(steps, start, stop, x, held) <= self.store_limit):
+            if isinstance(steps[stop], Norm) and (
+                self.store_limit is None or self._held_bytes(steps, start, stop, x, held) <= self.store_limit
+            ):
                 return stop
         return len(steps)
 
@@ -297,7 +323,9 @@ class ExactTiler:
             saved = [j for j in range(start, stop) if isinstance(steps[j], Save) and steps[j].name == name]
             if not saved:
                 total += held[name].numel() * held[name].element_size() if name in held else 0
-            elif any(not isinstance(step, Save) for step in steps[saved[-1] + 1 : stop]):  # else it is the activation itself
+            elif any(
+                not isinstance(step, Save) for step in steps[saved[-1] + 1 : stop]
+            ):  # else it is the activation itself
                 total += self._bytes(steps[start : saved[-1]], x, held)
         return total
 
@@ -307,9 +335,13 @@ class ExactTiler:
             return x.numel() * x.element_size()
         first, last = self._needed(steps, 0, 1, x.shape[-2])
         probe, _, _ = self._slice(steps, x, first, last, held, None)
-        return math.prod(probe.shape[:-2]) * self._heights(steps, x.shape[-2])[-1] * probe.shape[-1] * probe.element_size()
+        return (
+            math.prod(probe.shape[:-2]) * self._heights(steps, x.shape[-2])[-1] * probe.shape[-1] * probe.element_size()
+        )
 
-    def _assemble(self, steps: list[Step], start: int, stop: int, x: torch.Tensor, held, statistics, caller: torch.Tensor):
+    def _assemble(
+        self, steps: list[Step], start: int, stop: int, x: torch.Tensor, held, statistics, caller: torch.Tensor
+    ):
         """steps[start:stop](x), whole; with the statistics of the GroupNorm that follows, gathered on the way.
 
         Values saved in this segment for a residual in a later one are held whole too.
@@ -325,7 +357,11 @@ class ExactTiler:
         stats: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for index, step in enumerate(segment):
             if isinstance(step, Norm):
-                stats[index] = statistics if index == computing[0] and statistics is not None else self._statistics(segment[:index], x, held, stats, step.norm)
+                stats[index] = (
+                    statistics
+                    if index == computing[0] and statistics is not None
+                    else self._statistics(segment[:index], x, held, stats, step.norm)
+                )
         out = self._into(segment, x, held, caller)
         over_x = out is None and self._may_overwrite(segment, x, {held.get(name) for name in later}, caller)
         sums, pending = None, None  # pending, when the output overwrites x: bands whose rows later bands still read
@@ -373,14 +409,22 @@ class ExactTiler:
         writing them (the rows above it, already overwritten, feed only cropped halo rows).
         """
         last = segment[-1]
-        if not isinstance(last, Add) or last.shortcut is not None or last.name not in held or held[last.name] is x or held[last.name] is caller:
+        if (
+            not isinstance(last, Add)
+            or last.shortcut is not None
+            or last.name not in held
+            or held[last.name] is x
+            or held[last.name] is caller
+        ):
             return None
         if any(isinstance(step, Save) and step.name == last.name for step in segment):
             return None
         residual = held[last.name]
         return residual if residual.dtype == x.dtype else None
 
-    def _statistics(self, prefix: list[Step], x: torch.Tensor, held, stats, norm: nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    def _statistics(
+        self, prefix: list[Step], x: torch.Tensor, held, stats, norm: nn.GroupNorm
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The GroupNorm's mean and 1/sqrt(var + eps), per sample and group, over the whole of prefix(x) (recomputed band by band)."""
         sums = None
         self.recomputed += any(isinstance(step, Layer) for step in prefix)
@@ -509,8 +553,13 @@ def _plain_attention(mid: nn.Module) -> bool:
     if type(mid) is not UNetMidBlock2D or any(type(resnet) is not ResnetBlock2D for resnet in mid.resnets):
         return False
     for attention in mid.attentions:
-        if attention is not None and (type(attention.processor) is not AttnProcessor2_0 or attention.spatial_norm is not None
-                                      or attention.norm_q is not None or attention.norm_k is not None or attention.is_cross_attention):
+        if attention is not None and (
+            type(attention.processor) is not AttnProcessor2_0
+            or attention.spatial_norm is not None
+            or attention.norm_q is not None
+            or attention.norm_k is not None
+            or attention.is_cross_attention
+        ):
             return False
     return True
 

@@ -47,7 +47,16 @@ import requests
 from huggingface_hub import hf_hub_download
 from packaging.version import Version
 
-from .device import BatchBudget, DevicePath, PeakMemory, available_memory, compile_model, compiled_calls, set_up_model, to_device
+from .device import (
+    BatchBudget,
+    DevicePath,
+    PeakMemory,
+    available_memory,
+    compile_model,
+    compiled_calls,
+    set_up_model,
+    to_device,
+)
 from .errors import RequestError
 from .families import Family, config_latent_channels
 from .latents import LatentLayout, Normalisation, own_normalisation
@@ -96,12 +105,16 @@ def model_class(family: Family) -> type[ModelMixin]:
     try:
         cls = None if too_old else getattr(diffusers, family.model_class, None)
     except (ImportError, RuntimeError) as exc:  # diffusers' lazy import of the class's module failed
-        raise UnsupportedFamily(f"family {family.name}: diffusers {installed} cannot import {family.model_class}: {exc}") from exc
+        raise UnsupportedFamily(
+            f"family {family.name}: diffusers {installed} cannot import {family.model_class}: {exc}"
+        ) from exc
     if cls is None:
         lacks = "is older than that" if too_old else f"has no {family.model_class}"
         wanted = f"diffusers >= {needed}" if needed else "a diffusers release that has it"
-        raise UnsupportedFamily(f"family {family.name} needs {wanted} for its model class {family.model_class}; "
-                                f"the installed diffusers {installed} {lacks}")
+        raise UnsupportedFamily(
+            f"family {family.name} needs {wanted} for its model class {family.model_class}; "
+            f"the installed diffusers {installed} {lacks}"
+        )
     if not (isinstance(cls, type) and issubclass(cls, ModelMixin)):
         raise LoadError(f"family {family.name}: model_class {family.model_class!r} is not a diffusers model class")
     return cls
@@ -152,7 +165,13 @@ def default_source(family: Family, model_dirs: Sequence[str | None], several: bo
 
 def network_failure(exc: BaseException | None) -> BaseException | None:
     """The network error in exc's chain of causes, when a load failed because the Hub could not be reached."""
-    kinds: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError, socket.gaierror, requests.ConnectionError, requests.Timeout)
+    kinds: tuple[type[BaseException], ...] = (
+        ConnectionError,
+        TimeoutError,
+        socket.gaierror,
+        requests.ConnectionError,
+        requests.Timeout,
+    )
     try:
         import httpx  # huggingface_hub's own client from 1.0
 
@@ -184,7 +203,9 @@ def _pretrained_args(family: Family, source: str) -> tuple[str, dict]:
         folder = weights_folder(family, path)
         if folder is not None:
             return str(path), ({} if folder == path else {"subfolder": family.hub_subfolder})
-        raise LoadError(f"{path} has no config.json (expected a diffusers model directory: config.json + diffusion_pytorch_model.safetensors)")
+        raise LoadError(
+            f"{path} has no config.json (expected a diffusers model directory: config.json + diffusion_pytorch_model.safetensors)"
+        )
     parts = source.strip("/").split("/")
     if len(parts) < 2 or source.startswith((".", "/")):
         raise LoadError(f"--model {source!r} is neither a directory nor a Hub id like org/name[/subfolder]")
@@ -213,7 +234,9 @@ class LoadedVae:
     path: DevicePath = field(default_factory=DevicePath)
     budget: BatchBudget = field(default_factory=BatchBudget)
     band_pixels: int | None = None  # output pixels per band of the exact tiled path; None: by device
-    store_bytes: int | None = None  # the most one whole activation of the exact tiled path may take in host memory; None: default
+    store_bytes: int | None = (
+        None  # the most one whole activation of the exact tiled path may take in host memory; None: default
+    )
 
     def __post_init__(self):
         # One inference at a time per model: the device is the bottleneck, and
@@ -246,14 +269,18 @@ class LoadedVae:
         """The tiling a call uses when it tiles: the requested one, else the family's default ('exact' where the model
         allows it), else diffusers' 'blend'."""
         if requested == "exact" and not self.exact_tiling:
-            raise RequestError(f"{self.family.name} has no exact tiled path (its encoder and decoder are neither GroupNorm, convolutions and plain samplers nor row-local outside the mid block); send tiling=blend")
+            raise RequestError(
+                f"{self.family.name} has no exact tiled path (its encoder and decoder are neither GroupNorm, convolutions and plain samplers nor row-local outside the mid block); send tiling=blend"
+            )
         return requested or ("exact" if self.exact_tiling and self.family.default_tiling == "exact" else "blend")
 
     def _exactly(self, call: Callable, output_pixels: int) -> Callable:
         """call run with the exact tiler in place of the model's encoder and decoder."""
+
         def run(values: torch.Tensor, **extra) -> torch.Tensor:
             with self._tiler(values, output_pixels).installed():
                 return call(values, **extra)
+
         return run
 
     def _tiler(self, inputs: torch.Tensor, output_pixels: int) -> ExactTiler | HaloTiler:
@@ -263,10 +290,20 @@ class LoadedVae:
         whole = inputs.shape[0] * widest * output_pixels * self.dtype.itemsize
         if self.device.type == "cuda" and 3 * whole < available_memory(self.device) // 2:
             return self.exact_tiler(self.model, band_pixels=self.band_pixels, store=self.device)
-        return self.exact_tiler(self.model, band_pixels=self.band_pixels, store=torch.device("cpu"), store_limit=DEFAULT_STORE_BYTES if self.store_bytes is None else self.store_bytes)
+        return self.exact_tiler(
+            self.model,
+            band_pixels=self.band_pixels,
+            store=torch.device("cpu"),
+            store_limit=DEFAULT_STORE_BYTES if self.store_bytes is None else self.store_bytes,
+        )
 
-    def decode(self, latents: torch.Tensor, frames: FrameSink | None = None, timestep: torch.Tensor | None = None,
-               tiling: str | None = None) -> torch.Tensor:
+    def decode(
+        self,
+        latents: torch.Tensor,
+        frames: FrameSink | None = None,
+        timestep: torch.Tensor | None = None,
+        tiling: str | None = None,
+    ) -> torch.Tensor:
         """Decode the VAE's latents [B, C, (T,) h, w] (scaled already; on the host) to the decoder's raw output, on the device.
 
         `frames`, for models whose untiled decoder emits finished frames call by call
@@ -294,18 +331,36 @@ class LoadedVae:
         exact = self._exactly(call, frame_pixels * frame_count) if self.tiling_for(tiling) == "exact" else None
         return self._run("encode", images, frame_pixels, frame_count, call, exact=exact)
 
-    def _run(self, operation: str, inputs: torch.Tensor, frame_pixels: int, frame_count: int, call: Callable,
-             frames: FrameSink | None = None, extra: dict[str, torch.Tensor] | None = None, exact: Callable | None = None):
+    def _run(
+        self,
+        operation: str,
+        inputs: torch.Tensor,
+        frame_pixels: int,
+        frame_count: int,
+        call: Callable,
+        frames: FrameSink | None = None,
+        extra: dict[str, torch.Tensor] | None = None,
+        exact: Callable | None = None,
+    ):
         """call(inputs) whole, one sample at a time, or tiled (by `exact` where given, else the model's own blended tiling)."""
         batch = inputs.shape[0]
         with self._lock, torch.inference_mode(), self._compiled(operation, inputs):
             values = to_device(inputs, self.device, self.dtype, self.path)
             extra = {name: value.to(self.device, self.dtype) for name, value in (extra or {}).items()}
             tiled = self.tiles(frame_pixels)
-            sliced = batch > self.samples_per_call or (batch > 1 and not self.budget.allows(batch * frame_count * frame_pixels, self.device))
+            sliced = batch > self.samples_per_call or (
+                batch > 1 and not self.budget.allows(batch * frame_count * frame_pixels, self.device)
+            )
             while True:
                 # Tiled, the decoder sees tiles or bands, not whole frames: nothing to stream (the frames go after).
-                result = self._attempt(exact if tiled and exact else call, values, sliced, tiled and not exact, None if tiled else frames, extra)
+                result = self._attempt(
+                    exact if tiled and exact else call,
+                    values,
+                    sliced,
+                    tiled and not exact,
+                    None if tiled else frames,
+                    extra,
+                )
                 if result is not _OUT_OF_MEMORY:
                     self.calls["tiled" if tiled else "sliced" if sliced else "whole"] += 1
                     return result
@@ -317,13 +372,25 @@ class LoadedVae:
                     self.oom_events["refused"] += 1
                     raise RequestError(
                         f"{self.family.name}: the device ran out of memory on this request{' even tiled' if self.can_tile else ''}; "
-                        "retry later, or send a smaller batch or size", status=503, headers={"Retry-After": "10"})
-                log.warning("%s: out of device memory on %d x %d-pixel %s; %s", self.family.name, batch, frame_pixels, operation, outcome.replace("_", " "))
+                        "retry later, or send a smaller batch or size",
+                        status=503,
+                        headers={"Retry-After": "10"},
+                    )
+                log.warning(
+                    "%s: out of device memory on %d x %d-pixel %s; %s",
+                    self.family.name,
+                    batch,
+                    frame_pixels,
+                    operation,
+                    outcome.replace("_", " "),
+                )
                 self.oom_events[outcome] += 1
                 if frames is not None:
                     frames.restart()
 
-    def _attempt(self, call: Callable, values: torch.Tensor, sliced: bool, tiled: bool, frames: FrameSink | None, extra: dict):
+    def _attempt(
+        self, call: Callable, values: torch.Tensor, sliced: bool, tiled: bool, frames: FrameSink | None, extra: dict
+    ):
         """call(values, **extra) sliced, and with the model's own tiling as asked; _OUT_OF_MEMORY, with the cache freed, if the device ran out.
 
         Sliced runs one sample per call, as diffusers' use_slicing does, but here for every
@@ -353,8 +420,14 @@ class LoadedVae:
         key = _compile_key(operation, inputs)
         if not self._warming and key not in self.warmed and key not in self._said_unwarmed:
             self._said_unwarmed.add(key)
-            log.warning("%s: %s of %s x %s was not warmed up, so it runs eagerly rather than compiling inside a request; "
-                        "add its size to --warmup-sizes", self.family.name, operation, inputs.shape[0], list(inputs.shape[1:]))
+            log.warning(
+                "%s: %s of %s x %s was not warmed up, so it runs eagerly rather than compiling inside a request; "
+                "add its size to --warmup-sizes",
+                self.family.name,
+                operation,
+                inputs.shape[0],
+                list(inputs.shape[1:]),
+            )
         return compiled_calls(self._warming)
 
     def warm_up(self, sizes: Sequence[tuple[int, ...]], batches: Sequence[int]) -> None:
@@ -379,8 +452,15 @@ class LoadedVae:
                     if peak.bytes and operation == "decode" and batch == 1 and self.budget.pixels is None:
                         pixels = max(1, width * height * (frames[0] if frames else 1))
                         self.budget.bytes_per_pixel = max(self.budget.bytes_per_pixel or 0, peak.bytes / pixels)
-                    log.info("%s: warmed up %s of %s x %s in %.1f s%s", self.family.name, operation, batch, "x".join(map(str, size)),
-                             time.monotonic() - started, " (compiled)" if self.compiled else "")
+                    log.info(
+                        "%s: warmed up %s of %s x %s in %.1f s%s",
+                        self.family.name,
+                        operation,
+                        batch,
+                        "x".join(map(str, size)),
+                        time.monotonic() - started,
+                        " (compiled)" if self.compiled else "",
+                    )
 
     def _warm_up_inputs(self, operation: str, batch: int, width: int, height: int, frames: int | None) -> torch.Tensor:
         family = self.family
@@ -392,7 +472,9 @@ class LoadedVae:
         if latent_frames and family.latent_frames_odd:
             latent_frames = (latent_frames[0] | 1,)
         frame_axis = (1,) if self.layout.frame_axis else ()
-        return torch.zeros((batch, family.latent_channels) + latent_frames + frame_axis + (height // step, width // step))
+        return torch.zeros(
+            (batch, family.latent_channels) + latent_frames + frame_axis + (height // step, width // step)
+        )
 
 
 def latent_of(encoded) -> torch.Tensor:
@@ -436,6 +518,8 @@ def exact_tiler_for(model: ModelMixin) -> type[ExactTiler] | type[HaloTiler] | N
     from .tiling import ExactTiler
 
     return next((tiler for tiler in (ExactTiler, HaloTiler) if tiler.supports(model)), None)
+
+
 # Output pixels per band of the exact tiled path: what one step of device work is sized by.
 DEFAULT_BAND_PIXELS = {"cuda": 1 << 20, "cpu": 1 << 16}
 # Host memory one whole activation of the exact tiled path may take before its bands are recomputed instead:
@@ -482,14 +566,24 @@ def load_vae(
         except (OSError, ValueError, EnvironmentError) as exc:
             hint = "; without Hub access pass --model DIR (a diffusers model directory) or --random-weights"
             unreachable = None if os.environ.get("HF_HUB_OFFLINE") else network_failure(exc)
-            if unreachable is not None:  # diffusers then says the repository "does not appear to have a file named config.json"
-                raise LoadError(f"cannot load {family.name}: the Hugging Face Hub could not be reached for {source} "
-                                f"({type(unreachable).__name__}: {unreachable}){hint}") from exc
-            offline = " (HF_HUB_OFFLINE is set: the model must already be in the Hugging Face cache)" if os.environ.get("HF_HUB_OFFLINE") else ""
+            if (
+                unreachable is not None
+            ):  # diffusers then says the repository "does not appear to have a file named config.json"
+                raise LoadError(
+                    f"cannot load {family.name}: the Hugging Face Hub could not be reached for {source} "
+                    f"({type(unreachable).__name__}: {unreachable}){hint}"
+                ) from exc
+            offline = (
+                " (HF_HUB_OFFLINE is set: the model must already be in the Hugging Face cache)"
+                if os.environ.get("HF_HUB_OFFLINE")
+                else ""
+            )
             raise LoadError(f"cannot load {family.name} from {source}{offline}: {exc}{hint}") from exc
     channels = config_latent_channels(model.config)
     if channels is not None and channels != family.latent_channels:
-        raise LoadError(f"{source} has {channels} latent channels, but family {family.name} expects {family.latent_channels}")
+        raise LoadError(
+            f"{source} has {channels} latent channels, but family {family.name} expects {family.latent_channels}"
+        )
     if random_weights:
         model = model.to(dtype=dtype)
     model = set_up_model(model, device, path)
@@ -501,7 +595,9 @@ def load_vae(
         # Tile sizes are set once; each call switches use_tiling (above the threshold, or after running out of memory).
         model.enable_tiling(**family.tiling_options)
         model.use_tiling = False
-    vae = LoadedVae(family, model, device, dtype, source, tile_above, path, budget or BatchBudget(), band_pixels, store_bytes)
+    vae = LoadedVae(
+        family, model, device, dtype, source, tile_above, path, budget or BatchBudget(), band_pixels, store_bytes
+    )
     if device.type == "cuda" and not warmup_sizes:
         warmup_sizes = [default_warmup_size(family)]  # load the kernels and measure memory before the first request
     if path.compile:
@@ -510,14 +606,26 @@ def load_vae(
         try:
             vae.warm_up(warmup_sizes, warmup_batches)
         except Exception as exc:  # a model torch cannot compile is still served, eagerly
-            log.error("%s: compiling failed (%s: %s); serving it uncompiled", family.name, type(exc).__name__, str(exc).splitlines()[0][:300])
+            log.error(
+                "%s: compiling failed (%s: %s); serving it uncompiled",
+                family.name,
+                type(exc).__name__,
+                str(exc).splitlines()[0][:300],
+            )
             uncompile()
             vae.compiled = False
             vae.warmed.clear()
     if not vae.compiled:
         vae.warm_up(warmup_sizes, warmup_batches)
-    log.info("loaded %s (%s) on %s as %s%s%s", family.name, source, device, str(dtype).removeprefix("torch."),
-             f", tiling frames above {tile_above} pixels" if tile_above is not None else "", ", compiled" if vae.compiled else "")
+    log.info(
+        "loaded %s (%s) on %s as %s%s%s",
+        family.name,
+        source,
+        device,
+        str(dtype).removeprefix("torch."),
+        f", tiling frames above {tile_above} pixels" if tile_above is not None else "",
+        ", compiled" if vae.compiled else "",
+    )
     return vae
 
 
@@ -530,9 +638,20 @@ def _warn_on_other_normalisation(family: Family, config, source: str) -> None:
     """do_scaling=True uses the family's factors; say so when the weights' own config disagrees."""
     if family.model_latents == "normalised":
         return  # a preview decoder's config holds 1.0 / 0.0: its latents are the full family's, normalised
-    pairs = [("scaling_factor", family.scaling_factor), ("shift_factor", family.shift_factor),
-             ("latents_mean", family.latents_mean), ("latents_std", family.latents_std)]
+    pairs = [
+        ("scaling_factor", family.scaling_factor),
+        ("shift_factor", family.shift_factor),
+        ("latents_mean", family.latents_mean),
+        ("latents_std", family.latents_std),
+    ]
     for key, ours in pairs:
         theirs = config.get(key)
         if ours is not None and theirs is not None and tuple(np.atleast_1d(theirs)) != tuple(np.atleast_1d(ours)):
-            log.warning("%s: the model config's %s is %s, family %s says %s; do_scaling=True uses the family's", source, key, theirs, family.name, ours)
+            log.warning(
+                "%s: the model config's %s is %s, family %s says %s; do_scaling=True uses the family's",
+                source,
+                key,
+                theirs,
+                family.name,
+                ours,
+            )

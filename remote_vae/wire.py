@@ -179,9 +179,12 @@ def error_reply(status: int, message: str, headers: dict[str, str] | None = None
 
 
 def json_too_large(size: int | str, limits: Limits) -> RequestError:
-    return RequestError(f"the JSON body is {size} bytes; this server takes JSON bodies of at most {limits.max_json_bytes} "
-                        f"(an eighth of --max-body-bytes): send large tensors and files as raw bytes (Content-Type: "
-                        "tensor/binary with shape and dtype in the query, or the file itself)", status=413)
+    return RequestError(
+        f"the JSON body is {size} bytes; this server takes JSON bodies of at most {limits.max_json_bytes} "
+        f"(an eighth of --max-body-bytes): send large tensors and files as raw bytes (Content-Type: "
+        "tensor/binary with shape and dtype in the query, or the file itself)",
+        status=413,
+    )
 
 
 def read_payload(call: HttpCall) -> tuple[Params, bytes]:
@@ -197,12 +200,16 @@ def read_payload(call: HttpCall) -> tuple[Params, bytes]:
         # of 128 MB of "[]," builds tens of millions of objects (3.5 GB, seconds holding the GIL) before any check.
         tokens = sum(body.count(token) for token in (b",", b":", b"[", b"{"))
         if tokens > MAX_JSON_TOKENS:
-            raise RequestError(f"the JSON body has {tokens} commas, colons and brackets; a request's JSON holds one base64 string and a few "
-                               f"parameters (at most {MAX_JSON_TOKENS}): {{\"inputs\": \"<base64>\", \"parameters\": {{...}}}}")
+            raise RequestError(
+                f"the JSON body has {tokens} commas, colons and brackets; a request's JSON holds one base64 string and a few "
+                f'parameters (at most {MAX_JSON_TOKENS}): {{"inputs": "<base64>", "parameters": {{...}}}}'
+            )
         try:
             document = json.loads(body)
         except (ValueError, RecursionError) as exc:
-            raise RequestError(f"body is not valid JSON ({exc}); expected {{\"inputs\": \"<base64>\", \"parameters\": {{...}}}}") from None
+            raise RequestError(
+                f'body is not valid JSON ({exc}); expected {{"inputs": "<base64>", "parameters": {{...}}}}'
+            ) from None
         if not isinstance(document, dict) or "inputs" not in document:
             raise RequestError('JSON body must be an object with "inputs" (base64 of the tensor bytes or image file)')
         params.overlay_json(document.get("parameters"))
@@ -265,7 +272,9 @@ class ReplyShape:
     image: ImageFile = field(default_factory=ImageFile)
 
 
-def negotiate_decode(params: Params, accept: str, png_compression: int = ImageFile.png_compression) -> tuple[str, ReplyShape]:
+def negotiate_decode(
+    params: Params, accept: str, png_compression: int = ImageFile.png_compression
+) -> tuple[str, ReplyShape]:
     """(decode form, reply shape) from output_type, partial_postprocess, image_format, quality, png_compression and Accept."""
     output_type = params.choice("output_type", ("pt", "pil", "mp4"))
     reply = ReplyShape(tensor_encoding=accept if accept in JSON_TYPES else "binary")
@@ -293,12 +302,16 @@ def mp4_options(params: Params) -> Mp4Options:
     """fps, and crf (x264's 0..51, lower is better) or quality (imageio's 0..10, higher is better)."""
     fps = params.number("fps")
     if fps is not None and not 1 <= fps <= 240:
-        raise RequestError(f"fps={fps:g} is out of range; expected a frame rate from 1 to 240 (default {Mp4Options.fps:g})")
+        raise RequestError(
+            f"fps={fps:g} is out of range; expected a frame rate from 1 to 240 (default {Mp4Options.fps:g})"
+        )
     crf = params.integer("crf", 0, 51)
     quality = params.number("quality")
     if crf is None and quality is not None:
         if not 0 <= quality <= 10:
-            raise RequestError(f"quality={quality:g} is out of range for mp4; expected 0..10 (imageio's scale, 10 best) or crf=0..51")
+            raise RequestError(
+                f"quality={quality:g} is out of range for mp4; expected 0..10 (imageio's scale, 10 best) or crf=0..51"
+            )
         crf = int((1 - quality / 10) * 51)  # imageio-ffmpeg's own mapping, as in diffusers' export_to_video
     return Mp4Options(fps=fps or Mp4Options.fps, crf=Mp4Options.crf if crf is None else crf)
 
@@ -324,7 +337,9 @@ def decode_timestep(params: Params) -> DecodeTimestep | None:
         return None
     for name, value in (("decode_timestep", timestep), ("decode_noise_scale", scale)):
         if value is not None and not 0 <= value <= 1:
-            raise RequestError(f"{name}={value} is outside 0..1; LTX pipelines use e.g. decode_timestep=0.05, decode_noise_scale=0.025")
+            raise RequestError(
+                f"{name}={value} is outside 0..1; LTX pipelines use e.g. decode_timestep=0.05, decode_noise_scale=0.025"
+            )
     return DecodeTimestep(timestep or 0.0, scale, seed or 0)
 
 
@@ -386,8 +401,15 @@ class Inspected:
         self.checked.close()
 
 
-def inspect(service: VaeService, params: Params, data: bytes, content_type: str = "", accept: str = "", operation: str | None = None,
-            images_as: str = "image") -> Inspected:
+def inspect(
+    service: VaeService,
+    params: Params,
+    data: bytes,
+    content_type: str = "",
+    accept: str = "",
+    operation: str | None = None,
+    images_as: str = "image",
+) -> Inspected:
     """Parse and check one request up to the point where it would decode or allocate; shared by the HTTP server and handler.py.
 
     `images_as` is the form of an image reply: "image" (the file's bytes) or "pil" (PIL images, for handler.py).
@@ -414,8 +436,15 @@ def prepare_inspected(service: VaeService, inspected: Inspected) -> Prepared:
     return Prepared(job, inspected.request.form, inspected.reply, count_headers(job))
 
 
-def prepare(service: VaeService, params: Params, data: bytes, content_type: str = "", accept: str = "", operation: str | None = None,
-            images_as: str = "image") -> Prepared:
+def prepare(
+    service: VaeService,
+    params: Params,
+    data: bytes,
+    content_type: str = "",
+    accept: str = "",
+    operation: str | None = None,
+    images_as: str = "image",
+) -> Prepared:
     """Parse, check and prepare one request at once, up to the point where it needs the model."""
     inspected = inspect(service, params, data, content_type, accept, operation, images_as)
     try:
@@ -457,7 +486,14 @@ class Outcome:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-def dispatch(service: VaeService, params: Params, data: bytes, content_type: str = "", accept: str = "", operation: str | None = None) -> Outcome:
+def dispatch(
+    service: VaeService,
+    params: Params,
+    data: bytes,
+    content_type: str = "",
+    accept: str = "",
+    operation: str | None = None,
+) -> Outcome:
     """All of one request at once, without a queue (handler.py: the toolkit runs one request at a time and writes image files itself)."""
     prepared = prepare(service, params, data, content_type, accept, operation, images_as="pil")
     return Outcome(prepared.form, service.call(prepared.job), prepared.reply, prepared.headers)

@@ -79,8 +79,22 @@ def start_server(family: str, device: str, serve_options: list[str] | None = Non
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    command = [sys.executable, "-m", "remote_vae", "serve", family, *(serve_options or ["--random-weights"]), "--device", device,
-               "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    command = [
+        sys.executable,
+        "-m",
+        "remote_vae",
+        "serve",
+        family,
+        *(serve_options or ["--random-weights"]),
+        "--device",
+        device,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
     process = subprocess.Popen(command, cwd=ROOT)
     url = f"http://127.0.0.1:{port}/"
     for _ in range(2400):  # at most 20 minutes (compiling at start-up)
@@ -116,8 +130,10 @@ def build_model(family: Family, tiny: bool) -> torch.nn.Module:
 
 def machine(device: torch.device) -> str:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU"
-    return (f"{time.strftime('%Y-%m-%d')}; CPU {platform.processor() or platform.machine()} x{os.cpu_count()} cores, "
-            f"{torch.get_num_threads()} torch threads; {gpu}; torch {torch.__version__}")
+    return (
+        f"{time.strftime('%Y-%m-%d')}; CPU {platform.processor() or platform.machine()} x{os.cpu_count()} cores, "
+        f"{torch.get_num_threads()} torch threads; {gpu}; torch {torch.__version__}"
+    )
 
 
 # -- peak memory ---------------------------------------------------------------------
@@ -201,7 +217,11 @@ class InProcess:
 
     def decode(self, latents: torch.Tensor, output: str):
         with torch.inference_mode():
-            inputs = to_device(latents, self.device, self.dtype, self.path) if self.fast else latents.to(self.device, self.dtype)
+            inputs = (
+                to_device(latents, self.device, self.dtype, self.path)
+                if self.fast
+                else latents.to(self.device, self.dtype)
+            )
             sample = self.model.decode(inputs).sample
             if output == "pt":
                 return to_host(sample, self.path) if self.fast else sample.cpu()
@@ -216,7 +236,11 @@ class InProcess:
     def encode(self, images: list[Image.Image] | torch.Tensor):
         with torch.inference_mode():
             pixels = images if isinstance(images, torch.Tensor) else self.processor.preprocess(images[0])
-            inputs = to_device(pixels, self.device, self.dtype, self.path) if self.fast else pixels.to(self.device, self.dtype)
+            inputs = (
+                to_device(pixels, self.device, self.dtype, self.path)
+                if self.fast
+                else pixels.to(self.device, self.dtype)
+            )
             latents = self.model.encode(inputs).latent_dist.mean
             return to_host(latents, self.path) if self.fast else latents.cpu()
 
@@ -254,8 +278,11 @@ def under_load(call, clients: int, total: int) -> tuple[list[float], float]:
 def pooled(runs: list[tuple[list[float], float]], images_per_call: int) -> dict:
     latencies = [latency for run in runs for latency in run[0]]
     wall = sum(run[1] for run in runs)
-    return {"images_per_s": len(latencies) * images_per_call / wall, "p50_ms": 1000 * percentile(latencies, 0.5),
-            "p99_ms": 1000 * percentile(latencies, 0.99)}
+    return {
+        "images_per_s": len(latencies) * images_per_call / wall,
+        "p50_ms": 1000 * percentile(latencies, 0.5),
+        "p99_ms": 1000 * percentile(latencies, 0.99),
+    }
 
 
 def bench_image(args: argparse.Namespace) -> None:
@@ -266,32 +293,79 @@ def bench_image(args: argparse.Namespace) -> None:
         family = load_family(name)
         dtype = resolve_dtype(args.dtype, family, device)
         model = build_model(family, args.tiny)
-        plain, fast = InProcess(model, family, device, dtype, fast=False), InProcess(model, family, device, dtype, fast=True)
+        plain, fast = (
+            InProcess(model, family, device, dtype, fast=False),
+            InProcess(model, family, device, dtype, fast=True),
+        )
         with tempfile.TemporaryDirectory(prefix="bench-") as folder:
             model.save_pretrained(folder)
             options = ["--model", folder, "--dtype", str(dtype).removeprefix("torch.")]
             if args.compile:
                 options += ["--compile", "--warmup-sizes", *[f"{size}x{size}" for size in args.sizes]]
             on, on_url = start_server(name, device.type, options)
-            off, off_url = start_server(name, device.type, [*options, "--max-batch-images", "1"]) if args.clients else (None, None)
+            off, off_url = (
+                start_server(name, device.type, [*options, "--max-batch-images", "1"]) if args.clients else (None, None)
+            )
             try:
                 for size in args.sizes:
                     side = size // family.spatial_compression
                     for batch in args.batches:
-                        latents = torch.randn(batch, family.latent_channels, side, side, generator=torch.Generator().manual_seed(size + batch))
+                        latents = torch.randn(
+                            batch,
+                            family.latent_channels,
+                            side,
+                            side,
+                            generator=torch.Generator().manual_seed(size + batch),
+                        )
                         for output in args.outputs if "decode" in args.operations else []:
-                            remote = lambda latents=latents, output=output, url=on_url: remote_decode(endpoint=url, tensor=latents, do_scaling=False, **OUTPUTS[output])  # noqa: E731
-                            rows.append(measure_workload(args, device, synchronize, on, on_url, "decode", size, batch, output, name,
-                                                lambda: plain.decode(latents, output), lambda: fast.decode(latents, output), remote,
-                                                check=(output == "pt-uint8") and (plain.decode(latents, output), remote)))
+                            remote = lambda latents=latents, output=output, url=on_url: remote_decode(
+                                endpoint=url, tensor=latents, do_scaling=False, **OUTPUTS[output]
+                            )  # noqa: E731
+                            rows.append(
+                                measure_workload(
+                                    args,
+                                    device,
+                                    synchronize,
+                                    on,
+                                    on_url,
+                                    "decode",
+                                    size,
+                                    batch,
+                                    output,
+                                    name,
+                                    lambda: plain.decode(latents, output),
+                                    lambda: fast.decode(latents, output),
+                                    remote,
+                                    check=(output == "pt-uint8") and (plain.decode(latents, output), remote),
+                                )
+                            )
                             if output in args.load_outputs and batch == 1 and args.clients:
                                 loads.append(load_rows(args, name, size, output, latents, on_url, off_url))
                         if "encode" in args.operations and family.serves("encode"):
-                            images = [sample_image(size, args.photo)] if batch == 1 else torch.rand(batch, 3, size, size) * 2 - 1
+                            images = (
+                                [sample_image(size, args.photo)]
+                                if batch == 1
+                                else torch.rand(batch, 3, size, size) * 2 - 1
+                            )
                             sent = images[0] if batch == 1 else images
-                            rows.append(measure_workload(args, device, synchronize, on, on_url, "encode", size, batch, "latents", name,
-                                                lambda images=images: plain.encode(images), lambda images=images: fast.encode(images),
-                                                lambda sent=sent: remote_encode(endpoint=on_url, image=sent), check=None))
+                            rows.append(
+                                measure_workload(
+                                    args,
+                                    device,
+                                    synchronize,
+                                    on,
+                                    on_url,
+                                    "encode",
+                                    size,
+                                    batch,
+                                    "latents",
+                                    name,
+                                    lambda images=images: plain.encode(images),
+                                    lambda images=images: fast.encode(images),
+                                    lambda sent=sent: remote_encode(endpoint=on_url, image=sent),
+                                    check=None,
+                                )
+                            )
             finally:
                 for process in filter(None, (on, off)):
                     process.terminate()
@@ -299,7 +373,9 @@ def bench_image(args: argparse.Namespace) -> None:
     print_image_tables(args, device, rows, loads)
 
 
-def measure_workload(args, device, synchronize, server, url, operation, size, batch, output, family, plain, fast, remote, check) -> dict:
+def measure_workload(
+    args, device, synchronize, server, url, operation, size, batch, output, family, plain, fast, remote, check
+) -> dict:
     """Median seconds of each way, their calls interleaved over `args.rounds` rounds (on two shared cores,
     drift over a minute is as large as the differences measured), and each process's peak memory."""
     ways = {"plain": plain, "fast": fast, "service": remote}
@@ -325,8 +401,19 @@ def measure_workload(args, device, synchronize, server, url, operation, size, ba
         expected, call = check
         worst = str(np.abs(call().numpy().astype(int) - expected.astype(int)).max())
     seconds = {name: statistics.median(times) for name, times in samples.items()}
-    row = dict(family=family, size=size, operation=operation, output=output, batch=batch, plain_s=seconds["plain"], fast_s=seconds["fast"],
-               service_s=seconds["service"], plain_peak_mib=plain_peak.mib, service_peak_mib=server_peak.mib, max_diff=worst)
+    row = dict(
+        family=family,
+        size=size,
+        operation=operation,
+        output=output,
+        batch=batch,
+        plain_s=seconds["plain"],
+        fast_s=seconds["fast"],
+        service_s=seconds["service"],
+        plain_peak_mib=plain_peak.mib,
+        service_peak_mib=server_peak.mib,
+        max_diff=worst,
+    )
     print(json.dumps(row), file=sys.stderr)
     return row
 
@@ -356,24 +443,36 @@ def mib(value: float | None) -> str:
 
 def print_image_tables(args, device, rows, loads) -> None:
     weights = "tiny test-suite architecture" if args.tiny else "real architecture"
-    print(f"\n{', '.join(args.family)}: {weights} with random weights; {'compiled; ' if args.compile else ''}"
-          f"medians of {args.rounds} interleaved rounds of {args.repeats} calls; {machine(device)}\n")
-    print("| family | size | op | output | batch | in-process (ms) | in-process, fast path (ms) | service (ms) | service / in-process | service / fast path | peak memory in-process (MiB) | peak memory service (MiB) | uint8 max \\|Δ\\| |")
+    print(
+        f"\n{', '.join(args.family)}: {weights} with random weights; {'compiled; ' if args.compile else ''}"
+        f"medians of {args.rounds} interleaved rounds of {args.repeats} calls; {machine(device)}\n"
+    )
+    print(
+        "| family | size | op | output | batch | in-process (ms) | in-process, fast path (ms) | service (ms) | service / in-process | service / fast path | peak memory in-process (MiB) | peak memory service (MiB) | uint8 max \\|Δ\\| |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['family']} | {row['size']}² | {row['operation']} | {row['output']} | {row['batch']} | {1000 * row['plain_s']:.1f} | "
-              f"{1000 * row['fast_s']:.1f} | {1000 * row['service_s']:.1f} | {row['service_s'] / row['plain_s']:.2f} | "
-              f"{row['service_s'] / row['fast_s']:.2f} | {mib(row['plain_peak_mib'])} | {mib(row['service_peak_mib'])} | {row['max_diff']} |")
+        print(
+            f"| {row['family']} | {row['size']}² | {row['operation']} | {row['output']} | {row['batch']} | {1000 * row['plain_s']:.1f} | "
+            f"{1000 * row['fast_s']:.1f} | {1000 * row['service_s']:.1f} | {row['service_s'] / row['plain_s']:.2f} | "
+            f"{row['service_s'] / row['fast_s']:.2f} | {mib(row['plain_peak_mib'])} | {mib(row['service_peak_mib'])} | {row['max_diff']} |"
+        )
     for load in loads:
-        print(f"\nConcurrent clients, {load['family']} decode {load['size']}² to {load['output']}, one image per request, "
-              f"{args.load_rounds} alternating rounds of {args.load_requests} requests pooled (batching on: the defaults; off: --max-batch-images 1):\n")
-        print("| clients | batching on: images/s | p50 (ms) | p99 (ms) | batching off: images/s | p50 (ms) | p99 (ms) | on / off | on / sequential |")
+        print(
+            f"\nConcurrent clients, {load['family']} decode {load['size']}² to {load['output']}, one image per request, "
+            f"{args.load_rounds} alternating rounds of {args.load_requests} requests pooled (batching on: the defaults; off: --max-batch-images 1):\n"
+        )
+        print(
+            "| clients | batching on: images/s | p50 (ms) | p99 (ms) | batching off: images/s | p50 (ms) | p99 (ms) | on / off | on / sequential |"
+        )
         print("|---|---|---|---|---|---|---|---|---|")
         sequential = load["levels"][0]["off"]["images_per_s"]
         for level in load["levels"]:
             on, off = level["on"], level["off"]
-            print(f"| {level['clients']} | {on['images_per_s']:.1f} | {on['p50_ms']:.0f} | {on['p99_ms']:.0f} | {off['images_per_s']:.1f} | "
-                  f"{off['p50_ms']:.0f} | {off['p99_ms']:.0f} | {on['images_per_s'] / off['images_per_s']:.2f} | {on['images_per_s'] / sequential:.2f} |")
+            print(
+                f"| {level['clients']} | {on['images_per_s']:.1f} | {on['p50_ms']:.0f} | {on['p99_ms']:.0f} | {off['images_per_s']:.1f} | "
+                f"{off['p50_ms']:.0f} | {off['p99_ms']:.0f} | {on['images_per_s'] / off['images_per_s']:.2f} | {on['images_per_s'] / sequential:.2f} |"
+            )
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine(device), "rows": rows, "loads": loads}, indent=1))
 
@@ -392,12 +491,16 @@ def bench_device_path(args: argparse.Namespace) -> None:
     latents = torch.randn(args.batch, family.latent_channels, side, side, generator=torch.Generator().manual_seed(0))
     processor = VaeImageProcessor(vae_scale_factor=family.spatial_compression)
     cuda = device.type == "cuda"
-    variants = [("diffusers as a user runs it", DevicePath(False, False, False), False, False),
-                ("channels_last", DevicePath(True, False, False), False, False),
-                ("uint8 made on the device", DevicePath(False, False, False), True, False)]
+    variants = [
+        ("diffusers as a user runs it", DevicePath(False, False, False), False, False),
+        ("channels_last", DevicePath(True, False, False), False, False),
+        ("uint8 made on the device", DevicePath(False, False, False), True, False),
+    ]
     if cuda:
-        variants += [("cudnn.benchmark", DevicePath(False, True, False), False, False),
-                     ("pinned host memory", DevicePath(False, False, True), True, False)]
+        variants += [
+            ("cudnn.benchmark", DevicePath(False, True, False), False, False),
+            ("pinned host memory", DevicePath(False, False, True), True, False),
+        ]
     variants.append(("all of the above (the service's default)", DevicePath.default(device), True, False))
     if args.compile:
         variants.append(("all of the above + torch.compile", DevicePath.default(device), True, True))
@@ -423,8 +526,10 @@ def bench_device_path(args: argparse.Namespace) -> None:
             samples.append(seconds)
     rows = [(label, statistics.median(samples), first) for label, (run, first, samples) in runs.items()]
     weights = "tiny test-suite architecture" if args.tiny else "real architecture"
-    print(f"\n{args.family} decode of {args.batch} x {args.size}² to uint8 on the host, {weights}, {str(dtype).removeprefix('torch.')}; "
-          f"median over {args.rounds} interleaved rounds of the median of {args.repeats}; {machine(device)}\n")
+    print(
+        f"\n{args.family} decode of {args.batch} x {args.size}² to uint8 on the host, {weights}, {str(dtype).removeprefix('torch.')}; "
+        f"median over {args.rounds} interleaved rounds of the median of {args.repeats}; {machine(device)}\n"
+    )
     print("| device path | ms per call | vs diffusers as a user runs it | first call (ms) |")
     print("|---|---|---|---|")
     for label, seconds, first in rows:
@@ -482,8 +587,13 @@ def bench_mp4_overlap(args: argparse.Namespace) -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-") as folder:
         build_model(family, args.tiny).save_pretrained(folder)
-        for label, streams in (("frames handed to ffmpeg after the decode", False), ("frames streamed to ffmpeg while decoding", True)):
-            vae = load_vae(dataclasses.replace(family, streams_frames=streams), folder, device, dtype, tile_above_pixels=None)
+        for label, streams in (
+            ("frames handed to ffmpeg after the decode", False),
+            ("frames streamed to ffmpeg while decoding", True),
+        ):
+            vae = load_vae(
+                dataclasses.replace(family, streams_frames=streams), folder, device, dtype, tile_above_pixels=None
+            )
             service = VaeService(vae, Limits(max_video_pixels=1 << 40))
             model_seconds, tail_seconds = [], []
             for attempt in range(args.repeats + 1):  # the first is a warm-up
@@ -497,7 +607,9 @@ def bench_mp4_overlap(args: argparse.Namespace) -> None:
                     tail_seconds.append(time.perf_counter() - ran)
             rows.append((label, statistics.median(model_seconds), statistics.median(tail_seconds)))
     weights = "tiny test-suite architecture" if args.tiny else "real architecture"
-    print(f"\n{args.family}, {weights}, {args.frames} frames of {args.size}², libx264 crf 18; median of {args.repeats}; {machine(device)}\n")
+    print(
+        f"\n{args.family}, {weights}, {args.frames} frames of {args.size}², libx264 crf 18; median of {args.repeats}; {machine(device)}\n"
+    )
     print("| MP4 | model stage (s) | MP4 ready after the model (s) | request (s) |")
     print("|---|---|---|---|")
     for label, model_seconds, tail_seconds in rows:
@@ -505,6 +617,7 @@ def bench_mp4_overlap(args: argparse.Namespace) -> None:
 
 
 # -- video ---------------------------------------------------------------------
+
 
 class PeakMemory:
     """Peak memory over a block: CUDA's allocator counter, or on CPU the process RSS sampled every 2 ms."""
@@ -552,7 +665,9 @@ def video_latents(family: Family, size: int, frames: int) -> torch.Tensor:
     """The seeded latent of one clip of `frames` frames of size², the same in every process."""
     side = size // family.spatial_compression
     latent_frames = (frames - 1) // family.temporal_compression + 1
-    return torch.randn(1, family.latent_channels, latent_frames, side, side, generator=torch.Generator().manual_seed(frames))
+    return torch.randn(
+        1, family.latent_channels, latent_frames, side, side, generator=torch.Generator().manual_seed(frames)
+    )
 
 
 def video_worker(args: argparse.Namespace) -> None:
@@ -572,7 +687,12 @@ def video_worker(args: argparse.Namespace) -> None:
         vae.model.use_framewise_decoding = False  # the whole clip in one pass (Wan's causal decoder has no such pass)
     service = VaeService(vae, Limits(max_video_pixels=1 << 40))
     latents = video_latents(family, args.size, args.frames)
-    request = DecodeRequest(RawTensor(tuple(latents.shape), "float32", latents.numpy().tobytes()), form="mp4", scaling=Scaling(), mp4=Mp4Options())
+    request = DecodeRequest(
+        RawTensor(tuple(latents.shape), "float32", latents.numpy().tobytes()),
+        form="mp4",
+        scaling=Scaling(),
+        mp4=Mp4Options(),
+    )
     service.decode(request)  # warm-up: kernels, allocator
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -583,13 +703,35 @@ def video_worker(args: argparse.Namespace) -> None:
             service.decode(request)
             seconds.append(time.perf_counter() - start)
         peaks.append(memory.used_mib)
-    print(json.dumps({"seconds": statistics.median(seconds), "peak_mib": max(peaks), "tiled": vae.tiles(args.size * args.size)}))
+    print(
+        json.dumps(
+            {"seconds": statistics.median(seconds), "peak_mib": max(peaks), "tiled": vae.tiles(args.size * args.size)}
+        )
+    )
 
 
 def measure(args: argparse.Namespace, model: str, size: int, frames: int, way: str) -> dict:
-    command = [sys.executable, __file__, "video-worker", "--family", args.family, "--model", model, "--device", args.device,
-               "--size", str(size), "--frames", str(frames), "--way", way, "--repeats", str(args.repeats),
-               "--tile-above-pixels", args.tile_above_pixels]
+    command = [
+        sys.executable,
+        __file__,
+        "video-worker",
+        "--family",
+        args.family,
+        "--model",
+        model,
+        "--device",
+        args.device,
+        "--size",
+        str(size),
+        "--frames",
+        str(frames),
+        "--way",
+        way,
+        "--repeats",
+        str(args.repeats),
+        "--tile-above-pixels",
+        args.tile_above_pixels,
+    ]
     output = subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT).stdout
     return json.loads(output.strip().splitlines()[-1])
 
@@ -616,7 +758,11 @@ def bench_video(args: argparse.Namespace) -> None:
     torch.manual_seed(RANDOM_WEIGHTS_SEED)
     with tempfile.TemporaryDirectory(prefix="bench-") as model:
         model_class(family).from_config(architecture).save_pretrained(model)
-        process, url = start_server(args.family, device.type, ["--model", model, "--max-video-pixels", str(1 << 40), "--tile-above-pixels", args.tile_above_pixels])
+        process, url = start_server(
+            args.family,
+            device.type,
+            ["--model", model, "--max-video-pixels", str(1 << 40), "--tile-above-pixels", args.tile_above_pixels],
+        )
         rows = []
         try:
             for size in args.sizes:
@@ -624,8 +770,16 @@ def bench_video(args: argparse.Namespace) -> None:
                     served = measure(args, model, size, frames, "service")
                     whole = measure(args, model, size, frames, "whole")
                     latents = video_latents(family, size, frames)
-                    remote_decode(url, tensor=latents, output_type="mp4", return_type="mp4", do_scaling=False)  # warm-up
-                    http_seconds, _ = timed(lambda latents=latents: remote_decode(url, tensor=latents, output_type="mp4", return_type="mp4", do_scaling=False), args.repeats, lambda: None)
+                    remote_decode(
+                        url, tensor=latents, output_type="mp4", return_type="mp4", do_scaling=False
+                    )  # warm-up
+                    http_seconds, _ = timed(
+                        lambda latents=latents: remote_decode(
+                            url, tensor=latents, output_type="mp4", return_type="mp4", do_scaling=False
+                        ),
+                        args.repeats,
+                        lambda: None,
+                    )
                     rows.append((size, frames, served, whole, http_seconds))
                     print(f"{size}² x {frames}: {served} {whole} http {http_seconds:.3f}s", file=sys.stderr)
         finally:
@@ -634,16 +788,26 @@ def bench_video(args: argparse.Namespace) -> None:
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
     weights = "tiny test-suite architecture" if args.tiny else "real architecture"
-    memory = "CUDA max_memory_allocated above the loaded model" if device.type == "cuda" else "peak RSS above the loaded model"
-    print(f"\n{args.family}, {weights} with random weights, {str(resolve_dtype('auto', family, device)).removeprefix('torch.')} on {device.type}; "
-          f"tile above {args.tile_above_pixels} pixels; median of {args.repeats}; "
-          f"{time.strftime('%Y-%m-%d')}; CPU: {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads; GPU: {gpu}; "
-          f"torch {torch.__version__}; memory = {memory}\n")
-    print("| frame size | frames | service stage (s) | service peak (MiB) | spatial tiles | whole clip (s) | whole-clip peak (MiB) | HTTP remote_decode mp4 (s) | HTTP / stage |")
+    memory = (
+        "CUDA max_memory_allocated above the loaded model"
+        if device.type == "cuda"
+        else "peak RSS above the loaded model"
+    )
+    print(
+        f"\n{args.family}, {weights} with random weights, {str(resolve_dtype('auto', family, device)).removeprefix('torch.')} on {device.type}; "
+        f"tile above {args.tile_above_pixels} pixels; median of {args.repeats}; "
+        f"{time.strftime('%Y-%m-%d')}; CPU: {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads; GPU: {gpu}; "
+        f"torch {torch.__version__}; memory = {memory}\n"
+    )
+    print(
+        "| frame size | frames | service stage (s) | service peak (MiB) | spatial tiles | whole clip (s) | whole-clip peak (MiB) | HTTP remote_decode mp4 (s) | HTTP / stage |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for size, frames, served, whole, http_seconds in rows:
-        print(f"| {size}² | {frames} | {served['seconds']:.3f} | {served['peak_mib']:.0f} | {'yes' if served['tiled'] else 'no'} | "
-              f"{whole['seconds']:.3f} | {whole['peak_mib']:.0f} | {http_seconds:.3f} | {http_seconds / served['seconds']:.2f} |")
+        print(
+            f"| {size}² | {frames} | {served['seconds']:.3f} | {served['peak_mib']:.0f} | {'yes' if served['tiled'] else 'no'} | "
+            f"{whole['seconds']:.3f} | {whole['peak_mib']:.0f} | {http_seconds:.3f} | {http_seconds / served['seconds']:.2f} |"
+        )
 
 
 TILINGS = ("untiled", "exact", "exact-held", "blend")  # exact-held: every activation held whole, nothing recomputed
@@ -656,16 +820,27 @@ def tiling_worker(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     family = load_family(args.family)
     store_bytes = 1 << 62 if args.way == "exact-held" else args.tile_store_bytes
-    vae = load_vae(family, args.model, device, resolve_dtype("auto", family, device), tile_above_pixels=None if args.way == "untiled" else 0,
-                   store_bytes=store_bytes)
+    vae = load_vae(
+        family,
+        args.model,
+        device,
+        resolve_dtype("auto", family, device),
+        tile_above_pixels=None if args.way == "untiled" else 0,
+        store_bytes=store_bytes,
+    )
     side = args.size // family.spatial_compression
     generator = torch.Generator().manual_seed(args.size)
     # A video family's clip: `frames` pixel frames, (frames - 1) / temporal compression + 1 latent frames.
-    frames, latent_frames = ((args.frames,), ((args.frames - 1) // family.temporal_compression + 1,)) if family.is_video else ((), ())
+    frames, latent_frames = (
+        ((args.frames,), ((args.frames - 1) // family.temporal_compression + 1,)) if family.is_video else ((), ())
+    )
     if args.operation == "encode":  # an image (or clip) of uniform noise in -1..1
         inputs, call = torch.rand(1, 3, *frames, args.size, args.size, generator=generator) * 2 - 1, vae.encode
     else:
-        inputs, call = torch.randn(1, family.latent_channels, *latent_frames, side, side, generator=generator), vae.decode
+        inputs, call = (
+            torch.randn(1, family.latent_channels, *latent_frames, side, side, generator=generator),
+            vae.decode,
+        )
     tiling = {"untiled": None, "exact-held": "exact"}.get(args.way, args.way)
     # LTX's decoder is conditioned on a decode timestep: its pipelines' recommended 0.05.
     extra = {"timestep": torch.tensor([0.05])} if family.decode_timestep and args.operation == "decode" else {}
@@ -683,7 +858,11 @@ def tiling_worker(args: argparse.Namespace) -> None:
     else:
         pixels = ((result[0].float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)  # [3, (F,) H, W]
         np.save(args.output, pixels.permute(*range(1, pixels.ndim), 0).cpu().numpy())
-    print(json.dumps({"seconds": statistics.median(seconds), "peak_mib": max(peaks) / 2**20, "tiled": vae.calls["tiled"] > 0}))
+    print(
+        json.dumps(
+            {"seconds": statistics.median(seconds), "peak_mib": max(peaks) / 2**20, "tiled": vae.calls["tiled"] > 0}
+        )
+    )
 
 
 def bench_tiling(args: argparse.Namespace) -> None:
@@ -691,9 +870,13 @@ def bench_tiling(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     family = load_family(args.family)
     clip = f", {args.frames} frames" if family.is_video else ""
-    print(f"# {machine(device)}; {args.family} ({'tiny' if args.tiny else 'real'} architecture, random weights), {args.operation}{clip}")
+    print(
+        f"# {machine(device)}; {args.family} ({'tiny' if args.tiny else 'real'} architecture, random weights), {args.operation}{clip}"
+    )
     within = "share within 1e-4 of peak" if args.operation == "encode" else "share within 1"
-    print(f"| size | way | seconds | peak MiB | x untiled time | PSNR vs untiled | max abs diff{'' if args.operation == 'encode' else ' (uint8)'} | {within} |")
+    print(
+        f"| size | way | seconds | peak MiB | x untiled time | PSNR vs untiled | max abs diff{'' if args.operation == 'encode' else ' (uint8)'} | {within} |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as folder:
         build_model(family, args.tiny).save_pretrained(folder)
@@ -701,8 +884,25 @@ def bench_tiling(args: argparse.Namespace) -> None:
             results, images = {}, {}
             for way in args.ways:
                 output = os.path.join(folder, f"{way}-{size}.npy")
-                command = [sys.executable, __file__, "tiling-worker", "--family", args.family, "--model", folder, "--device", args.device,
-                           "--way", way, "--size", str(size), "--repeats", str(args.repeats), "--output", output]
+                command = [
+                    sys.executable,
+                    __file__,
+                    "tiling-worker",
+                    "--family",
+                    args.family,
+                    "--model",
+                    folder,
+                    "--device",
+                    args.device,
+                    "--way",
+                    way,
+                    "--size",
+                    str(size),
+                    "--repeats",
+                    str(args.repeats),
+                    "--output",
+                    output,
+                ]
                 command += ["--operation", args.operation, "--frames", str(args.frames)]
                 if args.tile_store_bytes is not None:
                     command += ["--tile-store-bytes", str(args.tile_store_bytes)]
@@ -736,7 +936,9 @@ def save_difference(difference: np.ndarray, path: Path) -> None:
     white is equal."""
     path.parent.mkdir(parents=True, exist_ok=True)
     difference = difference.max(axis=-1)
-    amplified = np.clip((difference.max(axis=0) if difference.ndim == 3 else difference).astype(np.int32) * 32, 0, 255).astype(np.uint8)
+    amplified = np.clip(
+        (difference.max(axis=0) if difference.ndim == 3 else difference).astype(np.int32) * 32, 0, 255
+    ).astype(np.uint8)
     Image.fromarray(255 - amplified).save(path, optimize=True)
 
 
@@ -755,15 +957,21 @@ def bench_preview(args: argparse.Namespace) -> None:
     services = {}
     for name, weights in ((args.family, args.preview_model), (PREVIEW_OF[args.family], args.full_model)):
         family = load_family(name)
-        vae = load_vae(family, weights, device, resolve_dtype(args.dtype, family, device), random_weights=weights is None)
+        vae = load_vae(
+            family, weights, device, resolve_dtype(args.dtype, family, device), random_weights=weights is None
+        )
         services[name] = VaeService(vae, Limits(max_pixels=1 << 30))
     full = services[PREVIEW_OF[args.family]]
     # A realistic latent: the full VAE's encoding of an image, normalised as its pipeline holds it.
     pixels = np.array(sample_image(args.size, args.photo))
     image = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 127.5 - 1
     own = Scaling(do_scaling=True)
-    latents = full.encode(EncodeRequest(tensor=RawTensor(tuple(image.shape), "float32", image.numpy().tobytes()), scaling=own)).float()
-    request = DecodeRequest(RawTensor(tuple(latents.shape), "float32", latents.numpy().tobytes()), form="uint8", scaling=own)
+    latents = full.encode(
+        EncodeRequest(tensor=RawTensor(tuple(image.shape), "float32", image.numpy().tobytes()), scaling=own)
+    ).float()
+    request = DecodeRequest(
+        RawTensor(tuple(latents.shape), "float32", latents.numpy().tobytes()), form="uint8", scaling=own
+    )
     results = {}
     for name, service in services.items():
         service.decode(request)  # warm
@@ -775,8 +983,10 @@ def bench_preview(args: argparse.Namespace) -> None:
     print(f"# {machine(device)}")
     print("| preview | full | size | preview s | full s | full / preview | PSNR vs full |")
     print("|---|---|---|---|---|---|---|")
-    print(f"| {args.family} | {PREVIEW_OF[args.family]} | {args.size}² | {preview_s:.3f} | {full_s:.3f} | {full_s / preview_s:.1f}x | "
-          f"{f'{psnr:.1f} dB' if real else 'n/a (random weights)'} |")
+    print(
+        f"| {args.family} | {PREVIEW_OF[args.family]} | {args.size}² | {preview_s:.3f} | {full_s:.3f} | {full_s / preview_s:.1f}x | "
+        f"{f'{psnr:.1f} dB' if real else 'n/a (random weights)'} |"
+    )
 
 
 def bench_ray(args: argparse.Namespace) -> None:
@@ -795,7 +1005,9 @@ def bench_ray(args: argparse.Namespace) -> None:
     params = {"shape": list(latent.shape), "dtype": "float32", "output_type": "pt", "partial_postprocess": True}
 
     def call(url: str):
-        return lambda: requests.post(url, data=body, params=params, headers={"Content-Type": "tensor/binary"}, timeout=600).raise_for_status()
+        return lambda: requests.post(
+            url, data=body, params=params, headers={"Content-Type": "tensor/binary"}, timeout=600
+        ).raise_for_status()
 
     def measure(url: str) -> dict:
         call(url)()  # warm
@@ -819,19 +1031,36 @@ def bench_ray(args: argparse.Namespace) -> None:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         try:
             for replicas in (1, 2):
-                deployment = {"num_replicas": replicas, "ray_actor_options": {"num_cpus": 0, "num_gpus": 1 / replicas if device.type == "cuda" else 0}}
-                serve.run(family_app({"family": args.family, "options": options, "deployment": deployment}), name=args.family, route_prefix=f"/{args.family}")
-                rows[f"Ray Serve, {replicas} replica{'s' * (replicas > 1)}"] = measure(f"http://127.0.0.1:{port}/{args.family}/")
+                deployment = {
+                    "num_replicas": replicas,
+                    "ray_actor_options": {"num_cpus": 0, "num_gpus": 1 / replicas if device.type == "cuda" else 0},
+                }
+                serve.run(
+                    family_app({"family": args.family, "options": options, "deployment": deployment}),
+                    name=args.family,
+                    route_prefix=f"/{args.family}",
+                )
+                rows[f"Ray Serve, {replicas} replica{'s' * (replicas > 1)}"] = measure(
+                    f"http://127.0.0.1:{port}/{args.family}/"
+                )
         finally:
             serve.shutdown()
             ray.shutdown()
     weights = "tiny test-suite architecture" if args.tiny else "real architecture"
-    print(f"# {machine(device)}; ray {ray.__version__}; {args.family} ({weights}, random weights), {args.size}², uint8 tensors out, "
-          f"{args.requests} requests per point")
+    print(
+        f"# {machine(device)}; ray {ray.__version__}; {args.family} ({weights}, random weights), {args.size}², uint8 tensors out, "
+        f"{args.requests} requests per point"
+    )
     print("| server | " + " | ".join(f"{clients} clients: images/s (p50 ms)" for clients in args.clients) + " |")
     print("|---|" + "---|" * len(args.clients))
     for name, points in rows.items():
-        print(f"| {name} | " + " | ".join(f"{points[clients]['images_per_s']:.1f} ({points[clients]['p50_ms']:.0f})" for clients in args.clients) + " |")
+        print(
+            f"| {name} | "
+            + " | ".join(
+                f"{points[clients]['images_per_s']:.1f} ({points[clients]['p50_ms']:.0f})" for clients in args.clients
+            )
+            + " |"
+        )
 
 
 def model_mode(modes, name: str, help: str, family: str, repeats: int) -> argparse.ArgumentParser:
@@ -847,25 +1076,39 @@ def model_mode(modes, name: str, help: str, family: str, repeats: int) -> argpar
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     modes = parser.add_subparsers(dest="mode", required=True)
-    image = modes.add_parser("image", help="image decode and encode: service vs diffusers in-process, and under concurrent load")
+    image = modes.add_parser(
+        "image", help="image decode and encode: service vs diffusers in-process, and under concurrent load"
+    )
     image.add_argument("--family", nargs="+", default=["sd15"])
     image.add_argument("--tiny", action="store_true", help="the test suite's tiny architecture instead of the real one")
     image.add_argument("--sizes", type=int, nargs="+", default=[512])
     image.add_argument("--operations", nargs="+", default=["decode", "encode"], choices=["decode", "encode"])
     image.add_argument("--outputs", nargs="+", default=list(OUTPUTS), choices=list(OUTPUTS))
     image.add_argument("--batches", type=int, nargs="+", default=[1])
-    image.add_argument("--clients", type=int, nargs="*", default=[1, 2, 4, 8, 16], help="concurrent clients for the load rows (none: skip)")
+    image.add_argument(
+        "--clients",
+        type=int,
+        nargs="*",
+        default=[1, 2, 4, 8, 16],
+        help="concurrent clients for the load rows (none: skip)",
+    )
     image.add_argument("--load-outputs", nargs="*", default=["pt-uint8", "png"], choices=list(OUTPUTS))
     image.add_argument("--load-requests", type=int, default=32, help="requests per load level and round")
     image.add_argument("--load-rounds", type=int, default=4, help="rounds per load level, alternating the two servers")
     image.add_argument("--repeats", type=int, default=3, help="calls of each way per round")
-    image.add_argument("--rounds", type=int, default=4, help="rounds, each calling in-process, fast path and service in turn")
+    image.add_argument(
+        "--rounds", type=int, default=4, help="rounds, each calling in-process, fast path and service in turn"
+    )
     image.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"])
     image.add_argument("--compile", action="store_true", help="serve with --compile, the sizes warmed up")
-    image.add_argument("--photo", help="an image file to encode (scaled to each size); default: a smooth synthetic image")
+    image.add_argument(
+        "--photo", help="an image file to encode (scaled to each size); default: a smooth synthetic image"
+    )
     image.add_argument("--json", help="also write the results here")
     image.add_argument("--device", default="auto")
-    path = model_mode(modes, "device-path", "decode to uint8 in process with each device-path switch on its own", "sd15", repeats=5)
+    path = model_mode(
+        modes, "device-path", "decode to uint8 in process with each device-path switch on its own", "sd15", repeats=5
+    )
     path.add_argument("--size", type=int, default=512)
     path.add_argument("--batch", type=int, default=1)
     path.add_argument("--rounds", type=int, default=3, help="rounds, each timing every variant in turn")
@@ -879,17 +1122,31 @@ def main() -> None:
     overlap = model_mode(modes, "mp4-overlap", "MP4 written while decoding against after decoding", "wan21", repeats=3)
     overlap.add_argument("--size", type=int, default=256)
     overlap.add_argument("--frames", type=int, default=81)
-    video = model_mode(modes, "video", "video decode to MP4: peak memory and time against frames and frame size", "hunyuanvideo", repeats=3)
+    video = model_mode(
+        modes,
+        "video",
+        "video decode to MP4: peak memory and time against frames and frame size",
+        "hunyuanvideo",
+        repeats=3,
+    )
     video.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
     video.add_argument("--frames", type=int, nargs="+", default=[9, 17, 33, 65])
     video.add_argument("--tile-above-pixels", default="family", help="as serve's option: N, family or never")
-    tiling = model_mode(modes, "tiling", "decode untiled, exactly tiled and blend-tiled: peak memory, time, PSNR", "sd15", repeats=1)
+    tiling = model_mode(
+        modes, "tiling", "decode untiled, exactly tiled and blend-tiled: peak memory, time, PSNR", "sd15", repeats=1
+    )
     tiling.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096])
     tiling.add_argument("--ways", nargs="+", default=list(TILINGS), choices=list(TILINGS))
     tiling.add_argument("--pictures", help="write amplified difference pictures of the first size here")
-    tiling.add_argument("--tile-store-bytes", type=int, help="the exact way's --tile-store-bytes (default: the service's)")
-    tiling.add_argument("--operation", choices=["decode", "encode"], default="decode",
-                        help="encode: noise images to latents, compared as floats (max abs diff; share within 1e-4 of the latents' peak)")
+    tiling.add_argument(
+        "--tile-store-bytes", type=int, help="the exact way's --tile-store-bytes (default: the service's)"
+    )
+    tiling.add_argument(
+        "--operation",
+        choices=["decode", "encode"],
+        default="decode",
+        help="encode: noise images to latents, compared as floats (max abs diff; share within 1e-4 of the latents' peak)",
+    )
     tiling.add_argument("--frames", type=int, default=5, help="a video family's clip length in pixel frames")
     tiling_worker_mode = modes.add_parser("tiling-worker", help=argparse.SUPPRESS)
     for name in ("--family", "--model", "--device", "--way", "--output"):
@@ -899,9 +1156,13 @@ def main() -> None:
     tiling_worker_mode.add_argument("--tile-store-bytes", type=int)
     tiling_worker_mode.add_argument("--operation", choices=["decode", "encode"], default="decode")
     tiling_worker_mode.add_argument("--frames", type=int, default=5)
-    preview = modes.add_parser("preview", help="a preview decoder (taesd, taesdxl, taef1) against its full family: speed and PSNR")
+    preview = modes.add_parser(
+        "preview", help="a preview decoder (taesd, taesdxl, taef1) against its full family: speed and PSNR"
+    )
     preview.add_argument("--family", default="taesd", choices=list(PREVIEW_OF))
-    preview.add_argument("--preview-model", help="the preview's weights (a diffusers model directory); default: random weights")
+    preview.add_argument(
+        "--preview-model", help="the preview's weights (a diffusers model directory); default: random weights"
+    )
     preview.add_argument("--full-model", help="the full family's weights; default: random weights")
     preview.add_argument("--size", type=int, default=512)
     preview.add_argument("--repeats", type=int, default=3)
@@ -915,14 +1176,25 @@ def main() -> None:
     worker.add_argument("--frames", type=int, required=True)
     worker.add_argument("--repeats", type=int, default=3)
     worker.add_argument("--tile-above-pixels", default="family")
-    ray_mode = model_mode(modes, "ray", "Ray Serve with 1 and 2 replicas against the plain server: throughput, latency", "sd15", repeats=1)
+    ray_mode = model_mode(
+        modes, "ray", "Ray Serve with 1 and 2 replicas against the plain server: throughput, latency", "sd15", repeats=1
+    )
     ray_mode.add_argument("--size", type=int, default=256)
     ray_mode.add_argument("--clients", type=int, nargs="+", default=[1, 4])
     ray_mode.add_argument("--requests", type=int, default=40, help="requests per point")
     args = parser.parse_args()
-    modes = {"image": bench_image, "device-path": bench_device_path, "png": bench_png, "mp4-overlap": bench_mp4_overlap,
-             "video": bench_video, "video-worker": video_worker, "preview": bench_preview,
-             "tiling": bench_tiling, "tiling-worker": tiling_worker, "ray": bench_ray}
+    modes = {
+        "image": bench_image,
+        "device-path": bench_device_path,
+        "png": bench_png,
+        "mp4-overlap": bench_mp4_overlap,
+        "video": bench_video,
+        "video-worker": video_worker,
+        "preview": bench_preview,
+        "tiling": bench_tiling,
+        "tiling-worker": tiling_worker,
+        "ray": bench_ray,
+    }
     modes[args.mode](args)
 
 

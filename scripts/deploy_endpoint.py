@@ -62,39 +62,94 @@ def build_parser() -> argparse.ArgumentParser:
 
     deploy = commands.add_parser("deploy", help="create or update an endpoint, wait for it, print how to call it")
     deploy.add_argument("name", help="endpoint name (lowercase letters, digits and '-')")
-    deploy.add_argument("--family", action="append", required=True, dest="families", metavar="FAMILY", help=f"repeat to serve several on one endpoint (custom image only): {', '.join(families.available())}")
+    deploy.add_argument(
+        "--family",
+        action="append",
+        required=True,
+        dest="families",
+        metavar="FAMILY",
+        help=f"repeat to serve several on one endpoint (custom image only): {', '.join(families.available())}",
+    )
     image = deploy.add_mutually_exclusive_group(required=True)
-    image.add_argument("--image", metavar="URL", help="the remote-vae container image, e.g. ghcr.io/you/remote-vae:latest")
-    image.add_argument("--handler", action="store_true", help="run handler.py from --repository on the stock toolkit image (prepare it with prepare-repo)")
-    deploy.add_argument("--repository", metavar="REPO_ID", help="model repository mounted at /repository (default for --image: the family's own Hub repository when its VAE is at the root)")
+    image.add_argument(
+        "--image", metavar="URL", help="the remote-vae container image, e.g. ghcr.io/you/remote-vae:latest"
+    )
+    image.add_argument(
+        "--handler",
+        action="store_true",
+        help="run handler.py from --repository on the stock toolkit image (prepare it with prepare-repo)",
+    )
+    deploy.add_argument(
+        "--repository",
+        metavar="REPO_ID",
+        help="model repository mounted at /repository (default for --image: the family's own Hub repository when its VAE is at the root)",
+    )
     deploy.add_argument("--revision", help="commit of --repository to deploy")
     deploy.add_argument("--vendor", default="aws")
     deploy.add_argument("--region", default="us-east-1")
     deploy.add_argument("--accelerator", default="gpu")
-    deploy.add_argument("--instance-type", default="nvidia-l4", help="e.g. nvidia-l4 (24 GB, images), nvidia-l40s (48 GB, video), nvidia-a100 (80 GB)")
+    deploy.add_argument(
+        "--instance-type",
+        default="nvidia-l4",
+        help="e.g. nvidia-l4 (24 GB, images), nvidia-l40s (48 GB, video), nvidia-a100 (80 GB)",
+    )
     deploy.add_argument("--instance-size", default="x1")
     deploy.add_argument("--min-replicas", type=int, default=1)
     deploy.add_argument("--max-replicas", type=int, default=1)
-    deploy.add_argument("--scale-to-zero-minutes", type=int, metavar="N", help="scale to zero after N idle minutes (sets --min-replicas 0)")
+    deploy.add_argument(
+        "--scale-to-zero-minutes",
+        type=int,
+        metavar="N",
+        help="scale to zero after N idle minutes (sets --min-replicas 0)",
+    )
     key = deploy.add_mutually_exclusive_group()
-    key.add_argument("--api-key-env", metavar="VAR", help=f"the service's API key, read from this environment variable; sent as the endpoint secret {API_KEY_VARIABLE}")
-    key.add_argument("--generate-api-key", action="store_true", help="make a random API key, send it as a secret and print it once")
-    deploy.add_argument("--type", choices=["public", "authenticated", "private"], help="who may reach the URL (default: public with an API key, else authenticated, i.e. a Hugging Face token)")
-    deploy.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="more container environment, e.g. REMOTE_VAE_MAX_BATCH=8 (any serve option)")
+    key.add_argument(
+        "--api-key-env",
+        metavar="VAR",
+        help=f"the service's API key, read from this environment variable; sent as the endpoint secret {API_KEY_VARIABLE}",
+    )
+    key.add_argument(
+        "--generate-api-key", action="store_true", help="make a random API key, send it as a secret and print it once"
+    )
+    deploy.add_argument(
+        "--type",
+        choices=["public", "authenticated", "private"],
+        help="who may reach the URL (default: public with an API key, else authenticated, i.e. a Hugging Face token)",
+    )
+    deploy.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="more container environment, e.g. REMOTE_VAE_MAX_BATCH=8 (any serve option)",
+    )
     deploy.add_argument("--registry-username", help="for a private image")
-    deploy.add_argument("--registry-password-env", metavar="VAR", help="environment variable holding the registry password or token")
+    deploy.add_argument(
+        "--registry-password-env", metavar="VAR", help="environment variable holding the registry password or token"
+    )
     deploy.add_argument("--namespace", help="user or organisation (default: the token's user)")
     deploy.add_argument("--token", help="Hugging Face token (default: the logged-in one)")
     deploy.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the endpoint (default 1800)")
     deploy.add_argument("--poll-seconds", type=float, default=10)
     deploy.add_argument("--no-wait", action="store_true")
-    deploy.add_argument("--dry-run", action="store_true", help="print the exact request (secrets redacted) and send nothing")
+    deploy.add_argument(
+        "--dry-run", action="store_true", help="print the exact request (secrets redacted) and send nothing"
+    )
 
-    prepare = commands.add_parser("prepare-repo", help="lay out a model repository for the stock toolkit's custom-handler path")
+    prepare = commands.add_parser(
+        "prepare-repo", help="lay out a model repository for the stock toolkit's custom-handler path"
+    )
     prepare.add_argument("directory", type=Path)
     prepare.add_argument("--family", required=True)
-    prepare.add_argument("--model", type=Path, metavar="DIR", help="a local diffusers model directory with the weights (default: download the family's from the Hub)")
-    prepare.add_argument("--push", metavar="REPO_ID", help="then upload it to this Hub model repository (created private if missing)")
+    prepare.add_argument(
+        "--model",
+        type=Path,
+        metavar="DIR",
+        help="a local diffusers model directory with the weights (default: download the family's from the Hub)",
+    )
+    prepare.add_argument(
+        "--push", metavar="REPO_ID", help="then upload it to this Hub model repository (created private if missing)"
+    )
     prepare.add_argument("--token")
     return parser
 
@@ -110,10 +165,14 @@ def endpoint_arguments(args: argparse.Namespace, served: list[Family]) -> dict:
         raise DeployError("--handler needs --repository: a model repository made by `prepare-repo --push`")
     api_key = api_key_from(args)
     if args.handler and api_key:
-        raise DeployError("the stock toolkit does not check remote-vae API keys; with --handler the endpoint is guarded by Hugging Face tokens (--type authenticated)")
+        raise DeployError(
+            "the stock toolkit does not check remote-vae API keys; with --handler the endpoint is guarded by Hugging Face tokens (--type authenticated)"
+        )
     endpoint_type = args.type or ("public" if api_key else "authenticated")
     if api_key and endpoint_type == "authenticated":
-        raise DeployError("an authenticated endpoint takes the caller's Hugging Face token in the same Authorization header as the API key; use --type public (the key guards it) or drop the key")
+        raise DeployError(
+            "an authenticated endpoint takes the caller's Hugging Face token in the same Authorization header as the API key; use --type public (the key guards it) or drop the key"
+        )
     if args.min_replicas < 0 or args.max_replicas < max(1, args.min_replicas):
         raise DeployError("--max-replicas must be at least 1 and at least --min-replicas")
 
@@ -146,7 +205,10 @@ def endpoint_arguments(args: argparse.Namespace, served: list[Family]) -> dict:
     if args.image:
         image = {"url": args.image, "port": CONTAINER_PORT, "healthRoute": HEALTH_ROUTE}
         if args.registry_username:  # inside the image, so that updates keep them too
-            image["credentials"] = {"username": args.registry_username, "password": os.environ.get(args.registry_password_env or "", "")}
+            image["credentials"] = {
+                "username": args.registry_username,
+                "password": os.environ.get(args.registry_password_env or "", ""),
+            }
         arguments["custom_image"] = image
     return arguments
 
@@ -180,8 +242,21 @@ def api_key_from(args: argparse.Namespace) -> str | None:
 
 # The endpoint's state fields an update may change; vendor, region and type are fixed at creation.
 UPDATABLE = (
-    "repository", "revision", "framework", "task", "accelerator", "instance_type", "instance_size", "min_replica",
-    "max_replica", "scale_to_zero_timeout", "custom_image", "env", "secrets", "namespace", "token",
+    "repository",
+    "revision",
+    "framework",
+    "task",
+    "accelerator",
+    "instance_type",
+    "instance_size",
+    "min_replica",
+    "max_replica",
+    "scale_to_zero_timeout",
+    "custom_image",
+    "env",
+    "secrets",
+    "namespace",
+    "token",
 )
 
 
@@ -192,12 +267,17 @@ def deploy(args: argparse.Namespace) -> int:
     if args.dry_run:
         arguments["namespace"] = arguments["namespace"] or "YOUR_NAMESPACE"
         print(json.dumps(record_request(lambda: api.create_inference_endpoint(args.name, **arguments)), indent=2))
-        print("# not sent. If the endpoint exists, deploy sends a PUT to .../endpoint/NAMESPACE/NAME with these model, compute and scaling fields.", file=sys.stderr)
+        print(
+            "# not sent. If the endpoint exists, deploy sends a PUT to .../endpoint/NAMESPACE/NAME with these model, compute and scaling fields.",
+            file=sys.stderr,
+        )
         return 0
 
     namespace = arguments["namespace"] = args.namespace or api.whoami()["name"]
     if exists(api, args.name, namespace):
-        endpoint = api.update_inference_endpoint(args.name, **{key: arguments[key] for key in UPDATABLE if key in arguments})
+        endpoint = api.update_inference_endpoint(
+            args.name, **{key: arguments[key] for key in UPDATABLE if key in arguments}
+        )
         print(f"updated endpoint {namespace}/{args.name}")
     else:
         endpoint = api.create_inference_endpoint(args.name, **arguments)
@@ -233,7 +313,7 @@ def usage(url: str, served: list[Family], arguments: dict, via_handler: bool) ->
         lines += [f"API key (shown once; the endpoint holds it as the secret {API_KEY_VARIABLE}):", f"  {api_key}", ""]
     if via_handler:
         lines += [
-            "The stock toolkit takes JSON: POST {\"inputs\": <base64 latent bytes>, \"parameters\": {\"shape\": [...], \"dtype\": ..., ...}}",
+            'The stock toolkit takes JSON: POST {"inputs": <base64 latent bytes>, "parameters": {"shape": [...], "dtype": ..., ...}}',
             "with 'Authorization: Bearer <your Hugging Face token>'. diffusers' remote_decode needs the container image (--image).",
         ]
         return "\n".join(lines)
@@ -312,7 +392,7 @@ def record_request(send) -> dict:
         raise DeployError(f"expected one request, caught {len(record)}")
     request = record[0]
     body = json.loads(request["body"])
-    for secret_name in (body.get("model", {}).get("secrets") or {}):
+    for secret_name in body.get("model", {}).get("secrets") or {}:
         body["model"]["secrets"][secret_name] = "<redacted>"
     credentials = body.get("model", {}).get("image", {}).get("custom", {}).get("credentials") or {}
     if "password" in credentials:
@@ -332,8 +412,10 @@ def prepare_repo(args: argparse.Namespace) -> int:
     family = families.load_family(args.family)
     pinned = toolkit_diffusers()
     if family.min_diffusers and Version(family.min_diffusers) > Version(pinned):
-        raise DeployError(f"{family.name} needs diffusers >= {family.min_diffusers}; the stock toolkit runs {pinned} at most "
-                          "(newer releases do not import beside its transformers 4.x): deploy the container image (--image) instead")
+        raise DeployError(
+            f"{family.name} needs diffusers >= {family.min_diffusers}; the stock toolkit runs {pinned} at most "
+            "(newer releases do not import beside its transformers 4.x): deploy the container image (--image) instead"
+        )
     target: Path = args.directory
     if target.exists() and any(target.iterdir()):
         raise DeployError(f"{target} exists and is not empty")
@@ -354,9 +436,13 @@ def prepare_repo(args: argparse.Namespace) -> int:
     if args.push:
         api = HfApi(token=args.token)
         api.create_repo(args.push, private=True, exist_ok=True)
-        commit = api.upload_folder(folder_path=target, repo_id=args.push, commit_message=f"remote-vae handler for {family.name}")
+        commit = api.upload_folder(
+            folder_path=target, repo_id=args.push, commit_message=f"remote-vae handler for {family.name}"
+        )
         print(f"pushed to https://huggingface.co/{args.push} ({commit.oid})")
-        print(f"deploy: python scripts/deploy_endpoint.py deploy NAME --handler --repository {args.push} --family {family.name}")
+        print(
+            f"deploy: python scripts/deploy_endpoint.py deploy NAME --handler --repository {args.push} --family {family.name}"
+        )
     return 0
 
 
@@ -374,7 +460,7 @@ tags: [remote-vae, inference-endpoints-handler]
 ---
 # remote-vae handler: {family.name}
 
-{family.description}. Weights from `{family.hub_repo}`{f' (`{family.hub_subfolder}/`)' if family.hub_subfolder else ''},
+{family.description}. Weights from `{family.hub_repo}`{f" (`{family.hub_subfolder}/`)" if family.hub_subfolder else ""},
 served by remote-vae's `handler.py` on the Inference Endpoints toolkit. Set `REMOTE_VAE_FAMILIES={family.name}` in the endpoint's environment; limits are the
 `REMOTE_VAE_*` variables of `python -m remote_vae serve`.
 

@@ -25,7 +25,13 @@ CARRY = ".whl"
 # wheel is 29 MB with its ffmpeg, where 0.8's is 68 MB, over the carry's 64 MiB.
 PACKAGES = ("diffusers", "importlib_metadata", "starlette", "uvicorn", "swagger-ui-bundle")
 PINNED = {"imageio-ffmpeg": "0.7.0"}
-PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64")
+PLATFORMS = (
+    "manylinux_2_28_x86_64",
+    "manylinux_2_17_x86_64",
+    "manylinux2014_x86_64",
+    "manylinux2010_x86_64",
+    "manylinux1_x86_64",
+)
 CARRY_LIMIT = 60 * 2**20  # the 64 MiB of a call, less room for the working tree
 BUDGET_S = 400
 # The call's limit: the suite's budget, its offline install and the watchdog's last write, under 7 minutes.
@@ -33,13 +39,29 @@ TIMEOUT_S = 420
 
 
 def requirements() -> list[str]:
-    return [f"{name}=={importlib.metadata.version(name)}" for name in PACKAGES] + [f"{name}=={version}" for name, version in PINNED.items()]
+    return [f"{name}=={importlib.metadata.version(name)}" for name in PACKAGES] + [
+        f"{name}=={version}" for name, version in PINNED.items()
+    ]
 
 
 def download_command(folder: Path) -> list[str]:
     platforms = [option for platform in PLATFORMS for option in ("--platform", platform)]
-    return [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp",
-            *platforms, "-d", str(folder), *requirements()]
+    return [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--python-version",
+        "3.12",
+        "--implementation",
+        "cp",
+        *platforms,
+        "-d",
+        str(folder),
+        *requirements(),
+    ]
 
 
 def device_call() -> dict:

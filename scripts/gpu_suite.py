@@ -51,14 +51,41 @@ SITE = Path(tempfile.gettempdir()) / "remote-vae-suite-site"
 # Each stage: its share of the time left when it starts (over the shares of the stages still to run), and the
 # least it needs on a GPU (on the CPU with --tiny, a tenth): below that it is skipped, not begun.
 # In this order: what matters most first, the slowest to start (compiling) last, so an overrun costs the least.
-STAGES = {"environment": (0.02, 2), "cuda_tests": (0.13, 20), "headline": (0.27, 60), "throughput": (0.14, 30),
-          "profile": (0.06, 10), "large": (0.23, 40), "compile": (0.15, 30)}
+STAGES = {
+    "environment": (0.02, 2),
+    "cuda_tests": (0.13, 20),
+    "headline": (0.27, 60),
+    "throughput": (0.14, 30),
+    "profile": (0.06, 10),
+    "large": (0.23, 40),
+    "compile": (0.15, 30),
+}
 # Sizes: the real ones, and --tiny's (the tests' widths make these quick on two CPU cores).
 SIZES = {
-    False: {"decode": (512, 1024), "encode": (1024,), "throughput": {"sd15": 512, "sdxl": 1024}, "compile": 1024,
-            "tiled": 4096, "wan": (832, 480, 81), "profile": 1024, "repeats": 5, "warm": 2, "calls_per_client": 6},
-    True: {"decode": (64, 128), "encode": (128,), "throughput": {"sd15": 64, "sdxl": 128}, "compile": 64,
-           "tiled": 512, "wan": (64, 48, 9), "profile": 128, "repeats": 2, "warm": 1, "calls_per_client": 2},
+    False: {
+        "decode": (512, 1024),
+        "encode": (1024,),
+        "throughput": {"sd15": 512, "sdxl": 1024},
+        "compile": 1024,
+        "tiled": 4096,
+        "wan": (832, 480, 81),
+        "profile": 1024,
+        "repeats": 5,
+        "warm": 2,
+        "calls_per_client": 6,
+    },
+    True: {
+        "decode": (64, 128),
+        "encode": (128,),
+        "throughput": {"sd15": 64, "sdxl": 128},
+        "compile": 64,
+        "tiled": 512,
+        "wan": (64, 48, 9),
+        "profile": 128,
+        "repeats": 2,
+        "warm": 1,
+        "calls_per_client": 2,
+    },
 }
 
 
@@ -67,14 +94,32 @@ def install_wheels(folder: Path) -> None:
     wheels = sorted(str(path) for path in folder.glob("*.whl"))
     if not wheels:
         raise SystemExit(f"{folder} holds no wheels: run scripts/gpu_carry.py first")
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
-                    "--upgrade", "--target", str(SITE), *wheels], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-index",
+            "--no-deps",
+            "--no-compile",
+            "--no-cache-dir",
+            "--upgrade",
+            "--target",
+            str(SITE),
+            *wheels,
+        ],
+        check=True,
+    )
     sys.path.insert(0, str(SITE))
 
 
 def python_path() -> str:
     """What a child process (the server, pytest) needs on its path: the carried packages and the repository."""
-    return os.pathsep.join(filter(None, [str(SITE) if SITE.is_dir() else "", str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    return os.pathsep.join(
+        filter(None, [str(SITE) if SITE.is_dir() else "", str(ROOT), os.environ.get("PYTHONPATH", "")])
+    )
 
 
 class Suite:
@@ -101,12 +146,19 @@ class Suite:
             allowance = self.left() * share / pending
             began = time.monotonic()
             if allowance < minimum:
-                record = {"status": "skipped", "note": f"needs about {minimum:.0f} s, {allowance:.0f} s of the budget was left for it"}
+                record = {
+                    "status": "skipped",
+                    "note": f"needs about {minimum:.0f} s, {allowance:.0f} s of the budget was left for it",
+                }
             else:
                 try:
                     record = {"status": "done", **stages[name](self, began + allowance)}
                 except Exception as exc:  # a stage that breaks is recorded; the others still run
-                    record = {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-3000:]}
+                    record = {
+                        "status": "failed",
+                        "error": f"{type(exc).__name__}: {exc}",
+                        "traceback": traceback.format_exc()[-3000:],
+                    }
             record["seconds"] = round(time.monotonic() - began, 1)
             with self._lock:
                 self.results["stages"][name] = record
@@ -171,7 +223,11 @@ class Suite:
         device = torch.device(self.args.device)
         model = model_class(family).from_pretrained(self.model_dir(family_name)).eval()
         dtype = resolve_dtype("auto", family, device)
-        return InProcess(model, family, device, dtype, fast=False), InProcess(model, family, device, dtype, fast=True), family
+        return (
+            InProcess(model, family, device, dtype, fast=False),
+            InProcess(model, family, device, dtype, fast=True),
+            family,
+        )
 
 
 class Server:
@@ -183,12 +239,28 @@ class Server:
         port = free_port()
         self.url = f"http://127.0.0.1:{port}/"
         self.log = suite.scratch / f"server-{family}-{port}.log"
-        command = [sys.executable, "-m", "remote_vae", "serve", str(config or family), "--model", str(suite.model_dir(family)), "--device", suite.args.device,
-                   "--host", "127.0.0.1", "--port", str(port), *options]
+        command = [
+            sys.executable,
+            "-m",
+            "remote_vae",
+            "serve",
+            str(config or family),
+            "--model",
+            str(suite.model_dir(family)),
+            "--device",
+            suite.args.device,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            *options,
+        ]
         began = time.monotonic()
         until = began + max(30.0, suite.left())
         with open(self.log, "wb") as log:
-            self.process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": python_path()})
+            self.process = subprocess.Popen(
+                command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": python_path()}
+            )
         while time.monotonic() < until:
             if self.process.poll() is not None:
                 raise RuntimeError(f"the server exited with {self.process.returncode}: {self.log.read_text()[-2000:]}")
@@ -264,32 +336,72 @@ def environment(suite: Suite, deadline: float) -> dict:
     from remote_vae.media import jpeg_encoder_for
 
     device = torch.device(suite.args.device)
-    found = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda, "diffusers": diffusers.__version__,
-             "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None, "cpu_cores": os.cpu_count()}
+    found = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "diffusers": diffusers.__version__,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "cpu_cores": os.cpu_count(),
+    }
     if device.type == "cuda":
         properties = torch.cuda.get_device_properties(device)
-        found |= {"gpu": properties.name, "gpu_memory_gib": round(properties.total_memory / 2**30, 1), "multiprocessors": properties.multi_processor_count}
+        found |= {
+            "gpu": properties.name,
+            "gpu_memory_gib": round(properties.total_memory / 2**30, 1),
+            "multiprocessors": properties.multi_processor_count,
+        }
         if shutil.which("nvidia-smi"):
-            found["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True,
-                                             timeout=20).stdout.strip()
+            found["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            ).stdout.strip()
     path = DevicePath.default(device)
-    found["fast_paths"] = {"nvjpeg": jpeg_encoder_for(device) is not None, "pinned_memory": path.pinned_memory,
-                           "channels_last": path.channels_last, "cudnn_benchmark": path.cudnn_benchmark}
+    found["fast_paths"] = {
+        "nvjpeg": jpeg_encoder_for(device) is not None,
+        "pinned_memory": path.pinned_memory,
+        "channels_last": path.channels_last,
+        "cudnn_benchmark": path.cudnn_benchmark,
+    }
     return found
 
 
 def cuda_tests(suite: Suite, deadline: float) -> dict:
     junit = suite.scratch / "cuda-tests.xml"
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py", f"--junitxml={junit}"]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "tests/test_cuda.py",
+        f"--junitxml={junit}",
+    ]
     try:
-        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=max(5.0, deadline - time.monotonic()),
-                              env={**os.environ, "PYTHONPATH": python_path()})
+        done = subprocess.run(
+            command,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=max(5.0, deadline - time.monotonic()),
+            env={**os.environ, "PYTHONPATH": python_path()},
+        )
     except subprocess.TimeoutExpired as exc:
-        output = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""  # bytes even with text=True
+        output = (
+            exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
+        )  # bytes even with text=True
         return {"summary": "timed out", "output": output[-3000:]}
     lines = [line for line in done.stdout.strip().splitlines() if line.strip()]
     failures = [line for line in lines if line.startswith(("FAILED", "ERROR"))]
-    return {"exit_code": done.returncode, "summary": lines[-1] if lines else "", "failures": failures, "output": done.stdout[-4000:] if done.returncode else ""}
+    return {
+        "exit_code": done.returncode,
+        "summary": lines[-1] if lines else "",
+        "failures": failures,
+        "output": done.stdout[-4000:] if done.returncode else "",
+    }
 
 
 def headline(suite: Suite, deadline: float) -> dict:
@@ -315,29 +427,62 @@ def headline(suite: Suite, deadline: float) -> dict:
                 plain_ms, files = median_ms(lambda: plain.decode(latents, "png"), repeats, warm, device)
             fast_ms, _ = median_ms(lambda: fast.decode(latents, "png"), repeats, warm, device)
             before = server.stages()
-            served_ms, image = median_ms(lambda: remote_decode(endpoint=server.url, tensor=latents.to(fast.dtype), do_scaling=False, output_type="pil",
-                                                               image_format="png"), repeats, warm, device)
+            served_ms, image = median_ms(
+                lambda: remote_decode(
+                    endpoint=server.url,
+                    tensor=latents.to(fast.dtype),
+                    do_scaling=False,
+                    output_type="pil",
+                    image_format="png",
+                ),
+                repeats,
+                warm,
+                device,
+            )
             after = server.stages()
             local = np.asarray(Image.open(io.BytesIO(files[0])))
             difference = np.abs(np.asarray(image).astype(int) - local.astype(int))
-            rows.append({"family": family_name, "operation": "decode", "size": size, "dtype": str(fast.dtype).removeprefix("torch."),
-                         "diffusers_ms": plain_ms, "device_path_ms": fast_ms, "service_ms": served_ms,
-                         "service_over_diffusers": round(served_ms / plain_ms, 3), "device_path_over_diffusers": round(fast_ms / plain_ms, 3),
-                         "diffusers_peak_mib": round(peak.used_mib, 1), "server_peak_mib": server.peak_mib(),
-                         "server_stage_ms": per_request(before, after), "max_pixel_difference": int(difference.max()),
-                         "pixels_within_1": round(float((difference <= 1).mean()), 5)})
+            rows.append(
+                {
+                    "family": family_name,
+                    "operation": "decode",
+                    "size": size,
+                    "dtype": str(fast.dtype).removeprefix("torch."),
+                    "diffusers_ms": plain_ms,
+                    "device_path_ms": fast_ms,
+                    "service_ms": served_ms,
+                    "service_over_diffusers": round(served_ms / plain_ms, 3),
+                    "device_path_over_diffusers": round(fast_ms / plain_ms, 3),
+                    "diffusers_peak_mib": round(peak.used_mib, 1),
+                    "server_peak_mib": server.peak_mib(),
+                    "server_stage_ms": per_request(before, after),
+                    "max_pixel_difference": int(difference.max()),
+                    "pixels_within_1": round(float((difference <= 1).mean()), 5),
+                }
+            )
         for size in sizes["encode"]:
             ramp = np.add.outer(np.arange(size), np.arange(size)) / (2 * size)
             image = Image.fromarray((np.stack([ramp, ramp[::-1], ramp.T], axis=-1) * 255).astype(np.uint8))
             plain_ms, local = median_ms(lambda: plain.encode([image]), repeats, warm, device)
             fast_ms, _ = median_ms(lambda: fast.encode([image]), repeats, warm, device)
             before = server.stages()
-            served_ms, latents = median_ms(lambda: remote_encode(endpoint=server.url, image=image), repeats, warm, device)
+            served_ms, latents = median_ms(
+                lambda: remote_encode(endpoint=server.url, image=image), repeats, warm, device
+            )
             after = server.stages()
-            rows.append({"family": family_name, "operation": "encode", "size": size, "diffusers_ms": plain_ms, "device_path_ms": fast_ms,
-                         "service_ms": served_ms, "service_over_diffusers": round(served_ms / plain_ms, 3),
-                         "server_stage_ms": per_request(before, after),
-                         "max_latent_difference": float((latents.float().cpu() - local.float().cpu()).abs().max())})
+            rows.append(
+                {
+                    "family": family_name,
+                    "operation": "encode",
+                    "size": size,
+                    "diffusers_ms": plain_ms,
+                    "device_path_ms": fast_ms,
+                    "service_ms": served_ms,
+                    "service_over_diffusers": round(served_ms / plain_ms, 3),
+                    "server_stage_ms": per_request(before, after),
+                    "max_latent_difference": float((latents.float().cpu() - local.float().cpu()).abs().max()),
+                }
+            )
         plain = fast = None  # their models' memory, before the next family's
         free(device)
     return {"rows": rows}
@@ -349,7 +494,11 @@ def warmed(sizes: dict) -> tuple[str, ...]:
 
 def per_request(before: dict, after: dict) -> dict:
     requests = after.get("requests", 0) - before.get("requests", 0)
-    return {stage: round(1000 * (after[stage] - before.get(stage, 0)) / requests, 2) for stage in after if stage != "requests" and requests}
+    return {
+        stage: round(1000 * (after[stage] - before.get(stage, 0)) / requests, 2)
+        for stage in after
+        if stage != "requests" and requests
+    }
 
 
 def throughput(suite: Suite, deadline: float) -> dict:
@@ -371,8 +520,14 @@ def throughput(suite: Suite, deadline: float) -> dict:
                 rows.append({"family": family_name, "batching": batching, "skipped": "the stage's time ran out"})
                 continue
             server = suite.server(family_name, *warmed(sizes), *options)  # batching on: the headline's server
-            call = lambda: remote_decode(endpoint=server.url, tensor=latents, do_scaling=False, output_type="pt", partial_postprocess=True,  # noqa: E731
-                                         return_type="pt")
+            call = lambda: remote_decode(
+                endpoint=server.url,
+                tensor=latents,
+                do_scaling=False,
+                output_type="pt",
+                partial_postprocess=True,  # noqa: E731
+                return_type="pt",
+            )
             call()
             row = {"family": family_name, "size": size, "batching": batching}
             for clients in (1, 8):
@@ -400,15 +555,30 @@ def compile_stage(suite: Suite, deadline: float) -> dict:
     eager = suite.server("flux", *options, config=config)
     compiled = suite.server("flux", *options, "--compile", config=config)
     dtype = torch.bfloat16 if suite.args.device.startswith("cuda") else torch.float32
-    call = lambda server: lambda: remote_decode(endpoint=server.url, tensor=latents.to(dtype), do_scaling=False, output_type="pt",  # noqa: E731
-                                                partial_postprocess=True, return_type="pt")
+    call = lambda server: (
+        lambda: remote_decode(
+            endpoint=server.url,
+            tensor=latents.to(dtype),
+            do_scaling=False,
+            output_type="pt",  # noqa: E731
+            partial_postprocess=True,
+            return_type="pt",
+        )
+    )
     eager_ms, _ = median_ms(call(eager), sizes["repeats"], sizes["warm"], suite.args.device)
     compiled_ms, _ = median_ms(call(compiled), sizes["repeats"], sizes["warm"], suite.args.device)
     log = compiled.log.read_text()
-    return {"size": size, "eager_start_s": round(eager.start_seconds, 1), "compiled_start_s": round(compiled.start_seconds, 1),
-            "compile_s": round(compiled.start_seconds - eager.start_seconds, 1), "eager_ms": eager_ms, "compiled_ms": compiled_ms,
-            "compiled_over_eager": round(compiled_ms / eager_ms, 3), "compiled": "(compiled)" in log,
-            "log": "\n".join(line for line in log.splitlines() if "compil" in line.lower())[-1500:]}
+    return {
+        "size": size,
+        "eager_start_s": round(eager.start_seconds, 1),
+        "compiled_start_s": round(compiled.start_seconds, 1),
+        "compile_s": round(compiled.start_seconds - eager.start_seconds, 1),
+        "eager_ms": eager_ms,
+        "compiled_ms": compiled_ms,
+        "compiled_over_eager": round(compiled_ms / eager_ms, 3),
+        "compiled": "(compiled)" in log,
+        "log": "\n".join(line for line in log.splitlines() if "compil" in line.lower())[-1500:],
+    }
 
 
 def large(suite: Suite, deadline: float) -> dict:
@@ -427,7 +597,9 @@ def large(suite: Suite, deadline: float) -> dict:
     found: dict = {}
     family = load_family("sdxl")
     size = sizes["tiled"]
-    vae = load_vae(family, str(suite.model_dir("sdxl")), device, resolve_dtype("auto", family, device), tile_above_pixels=None)
+    vae = load_vae(
+        family, str(suite.model_dir("sdxl")), device, resolve_dtype("auto", family, device), tile_above_pixels=None
+    )
     latents = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(11))
     ways = {}
     for way, threshold in (("untiled", None), ("exact", 0)):
@@ -435,36 +607,60 @@ def large(suite: Suite, deadline: float) -> dict:
         free(suite.args.device)
         try:
             with PeakMemory(device) as peak:
-                ms, sample = median_ms(lambda: uint8_images(vae.decode(latents, tiling="exact")).cpu(), 1, 0, suite.args.device)
+                ms, sample = median_ms(
+                    lambda: uint8_images(vae.decode(latents, tiling="exact")).cpu(), 1, 0, suite.args.device
+                )
             # An out-of-memory error would have been retried sliced, then tiled: the counts say how each way really ran.
-            ways[way] = {"ms": ms, "peak_mib": round(peak.peak / 2**20, 1), "calls": dict(vae.calls), "oom_events": dict(vae.oom_events), "pixels": sample}
+            ways[way] = {
+                "ms": ms,
+                "peak_mib": round(peak.peak / 2**20, 1),
+                "calls": dict(vae.calls),
+                "oom_events": dict(vae.oom_events),
+                "pixels": sample,
+            }
             vae.calls, vae.oom_events = dict.fromkeys(vae.calls, 0), dict.fromkeys(vae.oom_events, 0)
         except Exception as exc:  # untiled may not fit: that is what the exact path is for
             ways[way] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
     if "pixels" in ways.get("untiled", {}) and "pixels" in ways.get("exact", {}):
         difference = (ways["untiled"]["pixels"].int() - ways["exact"]["pixels"].int()).abs()
         mse = float((difference.double() ** 2).mean())
-        found["exact_vs_untiled"] = {"max_difference": int(difference.max()), "within_1": round(float((difference <= 1).double().mean()), 6),
-                                     "psnr_db": round(10 * np.log10(255**2 / mse), 1) if mse else "identical",
-                                     "time_ratio": round(ways["exact"]["ms"] / ways["untiled"]["ms"], 3)}
-    found["sdxl_tiled"] = {"size": size, "dtype": str(vae.dtype).removeprefix("torch."), **{way: {k: v for k, v in row.items() if k != "pixels"}
-                                                                                          for way, row in ways.items()}}
+        found["exact_vs_untiled"] = {
+            "max_difference": int(difference.max()),
+            "within_1": round(float((difference <= 1).double().mean()), 6),
+            "psnr_db": round(10 * np.log10(255**2 / mse), 1) if mse else "identical",
+            "time_ratio": round(ways["exact"]["ms"] / ways["untiled"]["ms"], 3),
+        }
+    found["sdxl_tiled"] = {
+        "size": size,
+        "dtype": str(vae.dtype).removeprefix("torch."),
+        **{way: {k: v for k, v in row.items() if k != "pixels"} for way, row in ways.items()},
+    }
     vae = ways = None
     free(suite.args.device)
     if time.monotonic() > deadline:
         return found | {"wan": "skipped: the stage's time ran out"}
     width, height, frames = sizes["wan"]
     wan = load_family("wan21")
-    latent = torch.randn(1, 16, (frames - 1) // 4 + 1, height // 8, width // 8, generator=torch.Generator().manual_seed(13))
+    latent = torch.randn(
+        1, 16, (frames - 1) // 4 + 1, height // 8, width // 8, generator=torch.Generator().manual_seed(13)
+    )
     server = suite.server("wan21")
     before = server.stages()
     began = time.perf_counter()
     mp4 = remote_decode(endpoint=server.url, tensor=latent, do_scaling=False, output_type="mp4", return_type="mp4")
     seconds = time.perf_counter() - began
     stages = per_request(before, server.stages())
-    found["wan_mp4"] = {"width": width, "height": height, "frames": frames, "dtype": wan.dtype_for(device.type), "seconds": round(seconds, 2),
-                        "mp4_bytes": len(mp4), "server_peak_mib": server.peak_mib(), "server_stage_ms": stages,
-                        "media_share": round(stages.get("media", 0) / max(1e-9, sum(stages.values())), 3)}
+    found["wan_mp4"] = {
+        "width": width,
+        "height": height,
+        "frames": frames,
+        "dtype": wan.dtype_for(device.type),
+        "seconds": round(seconds, 2),
+        "mp4_bytes": len(mp4),
+        "server_peak_mib": server.peak_mib(),
+        "server_stage_ms": stages,
+        "media_share": round(stages.get("media", 0) / max(1e-9, sum(stages.values())), 3),
+    }
     return found
 
 
@@ -473,14 +669,14 @@ def profile(suite: Suite, deadline: float) -> dict:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from remote_vae.cli import build_parser
+    from remote_vae.settings import Settings
     from remote_vae.families import load_family
     from remote_vae.launch import load_service
     from remote_vae.wire import HttpCall, prepare_call, render
 
     size = SIZES[suite.args.tiny]["profile"]
     family = load_family("sdxl")
-    options = build_parser().parse_args(["serve", "sdxl", "--device", suite.args.device, "--warmup-sizes", f"{size}x{size}"])
+    options = Settings.parse(["sdxl", "--device", suite.args.device, "--warmup-sizes", f"{size}x{size}"])
     service = load_service(family, str(suite.model_dir("sdxl")), options)
     latents = torch.randn(1, 4, size // 8, size // 8).half()
     query = "&".join([f"shape={n}" for n in latents.shape] + ["dtype=float16", "output_type=pil", "image_format=png"])
@@ -500,8 +696,13 @@ def profile(suite: Suite, deadline: float) -> dict:
     with open(trace, "rb") as source, gzip.open(suite.out / "trace.json.gz", "wb") as target:
         shutil.copyfileobj(source, target)
     sort = "device_time_total" if suite.args.device.startswith("cuda") else "cpu_time_total"
-    return {"size": size, "reply_status": reply.status, "reply_bytes": len(reply.body), "trace": "trace.json.gz",
-            "top": profiler.key_averages().table(sort_by=sort, row_limit=12)}
+    return {
+        "size": size,
+        "reply_status": reply.status,
+        "reply_bytes": len(reply.body),
+        "trace": "trace.json.gz",
+        "top": profiler.key_averages().table(sort_by=sort, row_limit=12),
+    }
 
 
 def free(device: str) -> None:
@@ -514,8 +715,15 @@ def free(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-STAGE_FUNCTIONS = {"environment": environment, "cuda_tests": cuda_tests, "headline": headline, "throughput": throughput,
-                   "compile": compile_stage, "large": large, "profile": profile}
+STAGE_FUNCTIONS = {
+    "environment": environment,
+    "cuda_tests": cuda_tests,
+    "headline": headline,
+    "throughput": throughput,
+    "compile": compile_stage,
+    "large": large,
+    "profile": profile,
+}
 
 
 # -- reports ---------------------------------------------------------------------------
@@ -543,8 +751,10 @@ def summary(record: dict) -> str:
 
 
 def markdown(results: dict) -> str:
-    lines = [f"# GPU suite: {results['stages'].get('environment', {}).get('gpu', results['device'])}",
-             f"budget {results['budget_s']} s, elapsed {results.get('elapsed_s')} s{', tiny models' if results['tiny'] else ''}"]
+    lines = [
+        f"# GPU suite: {results['stages'].get('environment', {}).get('gpu', results['device'])}",
+        f"budget {results['budget_s']} s, elapsed {results.get('elapsed_s')} s{', tiny models' if results['tiny'] else ''}",
+    ]
     if results.get("note"):
         lines.append(f"\n**{results['note']}**")
     for name, record in results["stages"].items():
@@ -553,8 +763,15 @@ def markdown(results: dict) -> str:
         if rows:
             columns = list(dict.fromkeys(key for row in rows for key in row))
             lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-            lines += ["| " + " | ".join(json.dumps(row.get(column, "")) if isinstance(row.get(column), dict) else str(row.get(column, ""))
-                                        for column in columns) + " |" for row in rows]
+            lines += [
+                "| "
+                + " | ".join(
+                    json.dumps(row.get(column, "")) if isinstance(row.get(column), dict) else str(row.get(column, ""))
+                    for column in columns
+                )
+                + " |"
+                for row in rows
+            ]
         for key, value in record.items():
             if key in ("status", "seconds", "rows"):
                 continue
@@ -565,16 +782,29 @@ def markdown(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="folder for results.json, results.md and trace.json.gz ($OUT on the device)")
-    parser.add_argument("--budget", type=float, default=400, help="wall-clock seconds for every stage together (default 400)")
+    parser.add_argument(
+        "--out", required=True, help="folder for results.json, results.md and trace.json.gz ($OUT on the device)"
+    )
+    parser.add_argument(
+        "--budget", type=float, default=400, help="wall-clock seconds for every stage together (default 400)"
+    )
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
-    parser.add_argument("--tiny", action="store_true", help="the tests' tiny widths at small sizes: proves every stage on a CPU")
-    parser.add_argument("--wheels", type=Path, help="install these carried wheels offline first (the GPU image lacks diffusers, starlette, ...)")
+    parser.add_argument(
+        "--tiny", action="store_true", help="the tests' tiny widths at small sizes: proves every stage on a CPU"
+    )
+    parser.add_argument(
+        "--wheels",
+        type=Path,
+        help="install these carried wheels offline first (the GPU image lacks diffusers, starlette, ...)",
+    )
     parser.add_argument("--stages", nargs="*", choices=list(STAGES), default=list(STAGES), help="a subset, in order")
     args = parser.parse_args(argv)
     if args.wheels:
         install_wheels(args.wheels)
-    sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]  # the package, and bench.py's helpers (imported after the wheels: they need diffusers)
+    sys.path[:0] = [
+        str(ROOT),
+        str(ROOT / "scripts"),
+    ]  # the package, and bench.py's helpers (imported after the wheels: they need diffusers)
     os.environ["PYTHONPATH"] = python_path()
     suite = Suite(args)
 
@@ -595,7 +825,10 @@ def main(argv: list[str] | None = None) -> int:
         suite.close()
     suite.write()
     done = sum(record["status"] == "done" for record in suite.results["stages"].values())
-    print(f"[suite] {done} of {len(args.stages)} stages done in {suite.results['elapsed_s']} s; results in {suite.out}", flush=True)
+    print(
+        f"[suite] {done} of {len(args.stages)} stages done in {suite.results['elapsed_s']} s; results in {suite.out}",
+        flush=True,
+    )
     return 0
 
 

@@ -43,10 +43,22 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import start_server  # noqa: E402
 
-TINY_SD = dict(block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
-               up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, norm_num_groups=8, sample_size=64)
-REAL_SD = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-               up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, norm_num_groups=32, sample_size=512)
+TINY_SD = dict(
+    block_out_channels=(8, 16, 16, 16),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=1,
+    norm_num_groups=8,
+    sample_size=64,
+)
+REAL_SD = dict(
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=2,
+    norm_num_groups=32,
+    sample_size=512,
+)
 LATENTS = 4  # distinct valid latents, so a mixed-up reply would be caught
 TENSOR = {"Content-Type": "tensor/binary"}
 
@@ -91,8 +103,16 @@ def client(index: int, url: str, args, latents, expected, tally: Tally, deadline
         valid = rng.random() >= args.invalid
         if valid:
             which = rng.randrange(LATENTS)
-            query, body, headers = {"shape": list(latents[which].shape), "dtype": "float32", "output_type": "pt",
-                                    "partial_postprocess": "True"}, latents[which].numpy().tobytes(), TENSOR
+            query, body, headers = (
+                {
+                    "shape": list(latents[which].shape),
+                    "dtype": "float32",
+                    "output_type": "pt",
+                    "partial_postprocess": "True",
+                },
+                latents[which].numpy().tobytes(),
+                TENSOR,
+            )
         else:
             name = rng.choice(sorted(INVALID))
             query, body, headers = INVALID[name]
@@ -121,7 +141,11 @@ def client(index: int, url: str, args, latents, expected, tally: Tally, deadline
                 continue
             with tally.lock:
                 tally.latencies.append(seconds)
-        elif not (400 <= status < 500 and response.headers.get("content-type") == "application/json" and "error" in response.json()):
+        elif not (
+            400 <= status < 500
+            and response.headers.get("content-type") == "application/json"
+            and "error" in response.json()
+        ):
             tally.fail(f"invalid request {name!r} answered {status}: {response.text[:200]}")
 
 
@@ -140,9 +164,13 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--invalid", type=float, default=0.25, help="share of invalid requests")
-    parser.add_argument("--max-queue", type=int, default=16, help="the server's --max-queue (smaller than --clients: some 503s)")
+    parser.add_argument(
+        "--max-queue", type=int, default=16, help="the server's --max-queue (smaller than --clients: some 503s)"
+    )
     parser.add_argument("--size", type=int, default=128, help="decoded image side, pixels")
-    parser.add_argument("--real", action="store_true", help="the real SD VAE architecture (seeded weights) instead of the tiny one")
+    parser.add_argument(
+        "--real", action="store_true", help="the real SD VAE architecture (seeded weights) instead of the tiny one"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--timeout", type=float, default=300, help="client timeout per request, seconds")
     args = parser.parse_args()
@@ -153,16 +181,24 @@ def main() -> int:
     latents = [torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(seed)) for seed in range(LATENTS)]
     processor = VaeImageProcessor(vae_scale_factor=8)
     with torch.no_grad():
-        expected = [(processor.postprocess(model.decode(z).sample, output_type="np") * 255).round().astype(np.uint8) for z in latents]
+        expected = [
+            (processor.postprocess(model.decode(z).sample, output_type="np") * 255).round().astype(np.uint8)
+            for z in latents
+        ]
 
     with tempfile.TemporaryDirectory(prefix="loadtest-") as folder:
         model.save_pretrained(folder)
-        process, url = start_server("sd15", args.device, ["--model", folder, "--max-queue", str(args.max_queue), "--queue-timeout", "60"])
+        process, url = start_server(
+            "sd15", args.device, ["--model", folder, "--max-queue", str(args.max_queue), "--queue-timeout", "60"]
+        )
         tally = Tally()
         try:
             rss_start, _ = peak_rss_mib(process.pid)
             deadline = time.monotonic() + args.seconds
-            threads = [threading.Thread(target=client, args=(i, url, args, latents, expected, tally, deadline), daemon=True) for i in range(args.clients)]
+            threads = [
+                threading.Thread(target=client, args=(i, url, args, latents, expected, tally, deadline), daemon=True)
+                for i in range(args.clients)
+            ]
             started = time.monotonic()
             for thread in threads:
                 thread.start()
@@ -182,13 +218,21 @@ def main() -> int:
 
     gpu = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "none"
     summary = {
-        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, GPU {gpu}",
-        "clients": args.clients, "seconds": round(elapsed, 1), "server_max_queue": args.max_queue,
-        "model": "SD VAE, real architecture" if args.real else "SD VAE, tiny test widths", "image": f"{args.size}x{args.size}",
-        "requests": sum(tally.statuses.values()), "valid_sent": tally.valid_sent, "invalid_sent": tally.invalid_sent,
-        "statuses": dict(sorted(tally.statuses.items())), "decodes_answered": len(tally.latencies),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, GPU {gpu}",
+        "clients": args.clients,
+        "seconds": round(elapsed, 1),
+        "server_max_queue": args.max_queue,
+        "model": "SD VAE, real architecture" if args.real else "SD VAE, tiny test widths",
+        "image": f"{args.size}x{args.size}",
+        "requests": sum(tally.statuses.values()),
+        "valid_sent": tally.valid_sent,
+        "invalid_sent": tally.invalid_sent,
+        "statuses": dict(sorted(tally.statuses.items())),
+        "decodes_answered": len(tally.latencies),
         "decodes_per_second": round(len(tally.latencies) / elapsed, 1),
-        "p50_ms": round(1000 * percentile(tally.latencies, 0.5), 1), "p99_ms": round(1000 * percentile(tally.latencies, 0.99), 1),
+        "p50_ms": round(1000 * percentile(tally.latencies, 0.5), 1),
+        "p99_ms": round(1000 * percentile(tally.latencies, 0.99), 1),
         "server_rss_mib": {"start": round(rss_start), "end": round(rss_end), "peak": round(rss_peak)},
         "failures": len(tally.failures),
     }

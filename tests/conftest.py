@@ -58,7 +58,9 @@ def tiny_sd_vae() -> AutoencoderKL:
 
 def tiny_flux_vae() -> AutoencoderKL:
     torch.manual_seed(1)
-    return AutoencoderKL(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, **TINY_BLOCKS, **FLUX_FACTORS).eval()
+    return AutoencoderKL(
+        latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, **TINY_BLOCKS, **FLUX_FACTORS
+    ).eval()
 
 
 def _mostly_grey(conv_out: torch.nn.Module) -> None:
@@ -77,7 +79,9 @@ def _mostly_grey(conv_out: torch.nn.Module) -> None:
 
 def tiny_hunyuan_vae() -> AutoencoderKLHunyuanVideo:
     torch.manual_seed(2)
-    model = AutoencoderKLHunyuanVideo(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=8, latent_channels=16)
+    model = AutoencoderKLHunyuanVideo(
+        block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=8, latent_channels=16
+    )
     _mostly_grey(model.decoder.conv_out.conv)
     return model.eval()
 
@@ -99,12 +103,21 @@ def _random_stats(model: torch.nn.Module, mean: str, spread: str, seed: int) -> 
 
 def tiny_sd3_vae() -> AutoencoderKL:
     torch.manual_seed(5)
-    return AutoencoderKL(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, **TINY_BLOCKS, scaling_factor=1.5305, shift_factor=0.0609).eval()
+    return AutoencoderKL(
+        latent_channels=16,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        **TINY_BLOCKS,
+        scaling_factor=1.5305,
+        shift_factor=0.0609,
+    ).eval()
 
 
 def tiny_flux2_vae() -> AutoencoderKLFlux2:
     torch.manual_seed(6)
-    model = AutoencoderKLFlux2(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=8, latent_channels=32)
+    model = AutoencoderKLFlux2(
+        block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=8, latent_channels=32
+    )
     _random_stats(model, "bn.running_mean", "bn.running_var", seed=6)
     return model.eval()
 
@@ -117,9 +130,21 @@ def tiny_qwenimage_vae() -> AutoencoderKLQwenImage:
 def tiny_wan22_vae() -> AutoencoderKLWan:
     torch.manual_seed(8)
     family = json.loads((ROOT / "configs" / "wan22.json").read_text())
-    model = AutoencoderKLWan(base_dim=8, decoder_base_dim=8, z_dim=48, dim_mult=[1, 2, 2, 2], num_res_blocks=1, is_residual=True,
-                             in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4,
-                             latents_mean=family["latents_mean"], latents_std=family["latents_std"])
+    model = AutoencoderKLWan(
+        base_dim=8,
+        decoder_base_dim=8,
+        z_dim=48,
+        dim_mult=[1, 2, 2, 2],
+        num_res_blocks=1,
+        is_residual=True,
+        in_channels=12,
+        out_channels=12,
+        patch_size=2,
+        scale_factor_spatial=16,
+        scale_factor_temporal=4,
+        latents_mean=family["latents_mean"],
+        latents_std=family["latents_std"],
+    )
     _mostly_grey(model.decoder.conv_out)
     return model.eval()
 
@@ -134,11 +159,21 @@ def tiny_hunyuanvideo15_vae() -> AutoencoderKLHunyuanVideo15:
 def tiny_ltxvideo_vae() -> AutoencoderKLLTXVideo:
     torch.manual_seed(10)
     model = AutoencoderKLLTXVideo(
-        block_out_channels=(8, 8, 16, 16, 32), down_block_types=("LTXVideo095DownBlock3D",) * 4, decoder_block_out_channels=(16, 32, 64),
-        layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1), spatio_temporal_scaling=(True,) * 4,
-        decoder_spatio_temporal_scaling=(True,) * 3, decoder_inject_noise=(False,) * 4,
-        downsample_type=("spatial", "temporal", "spatiotemporal", "spatiotemporal"), upsample_residual=(True,) * 3, upsample_factor=(2, 2, 2),
-        timestep_conditioning=True, latent_channels=128, spatial_compression_ratio=32, temporal_compression_ratio=8,
+        block_out_channels=(8, 8, 16, 16, 32),
+        down_block_types=("LTXVideo095DownBlock3D",) * 4,
+        decoder_block_out_channels=(16, 32, 64),
+        layers_per_block=(1, 1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1),
+        spatio_temporal_scaling=(True,) * 4,
+        decoder_spatio_temporal_scaling=(True,) * 3,
+        decoder_inject_noise=(False,) * 4,
+        downsample_type=("spatial", "temporal", "spatiotemporal", "spatiotemporal"),
+        upsample_residual=(True,) * 3,
+        upsample_factor=(2, 2, 2),
+        timestep_conditioning=True,
+        latent_channels=128,
+        spatial_compression_ratio=32,
+        temporal_compression_ratio=8,
     )
     _random_stats(model, "latents_mean", "latents_std", seed=10)
     _mostly_grey(model.decoder.conv_out.conv)
@@ -147,7 +182,13 @@ def tiny_ltxvideo_vae() -> AutoencoderKLLTXVideo:
 
 def tiny_cogvideox_vae() -> AutoencoderKLCogVideoX:
     torch.manual_seed(11)
-    model = AutoencoderKLCogVideoX(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=8, latent_channels=16, scaling_factor=1.15258426)
+    model = AutoencoderKLCogVideoX(
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        norm_num_groups=8,
+        latent_channels=16,
+        scaling_factor=1.15258426,
+    )
     _mostly_grey(model.decoder.conv_out.conv)
     return model.eval()
 
@@ -155,24 +196,61 @@ def tiny_cogvideox_vae() -> AutoencoderKLCogVideoX:
 def tiny_taesd(latent_channels: int, seed: int):
     def build() -> AutoencoderTiny:
         torch.manual_seed(seed)
-        return AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8), num_encoder_blocks=(1, 1, 1, 1),
-                               num_decoder_blocks=(1, 1, 1, 1), latent_channels=latent_channels).eval()
+        return AutoencoderTiny(
+            encoder_block_out_channels=(8, 8, 8, 8),
+            decoder_block_out_channels=(8, 8, 8, 8),
+            num_encoder_blocks=(1, 1, 1, 1),
+            num_decoder_blocks=(1, 1, 1, 1),
+            latent_channels=latent_channels,
+        ).eval()
+
     return build
 
 
 TINY_MODELS = {
-    "sd15": tiny_sd_vae, "flux": tiny_flux_vae, "hunyuanvideo": tiny_hunyuan_vae, "wan21": tiny_wan_vae,
-    "sd3": tiny_sd3_vae, "flux2": tiny_flux2_vae, "qwenimage": tiny_qwenimage_vae, "wan22": tiny_wan22_vae,
-    "hunyuanvideo15": tiny_hunyuanvideo15_vae, "ltxvideo": tiny_ltxvideo_vae, "cogvideox": tiny_cogvideox_vae,
-    "taesd": tiny_taesd(4, 12), "taesdxl": tiny_taesd(4, 13), "taef1": tiny_taesd(16, 14),
+    "sd15": tiny_sd_vae,
+    "flux": tiny_flux_vae,
+    "hunyuanvideo": tiny_hunyuan_vae,
+    "wan21": tiny_wan_vae,
+    "sd3": tiny_sd3_vae,
+    "flux2": tiny_flux2_vae,
+    "qwenimage": tiny_qwenimage_vae,
+    "wan22": tiny_wan22_vae,
+    "hunyuanvideo15": tiny_hunyuanvideo15_vae,
+    "ltxvideo": tiny_ltxvideo_vae,
+    "cogvideox": tiny_cogvideox_vae,
+    "taesd": tiny_taesd(4, 12),
+    "taesdxl": tiny_taesd(4, 13),
+    "taef1": tiny_taesd(16, 14),
 }
 MODEL_CLASSES = {
-    "sd15": AutoencoderKL, "flux": AutoencoderKL, "hunyuanvideo": AutoencoderKLHunyuanVideo, "wan21": AutoencoderKLWan,
-    "sd3": AutoencoderKL, "flux2": AutoencoderKLFlux2, "qwenimage": AutoencoderKLQwenImage, "wan22": AutoencoderKLWan,
-    "hunyuanvideo15": AutoencoderKLHunyuanVideo15, "ltxvideo": AutoencoderKLLTXVideo, "cogvideox": AutoencoderKLCogVideoX,
-    "taesd": AutoencoderTiny, "taesdxl": AutoencoderTiny, "taef1": AutoencoderTiny,
+    "sd15": AutoencoderKL,
+    "flux": AutoencoderKL,
+    "hunyuanvideo": AutoencoderKLHunyuanVideo,
+    "wan21": AutoencoderKLWan,
+    "sd3": AutoencoderKL,
+    "flux2": AutoencoderKLFlux2,
+    "qwenimage": AutoencoderKLQwenImage,
+    "wan22": AutoencoderKLWan,
+    "hunyuanvideo15": AutoencoderKLHunyuanVideo15,
+    "ltxvideo": AutoencoderKLLTXVideo,
+    "cogvideox": AutoencoderKLCogVideoX,
+    "taesd": AutoencoderTiny,
+    "taesdxl": AutoencoderTiny,
+    "taef1": AutoencoderTiny,
 }
-NEW_FAMILIES = ("sd3", "flux2", "qwenimage", "wan22", "hunyuanvideo15", "ltxvideo", "cogvideox", "taesd", "taesdxl", "taef1")
+NEW_FAMILIES = (
+    "sd3",
+    "flux2",
+    "qwenimage",
+    "wan22",
+    "hunyuanvideo15",
+    "ltxvideo",
+    "cogvideox",
+    "taesd",
+    "taesdxl",
+    "taef1",
+)
 
 
 @pytest.fixture(scope="session")
@@ -211,9 +289,28 @@ def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
     if shutil.which("openssl") is None:
         pytest.fail("openssl is needed to make the test certificate")
     cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
     return cert, key
 
 
@@ -236,18 +333,40 @@ class LiveServer:
     `verify` is the CA file for an HTTPS server.
     """
 
-    def __init__(self, args: list[str], env: dict[str, str], log_path: Path, launcher: list[str] | None = None, verify: str | None = None,
-                 startup_seconds: float = STARTUP_SECONDS, device: str = "cpu", open_files: int | None = None):
+    def __init__(
+        self,
+        args: list[str],
+        env: dict[str, str],
+        log_path: Path,
+        launcher: list[str] | None = None,
+        verify: str | None = None,
+        startup_seconds: float = STARTUP_SECONDS,
+        device: str = "cpu",
+        open_files: int | None = None,
+    ):
         self.startup_seconds = startup_seconds
         self.port = free_port()
         self.url = f"{'https' if verify else 'http'}://127.0.0.1:{self.port}"
         self.verify = verify or True
         self.log_path = log_path
-        command = [sys.executable, *(launcher or ["-m", "remote_vae"]), "serve", *args, "--host", "127.0.0.1", "--port", str(self.port), "--device", device]
+        command = [
+            sys.executable,
+            *(launcher or ["-m", "remote_vae"]),
+            "serve",
+            *args,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--device",
+            device,
+        ]
         self.log = open(log_path, "wb")
         # open_files: the server's RLIMIT_NOFILE, soft and hard (as `ulimit -n` sets it), to test the open-file limit
         limit = (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))) if open_files else None
-        self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=limit)
+        self.process = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=limit
+        )
         self.wait_healthy()
 
     def wait_healthy(self) -> None:
@@ -265,22 +384,32 @@ class LiveServer:
         raise RuntimeError(f"server not healthy after {self.startup_seconds}s:\n{self.log_path.read_text()}")
 
     def healthy(self) -> bool:
-        return self.process.poll() is None and requests.get(self.url + "/health", timeout=10, verify=self.verify).status_code == 200
+        return (
+            self.process.poll() is None
+            and requests.get(self.url + "/health", timeout=10, verify=self.verify).status_code == 200
+        )
 
     def metrics(self) -> dict[tuple[str, tuple], float]:
         """/metrics as {(sample name, sorted labels): value}."""
         from prometheus_client.parser import text_string_to_metric_families
 
         text = requests.get(self.url + "/metrics", timeout=10, verify=self.verify).text
-        return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-                for family in text_string_to_metric_families(text) for sample in family.samples}
+        return {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
 
     def metric(self, name: str, **labels: str) -> float:
         return self.metrics().get((name, tuple(sorted(labels.items()))), 0.0)
 
     def memory(self) -> dict[str, float]:
         """The server process's resident set now and its peak since the last reset_peak(), in MiB (Linux /proc)."""
-        fields = dict(line.split(":", 1) for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines() if ":" in line)
+        fields = dict(
+            line.split(":", 1)
+            for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines()
+            if ":" in line
+        )
         return {"resident": int(fields["VmRSS"].split()[0]) / 1024, "peak": int(fields["VmHWM"].split()[0]) / 1024}
 
     def reset_peak(self) -> None:
@@ -304,9 +433,16 @@ MAX_BODY_BYTES = 2 * 1024 * 1024
 def multi_server(model_dirs, tmp_path_factory):
     """sd15 and flux on one server, each under /<family>/."""
     args = [
-        "sd15", "flux",
-        "--model", f"sd15={model_dirs['sd15']}", "--model", f"flux={model_dirs['flux']}",
-        "--max-pixels", str(MAX_PIXELS), "--max-body-bytes", str(MAX_BODY_BYTES),
+        "sd15",
+        "flux",
+        "--model",
+        f"sd15={model_dirs['sd15']}",
+        "--model",
+        f"flux={model_dirs['flux']}",
+        "--max-pixels",
+        str(MAX_PIXELS),
+        "--max-body-bytes",
+        str(MAX_BODY_BYTES),
     ]
     server = LiveServer(args, offline_env(), tmp_path_factory.mktemp("logs") / "multi.log")
     yield server
@@ -315,9 +451,18 @@ def multi_server(model_dirs, tmp_path_factory):
 
 # Tiles small enough for tiny test videos to be split into several.
 TEST_TILING = {
-    "hunyuanvideo": dict(tile_sample_min_height=32, tile_sample_min_width=32, tile_sample_stride_height=24, tile_sample_stride_width=24),
-    "wan21": dict(tile_sample_min_height=32, tile_sample_min_width=32, tile_sample_stride_height=24, tile_sample_stride_width=24),
-    "ltxvideo": dict(tile_sample_min_height=256, tile_sample_min_width=256, tile_sample_stride_height=192, tile_sample_stride_width=192),
+    "hunyuanvideo": dict(
+        tile_sample_min_height=32, tile_sample_min_width=32, tile_sample_stride_height=24, tile_sample_stride_width=24
+    ),
+    "wan21": dict(
+        tile_sample_min_height=32, tile_sample_min_width=32, tile_sample_stride_height=24, tile_sample_stride_width=24
+    ),
+    "ltxvideo": dict(
+        tile_sample_min_height=256,
+        tile_sample_min_width=256,
+        tile_sample_stride_height=192,
+        tile_sample_stride_width=192,
+    ),
 }
 MAX_VIDEO_PIXELS = 17 * 64 * 64
 
@@ -327,12 +472,23 @@ def video_server(model_dirs, tmp_path_factory):
     """hunyuanvideo and wan21, plus each (and ltxvideo) as a '-tiled' family (a config file) that always tiles."""
     configs = tmp_path_factory.mktemp("configs")
     untiled = ["hunyuanvideo", "wan21"]
-    names, options = list(untiled), ["--max-video-pixels", str(MAX_VIDEO_PIXELS), "--max-body-bytes", str(MAX_BODY_BYTES),
-                                                 "--tile-band-pixels", "20000"]  # exact tiling in several bands at these sizes
+    names, options = (
+        list(untiled),
+        [
+            "--max-video-pixels",
+            str(MAX_VIDEO_PIXELS),
+            "--max-body-bytes",
+            str(MAX_BODY_BYTES),
+            "--tile-band-pixels",
+            "20000",
+        ],
+    )  # exact tiling in several bands at these sizes
     for name, tiling in TEST_TILING.items():
         family = json.loads((ROOT / "configs" / f"{name}.json").read_text())
         path = configs / f"{name}-tiled.json"
-        path.write_text(json.dumps({**family, "name": f"{name}-tiled", "tile_above_pixels": 0, "tiling_options": tiling}))
+        path.write_text(
+            json.dumps({**family, "name": f"{name}-tiled", "tile_above_pixels": 0, "tiling_options": tiling})
+        )
         names.append(str(path))
         options += ["--model", f"{name}-tiled={model_dirs[name]}"]
     options += [option for name in untiled for option in ("--model", f"{name}={model_dirs[name]}")]
@@ -345,7 +501,9 @@ def video_server(model_dirs, tmp_path_factory):
 @pytest.fixture(scope="session")
 def families_server(model_dirs, tmp_path_factory):
     """Every family added for diffusers' current VAEs on one server, each under /<family>/."""
-    args = list(NEW_FAMILIES) + [option for name in NEW_FAMILIES for option in ("--model", f"{name}={model_dirs[name]}")]
+    args = list(NEW_FAMILIES) + [
+        option for name in NEW_FAMILIES for option in ("--model", f"{name}={model_dirs[name]}")
+    ]
     server = LiveServer(args, offline_env(), tmp_path_factory.mktemp("logs") / "families.log")
     yield server
     server.stop()
@@ -377,13 +535,20 @@ def bomb_png(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(1 << 20), 9)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(bytes(1 << 20), 9))
+        + chunk(b"IEND", b"")
+    )
 
 
 def tensor_of(response: requests.Response) -> torch.Tensor:
     """A 200 tensor reply (raw bytes with shape and dtype headers) as a tensor."""
     assert response.status_code == 200, response.text
-    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "uint8": torch.uint8}[response.headers["dtype"]]
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "uint8": torch.uint8}[
+        response.headers["dtype"]
+    ]
     return torch.frombuffer(bytearray(response.content), dtype=dtype).reshape(json.loads(response.headers["shape"]))
 
 

@@ -47,7 +47,9 @@ def faulty_forward(self, z, *args, **kwargs):
     fault = faults()
     time.sleep(fault.get("delay", 0))
     if "oom_above" in fault and z.shape[-2] * z.shape[-1] > fault["oom_above"]:
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected by tests/faulty_serve.py)")
+        raise torch.cuda.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 20.00 GiB (injected by tests/faulty_serve.py)"
+        )
     if "fail_above" in fault and z.abs().max() > fault["fail_above"]:
         raise RuntimeError("model failure injected by tests/faulty_serve.py")
     if fault.get("fast"):
@@ -73,8 +75,17 @@ wan_encode = autoencoder_kl_wan.AutoencoderKLWan._encode
 
 
 def faulty_wan_encode(self, x):
-    if faults().get("fast"):  # Wan's encoder output: mean and log-variance, 4x fewer frames (the first alone), 8x smaller
-        return torch.zeros(x.shape[0], 2 * self.config.z_dim, 1 + (x.shape[2] - 1) // 4, x.shape[3] // 8, x.shape[4] // 8, dtype=x.dtype)
+    if faults().get(
+        "fast"
+    ):  # Wan's encoder output: mean and log-variance, 4x fewer frames (the first alone), 8x smaller
+        return torch.zeros(
+            x.shape[0],
+            2 * self.config.z_dim,
+            1 + (x.shape[2] - 1) // 4,
+            x.shape[3] // 8,
+            x.shape[4] // 8,
+            dtype=x.dtype,
+        )
     return wan_encode(self, x)
 
 

@@ -18,7 +18,7 @@ def run(coroutine):
 
 def test_places_beyond_capacity_are_refused_with_retry_after():
     async def scenario():
-        queue = WorkQueue(QueueSettings(workers=1, max_waiting=1))
+        queue = WorkQueue(QueueSettings(max_waiting=1))
         async with queue.place(), queue.place():
             with pytest.raises(RequestError) as refused:
                 async with queue.place():
@@ -31,7 +31,7 @@ def test_places_beyond_capacity_are_refused_with_retry_after():
 
 def test_the_device_runs_one_call_at_a_time_and_counts_what_runs():
     async def scenario():
-        queue = WorkQueue(QueueSettings(workers=1, max_waiting=4))
+        queue = WorkQueue(QueueSettings(max_waiting=4))
         order = []
 
         async def call(name, requests, images):

@@ -37,11 +37,15 @@ RATE_GRACE = HEADER_TIMEOUT  # connections.ConnectionSettings.rate_grace
 SLACK_MIB = 48  # allocator granularity, threads' stacks, Python's own caches
 
 
-FIGURES: dict[str, dict] = {}  # what each attack measured; REMOTE_VAE_ATTACK_REPORT=path writes them (docs/reliability.md)
+FIGURES: dict[
+    str, dict
+] = {}  # what each attack measured; REMOTE_VAE_ATTACK_REPORT=path writes them (docs/reliability.md)
 
 
 def record(attack: str, **figures) -> None:
-    FIGURES.setdefault(attack, {}).update({name: round(value, 3) if isinstance(value, float) else value for name, value in figures.items()})
+    FIGURES.setdefault(attack, {}).update(
+        {name: round(value, 3) if isinstance(value, float) else value for name, value in figures.items()}
+    )
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -57,12 +61,32 @@ def attacked(model_dirs, faults_file, tmp_path_factory):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # this process opens more connections than the server may
     if soft < 2 * OPEN_FILES:
         resource.setrlimit(resource.RLIMIT_NOFILE, (2 * OPEN_FILES, hard))
-    args = ["sd15", "wan21", "--model", f"sd15={model_dirs['sd15']}", "--model", f"wan21={model_dirs['wan21']}",
-            "--memory-budget", str(BUDGET_MIB * MIB), "--max-body-bytes", str(8 * MIB), "--max-queue", str(MAX_QUEUE),
-            "--max-connections", "5000", "--header-timeout", str(HEADER_TIMEOUT), "--decode-cpu-seconds", str(DECODE_CPU_SECONDS),
-            "--max-video-pixels", str(1 << 24)]
+    args = [
+        "sd15",
+        "wan21",
+        "--model",
+        f"sd15={model_dirs['sd15']}",
+        "--model",
+        f"wan21={model_dirs['wan21']}",
+        "--memory-budget",
+        str(BUDGET_MIB * MIB),
+        "--max-body-bytes",
+        str(8 * MIB),
+        "--max-queue",
+        str(MAX_QUEUE),
+        "--max-connections",
+        "5000",
+        "--header-timeout",
+        str(HEADER_TIMEOUT),
+        "--decode-cpu-seconds",
+        str(DECODE_CPU_SECONDS),
+        "--max-video-pixels",
+        str(1 << 24),
+    ]
     log = tmp_path_factory.mktemp("logs") / "attacked.log"
-    server = LiveServer(args, offline_env(FAULTS_FILE=str(faults_file)), log, launcher=FAULTY_LAUNCHER, open_files=OPEN_FILES)
+    server = LiveServer(
+        args, offline_env(FAULTS_FILE=str(faults_file)), log, launcher=FAULTY_LAUNCHER, open_files=OPEN_FILES
+    )
     server.log_file = log
     yield server
     server.stop()
@@ -79,7 +103,9 @@ def legitimate_request_is_answered(server: LiveServer, reference, set_faults) ->
     set_faults()
     latent = seeded(1, 4, 8, 8, seed=77)
     started = time.monotonic()
-    out = remote_decode(endpoint=server.url + "/sd15/", tensor=latent, output_type="pt", return_type="pt", do_scaling=False)
+    out = remote_decode(
+        endpoint=server.url + "/sd15/", tensor=latent, output_type="pt", return_type="pt", do_scaling=False
+    )
     took = time.monotonic() - started
     with torch.no_grad():
         torch.testing.assert_close(out, reference["sd15"].decode(latent).sample, atol=1e-4, rtol=1e-4)
@@ -175,11 +201,20 @@ def silent_connections_are_no_obstacle(attacked, reference, set_faults, idle: li
     assert first < 10  # behind the accepts queued ahead of it
     then = legitimate_request_is_answered(attacked, reference, set_faults)
     assert then < 1
-    record("idle connections", opened=len(idle), open_file_limit=OPEN_FILES, cap=OPEN_FILES - 256, first_legitimate_s=first,
-           next_legitimate_s=then, evicted=attacked.metric("remote_vae_connections_closed_total", reason="evicted_idle"))
+    record(
+        "idle connections",
+        opened=len(idle),
+        open_file_limit=OPEN_FILES,
+        cap=OPEN_FILES - 256,
+        first_legitimate_s=first,
+        next_legitimate_s=then,
+        evicted=attacked.metric("remote_vae_connections_closed_total", reason="evicted_idle"),
+    )
     assert attacked.metric("remote_vae_connections_open") <= OPEN_FILES - 256
     assert attacked.metric("remote_vae_connections_closed_total", reason="evicted_idle") >= 100
-    wait_until(lambda: attacked.metric("remote_vae_connections_open") <= 2, HEADER_TIMEOUT + 5)  # the silent ones timed out
+    wait_until(
+        lambda: attacked.metric("remote_vae_connections_open") <= 2, HEADER_TIMEOUT + 5
+    )  # the silent ones timed out
 
 
 def test_concurrent_image_bombs_stay_within_the_memory_budget(attacked, fast, reference, set_faults):
@@ -206,15 +241,27 @@ def test_concurrent_image_bombs_stay_within_the_memory_budget(attacked, fast, re
     assert MAX_QUEUE * lone > 2 * (BUDGET_MIB + lone + SLACK_MIB)  # so the bound above is a real one
     assert attacked.metric("remote_vae_memory_reserved_peak_bytes") <= BUDGET_MIB * MIB
     back_near_baseline(attacked, baseline)
-    record("image bombs", requests=MAX_QUEUE, png_bytes=len(png), pixels=2048 * 2048, served=statuses.count(200), refused_503=statuses.count(503),
-           lone_mib=lone, peak_mib=peak, bound_mib=BUDGET_MIB + lone + SLACK_MIB, unbounded_mib=MAX_QUEUE * lone,
-           after_mib=attacked.memory()["resident"] - baseline)
+    record(
+        "image bombs",
+        requests=MAX_QUEUE,
+        png_bytes=len(png),
+        pixels=2048 * 2048,
+        served=statuses.count(200),
+        refused_503=statuses.count(503),
+        lone_mib=lone,
+        peak_mib=peak,
+        bound_mib=BUDGET_MIB + lone + SLACK_MIB,
+        unbounded_mib=MAX_QUEUE * lone,
+        after_mib=attacked.memory()["resident"] - baseline,
+    )
     legitimate_request_is_answered(attacked, reference, set_faults)
 
 
 def test_concurrent_video_bombs_stay_within_the_memory_budget(attacked, fast, reference, set_faults):
     """A few KB of MP4 that decode to 16 Mpx of frames each: held as uint8 in one array each, reserved before decoding."""
-    video = write_mp4(iter([np.full((512, 512, 3), 100, np.uint8)] * 61), 512, 512, Mp4Options())  # 61 x 512^2: just within 2^24
+    video = write_mp4(
+        iter([np.full((512, 512, 3), 100, np.uint8)] * 61), 512, 512, Mp4Options()
+    )  # 61 x 512^2: just within 2^24
 
     def encode(index=0) -> requests.Response:
         return requests.post(attacked.url + "/wan21/", data=video, headers={"Content-Type": "video/mp4"}, timeout=120)
@@ -230,8 +277,17 @@ def test_concurrent_video_bombs_stay_within_the_memory_budget(attacked, fast, re
     peak = attacked.memory()["peak"] - baseline
     statuses = [response.status_code for response in responses]
     assert set(statuses) <= {200, 503} and statuses.count(200) >= 3, statuses
-    record("video bombs, decodable", requests=8, mp4_bytes=len(video), frames=61, pixels=61 * 512 * 512, served=statuses.count(200),
-           lone_mib=lone, peak_mib=peak, bound_mib=BUDGET_MIB + lone + SLACK_MIB)
+    record(
+        "video bombs, decodable",
+        requests=8,
+        mp4_bytes=len(video),
+        frames=61,
+        pixels=61 * 512 * 512,
+        served=statuses.count(200),
+        lone_mib=lone,
+        peak_mib=peak,
+        bound_mib=BUDGET_MIB + lone + SLACK_MIB,
+    )
     assert peak < BUDGET_MIB + lone + SLACK_MIB, (peak, lone)
     assert attacked.metric("remote_vae_memory_reserved_peak_bytes") <= BUDGET_MIB * MIB
     back_near_baseline(attacked, baseline)
@@ -240,8 +296,12 @@ def test_concurrent_video_bombs_stay_within_the_memory_budget(attacked, fast, re
 
 def test_oversized_and_overlong_videos_are_refused_from_their_headers(attacked, reference, set_faults):
     """A few KB of MP4 whose frames are too large, or too many, is refused before one frame is decoded."""
-    big_frame = write_mp4(iter([np.full((4096, 8192, 3), 128, np.uint8)]), 8192, 4096, Mp4Options())  # 33.5 Mpx, 100 MB raw
-    many_frames = write_mp4(iter([np.full((512, 512, 3), 128, np.uint8)] * 129), 512, 512, Mp4Options())  # 33.8 Mpx in all
+    big_frame = write_mp4(
+        iter([np.full((4096, 8192, 3), 128, np.uint8)]), 8192, 4096, Mp4Options()
+    )  # 33.5 Mpx, 100 MB raw
+    many_frames = write_mp4(
+        iter([np.full((512, 512, 3), 128, np.uint8)] * 129), 512, 512, Mp4Options()
+    )  # 33.8 Mpx in all
     assert len(big_frame) < 256 * 1024 and len(many_frames) < 256 * 1024
     baseline = attacked.memory()["resident"]
     attacked.reset_peak()
@@ -255,7 +315,9 @@ def test_oversized_and_overlong_videos_are_refused_from_their_headers(attacked, 
         assert response.status_code == 413, response.text
         assert "this server accepts at most 16777216" in response.json()["error"]
     peak = attacked.memory()["peak"] - baseline
-    record("video bombs", requests=6, bytes=[len(big_frame), len(many_frames)], peak_mib=peak, one_frame_decoded_mib=100)
+    record(
+        "video bombs", requests=6, bytes=[len(big_frame), len(many_frames)], peak_mib=peak, one_frame_decoded_mib=100
+    )
     assert peak < 32  # a decoded frame alone would be 100 MiB
     legitimate_request_is_answered(attacked, reference, set_faults)
 
@@ -265,7 +327,10 @@ def test_json_floods_are_refused_cheaply(attacked, reference, set_faults):
     the JSON limit; /health answers throughout."""
     baseline = attacked.memory()["resident"]
     attacked.reset_peak()
-    sock = raw_request(attacked, f"POST /sd15/ HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {128 * MIB}\r\n\r\n")
+    sock = raw_request(
+        attacked,
+        f"POST /sd15/ HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {128 * MIB}\r\n\r\n",
+    )
     reply = read_reply(sock)
     sock.close()
     assert reply.startswith(b"HTTP/1.1 413") and b"JSON bodies of at most 1048576" in reply
@@ -289,7 +354,9 @@ def test_json_floods_are_refused_cheaply(attacked, reference, set_faults):
     prober = threading.Thread(target=probe)
     prober.start()
     try:
-        response = requests.post(attacked.url + "/sd15/", data=chunked(), headers={"Content-Type": "application/json"}, timeout=30)
+        response = requests.post(
+            attacked.url + "/sd15/", data=chunked(), headers={"Content-Type": "application/json"}, timeout=30
+        )
         assert response.status_code == 413 and "JSON bodies" in response.json()["error"]
     except requests.ConnectionError:
         pass  # refused before the client finished sending: it may see the connection close instead
@@ -307,7 +374,9 @@ def progressive_jpeg(side: int, repeats: int) -> bytes:
     """A progressive JPEG whose smallest scan is repeated `repeats` times: each repeat is another pass over the image."""
     blocks = (np.random.default_rng(0).random((side // 8, side // 8, 3)) * 255).astype(np.uint8)
     buffer = io.BytesIO()
-    Image.fromarray(np.kron(blocks, np.ones((8, 8, 1), np.uint8))).save(buffer, format="JPEG", quality=90, progressive=True)
+    Image.fromarray(np.kron(blocks, np.ones((8, 8, 1), np.uint8))).save(
+        buffer, format="JPEG", quality=90, progressive=True
+    )
     data = buffer.getvalue()
     starts = [index for index in range(len(data) - 1) if data[index] == 0xFF and data[index + 1] == 0xDA]
     ends = starts[1:] + [len(data) - 2]
@@ -323,13 +392,28 @@ def test_progressive_jpeg_bombs_get_413_within_their_deadline(attacked, referenc
     assert response.status_code == 413 and "more than 100 scans" in response.json()["error"]
     assert response.elapsed.total_seconds() < 1
     scan_bomb_s = response.elapsed.total_seconds()
-    heavy = progressive_jpeg(3072, 88)  # 98 scans, within the limit: 0.6 s of CPU to decode on this project's CI machine, the most scans allowed
+    heavy = progressive_jpeg(
+        3072, 88
+    )  # 98 scans, within the limit: 0.6 s of CPU to decode on this project's CI machine, the most scans allowed
     response = requests.post(attacked.url + "/sd15/", data=heavy, headers={"Content-Type": "image/jpeg"}, timeout=30)
-    assert response.status_code == 413 and f"its {DECODE_CPU_SECONDS:g} s of CPU" in response.json()["error"], response.text
-    record("progressive JPEGs", scan_bomb_bytes=len(scans), scan_bomb_s=scan_bomb_s, heavy_bytes=len(heavy),
-           heavy_s=response.elapsed.total_seconds(), deadline_s=DECODE_CPU_SECONDS)
-    responses = in_parallel(MAX_QUEUE * 2, lambda index: requests.post(
-        attacked.url + "/sd15/", data=scans, headers={"Content-Type": "image/jpeg"}, timeout=30), stagger=0)
+    assert response.status_code == 413 and f"its {DECODE_CPU_SECONDS:g} s of CPU" in response.json()["error"], (
+        response.text
+    )
+    record(
+        "progressive JPEGs",
+        scan_bomb_bytes=len(scans),
+        scan_bomb_s=scan_bomb_s,
+        heavy_bytes=len(heavy),
+        heavy_s=response.elapsed.total_seconds(),
+        deadline_s=DECODE_CPU_SECONDS,
+    )
+    responses = in_parallel(
+        MAX_QUEUE * 2,
+        lambda index: requests.post(
+            attacked.url + "/sd15/", data=scans, headers={"Content-Type": "image/jpeg"}, timeout=30
+        ),
+        stagger=0,
+    )
     assert all(response.status_code in (413, 503) for response in responses)
     served = legitimate_request_is_answered(attacked, reference, set_faults)
     record("progressive JPEGs", concurrent=len(responses), legitimate_after_s=served)
@@ -341,11 +425,23 @@ def test_unread_replies_are_cut_and_their_memory_freed(attacked, fast, reference
     once it stops draining, after which its memory is free again."""
     latent = seeded(1, 4, 128, 128)
     body = latent.numpy().tobytes()
-    head = ("POST /sd15/?shape=1&shape=4&shape=128&shape=128&dtype=float32&output_type=pt HTTP/1.1\r\nHost: x\r\n"
-            f"Content-Type: tensor/binary\r\nContent-Length: {len(body)}\r\n\r\n")
-    read = requests.post(attacked.url + "/sd15/", data=body, headers={"Content-Type": "tensor/binary"}, timeout=60,
-                         params={"shape": [1, 4, 128, 128], "dtype": "float32", "output_type": "pt"})
-    assert tensor_of(read).shape == (1, 3, 1024, 1024)  # one read as it should be: the baseline has what such a call leaves
+    head = (
+        "POST /sd15/?shape=1&shape=4&shape=128&shape=128&dtype=float32&output_type=pt HTTP/1.1\r\nHost: x\r\n"
+        f"Content-Type: tensor/binary\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    read = requests.post(
+        attacked.url + "/sd15/",
+        data=body,
+        headers={"Content-Type": "tensor/binary"},
+        timeout=60,
+        params={"shape": [1, 4, 128, 128], "dtype": "float32", "output_type": "pt"},
+    )
+    assert tensor_of(read).shape == (
+        1,
+        3,
+        1024,
+        1024,
+    )  # one read as it should be: the baseline has what such a call leaves
     baseline = attacked.memory()["resident"]
     attacked.reset_peak()
     stalled_before = attacked.metric("remote_vae_connections_closed_total", reason="write_stalled")
@@ -358,12 +454,27 @@ def test_unread_replies_are_cut_and_their_memory_freed(attacked, fast, reference
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             sock.connect(("127.0.0.1", attacked.port))
             sock.sendall(head.encode() + body)
-        wait_until(lambda: attacked.metric("remote_vae_connections_closed_total", reason="write_stalled") > stalled_before, RATE_GRACE + 10)
-        wait_until(lambda: attacked.metric("remote_vae_memory_reserved_bytes") == 0 and attacked.metric("remote_vae_admitted") == 0, 60)
+        wait_until(
+            lambda: attacked.metric("remote_vae_connections_closed_total", reason="write_stalled") > stalled_before,
+            RATE_GRACE + 10,
+        )
+        wait_until(
+            lambda: (
+                attacked.metric("remote_vae_memory_reserved_bytes") == 0 and attacked.metric("remote_vae_admitted") == 0
+            ),
+            60,
+        )
         cut_after = time.monotonic() - started
         peak = attacked.memory()["peak"] - baseline
-        record("unread replies", clients=len(readers), reply_mib=12, peak_mib=peak, bound_mib=BUDGET_MIB + SLACK_MIB + 64, all_cut_s=cut_after,
-               cut=attacked.metric("remote_vae_connections_closed_total", reason="write_stalled") - stalled_before)
+        record(
+            "unread replies",
+            clients=len(readers),
+            reply_mib=12,
+            peak_mib=peak,
+            bound_mib=BUDGET_MIB + SLACK_MIB + 64,
+            all_cut_s=cut_after,
+            cut=attacked.metric("remote_vae_connections_closed_total", reason="write_stalled") - stalled_before,
+        )
         assert peak < BUDGET_MIB + SLACK_MIB + 64, peak  # 64: the one decode on the device, its 12 MB output
         assert attacked.metric("remote_vae_memory_reserved_peak_bytes") <= BUDGET_MIB * MIB
     finally:
@@ -380,8 +491,13 @@ def test_retry_after_is_the_measured_service_interval(attacked, set_faults):
     latent = seeded(1, 4, 8, 8)
 
     def decode(index: int) -> requests.Response:
-        return requests.post(attacked.url + "/sd15/", data=latent.numpy().tobytes(), headers={"Content-Type": "tensor/binary"},
-                             params={"shape": [1, 4, 8, 8], "dtype": "float32", "output_type": "pt"}, timeout=60)
+        return requests.post(
+            attacked.url + "/sd15/",
+            data=latent.numpy().tobytes(),
+            headers={"Content-Type": "tensor/binary"},
+            params={"shape": [1, 4, 8, 8], "dtype": "float32", "output_type": "pt"},
+            timeout=60,
+        )
 
     in_parallel(4, decode, stagger=0)  # the service rate, measured
     responses = in_parallel(3 * (MAX_QUEUE + 1), decode, stagger=0)

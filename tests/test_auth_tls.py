@@ -29,16 +29,34 @@ def secure(model_dirs, certificate, tmp_path_factory):
     cert, key = certificate
     key_file = tmp_path_factory.mktemp("keys") / "keys.txt"
     key_file.write_text(f"# rotation: both keys are valid\n{ROTATED}\n")
-    args = ["sd15", "--model", str(model_dirs["sd15"]), "--api-key", KEY, "--api-key-file", str(key_file),
-            "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]
+    args = [
+        "sd15",
+        "--model",
+        str(model_dirs["sd15"]),
+        "--api-key",
+        KEY,
+        "--api-key-file",
+        str(key_file),
+        "--ssl-certfile",
+        str(cert),
+        "--ssl-keyfile",
+        str(key),
+    ]
     server = LiveServer(args, offline_env(), tmp_path_factory.mktemp("logs") / "secure.log", verify=str(cert))
     yield server
     server.stop()
 
 
 def post(server, **kwargs) -> requests.Response:
-    return requests.post(server.url + "/", params=LATENT, data=bytes(4 * 64 * 4), verify=server.verify,
-                         headers={"Content-Type": "tensor/binary", **kwargs.pop("headers", {})}, timeout=30, **kwargs)
+    return requests.post(
+        server.url + "/",
+        params=LATENT,
+        data=bytes(4 * 64 * 4),
+        verify=server.verify,
+        headers={"Content-Type": "tensor/binary", **kwargs.pop("headers", {})},
+        timeout=30,
+        **kwargs,
+    )
 
 
 def test_health_and_metrics_stay_open(secure):
@@ -46,7 +64,9 @@ def test_health_and_metrics_stay_open(secure):
     assert requests.get(secure.url + "/metrics", verify=secure.verify).status_code == 200
 
 
-@pytest.mark.parametrize("authorization", [None, "Bearer wrong-key-0123456789", f"Token {KEY}", "Bearer", f"Basic {KEY}"])
+@pytest.mark.parametrize(
+    "authorization", [None, "Bearer wrong-key-0123456789", f"Token {KEY}", "Bearer", f"Basic {KEY}"]
+)
 def test_post_without_a_valid_key_is_401_json(secure, authorization):
     response = post(secure, headers={"Authorization": authorization} if authorization else {})
     assert response.status_code == 401 and response.headers["WWW-Authenticate"].startswith("Bearer")
@@ -61,7 +81,9 @@ def test_bearer_key_from_flag_or_file_is_accepted(secure, key):
 def test_key_as_url_password_for_clients_that_only_take_a_url(secure):
     # requests turns https://user:KEY@host/ into HTTP Basic: what a ComfyUI node's URL field can carry.
     url = secure.url.replace("https://", f"https://remote-vae:{KEY}@") + "/"
-    response = requests.post(url, params=LATENT, data=bytes(4 * 64 * 4), headers={"Content-Type": "tensor/binary"}, verify=secure.verify)
+    response = requests.post(
+        url, params=LATENT, data=bytes(4 * 64 * 4), headers={"Content-Type": "tensor/binary"}, verify=secure.verify
+    )
     assert response.status_code == 200
 
 
@@ -72,7 +94,9 @@ def test_diffusers_remote_decode_with_a_session_that_carries_the_key(secure, ref
     monkeypatch.setattr(remote_utils, "requests", session)
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", secure.verify)  # a self-signed certificate; not needed with a public one
     latent = seeded(1, 4, 8, 8)
-    out = remote_utils.remote_decode(secure.url + "/", tensor=latent, output_type="pt", return_type="pt", do_scaling=False)
+    out = remote_utils.remote_decode(
+        secure.url + "/", tensor=latent, output_type="pt", return_type="pt", do_scaling=False
+    )
     with torch.no_grad():
         torch.testing.assert_close(out, reference["sd15"].decode(latent).sample, atol=1e-4, rtol=1e-4)
 

@@ -48,9 +48,14 @@ def test_the_client_learns_each_familys_scaling_from_the_server(client, secure):
     families = client.families()
     assert set(families) == {"sd15", "flux", "hunyuanvideo"}
     assert families["sd15"]["scaling"] == {"scaling_factor": SD} and families["sd15"]["path"] == "sd15/"
-    assert families["flux"]["scaling"] == dict(zip(("scaling_factor", "shift_factor"), FLUX)) and families["flux"]["packed"]
+    assert (
+        families["flux"]["scaling"] == dict(zip(("scaling_factor", "shift_factor"), FLUX))
+        and families["flux"]["packed"]
+    )
     assert families["hunyuanvideo"]["video"] and families["hunyuanvideo"]["scaling"] == {"scaling_factor": HUNYUAN}
-    with Client(secure.url + "/flux/", api_key=KEY, verify=secure.verify) as one:  # a family's own URL describes it alone
+    with Client(
+        secure.url + "/flux/", api_key=KEY, verify=secure.verify
+    ) as one:  # a family's own URL describes it alone
         assert list(one.families()) == ["flux"] and one.family()["path"] == ""
     with pytest.raises(ValueError, match="name one with family="):
         client.family()
@@ -84,7 +89,9 @@ def test_non_contiguous_tensors_are_sent_correctly(client, reference):
     images = seeded(1, 64, 64, 3, seed=84).clamp(-1, 1).permute(0, 3, 1, 2)[..., ::2]  # [1, 3, 64, 32], strided
     assert not images.is_contiguous()
     encoded = client.encode(images, "sd15")
-    torch.testing.assert_close(encoded, encode_locally(reference["sd15"], images.contiguous(), SD), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        encoded, encode_locally(reference["sd15"], images.contiguous(), SD), atol=1e-4, rtol=1e-4
+    )
     body, shape, dtype = tensor_bytes(images)
     assert body == images.contiguous().numpy().tobytes() and shape == (1, 3, 64, 32) and dtype == "float32"
 
@@ -146,7 +153,12 @@ def test_one_connection_is_kept_alive_across_calls(secure):
 def busy(model_dirs, faults_file, tmp_path_factory):
     """sd15 with no queue at all: a request that arrives while one runs gets 503 at once."""
     args = ["sd15", "--model", str(model_dirs["sd15"]), "--max-queue", "0"]
-    server = LiveServer(args, offline_env(FAULTS_FILE=str(faults_file)), tmp_path_factory.mktemp("logs") / "busy.log", launcher=FAULTY_LAUNCHER)
+    server = LiveServer(
+        args,
+        offline_env(FAULTS_FILE=str(faults_file)),
+        tmp_path_factory.mktemp("logs") / "busy.log",
+        launcher=FAULTY_LAUNCHER,
+    )
     yield server
     server.stop()
 
@@ -154,8 +166,15 @@ def busy(model_dirs, faults_file, tmp_path_factory):
 def occupy(server, seconds_of_work) -> threading.Thread:
     """Start one slow decode and return once it is on the device."""
     latent = seeded(1, 4, 8, 8)
-    runner = threading.Thread(target=lambda: requests.post(server.url + "/", data=latent.numpy().tobytes(), timeout=60, headers={"Content-Type": "tensor/binary"},
-                                                           params={"shape": [1, 4, 8, 8], "dtype": "float32", "output_type": "pt"}))
+    runner = threading.Thread(
+        target=lambda: requests.post(
+            server.url + "/",
+            data=latent.numpy().tobytes(),
+            timeout=60,
+            headers={"Content-Type": "tensor/binary"},
+            params={"shape": [1, 4, 8, 8], "dtype": "float32", "output_type": "pt"},
+        )
+    )
     runner.start()
     wait_until(lambda: server.metric("remote_vae_running") == 1)
     return runner
@@ -185,7 +204,10 @@ def test_retries_are_bounded(busy, set_faults):
 def test_an_unreachable_server_raises_after_its_retries(tmp_path):
     from conftest import free_port
 
-    with Client(f"http://127.0.0.1:{free_port()}/", retries=1, max_retry_wait=0.1, timeout=5) as client, pytest.raises(requests.ConnectionError):
+    with (
+        Client(f"http://127.0.0.1:{free_port()}/", retries=1, max_retry_wait=0.1, timeout=5) as client,
+        pytest.raises(requests.ConnectionError),
+    ):
         client.families()
 
 
@@ -193,8 +215,14 @@ def test_an_unreachable_server_raises_after_its_retries(tmp_path):
 
 
 def remote_vae(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "remote_vae", *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**offline_env(), **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "remote_vae", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**offline_env(), **(env or {})},
+    )
 
 
 def test_decode_command_writes_each_latent_file_as_diffusers_pixels(secure, reference, tmp_path):
@@ -202,9 +230,19 @@ def test_decode_command_writes_each_latent_file_as_diffusers_pixels(secure, refe
     save_file({"latents": latents["a"]}, tmp_path / "a.safetensors")
     torch.save(latents["b"], tmp_path / "b.pt")
     np.save(tmp_path / "c.npy", latents["c"].numpy())
-    done = remote_vae("decode", str(tmp_path / "a.safetensors"), str(tmp_path / "b.pt"), str(tmp_path / "c.npy"),
-                      "-o", str(tmp_path / "out" / "{name}.png"), "--url", secure.url + "/sd15/", "--ca-cert", secure.verify,
-                      env={"REMOTE_VAE_API_KEY": KEY})
+    done = remote_vae(
+        "decode",
+        str(tmp_path / "a.safetensors"),
+        str(tmp_path / "b.pt"),
+        str(tmp_path / "c.npy"),
+        "-o",
+        str(tmp_path / "out" / "{name}.png"),
+        "--url",
+        secure.url + "/sd15/",
+        "--ca-cert",
+        secure.verify,
+        env={"REMOTE_VAE_API_KEY": KEY},
+    )
     assert done.returncode == 0, done.stderr
     assert "3/3" in done.stderr  # the progress bar
     for name, latent in latents.items():
@@ -221,33 +259,84 @@ def test_decode_command_writes_jpeg_and_webp_as_the_server_does(secure, referenc
     save_file({"latents": latent}, tmp_path / "image.safetensors")
     local = uint8_locally(decode_locally(reference["sd15"], latent, SD))[0]
     for suffix, file_format in ((".jpg", "JPEG"), (".webp", "WEBP")):
-        done = remote_vae("decode", str(tmp_path / "image.safetensors"), "-o", str(tmp_path / f"out{suffix}"), "--url", secure.url + "/sd15/",
-                          "--ca-cert", secure.verify, env={"REMOTE_VAE_API_KEY": KEY})
+        done = remote_vae(
+            "decode",
+            str(tmp_path / "image.safetensors"),
+            "-o",
+            str(tmp_path / f"out{suffix}"),
+            "--url",
+            secure.url + "/sd15/",
+            "--ca-cert",
+            secure.verify,
+            env={"REMOTE_VAE_API_KEY": KEY},
+        )
         assert done.returncode == 0, done.stderr
         written = np.asarray(Image.open(tmp_path / f"out{suffix}").convert("RGB")).astype(int)
-        servers = np.asarray(Image.open(io.BytesIO(encode_image(local, ImageFile(file_format)))).convert("RGB")).astype(int)
+        servers = np.asarray(Image.open(io.BytesIO(encode_image(local, ImageFile(file_format)))).convert("RGB")).astype(
+            int
+        )
         assert np.abs(written - servers).max() <= 3, suffix  # the same settings on pixels at most 1 level apart
 
 
 def test_decode_command_to_mp4_and_to_a_tensor(secure, reference, tmp_path):
     save_file({"latents": seeded(1, 16, 2, 8, 8, seed=95)}, tmp_path / "video.safetensors")
-    done = remote_vae("decode", str(tmp_path / "video.safetensors"), "-o", str(tmp_path / "clip.mp4"), "--url", secure.url,
-                      "--family", "hunyuanvideo", "--ca-cert", secure.verify, "--fps", "8", env={"REMOTE_VAE_API_KEY": KEY})
+    done = remote_vae(
+        "decode",
+        str(tmp_path / "video.safetensors"),
+        "-o",
+        str(tmp_path / "clip.mp4"),
+        "--url",
+        secure.url,
+        "--family",
+        "hunyuanvideo",
+        "--ca-cert",
+        secure.verify,
+        "--fps",
+        "8",
+        env={"REMOTE_VAE_API_KEY": KEY},
+    )
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "clip.mp4").read_bytes()[4:8] == b"ftyp"
     latent = seeded(1, 4, 8, 8, seed=96)
     save_file({"latents": latent}, tmp_path / "image.safetensors")
-    done = remote_vae("decode", str(tmp_path / "image.safetensors"), "-o", str(tmp_path / "pixels.safetensors"), "--url", secure.url,
-                      "--family", "sd15", "--ca-cert", secure.verify, env={"REMOTE_VAE_API_KEY": KEY})
+    done = remote_vae(
+        "decode",
+        str(tmp_path / "image.safetensors"),
+        "-o",
+        str(tmp_path / "pixels.safetensors"),
+        "--url",
+        secure.url,
+        "--family",
+        "sd15",
+        "--ca-cert",
+        secure.verify,
+        env={"REMOTE_VAE_API_KEY": KEY},
+    )
     assert done.returncode == 0, done.stderr
-    torch.testing.assert_close(load_file(tmp_path / "pixels.safetensors")["pixels"], decode_locally(reference["sd15"], latent, SD), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        load_file(tmp_path / "pixels.safetensors")["pixels"],
+        decode_locally(reference["sd15"], latent, SD),
+        atol=1e-4,
+        rtol=1e-4,
+    )
 
 
 def test_encode_command_writes_latents(secure, reference, tmp_path):
     pixels = (seeded(48, 64, 3, seed=97).clamp(-1, 1) * 127.5 + 127.5).round().to(torch.uint8).numpy()
     Image.fromarray(pixels).save(tmp_path / "photo.png")
-    done = remote_vae("encode", str(tmp_path / "photo.png"), "-o", str(tmp_path / "latents") + os.sep, "--url", secure.url,
-                      "--family", "sd15", "--ca-cert", secure.verify, env={"REMOTE_VAE_API_KEY": KEY})
+    done = remote_vae(
+        "encode",
+        str(tmp_path / "photo.png"),
+        "-o",
+        str(tmp_path / "latents") + os.sep,
+        "--url",
+        secure.url,
+        "--family",
+        "sd15",
+        "--ca-cert",
+        secure.verify,
+        env={"REMOTE_VAE_API_KEY": KEY},
+    )
     assert done.returncode == 0, done.stderr
     as_tensor = torch.from_numpy(pixels).float().div(255).permute(2, 0, 1)[None] * 2 - 1
     encoded = load_file(tmp_path / "latents" / "photo.safetensors")["latents"]
@@ -257,19 +346,50 @@ def test_encode_command_writes_latents(secure, reference, tmp_path):
 def test_command_failures_say_what_went_wrong_with_their_exit_codes(secure, tmp_path):
     save_file({"latents": seeded(1, 3, 8, 8)}, tmp_path / "bad.safetensors")
     url = ["--url", secure.url + "/sd15/", "--ca-cert", secure.verify]
-    refused = remote_vae("decode", str(tmp_path / "bad.safetensors"), "-o", str(tmp_path / "x.png"), *url, env={"REMOTE_VAE_API_KEY": KEY})
+    refused = remote_vae(
+        "decode",
+        str(tmp_path / "bad.safetensors"),
+        "-o",
+        str(tmp_path / "x.png"),
+        *url,
+        env={"REMOTE_VAE_API_KEY": KEY},
+    )
     assert refused.returncode == 1 and "400" in refused.stderr and "channels" in refused.stderr
     keyless = remote_vae("decode", str(tmp_path / "bad.safetensors"), "-o", str(tmp_path / "x.png"), *url)
     assert keyless.returncode == 1 and "401" in keyless.stderr
     missing = remote_vae("decode", str(tmp_path / "nothing.safetensors"), "-o", str(tmp_path / "x.png"), *url)
     assert missing.returncode == 2 and "no such file" in missing.stderr
-    unset = remote_vae("decode", str(tmp_path / "bad.safetensors"), "-o", str(tmp_path / "x.png"), *url, "--api-key-env", "NO_SUCH_VARIABLE_SET")
+    unset = remote_vae(
+        "decode",
+        str(tmp_path / "bad.safetensors"),
+        "-o",
+        str(tmp_path / "x.png"),
+        *url,
+        "--api-key-env",
+        "NO_SUCH_VARIABLE_SET",
+    )
     assert unset.returncode == 2 and "NO_SUCH_VARIABLE_SET" in unset.stderr
-    two = remote_vae("decode", str(tmp_path / "bad.safetensors"), str(tmp_path / "bad.safetensors"), "-o", str(tmp_path / "x.png"), *url)
+    two = remote_vae(
+        "decode",
+        str(tmp_path / "bad.safetensors"),
+        str(tmp_path / "bad.safetensors"),
+        "-o",
+        str(tmp_path / "x.png"),
+        *url,
+    )
     assert two.returncode == 2 and "{name}" in two.stderr
     from conftest import free_port
 
-    down = remote_vae("decode", str(tmp_path / "bad.safetensors"), "-o", str(tmp_path / "x.png"), "--url", f"http://127.0.0.1:{free_port()}/", "--retries", "0")
+    down = remote_vae(
+        "decode",
+        str(tmp_path / "bad.safetensors"),
+        "-o",
+        str(tmp_path / "x.png"),
+        "--url",
+        f"http://127.0.0.1:{free_port()}/",
+        "--retries",
+        "0",
+    )
     assert down.returncode == 1 and "error" in down.stderr and "Traceback" not in down.stderr
 
 

@@ -17,10 +17,22 @@ from diffusers.utils.remote_utils import remote_decode
 @pytest.fixture(scope="module")
 def compiled(model_dirs, tmp_path_factory):
     # Decode only, and batches of one: a single graph to compile (about 40 s on two cores).
-    family = json.loads((ROOT / "configs" / "sd15.json").read_text()) | {"name": "sd15-compiled", "operations": ["decode"]}
+    family = json.loads((ROOT / "configs" / "sd15.json").read_text()) | {
+        "name": "sd15-compiled",
+        "operations": ["decode"],
+    }
     config = tmp_path_factory.mktemp("configs") / "sd15-compiled.json"
     config.write_text(json.dumps(family))
-    args = [str(config), "--model", str(model_dirs["sd15"]), "--compile", "--warmup-sizes", "64x64", "--max-batch-images", "1"]
+    args = [
+        str(config),
+        "--model",
+        str(model_dirs["sd15"]),
+        "--compile",
+        "--warmup-sizes",
+        "64x64",
+        "--max-batch-images",
+        "1",
+    ]
     server = LiveServer(args, offline_env(), tmp_path_factory.mktemp("logs") / "compiled.log", startup_seconds=600)
     yield server
     server.stop()
@@ -34,11 +46,25 @@ def local_pixels(vae, latents: torch.Tensor) -> np.ndarray:
 
 def test_compiled_decoder_gives_diffusers_pixels(compiled, reference):
     log = compiled.log_path.read_text()
-    assert "warmed up decode of 1 x 64x64" in log and "(compiled)" in log and "loaded sd15-compiled" in log and "compiled" in log.split("loaded sd15-compiled")[1]
+    assert (
+        "warmed up decode of 1 x 64x64" in log
+        and "(compiled)" in log
+        and "loaded sd15-compiled" in log
+        and "compiled" in log.split("loaded sd15-compiled")[1]
+    )
     latents = seeded(1, 4, 8, 8, seed=11)
-    out = remote_decode(endpoint=compiled.url + "/", tensor=latents, output_type="pt", partial_postprocess=True, return_type="pt", do_scaling=False)
+    out = remote_decode(
+        endpoint=compiled.url + "/",
+        tensor=latents,
+        output_type="pt",
+        partial_postprocess=True,
+        return_type="pt",
+        do_scaling=False,
+    )
     assert np.abs(out.numpy().astype(int) - local_pixels(reference["sd15"], latents).astype(int)).max() <= 1
-    raw = remote_decode(endpoint=compiled.url + "/", tensor=latents, output_type="pt", return_type="pt", do_scaling=False)
+    raw = remote_decode(
+        endpoint=compiled.url + "/", tensor=latents, output_type="pt", return_type="pt", do_scaling=False
+    )
     with torch.no_grad():
         torch.testing.assert_close(raw, reference["sd15"].decode(latents).sample, atol=1e-3, rtol=1e-3)
 
@@ -46,7 +72,14 @@ def test_compiled_decoder_gives_diffusers_pixels(compiled, reference):
 def test_a_size_that_was_not_warmed_up_runs_eagerly_and_says_so(compiled, reference):
     latents = seeded(1, 4, 8, 16, seed=12)  # 128x64: not warmed up
     started = time.monotonic()
-    out = remote_decode(endpoint=compiled.url + "/", tensor=latents, output_type="pt", partial_postprocess=True, return_type="pt", do_scaling=False)
+    out = remote_decode(
+        endpoint=compiled.url + "/",
+        tensor=latents,
+        output_type="pt",
+        partial_postprocess=True,
+        return_type="pt",
+        do_scaling=False,
+    )
     assert time.monotonic() - started < 10  # compiling it would take tens of seconds
     assert np.abs(out.numpy().astype(int) - local_pixels(reference["sd15"], latents).astype(int)).max() <= 1
     assert "decode of 1 x [4, 8, 16] was not warmed up, so it runs eagerly" in compiled.log_path.read_text()

@@ -40,11 +40,19 @@ def test_dockerfile_contract():
     user = [args for kind, args in steps if kind == "USER"]
     assert user and user[-1] not in ("0", "root")
     assert ("EXPOSE", "8000") in steps
-    assert ("HEALTHCHECK", "--interval=30s --timeout=10s --start-period=600s --retries=3 CMD [\"python\", \"-m\", \"remote_vae\", \"health\"]") in steps
+    assert (
+        "HEALTHCHECK",
+        '--interval=30s --timeout=10s --start-period=600s --retries=3 CMD ["python", "-m", "remote_vae", "health"]',
+    ) in steps
     assert steps[-1] == ("ENTRYPOINT", '["python", "-m", "remote_vae", "serve"]')
     assert kinds.index("USER") < kinds.index("ENTRYPOINT")
     environment = " ".join(args for kind, args in steps if kind == "ENV")
-    for setting in ("HF_MODEL_DIR=/repository", "HF_HOME=/data/huggingface", "REMOTE_VAE_WEIGHTS_DIR=", "REMOTE_VAE_PORT=8000"):
+    for setting in (
+        "HF_MODEL_DIR=/repository",
+        "HF_HOME=/data/huggingface",
+        "REMOTE_VAE_WEIGHTS_DIR=",
+        "REMOTE_VAE_PORT=8000",
+    ):
         assert setting in environment
     install = next(args for kind, args in steps if kind == "RUN" and "requirements.txt" in args)
     assert "-c /tmp/keep-base-torch.txt" in install  # the base image's torch is pinned, never replaced
@@ -63,7 +71,9 @@ def test_dockerignore_sends_only_what_the_image_copies():
 
 
 def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "remote_vae", *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "remote_vae", *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120
+    )
 
 
 def test_download_copies_weights_from_the_hub_cache(hf_cache, model_dirs, tmp_path):
@@ -74,7 +84,9 @@ def test_download_copies_weights_from_the_hub_cache(hf_cache, model_dirs, tmp_pa
     assert done.stdout.strip() == str(baked)
     for name in ("config.json", "diffusion_pytorch_model.safetensors"):
         assert (baked / name).read_bytes() == (model_dirs["sd15"] / name).read_bytes()
-    missing = run_cli("download", "flux", "--to", str(tmp_path / "weights"), env=offline_env(HF_HUB_CACHE=str(hf_cache)))
+    missing = run_cli(
+        "download", "flux", "--to", str(tmp_path / "weights"), env=offline_env(HF_HUB_CACHE=str(hf_cache))
+    )
     assert missing.returncode == 1  # not in the cache, and offline
     assert "error: cannot download flux's weights from black-forest-labs/FLUX.1-schnell/vae" in missing.stderr
 
@@ -84,8 +96,12 @@ def baked_server(model_dirs, tmp_path_factory):
     """As in the image: HF_MODEL_DIR=/repository not mounted, weights baked in REMOTE_VAE_WEIGHTS_DIR."""
     root = tmp_path_factory.mktemp("image")
     shutil.copytree(model_dirs["sd15"], root / "weights" / "sd15")
-    env = offline_env(HF_MODEL_DIR=str(root / "repository"), REMOTE_VAE_WEIGHTS_DIR=str(root / "weights"),
-                      HF_HUB_CACHE=str(root / "empty-cache"), REMOTE_VAE_FAMILIES="sd15")
+    env = offline_env(
+        HF_MODEL_DIR=str(root / "repository"),
+        REMOTE_VAE_WEIGHTS_DIR=str(root / "weights"),
+        HF_HUB_CACHE=str(root / "empty-cache"),
+        REMOTE_VAE_FAMILIES="sd15",
+    )
     server = LiveServer([], env, root / "server.log")
     yield server, root
     server.stop()
@@ -109,4 +125,3 @@ def test_health_command_is_the_containers_healthcheck(baked_server):
     # HTTPS when the server serves HTTPS: a plain-HTTP server then fails the TLS handshake.
     tls = run_cli("health", env=offline_env(PORT=str(server.port), REMOTE_VAE_SSL_CERTFILE="/cert.pem"))
     assert tls.returncode == 1
-

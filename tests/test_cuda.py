@@ -31,7 +31,11 @@ def test_pinned_transfers_round_trip():
     path = DevicePath.default(CUDA)
     host = torch.randn(2, 4, 16, 16)
     on_device = to_device(host, CUDA, torch.float16, path)
-    assert on_device.is_cuda and on_device.dtype == torch.float16 and on_device.is_contiguous(memory_format=torch.channels_last)
+    assert (
+        on_device.is_cuda
+        and on_device.dtype == torch.float16
+        and on_device.is_contiguous(memory_format=torch.channels_last)
+    )
     back = to_host(on_device, path)
     assert back.is_pinned() and back.is_contiguous() and torch.equal(back, host.half())
 
@@ -39,7 +43,9 @@ def test_pinned_transfers_round_trip():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_uint8_on_the_gpu_is_diffusers_postprocess_of_the_same_sample(dtype):
     sample = (torch.randn(2, 3, 64, 48, device=CUDA) * 1.5).to(dtype)
-    expected = (VaeImageProcessor(vae_scale_factor=8).postprocess(sample, output_type="np") * 255).round().astype("uint8")
+    expected = (
+        (VaeImageProcessor(vae_scale_factor=8).postprocess(sample, output_type="np") * 255).round().astype("uint8")
+    )
     assert np.array_equal(uint8_images(sample).cpu().numpy(), expected)
 
 
@@ -49,7 +55,9 @@ def test_nvjpeg_matches_pillow_quality():
         pytest.skip("torchvision with nvJPEG is not installed")
     ramp = np.add.outer(np.arange(256), np.arange(384)).astype(np.float32)
     pixels = np.stack([ramp % 256, (ramp * 3) % 256, (255 - ramp / 3) % 256], axis=-1).astype(np.uint8)
-    pixels = np.clip(pixels.astype(int) + np.random.default_rng(0).integers(-20, 20, pixels.shape), 0, 255).astype(np.uint8)
+    pixels = np.clip(pixels.astype(int) + np.random.default_rng(0).integers(-20, 20, pixels.shape), 0, 255).astype(
+        np.uint8
+    )
     ours = np.asarray(Image.open(io.BytesIO(encode(torch.from_numpy(pixels).to(CUDA), 90))).convert("RGB"))
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="JPEG", quality=90, subsampling=0)
@@ -71,14 +79,28 @@ def test_the_budget_comes_from_measured_memory(model_dirs):
 
 
 def test_a_served_cuda_decode_matches_diffusers_on_cuda(model_dirs, reference, tmp_path):
-    server = LiveServer(["sd15", "--model", str(model_dirs["sd15"]), "--dtype", "float16"], offline_env(), tmp_path / "cuda.log", device="cuda")
+    server = LiveServer(
+        ["sd15", "--model", str(model_dirs["sd15"]), "--dtype", "float16"],
+        offline_env(),
+        tmp_path / "cuda.log",
+        device="cuda",
+    )
     try:
         latents = seeded(4, 4, 16, 16, seed=5)
-        out = remote_decode(endpoint=server.url + "/", tensor=latents, output_type="pt", partial_postprocess=True, return_type="pt", do_scaling=False)
+        out = remote_decode(
+            endpoint=server.url + "/",
+            tensor=latents,
+            output_type="pt",
+            partial_postprocess=True,
+            return_type="pt",
+            do_scaling=False,
+        )
         vae = reference["sd15"].to(CUDA, torch.float16)
         with torch.no_grad():
             sample = vae.decode(latents.to(CUDA, torch.float16)).sample
-        expected = (VaeImageProcessor(vae_scale_factor=8).postprocess(sample, output_type="np") * 255).round().astype("uint8")
+        expected = (
+            (VaeImageProcessor(vae_scale_factor=8).postprocess(sample, output_type="np") * 255).round().astype("uint8")
+        )
         assert np.abs(out.numpy().astype(int) - expected.astype(int)).max() <= 1
     finally:
         server.stop()
@@ -113,7 +135,10 @@ def test_banded_tiling_on_the_gpu(reference):
 
     model = reference["wan21"].to(CUDA)
     try:
-        latents, pixels = seeded(1, 16, 3, 29, 5, seed=62).to(CUDA), seeded(1, 3, 9, 232, 40, seed=63).clamp(-1, 1).to(CUDA)
+        latents, pixels = (
+            seeded(1, 16, 3, 29, 5, seed=62).to(CUDA),
+            seeded(1, 3, 9, 232, 40, seed=63).clamp(-1, 1).to(CUDA),
+        )
         with torch.inference_mode():
             untiled, untiled_latents = model.decode(latents).sample, model.encode(pixels).latent_dist.mean
             tiler = HaloTiler(model, band_pixels=1)

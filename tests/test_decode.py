@@ -54,14 +54,18 @@ def test_pt_raw_is_unclamped(sd, reference):
 
 def test_pt_partial_postprocess_is_uint8_hwc(sd, reference):
     latents = seeded(2, 4, 8, 8, dtype=torch.float16)
-    out = remote_decode(sd, tensor=latents, output_type="pt", partial_postprocess=True, return_type="pt", scaling_factor=SD)
+    out = remote_decode(
+        sd, tensor=latents, output_type="pt", partial_postprocess=True, return_type="pt", scaling_factor=SD
+    )
     assert out.dtype == torch.uint8 and out.shape == (2, 64, 64, 3)
     assert_pixels_close(out.numpy(), uint8_locally(decode_locally(reference["sd15"], latents, SD)))
 
 
 def test_pt_partial_postprocess_to_pil(sd, reference):
     latents = seeded(1, 4, 8, 8)
-    image = remote_decode(sd, tensor=latents, output_type="pt", partial_postprocess=True, return_type="pil", scaling_factor=SD)
+    image = remote_decode(
+        sd, tensor=latents, output_type="pt", partial_postprocess=True, return_type="pil", scaling_factor=SD
+    )
     assert_pixels_close(np.asarray(image)[None], uint8_locally(decode_locally(reference["sd15"], latents, SD)))
 
 
@@ -71,8 +75,12 @@ def test_pil_with_processor_returns_unit_floats(sd, reference):
     expected = processor.postprocess(decode_locally(reference["sd15"], latents, SD), output_type="pt")
     assert out.shape == (2, 3, 64, 64) and 0 <= out.min() and out.max() <= 1
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
-    images = remote_decode(sd, tensor=latents, output_type="pil", processor=processor, return_type="pil", scaling_factor=SD)
-    assert_pixels_close(np.stack([np.asarray(i) for i in images]), uint8_locally(decode_locally(reference["sd15"], latents, SD)))
+    images = remote_decode(
+        sd, tensor=latents, output_type="pil", processor=processor, return_type="pil", scaling_factor=SD
+    )
+    assert_pixels_close(
+        np.stack([np.asarray(i) for i in images]), uint8_locally(decode_locally(reference["sd15"], latents, SD))
+    )
 
 
 def test_png_is_exact(sd, reference):
@@ -87,15 +95,29 @@ def test_png_compression_changes_the_bytes_never_the_pixels(sd, reference):
     expected = uint8_locally(decode_locally(reference["sd15"], latents, SD))
     sizes = {}
     for level in (0, 1, 9):
-        response = requests.post(sd, params={"shape": [1, 4, 16, 16], "dtype": "float32", "scaling_factor": SD, "output_type": "pil",
-                                             "image_format": "png", "png_compression": level},
-                                 data=latents.numpy().tobytes(), headers={"Content-Type": "tensor/binary", "Accept": "image/png"})
+        response = requests.post(
+            sd,
+            params={
+                "shape": [1, 4, 16, 16],
+                "dtype": "float32",
+                "scaling_factor": SD,
+                "output_type": "pil",
+                "image_format": "png",
+                "png_compression": level,
+            },
+            data=latents.numpy().tobytes(),
+            headers={"Content-Type": "tensor/binary", "Accept": "image/png"},
+        )
         assert response.headers["content-type"] == "image/png"
         assert_pixels_close(np.asarray(Image.open(io.BytesIO(response.content)).convert("RGB"))[None], expected)
         sizes[level] = len(response.content)
     assert sizes[0] > sizes[1] >= sizes[9]  # 0 stores, 9 compresses hardest
-    bad = requests.post(sd, params={"shape": [1, 4, 16, 16], "dtype": "float32", "output_type": "pil", "png_compression": 10},
-                        data=latents.numpy().tobytes(), headers={"Content-Type": "tensor/binary", "Accept": "image/png"})
+    bad = requests.post(
+        sd,
+        params={"shape": [1, 4, 16, 16], "dtype": "float32", "output_type": "pil", "png_compression": 10},
+        data=latents.numpy().tobytes(),
+        headers={"Content-Type": "tensor/binary", "Accept": "image/png"},
+    )
     assert bad.status_code == 400 and "png_compression" in bad.json()["error"]
 
 
@@ -113,10 +135,23 @@ def test_jpeg_matches_local_jpeg_of_diffusers_pixels(sd, reference):
     assert psnr(torch.tensor(np.asarray(image)), torch.tensor(jpeg_locally(expected, 90))) >= 40
     assert psnr(torch.tensor(np.asarray(image)), torch.tensor(expected)) >= 30
     # quality is honoured: a higher quality is closer to the lossless pixels.
-    response = requests.post(sd, params={"shape": [1, 4, 16, 16], "dtype": "float32", "scaling_factor": SD, "output_type": "pil", "quality": 100},
-                             data=latents.numpy().tobytes(), headers={"Content-Type": "tensor/binary", "Accept": "image/jpeg"})
+    response = requests.post(
+        sd,
+        params={
+            "shape": [1, 4, 16, 16],
+            "dtype": "float32",
+            "scaling_factor": SD,
+            "output_type": "pil",
+            "quality": 100,
+        },
+        data=latents.numpy().tobytes(),
+        headers={"Content-Type": "tensor/binary", "Accept": "image/jpeg"},
+    )
     best = np.asarray(Image.open(io.BytesIO(response.content)))
-    assert psnr(torch.tensor(best), torch.tensor(expected)) > psnr(torch.tensor(np.asarray(image)), torch.tensor(expected)) + 3
+    assert (
+        psnr(torch.tensor(best), torch.tensor(expected))
+        > psnr(torch.tensor(np.asarray(image)), torch.tensor(expected)) + 3
+    )
 
 
 def test_batch_image_is_stacked_vertically(sd, reference):
@@ -157,7 +192,16 @@ def test_flux_packed_latents(flux, reference, height, width):
     h, w = 2 * (height // 16), 2 * (width // 16)
     unpacked = seeded(2, 16, h, w, dtype=torch.bfloat16)
     packed = FluxPipeline._pack_latents(unpacked, 2, 16, h, w)
-    out = remote_decode(flux, tensor=packed, height=height, width=width, output_type="pt", return_type="pt", scaling_factor=FLUX[0], shift_factor=FLUX[1])
+    out = remote_decode(
+        flux,
+        tensor=packed,
+        height=height,
+        width=width,
+        output_type="pt",
+        return_type="pt",
+        scaling_factor=FLUX[0],
+        shift_factor=FLUX[1],
+    )
     assert out.shape == (2, 3, 8 * h, 8 * w)
     torch.testing.assert_close(out, decode_locally(reference["flux"], unpacked, *FLUX), atol=1e-4, rtol=1e-4)
 

@@ -58,13 +58,17 @@ def test_a_progressive_decode_past_its_cpu_deadline_is_413():
 
 def test_a_png_past_its_deadline_is_stopped_between_reads():
     buffer = io.BytesIO()
-    Image.fromarray((np.random.default_rng(2).random((1024, 1024, 3)) * 255).astype(np.uint8)).save(buffer, format="PNG")
+    Image.fromarray((np.random.default_rng(2).random((1024, 1024, 3)) * 255).astype(np.uint8)).save(
+        buffer, format="PNG"
+    )
     with pytest.raises(RequestError, match="of CPU"):
         read_image_header(buffer.getvalue(), 1 << 24).pixels(cap=0.001)
 
 
 def test_a_video_s_size_and_frames_come_from_its_container():
-    data = write_mp4(iter([np.full((32, 48, 3), 10 * index, np.uint8) for index in range(7)]), 48, 32, Mp4Options(crf=0))
+    data = write_mp4(
+        iter([np.full((32, 48, 3), 10 * index, np.uint8) for index in range(7)]), 48, 32, Mp4Options(crf=0)
+    )
     with VideoFile(data) as video:
         assert (video.width, video.height, video.frame_count) == (48, 32, 7)
         with pytest.raises(RequestError, match="has 7 frames") as refused:
@@ -76,7 +80,9 @@ def test_a_video_s_size_and_frames_come_from_its_container():
 
 
 def test_a_stream_size_in_metadata_cannot_pass_for_the_stream():
-    report = ("Input #0, mov\n  Metadata:\n    title           : Stream #0:0: Video: h264, 1x1, 24 fps\n"
-              "  Stream #0:0[0x1](und): Video: h264 (High) (avc1 / 0x31637661), yuv420p, 1024x768 [SAR 1:1 DAR 4:3], 24 fps\n")
+    report = (
+        "Input #0, mov\n  Metadata:\n    title           : Stream #0:0: Video: h264, 1x1, 24 fps\n"
+        "  Stream #0:0[0x1](und): Video: h264 (High) (avc1 / 0x31637661), yuv420p, 1024x768 [SAR 1:1 DAR 4:3], 24 fps\n"
+    )
     match = STREAM_SIZE.search(report)
     assert (int(match[1]), int(match[2])) == (1024, 768)

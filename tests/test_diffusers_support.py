@@ -30,8 +30,10 @@ def family_config(folder: Path, name: str, **changes) -> Path:
 @pytest.fixture(scope="module")
 def configs(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("configs")
-    return {"future": family_config(folder, "future", min_diffusers="99.0"),
-            "renamed": family_config(folder, "renamed", model_class="AutoencoderKLNotInThisDiffusers", min_diffusers=None)}
+    return {
+        "future": family_config(folder, "future", min_diffusers="99.0"),
+        "renamed": family_config(folder, "renamed", model_class="AutoencoderKLNotInThisDiffusers", min_diffusers=None),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +46,10 @@ def server(model_dirs, configs, tmp_path_factory):
 
 
 def test_the_error_names_the_family_the_class_and_the_release(configs):
-    with pytest.raises(UnsupportedFamily, match=rf"family future needs diffusers >= 99.0 for its model class AutoencoderKL; the installed diffusers {diffusers.__version__}"):
+    with pytest.raises(
+        UnsupportedFamily,
+        match=rf"family future needs diffusers >= 99.0 for its model class AutoencoderKL; the installed diffusers {diffusers.__version__}",
+    ):
         model_class(families.load_family(str(configs["future"])))
     with pytest.raises(UnsupportedFamily, match="renamed.*has no AutoencoderKLNotInThisDiffusers"):
         model_class(families.load_family(str(configs["renamed"])))
@@ -60,35 +65,59 @@ def test_every_shipped_family_builds_on_the_installed_diffusers():
 def test_the_others_serve_and_the_unavailable_ones_say_why(server, reference):
     health = requests.get(server.url + "/health", timeout=10)
     assert health.status_code == 200
-    assert {name: doc["status"] for name, doc in health.json()["families"].items()} == {"sd15": "ready", "future": "unavailable", "renamed": "unavailable"}
-    refused = requests.post(server.url + "/future/", data=b"\0" * 64, params={"shape": "1,4,2,2", "dtype": "float32"}, timeout=10)
-    assert refused.status_code == 501 and "diffusers >= 99.0" in refused.json()["error"] and "AutoencoderKL" in refused.json()["error"]
+    assert {name: doc["status"] for name, doc in health.json()["families"].items()} == {
+        "sd15": "ready",
+        "future": "unavailable",
+        "renamed": "unavailable",
+    }
+    refused = requests.post(
+        server.url + "/future/", data=b"\0" * 64, params={"shape": "1,4,2,2", "dtype": "float32"}, timeout=10
+    )
+    assert (
+        refused.status_code == 501
+        and "diffusers >= 99.0" in refused.json()["error"]
+        and "AutoencoderKL" in refused.json()["error"]
+    )
     assert requests.get(server.url + "/renamed/health", timeout=10).json()["status"] == "unavailable"
     listed = requests.get(server.url + "/families", timeout=10).json()["families"]
     assert "AutoencoderKLNotInThisDiffusers" in listed["renamed"]["error"] and "error" not in listed["sd15"]
     latents = seeded(1, 4, 8, 8)
-    image = remote_decode(endpoint=server.url + "/sd15/", tensor=latents, scaling_factor=SD, output_type="pil", image_format="png")
+    image = remote_decode(
+        endpoint=server.url + "/sd15/", tensor=latents, scaling_factor=SD, output_type="pil", image_format="png"
+    )
     assert_pixels_close(np.asarray(image)[None], uint8_locally(decode_locally(reference["sd15"], latents, SD)))
 
 
 def test_families_report_the_weights_they_loaded(server, model_dirs):
     listed = requests.get(server.url + "/families", timeout=10).json()["families"]
-    assert listed["sd15"]["weights"] == str(model_dirs["sd15"])  # the --model directory, not the family's Hub repository
+    assert listed["sd15"]["weights"] == str(
+        model_dirs["sd15"]
+    )  # the --model directory, not the family's Hub repository
     assert listed["future"]["weights"] == "stabilityai/sd-vae-ft-mse"  # never loaded
 
 
 def test_serving_only_unavailable_families_exits_2_with_the_reason(configs):
-    done = subprocess.run([sys.executable, "-m", "remote_vae", "serve", str(configs["future"]), "--random-weights", "--port", "0"],
-                          cwd=ROOT, env=offline_env(), capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "remote_vae", "serve", str(configs["future"]), "--random-weights", "--port", "0"],
+        cwd=ROOT,
+        env=offline_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and "needs diffusers >= 99.0" in done.stderr, done.stderr
 
 
 def test_the_server_handler_cli_and_client_import_no_architecture_code():
     """diffusers' architecture modules and the tilers that reach into them are imported when a model is loaded, so a
     diffusers that lacks or renamed one of them costs that family, not every import."""
-    code = ("import sys, remote_vae.server, remote_vae.launch, remote_vae.cli, remote_vae.client, handler; "
-            "print(sorted(m for m in sys.modules if m.startswith('diffusers.models.autoencoders.') or m in ('remote_vae.tiling', 'remote_vae.halo_tiling')))")
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=offline_env(), capture_output=True, text=True, timeout=120)
+    code = (
+        "import sys, remote_vae.server, remote_vae.launch, remote_vae.cli, remote_vae.client, handler; "
+        "print(sorted(m for m in sys.modules if m.startswith('diffusers.models.autoencoders.') or m in ('remote_vae.tiling', 'remote_vae.halo_tiling')))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=offline_env(), capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
 
 

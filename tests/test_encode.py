@@ -57,7 +57,9 @@ def test_flux_on_the_decode_url_returns_unpacked_latents(flux, reference):
 def test_no_scaling_is_the_distribution_mean(sd, reference):
     image = random_image()
     latents = remote_encode(sd, image)
-    torch.testing.assert_close(latents, encode_locally(reference["sd15"], processor.preprocess(image)), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        latents, encode_locally(reference["sd15"], processor.preprocess(image)), atol=1e-4, rtol=1e-4
+    )
 
 
 @pytest.mark.parametrize("fmt,media", [("JPEG", "image/jpeg"), ("WEBP", "image/webp"), ("PNG", "image/png")])
@@ -70,7 +72,9 @@ def test_image_bodies_with_content_type_on_encode_route(multi_server, reference,
     assert response.headers["dtype"] == "float32" and response.headers["shape"] == "[1,4,7,9]"
     latents = torch.frombuffer(bytearray(response.content), dtype=torch.float32).reshape(1, 4, 7, 9)
     decoded = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
-    torch.testing.assert_close(latents, encode_locally(reference["sd15"], processor.preprocess(decoded)), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        latents, encode_locally(reference["sd15"], processor.preprocess(decoded)), atol=1e-4, rtol=1e-4
+    )
 
 
 def test_encode_is_deterministic(sd):

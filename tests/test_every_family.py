@@ -23,7 +23,9 @@ def url(server, family: str) -> str:
 
 
 def raw_decode(server, family: str, latents: torch.Tensor, **options) -> torch.Tensor:
-    return remote_decode(url(server, family), tensor=latents, output_type="pt", partial_postprocess=False, return_type="pt", **options)
+    return remote_decode(
+        url(server, family), tensor=latents, output_type="pt", partial_postprocess=False, return_type="pt", **options
+    )
 
 
 def vae_decode(model, latents: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -46,7 +48,9 @@ def native_case(family: str, model):
         latents = seeded(1, 128, 3, 2, 1, seed=31)
         return latents, vae_decode(model, latents, temb=torch.zeros(1))
     channels, video = load_family(family).latent_channels, load_family(family).is_video
-    latents = seeded(1, channels, *((3,) if video else ()), *((4, 2) if family in ("wan22", "hunyuanvideo15") else (8, 4)), seed=31)
+    latents = seeded(
+        1, channels, *((3,) if video else ()), *((4, 2) if family in ("wan22", "hunyuanvideo15") else (8, 4)), seed=31
+    )
     return latents, vae_decode(model, latents)
 
 
@@ -54,7 +58,11 @@ def native_case(family: str, model):
 def test_decode_equals_diffusers(families_server, reference, family):
     latents, expected = native_case(family, reference[family])
     # A preview decoder reads normalised latents: sent with the full family's factors, they reach it unchanged.
-    scaling = load_family(family).client_scaling() if load_family(family).model_latents == "normalised" else {"do_scaling": False}
+    scaling = (
+        load_family(family).client_scaling()
+        if load_family(family).model_latents == "normalised"
+        else {"do_scaling": False}
+    )
     out = raw_decode(families_server, family, latents, **scaling)
     torch.testing.assert_close(out, expected, **TOLERANCE)
 
@@ -62,8 +70,19 @@ def test_decode_equals_diffusers(families_server, reference, family):
 @pytest.mark.parametrize("family", IMAGE_FAMILIES)
 def test_decode_uint8_equals_diffusers_postprocessing(families_server, reference, family):
     latents, expected = native_case(family, reference[family])
-    scaling = load_family(family).client_scaling() if load_family(family).model_latents == "normalised" else {"do_scaling": False}
-    out = remote_decode(url(families_server, family), tensor=latents, output_type="pt", partial_postprocess=True, return_type="pt", **scaling)
+    scaling = (
+        load_family(family).client_scaling()
+        if load_family(family).model_latents == "normalised"
+        else {"do_scaling": False}
+    )
+    out = remote_decode(
+        url(families_server, family),
+        tensor=latents,
+        output_type="pt",
+        partial_postprocess=True,
+        return_type="pt",
+        **scaling,
+    )
     local = ((expected / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1) * 255).round().to(torch.uint8)
     assert (out.to(torch.int16) - local.to(torch.int16)).abs().max() <= 1
 
@@ -106,7 +125,9 @@ def pipeline_normalised(family: str, model, latent: torch.Tensor) -> torch.Tenso
         std = torch.sqrt(model.bn.running_var.view(1, -1, 1, 1) + model.config.batch_norm_eps)
         return (folded - mean) / std
     if family == "ltxvideo":  # LTXImageToVideoPipeline.prepare_latents
-        return LTXPipeline._normalize_latents(latent, model.latents_mean, model.latents_std, model.config.scaling_factor)
+        return LTXPipeline._normalize_latents(
+            latent, model.latents_mean, model.latents_std, model.config.scaling_factor
+        )
     if spec.latents_mean is not None:  # Wan 2.2, Qwen-Image: times 1/std
         view = (1, -1) + (1,) * (latent.ndim - 2)
         mean, inverse_std = torch.tensor(spec.latents_mean).view(view), 1.0 / torch.tensor(spec.latents_std).view(view)
@@ -144,7 +165,9 @@ def test_encode_is_the_pipelines_normalised_latent(families_server, reference, f
 def test_remote_encode_with_the_familys_factors(families_server, reference, family):
     """diffusers' remote_encode sends scalar factors; for a preview encoder they are the space its latent is already in."""
     pixels, spec = sample_pixels(family), load_family(family)
-    out = remote_encode(url(families_server, family), pixels, scaling_factor=spec.scaling_factor, shift_factor=spec.shift_factor)
+    out = remote_encode(
+        url(families_server, family), pixels, scaling_factor=spec.scaling_factor, shift_factor=spec.shift_factor
+    )
     with torch.no_grad():
         encoded = reference[family].encode(pixels)
     latent = encoded.latents if hasattr(encoded, "latents") else encoded.latent_dist.mean
@@ -167,15 +190,22 @@ def test_packed_and_folded_flux2_latents_are_one_latent(families_server, referen
     for latent in (folded, packed, unfolded):
         out = raw_decode(families_server, "flux2", latent, height=64, width=48, do_scaling=False)
         torch.testing.assert_close(out, expected, **TOLERANCE)
-    out = tensor_of(post_latent(families_server, "flux2", packed.contiguous(), height=64, width=48, packed_memory="tokens_first"))
+    out = tensor_of(
+        post_latent(families_server, "flux2", packed.contiguous(), height=64, width=48, packed_memory="tokens_first")
+    )
     torch.testing.assert_close(out, expected, **TOLERANCE)
 
 
 def post_latent(server, family: str, latents: torch.Tensor, **params) -> requests.Response:
     """A decode as raw requests sends it: the tensor's C-contiguous bytes."""
     query = {"shape": list(latents.shape), "dtype": "float32", "output_type": "pt", **params}
-    return requests.post(url(server, family), params=query, data=latents.contiguous().numpy().tobytes(),
-                         headers={"Content-Type": "tensor/binary", "Accept": "tensor/binary"}, timeout=120)
+    return requests.post(
+        url(server, family),
+        params=query,
+        data=latents.contiguous().numpy().tobytes(),
+        headers={"Content-Type": "tensor/binary", "Accept": "tensor/binary"},
+        timeout=120,
+    )
 
 
 def test_packed_ltx_latents(families_server, reference):
@@ -194,7 +224,9 @@ def test_packed_ltx_latents(families_server, reference):
 def test_ltx_decode_timestep_and_noise(families_server, reference):
     """decode_timestep / decode_noise_scale as LTXPipeline applies them, with noise drawn from decode_noise_seed."""
     latents = seeded(1, 128, 2, 2, 1, seed=36)
-    response = post_latent(families_server, "ltxvideo", latents, decode_timestep=0.05, decode_noise_scale=0.025, decode_noise_seed=7)
+    response = post_latent(
+        families_server, "ltxvideo", latents, decode_timestep=0.05, decode_noise_scale=0.025, decode_noise_seed=7
+    )
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(7))
     expected = vae_decode(reference["ltxvideo"], (1 - 0.025) * latents + 0.025 * noise, temb=torch.tensor([0.05]))
     torch.testing.assert_close(tensor_of(response), expected, **TOLERANCE)
@@ -233,17 +265,24 @@ BAD_LATENTS = [
 ]
 
 
-@pytest.mark.parametrize("family, shape, message", BAD_LATENTS, ids=[f"{f}-{'x'.join(map(str, s))}" for f, s, _ in BAD_LATENTS])
+@pytest.mark.parametrize(
+    "family, shape, message", BAD_LATENTS, ids=[f"{f}-{'x'.join(map(str, s))}" for f, s, _ in BAD_LATENTS]
+)
 def test_bad_latents_are_refused_with_what_was_expected(families_server, family, shape, message):
     response = post_latent(families_server, family, torch.zeros(shape), height=64, width=32)
     assert response.status_code == 400, response.text
     assert message in response.json()["error"]
 
 
-@pytest.mark.parametrize("family, size, message", [
-    ("flux2", (1, 3, 40, 32), "multiples of 16"), ("wan22", (1, 3, 5, 40, 32), "multiples of 16"),
-    ("ltxvideo", (1, 3, 9, 48, 32), "multiples of 32"), ("cogvideox", (1, 3, 5, 64, 32), "9"),
-])
+@pytest.mark.parametrize(
+    "family, size, message",
+    [
+        ("flux2", (1, 3, 40, 32), "multiples of 16"),
+        ("wan22", (1, 3, 5, 40, 32), "multiples of 16"),
+        ("ltxvideo", (1, 3, 9, 48, 32), "multiples of 32"),
+        ("cogvideox", (1, 3, 5, 64, 32), "9"),
+    ],
+)
 def test_bad_encode_sizes_are_refused(families_server, family, size, message):
     response = post_tensor(families_server, family, torch.zeros(size))
     assert response.status_code == 400, response.text
@@ -262,8 +301,15 @@ def test_video_families_answer_mp4_with_every_frame(families_server, pipeline_ou
     from test_video_decode import read_mp4
 
     latents, pixels = pipeline_outputs(family)
-    data = remote_decode(url(families_server, family), tensor=latents, output_type="mp4", return_type="mp4",
-                         height=tiny_pipelines.HEIGHT, width=tiny_pipelines.WIDTH, **load_family(family).client_scaling())
+    data = remote_decode(
+        url(families_server, family),
+        tensor=latents,
+        output_type="mp4",
+        return_type="mp4",
+        height=tiny_pipelines.HEIGHT,
+        width=tiny_pipelines.WIDTH,
+        **load_family(family).client_scaling(),
+    )
     frames, _ = read_mp4(data, tmp_path)
     expected = (pixels[0].permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
     assert frames.shape == expected.shape

@@ -16,11 +16,21 @@ from remote_vae.tiling import ExactTiler
 from remote_vae.vae import default_source, exact_tiler_for, load_vae, model_class, weights_folder
 
 EXPECTED_FACTORS = {
-    "sd15": (0.18215, None), "sdxl": (0.13025, None), "flux": (0.3611, 0.1159), "sd3": (1.5305, 0.0609),
-    "hunyuanvideo": (0.476986, None), "hunyuanvideo15": (1.03682, None), "cogvideox": (1.15258426, None),
-    "wan21": (None, None), "wan22": (None, None), "qwenimage": (None, None), "flux2": (None, None),  # per channel instead
+    "sd15": (0.18215, None),
+    "sdxl": (0.13025, None),
+    "flux": (0.3611, 0.1159),
+    "sd3": (1.5305, 0.0609),
+    "hunyuanvideo": (0.476986, None),
+    "hunyuanvideo15": (1.03682, None),
+    "cogvideox": (1.15258426, None),
+    "wan21": (None, None),
+    "wan22": (None, None),
+    "qwenimage": (None, None),
+    "flux2": (None, None),  # per channel instead
     "ltxvideo": (1.0, None),  # with per-channel statistics in the weights
-    "taesd": (0.18215, None), "taesdxl": (0.13025, None), "taef1": (0.3611, 0.1159),  # the full family's
+    "taesd": (0.18215, None),
+    "taesdxl": (0.13025, None),
+    "taef1": (0.3611, 0.1159),  # the full family's
 }
 VIDEO_FAMILIES = ("hunyuanvideo", "wan21", "wan22", "hunyuanvideo15", "ltxvideo", "cogvideox")
 
@@ -43,7 +53,9 @@ def test_config_builds_its_architecture(name):
         assert (config.get("scaling_factor"), config.get("shift_factor")) == (1.0, 0.0)
     else:
         assert config.get("scaling_factor") == family.scaling_factor
-    for buffer in (family.latents_stats_in_weights or {}).values():  # one statistic per channel where the pipeline normalises
+    for buffer in (
+        family.latents_stats_in_weights or {}
+    ).values():  # one statistic per channel where the pipeline normalises
         if buffer in config:
             continue  # an eps
         assert model.get_buffer(buffer).shape == (family.latent_channels * family.latent_layout.get("patch", 1) ** 2,)
@@ -91,17 +103,34 @@ def test_bad_configs_are_refused(tmp_path):
 
 
 def test_match_model_config():
-    assert match_model_config({"_class_name": "AutoencoderKL", "latent_channels": 4, "scaling_factor": 0.13025}).name == "sdxl"
-    assert match_model_config({"_class_name": "AutoencoderKL", "latent_channels": 16, "scaling_factor": 0.3611}).name == "flux"
-    assert match_model_config({"_class_name": "AutoencoderKL", "latent_channels": 16, "scaling_factor": 1.5305}).name == "sd3"
+    assert (
+        match_model_config({"_class_name": "AutoencoderKL", "latent_channels": 4, "scaling_factor": 0.13025}).name
+        == "sdxl"
+    )
+    assert (
+        match_model_config({"_class_name": "AutoencoderKL", "latent_channels": 16, "scaling_factor": 0.3611}).name
+        == "flux"
+    )
+    assert (
+        match_model_config({"_class_name": "AutoencoderKL", "latent_channels": 16, "scaling_factor": 1.5305}).name
+        == "sd3"
+    )
     assert match_model_config({"_class_name": "AutoencoderKLWan", "z_dim": 48}).name == "wan22"
-    assert match_model_config({"_class_name": "AutoencoderTiny", "latent_channels": 16, "scaling_factor": 1.0}).name == "taef1"
+    assert (
+        match_model_config({"_class_name": "AutoencoderTiny", "latent_channels": 16, "scaling_factor": 1.0}).name
+        == "taef1"
+    )
     with pytest.raises(FamilyError, match="taesd"):  # taesd and taesdxl share an architecture: the weights cannot say
         match_model_config({"_class_name": "AutoencoderTiny", "latent_channels": 4, "scaling_factor": 1.0})
     with pytest.raises(FamilyError):
         match_model_config({"_class_name": "AutoencoderKL", "latent_channels": 4, "scaling_factor": 1.0})
     assert match_model_config({"_class_name": "AutoencoderKLWan", "z_dim": 16}).name == "wan21"
-    assert match_model_config({"_class_name": "AutoencoderKLHunyuanVideo", "latent_channels": 16, "scaling_factor": 0.476986}).name == "hunyuanvideo"
+    assert (
+        match_model_config(
+            {"_class_name": "AutoencoderKLHunyuanVideo", "latent_channels": 16, "scaling_factor": 0.476986}
+        ).name
+        == "hunyuanvideo"
+    )
 
 
 def test_default_source(tmp_path):
@@ -126,16 +155,28 @@ def test_default_source_prefers_the_mounted_repository_then_baked_weights(tmp_pa
     mounted.mkdir()
     (mounted / "config.json").write_text("{}")
     assert default_source(sd15, [str(mounted), str(baked)], several=False) == str(mounted)
-    assert default_source(sd15, [str(mounted), str(baked)], several=True) == str(baked / "sd15")  # root weights are one family's
+    assert default_source(sd15, [str(mounted), str(baked)], several=True) == str(
+        baked / "sd15"
+    )  # root weights are one family's
     assert default_source(sd15, [None, None], several=False) == "stabilityai/sd-vae-ft-mse"
 
 
 def test_a_new_family_is_a_file(tmp_path, tmp_path_factory):
     """A config file outside configs/, served with --random-weights: no code change, no download."""
-    architecture = {"_class_name": "AutoencoderKL", "latent_channels": 8, **{k: list(v) if isinstance(v, tuple) else v for k, v in TINY_BLOCKS.items()}}
+    architecture = {
+        "_class_name": "AutoencoderKL",
+        "latent_channels": 8,
+        **{k: list(v) if isinstance(v, tuple) else v for k, v in TINY_BLOCKS.items()},
+    }
     family = {
-        "name": "tiny8", "hub_repo": "example/tiny8", "model_class": "AutoencoderKL", "architecture": architecture,
-        "latent_channels": 8, "spatial_compression": 8, "scaling_factor": 0.5, "operations": ["decode"],
+        "name": "tiny8",
+        "hub_repo": "example/tiny8",
+        "model_class": "AutoencoderKL",
+        "architecture": architecture,
+        "latent_channels": 8,
+        "spatial_compression": 8,
+        "scaling_factor": 0.5,
+        "operations": ["decode"],
     }
     path = tmp_path / "tiny8.json"
     path.write_text(json.dumps(family))
@@ -180,9 +221,19 @@ def test_families_command_shows_each_familys_client_call(capsys):
         assert ("decode_timestep" in block) == bool(family.decode_timestep)
 
 
-EXACT_TILER = {"sd15": ExactTiler, "sdxl": ExactTiler, "sd3": ExactTiler, "flux": ExactTiler, "flux2": ExactTiler,
-               "hunyuanvideo": ExactTiler, "wan21": HaloTiler, "wan22": HaloTiler, "qwenimage": HaloTiler, "hunyuanvideo15": HaloTiler,
-               "ltxvideo": HaloTiler}  # the rest (CogVideoX, the preview decoders) tile with diffusers' blend only
+EXACT_TILER = {
+    "sd15": ExactTiler,
+    "sdxl": ExactTiler,
+    "sd3": ExactTiler,
+    "flux": ExactTiler,
+    "flux2": ExactTiler,
+    "hunyuanvideo": ExactTiler,
+    "wan21": HaloTiler,
+    "wan22": HaloTiler,
+    "qwenimage": HaloTiler,
+    "hunyuanvideo15": HaloTiler,
+    "ltxvideo": HaloTiler,
+}  # the rest (CogVideoX, the preview decoders) tile with diffusers' blend only
 
 
 @pytest.mark.parametrize("name", families.available())

@@ -53,7 +53,12 @@ def wrong_layout(draw):
     if ndim == 5 and video or ndim == 4 and not video:
         shape[1] = draw(st.integers(1, 20).filter(lambda c: c not in (channels, 3)))
     dtype = draw(st.sampled_from(sorted(ITEMSIZE)))
-    return target, {"shape": shape, "dtype": dtype}, bytes(ITEMSIZE[dtype] * int(np.prod(shape))), {"Content-Type": "tensor/binary"}
+    return (
+        target,
+        {"shape": shape, "dtype": dtype},
+        bytes(ITEMSIZE[dtype] * int(np.prod(shape))),
+        {"Content-Type": "tensor/binary"},
+    )
 
 
 @st.composite
@@ -63,7 +68,12 @@ def packed_mismatch(draw):
     height, width = draw(st.integers(-64, 512)), draw(st.integers(-64, 512))
     if height > 0 and width > 0 and (height // 16) * (width // 16) == seq:
         seq += 1
-    return "flux/", {"shape": [1, seq, 64], "dtype": "float16", "height": height, "width": width}, bytes(2 * seq * 64), {"Content-Type": "tensor/binary"}
+    return (
+        "flux/",
+        {"shape": [1, seq, 64], "dtype": "float16", "height": height, "width": width},
+        bytes(2 * seq * 64),
+        {"Content-Type": "tensor/binary"},
+    )
 
 
 @st.composite
@@ -72,19 +82,41 @@ def non_finite(draw):
     channels = TARGETS[target][0]
     values = np.zeros((1, channels, 2, 2), dtype=np.float32)
     values.flat[draw(st.integers(0, values.size - 1))] = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
-    return target, {"shape": list(values.shape), "dtype": "float32", "output_type": draw(st.sampled_from(["pt", "pil"]))}, values.tobytes(), {"Content-Type": "tensor/binary"}
+    return (
+        target,
+        {"shape": list(values.shape), "dtype": "float32", "output_type": draw(st.sampled_from(["pt", "pil"]))},
+        values.tobytes(),
+        {"Content-Type": "tensor/binary"},
+    )
 
 
 @st.composite
 def bad_parameter(draw):
     """A valid latent with one parameter no client may send."""
-    name, value = draw(st.sampled_from([
-        ("output_type", "gif"), ("output_type", "PT "), ("partial_postprocess", "maybe"), ("image_format", "tiff"),
-        ("scaling_factor", "0"), ("scaling_factor", "nan"), ("shift_factor", "inf"), ("scaling_factor", "1e400"),
-        ("quality", "0"), ("quality", "101"), ("do_scaling", "sometimes"),
-    ]))
+    name, value = draw(
+        st.sampled_from(
+            [
+                ("output_type", "gif"),
+                ("output_type", "PT "),
+                ("partial_postprocess", "maybe"),
+                ("image_format", "tiff"),
+                ("scaling_factor", "0"),
+                ("scaling_factor", "nan"),
+                ("shift_factor", "inf"),
+                ("scaling_factor", "1e400"),
+                ("quality", "0"),
+                ("quality", "101"),
+                ("do_scaling", "sometimes"),
+            ]
+        )
+    )
     # partial_postprocess is only read with pt (ignoring what does not apply is the protocol's rule)
-    params = {"shape": [1, 4, 2, 2], "dtype": "float16", "output_type": "pt" if name == "partial_postprocess" else "pil", name: value}
+    params = {
+        "shape": [1, 4, 2, 2],
+        "dtype": "float16",
+        "output_type": "pt" if name == "partial_postprocess" else "pil",
+        name: value,
+    }
     return "sd15/", params, bytes(32), {"Content-Type": "tensor/binary"}
 
 
@@ -109,20 +141,39 @@ def bad_image(draw):
         data = b"\x89PNG\r\n\x1a\n" + draw(st.binary(max_size=200))
     target = draw(st.sampled_from(["sd15/", "flux/", "sd15/encode"]))
     if draw(st.booleans()):
-        return target, {}, json.dumps({"inputs": base64.b64encode(data).decode()}).encode(), {"Content-Type": "application/json"}
-    return target, {}, data, {"Content-Type": draw(st.sampled_from(["image/png", "image/jpeg", "application/octet-stream", ""]))}
+        return (
+            target,
+            {},
+            json.dumps({"inputs": base64.b64encode(data).decode()}).encode(),
+            {"Content-Type": "application/json"},
+        )
+    return (
+        target,
+        {},
+        data,
+        {"Content-Type": draw(st.sampled_from(["image/png", "image/jpeg", "application/octet-stream", ""]))},
+    )
 
 
 @st.composite
 def bad_json(draw):
-    body = draw(st.one_of(
-        st.binary(max_size=300),
-        st.text(max_size=300).map(str.encode),
-        st.just(b"[" * 50_000),
-        st.builds(lambda s: json.dumps({"inputs": s}).encode(), st.text(alphabet="@#$%^&*!~ ", min_size=1, max_size=100)),
-        st.builds(lambda p: json.dumps({"inputs": "AAAA", "parameters": p}).encode(), st.one_of(st.integers(), st.text(), st.lists(st.integers()))),
-        st.just(b'{"inputs": 12}'), st.just(b"{}"), st.just(b"null"),
-    ))
+    body = draw(
+        st.one_of(
+            st.binary(max_size=300),
+            st.text(max_size=300).map(str.encode),
+            st.just(b"[" * 50_000),
+            st.builds(
+                lambda s: json.dumps({"inputs": s}).encode(), st.text(alphabet="@#$%^&*!~ ", min_size=1, max_size=100)
+            ),
+            st.builds(
+                lambda p: json.dumps({"inputs": "AAAA", "parameters": p}).encode(),
+                st.one_of(st.integers(), st.text(), st.lists(st.integers())),
+            ),
+            st.just(b'{"inputs": 12}'),
+            st.just(b"{}"),
+            st.just(b"null"),
+        )
+    )
     return draw(targets), {}, body, {"Content-Type": draw(st.sampled_from(["application/json", "tensor/base64"]))}
 
 
@@ -130,14 +181,35 @@ def bad_json(draw):
 def odd_headers(draw):
     """Random bytes under a random Content-Type / Accept, to a random route."""
     target = draw(st.sampled_from(["sd15/", "sd15/predict", "sd15/decode", "flux/encode", "hunyuanvideo/"]))
-    content_type = draw(st.sampled_from(["tensor/binary", "video/mp4", "image/webp", "text/plain", "multipart/form-data", "*/*", "tensor/", ";;"]))
-    accept = draw(st.sampled_from(["", "*/*", "image/png", "video/mp4", "tensor/base64", "text/html;q=0.1, */*", "\x7f"]))
-    body = draw(st.binary(max_size=2048).filter(lambda b: not b.startswith((b"\x89PNG", b"\xff\xd8", b"GIF8", b"RIFF"))))
-    params = draw(st.dictionaries(st.sampled_from(["shape", "dtype", "height", "width", "fps", "crf"]), st.text(max_size=12), max_size=3))
+    content_type = draw(
+        st.sampled_from(
+            ["tensor/binary", "video/mp4", "image/webp", "text/plain", "multipart/form-data", "*/*", "tensor/", ";;"]
+        )
+    )
+    accept = draw(
+        st.sampled_from(["", "*/*", "image/png", "video/mp4", "tensor/base64", "text/html;q=0.1, */*", "\x7f"])
+    )
+    body = draw(
+        st.binary(max_size=2048).filter(lambda b: not b.startswith((b"\x89PNG", b"\xff\xd8", b"GIF8", b"RIFF")))
+    )
+    params = draw(
+        st.dictionaries(
+            st.sampled_from(["shape", "dtype", "height", "width", "fps", "crf"]), st.text(max_size=12), max_size=3
+        )
+    )
     return target, params, body, {"Content-Type": content_type, "Accept": accept}
 
 
-MALFORMED = st.one_of(wrong_byte_count(), wrong_layout(), packed_mismatch(), non_finite(), bad_parameter(), bad_image(), bad_json(), odd_headers())
+MALFORMED = st.one_of(
+    wrong_byte_count(),
+    wrong_layout(),
+    packed_mismatch(),
+    non_finite(),
+    bad_parameter(),
+    bad_image(),
+    bad_json(),
+    odd_headers(),
+)
 
 
 def resident_mib(pid: int) -> tuple[float, float]:
@@ -150,8 +222,13 @@ def test_malformed_requests_get_4xx_json(multi_server, video_server):
     servers = {"sd15/": multi_server, "flux/": multi_server, "hunyuanvideo/": video_server}
     rss_before = {server.process.pid: resident_mib(server.process.pid)[0] for server in (multi_server, video_server)}
 
-    @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=not os.environ.get("REMOTE_VAE_FUZZ_RANDOM"),
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        database=None,
+        derandomize=not os.environ.get("REMOTE_VAE_FUZZ_RANDOM"),
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
     @given(MALFORMED)
     def check(case):
         path, params, body, headers = case
@@ -171,5 +248,16 @@ def test_malformed_requests_get_4xx_json(multi_server, video_server):
         assert rss - rss_before[server.process.pid] < 300 and peak < 3000, (rss, peak, rss_before)
     report = os.environ.get("REMOTE_VAE_FUZZ_REPORT")
     if report:
-        Path(report).write_text(json.dumps({"examples": sum(STATUSES.values()), "statuses": dict(sorted(STATUSES.items())),
-                                            "peak_rss_mib": {name: resident_mib(s.process.pid)[1] for name, s in (("images", multi_server), ("video", video_server))}}, indent=1))
+        Path(report).write_text(
+            json.dumps(
+                {
+                    "examples": sum(STATUSES.values()),
+                    "statuses": dict(sorted(STATUSES.items())),
+                    "peak_rss_mib": {
+                        name: resident_mib(s.process.pid)[1]
+                        for name, s in (("images", multi_server), ("video", video_server))
+                    },
+                },
+                indent=1,
+            )
+        )

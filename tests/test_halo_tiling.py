@@ -29,18 +29,25 @@ def cases(family: str, model) -> tuple[torch.Tensor, torch.Tensor, dict]:
     channels = first_conv(model.decoder.conv_in).in_channels
     batch = 1 if family == "hunyuanvideo15" else 2  # diffusers' HunyuanVideo 1.5 attention takes one sample per call
     latents = seeded(batch, channels, 2, 11, 5, seed=61)
-    folded = model.config.get("patch_size") or 1 if family == "wan22" else 1  # Wan 2.2 folds 2x2 pixels before its encoder
+    folded = (
+        model.config.get("patch_size") or 1 if family == "wan22" else 1
+    )  # Wan 2.2 folds 2x2 pixels before its encoder
     compression = reach.scale * folded
     frames = 1 + (getattr(model, "temporal_compression_ratio", None) or 4)  # two latent frames' worth
     pixels = seeded(batch, 3, frames, 11 * compression, 5 * compression, seed=62)
-    extra = {"temb": torch.tensor([0.05, 0.4][:batch])} if model.config.get("timestep_conditioning") else {}  # LTX's decode timestep
+    extra = (
+        {"temb": torch.tensor([0.05, 0.4][:batch])} if model.config.get("timestep_conditioning") else {}
+    )  # LTX's decode timestep
     return latents, pixels.clamp(-1, 1), extra
 
 
 def banded(model, call, halo_share: float = 1.0):
     """call() with the model's encoder and decoder run a latent row per band, with this share of their measured halos."""
     arch = halo_tiling.architecture_of(model)
-    reaches = {model.decoder: halo_tiling.decoder_reach(model, arch), model.encoder: halo_tiling.encoder_reach(model, arch)}
+    reaches = {
+        model.decoder: halo_tiling.decoder_reach(model, arch),
+        model.encoder: halo_tiling.encoder_reach(model, arch),
+    }
     for part, reach in reaches.items():
         halo_tiling._REACHES[part] = dataclasses.replace(reach, halo=int(reach.halo * halo_share))
     try:
@@ -62,7 +69,9 @@ def test_a_latent_row_per_band_gives_the_untiled_decode_and_encode(reference, fa
     encoded, encode_bands = banded(model, lambda: model.encode(pixels).latent_dist.mean)
     torch.testing.assert_close(decoded, untiled, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(encoded, untiled_latents, atol=1e-5, rtol=1e-5)
-    assert decode_bands >= 11 and encode_bands >= 11  # every latent row its own band (in every call, where a model calls per frame)
+    assert (
+        decode_bands >= 11 and encode_bands >= 11
+    )  # every latent row its own band (in every call, where a model calls per frame)
 
 
 @pytest.mark.parametrize("family", ["wan21", "hunyuanvideo15", "ltxvideo"])
@@ -84,7 +93,9 @@ def test_each_band_is_a_pass_of_the_models_own_clip_loop(reference):
     latents, pixels = seeded(1, 16, 3, 8, 4, seed=63), seeded(1, 3, 9, 64, 32, seed=64).clamp(-1, 1)
     with torch.no_grad():
         untiled, untiled_latents = model.decode(latents).sample, model.encode(pixels).latent_dist.mean
-        tiler = HaloTiler(model, band_pixels=3 * 8 * 32 * 4)  # three latent rows per band (encode: 8 x 32 pixels x 4 frames)
+        tiler = HaloTiler(
+            model, band_pixels=3 * 8 * 32 * 4
+        )  # three latent rows per band (encode: 8 x 32 pixels x 4 frames)
         tiler.min_band_halos = 0
         with tiler.installed():
             encoded = [model.encode(pixels).latent_dist.mean for _ in range(2)]
@@ -102,7 +113,9 @@ def test_ltx_decodes_exactly_in_bands_through_the_vae_stage_with_its_timestep(mo
     plans = []
     plan = HaloTiler._bands
     monkeypatch.setattr(HaloTiler, "_bands", lambda self, *args: plans.append(plan(self, *args)) or plans[-1])
-    vae = load_vae(load_family("ltxvideo"), str(model_dirs["ltxvideo"]), torch.device("cpu"), torch.float32, tile_above_pixels=0)
+    vae = load_vae(
+        load_family("ltxvideo"), str(model_dirs["ltxvideo"]), torch.device("cpu"), torch.float32, tile_above_pixels=0
+    )
     latents, timestep = seeded(2, 128, 2, 41, 2, seed=65), torch.tensor([0.05, 0.4])
     with torch.no_grad():
         untiled = reference["ltxvideo"].decode(latents, temb=timestep).sample

@@ -33,7 +33,9 @@ def monkeypatch_module():
 
 def from_reply(reply: dict) -> torch.Tensor:
     dtype = {"float32": torch.float32, "uint8": torch.uint8}[reply["parameters"]["dtype"]]
-    return torch.frombuffer(bytearray(base64.b64decode(reply["inputs"])), dtype=dtype).reshape(reply["parameters"]["shape"])
+    return torch.frombuffer(bytearray(base64.b64decode(reply["inputs"])), dtype=dtype).reshape(
+        reply["parameters"]["shape"]
+    )
 
 
 def test_family_is_inferred(handler):
@@ -53,7 +55,13 @@ def test_tensor_inputs(handler, reference):
 
 def test_raw_bytes_and_base64_inputs(handler, reference):
     latents = seeded(2, 4, 8, 8)
-    parameters = {"shape": [2, 4, 8, 8], "dtype": "float32", "output_type": "pt", "partial_postprocess": True, "do_scaling": True}
+    parameters = {
+        "shape": [2, 4, 8, 8],
+        "dtype": "float32",
+        "output_type": "pt",
+        "partial_postprocess": True,
+        "do_scaling": True,
+    }
     expected = uint8_locally(decode_locally(reference["sd15"], latents, SD))
     for inputs in (latents.numpy().tobytes(), base64.b64encode(latents.numpy().tobytes()).decode()):
         reply = handler({"inputs": inputs, "parameters": dict(parameters)})

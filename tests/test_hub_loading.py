@@ -12,7 +12,9 @@ def test_single_family_served_at_root_from_hub_cache(hub_server, reference):
     assert "loading sd15 from stabilityai/sd-vae-ft-mse" in hub_server.log_path.read_text()
     latents = seeded(1, 4, 8, 8)
     for path in ("/", "/predict", "/decode", "/sd15/"):
-        out = remote_decode(hub_server.url + path, tensor=latents, output_type="pt", return_type="pt", scaling_factor=SD)
+        out = remote_decode(
+            hub_server.url + path, tensor=latents, output_type="pt", return_type="pt", scaling_factor=SD
+        )
         torch.testing.assert_close(out, decode_locally(reference["sd15"], latents, SD), atol=1e-4, rtol=1e-4)
 
 

@@ -52,17 +52,27 @@ def test_scaling_rules():
     none = latents.ScalarFactors()
     assert latents.Scaling().normalisation(latents.own_normalisation(family)) == none
     assert latents.Scaling(do_scaling=False).normalisation(latents.own_normalisation(family)) == none
-    assert latents.Scaling(do_scaling=True).normalisation(latents.own_normalisation(family)) == latents.ScalarFactors(0.3611, 0.1159)
-    assert latents.Scaling(0.5, None, do_scaling=True).normalisation(latents.own_normalisation(family)) == latents.ScalarFactors(0.5, None)  # explicit wins
-    assert latents.Scaling(0.5, 0.1, do_scaling=False).normalisation(latents.own_normalisation(family)) == latents.ScalarFactors(0.5, 0.1)
+    assert latents.Scaling(do_scaling=True).normalisation(latents.own_normalisation(family)) == latents.ScalarFactors(
+        0.3611, 0.1159
+    )
+    assert latents.Scaling(0.5, None, do_scaling=True).normalisation(
+        latents.own_normalisation(family)
+    ) == latents.ScalarFactors(0.5, None)  # explicit wins
+    assert latents.Scaling(0.5, 0.1, do_scaling=False).normalisation(
+        latents.own_normalisation(family)
+    ) == latents.ScalarFactors(0.5, 0.1)
 
 
 def test_wan_scaling_rules():
     own = latents.Scaling(do_scaling=True).normalisation(latents.own_normalisation(WAN))
     assert own == latents.ChannelStats(WAN.latents_mean, WAN.latents_std)
-    assert latents.Scaling(0.5, do_scaling=True).normalisation(latents.own_normalisation(WAN)) == latents.ScalarFactors(0.5, None)  # explicit wins
+    assert latents.Scaling(0.5, do_scaling=True).normalisation(latents.own_normalisation(WAN)) == latents.ScalarFactors(
+        0.5, None
+    )  # explicit wins
     assert latents.Scaling().normalisation(latents.own_normalisation(WAN)) == latents.ScalarFactors()
-    assert latents.Scaling(do_scaling=True).normalisation(latents.own_normalisation(HUNYUAN)) == latents.ScalarFactors(0.476986, None)
+    assert latents.Scaling(do_scaling=True).normalisation(latents.own_normalisation(HUNYUAN)) == latents.ScalarFactors(
+        0.476986, None
+    )
 
 
 def test_scale_inverts_unscale():
@@ -117,7 +127,10 @@ def test_token_packed_latents_unpack_as_their_pipelines_do():
     folded = torch.randn(2, 128, 5, 3)
     packed = Flux2Pipeline._pack_latents(folded)  # a transposed view: its memory is [B, C, seq]
     memory = packed.contiguous()  # a C-contiguous [B, seq, C]
-    for packed_memory, wire in (("tokens_first", memory), (None, packed.transpose(1, 2).contiguous().view(packed.shape))):
+    for packed_memory, wire in (
+        ("tokens_first", memory),
+        (None, packed.transpose(1, 2).contiguous().view(packed.shape)),
+    ):
         plan = latents.plan_decode(tuple(packed.shape), flux2, 80, 48, packed_memory)
         assert (plan.height, plan.width) == (10, 6)
         assert torch.equal(latents.to_canonical(wire, plan, latents.LatentLayout.of(flux2)), folded)
@@ -125,6 +138,8 @@ def test_token_packed_latents_unpack_as_their_pipelines_do():
     tokens = LTXPipeline._pack_latents(video)
     plan = latents.plan_decode(tuple(tokens.shape), ltx, 64, 128, "tokens_first")
     assert plan.latent_frames == 3
-    assert torch.equal(latents.to_canonical(tokens, plan, latents.LatentLayout.of(ltx)), LTXPipeline._unpack_latents(tokens, 3, 2, 4))
+    assert torch.equal(
+        latents.to_canonical(tokens, plan, latents.LatentLayout.of(ltx)), LTXPipeline._unpack_latents(tokens, 3, 2, 4)
+    )
     assert torch.equal(latents.LatentLayout.of(flux2).unfold(folded), Flux2Pipeline._unpatchify_latents(folded))
     assert torch.equal(latents.LatentLayout.of(flux2).fold(Flux2Pipeline._unpatchify_latents(folded)), folded)

@@ -44,7 +44,9 @@ def test_wire_bytes_are_what_diffusers_sends():
 
 def diffusers_pixels(sample: torch.Tensor) -> np.ndarray:
     """What a pipeline's postprocess(output_type="pil") holds, as uint8 [B, H, W, 3]."""
-    return np.stack([np.asarray(image) for image in VaeImageProcessor(vae_scale_factor=8).postprocess(sample, output_type="pil")])
+    return np.stack(
+        [np.asarray(image) for image in VaeImageProcessor(vae_scale_factor=8).postprocess(sample, output_type="pil")]
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -227,7 +229,9 @@ def test_frame_router_sends_each_clip_its_frames(sliced):
     first, second = Recorder(), Recorder()
     sample = torch.randn(3, 3, 9, 16, 8)  # three clips: one job of two (first), one row nobody streams, ...
     router = FrameRouter([(first, 0), (first, 1), None], frames_per_row=9)
-    chunks = [(row, start) for row in range(3) for start in (0, 1, 5)] if sliced else [(None, start) for start in (0, 1, 5)]
+    chunks = (
+        [(row, start) for row in range(3) for start in (0, 1, 5)] if sliced else [(None, start) for start in (0, 1, 5)]
+    )
     for row, start in chunks:
         stop = start + (1 if start == 0 else 4)
         router.chunk(sample[row : row + 1, :, start:stop] if sliced else sample[:, :, start:stop])

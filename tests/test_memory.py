@@ -53,6 +53,7 @@ def test_a_request_larger_than_the_budget_is_413_and_a_wait_that_runs_out_503():
 
 def test_when_only_waiters_hold_memory_the_newest_is_refused_and_the_oldest_proceeds():
     """Two bodies half read, each needing more than is left: nothing would ever be released, so no waiting for a timeout."""
+
     async def scenario():
         budget = MemoryBudget(100)
         older, newer = budget.reservation(), budget.reservation()
@@ -89,7 +90,9 @@ def test_the_last_release_reports_the_peak_for_the_allocator():
 
 def test_repeated_log_records_are_rate_limited_and_counted():
     filter_ = RateLimitedLog(interval=60)
-    record = lambda: logging.LogRecord("asyncio", logging.ERROR, __file__, 1, "socket.accept() out of system resource\nsocket: <x>", None, None)
+    record = lambda: logging.LogRecord(
+        "asyncio", logging.ERROR, __file__, 1, "socket.accept() out of system resource\nsocket: <x>", None, None
+    )
     passed = [filter_.filter(record()) for _ in range(1000)]
     assert passed.count(True) == 1
     other = logging.LogRecord("asyncio", logging.ERROR, __file__, 1, "another message", None, None)

@@ -17,7 +17,9 @@ def test_metrics_count_requests_and_time_every_stage(multi_server, sd):
     before = multi_server.metrics()
     remote_decode(sd, tensor=seeded(2, 4, 8, 8), output_type="pt", return_type="pt", do_scaling=False)
     remote_encode(sd, image=Image.new("RGB", (64, 64), "red"), scaling_factor=0.18215)
-    requests.post(sd, params={"shape": [1, 4, 8, 8], "dtype": "float16"}, data=b"short", headers={"Content-Type": "tensor/binary"})
+    requests.post(
+        sd, params={"shape": [1, 4, 8, 8], "dtype": "float16"}, data=b"short", headers={"Content-Type": "tensor/binary"}
+    )
     after = multi_server.metrics()
 
     def grew(name, by=1.0, **labels):
@@ -46,10 +48,16 @@ def test_metrics_is_prometheus_text(multi_server):
 
 def test_request_id_comes_back_and_starts_one_log_line_without_payload(multi_server, sd):
     latent = seeded(1, 4, 8, 8)
-    response = requests.post(sd, params={"shape": [1, 4, 8, 8], "dtype": "float32", "output_type": "pt", "scaling_factor": "0.123456"},
-                             data=latent.numpy().tobytes(), headers={"Content-Type": "tensor/binary", "X-Request-Id": "trace-42.a"})
+    response = requests.post(
+        sd,
+        params={"shape": [1, 4, 8, 8], "dtype": "float32", "output_type": "pt", "scaling_factor": "0.123456"},
+        data=latent.numpy().tobytes(),
+        headers={"Content-Type": "tensor/binary", "X-Request-Id": "trace-42.a"},
+    )
     assert response.status_code == 200 and response.headers["x-request-id"] == "trace-42.a"
-    fresh = requests.get(multi_server.url + "/health", headers={"X-Request-Id": "bad id with spaces &; rm -rf"}).headers["x-request-id"]
+    fresh = requests.get(
+        multi_server.url + "/health", headers={"X-Request-Id": "bad id with spaces &; rm -rf"}
+    ).headers["x-request-id"]
     assert re.fullmatch(r"[0-9a-f]{32}", fresh)
     error = requests.post(sd, data=b"junk")
     assert re.fullmatch(r"[0-9a-f]{32}", error.headers["x-request-id"])
@@ -60,7 +68,9 @@ def test_request_id_comes_back_and_starts_one_log_line_without_payload(multi_ser
     assert '"POST /sd15/" 200 in=1024 out=49152' in lines[0] and lines[0].rstrip().endswith("sd15 decode")
     assert "0.123456" not in log and "shape" not in lines[0]  # no query string, no payload
     assert sum(error.headers["x-request-id"] in line for line in log.splitlines()) == 1
-    assert not any(line.startswith("INFO:") and "HTTP/1.1" in line for line in log.splitlines())  # uvicorn's own access log is off
+    assert not any(
+        line.startswith("INFO:") and "HTTP/1.1" in line for line in log.splitlines()
+    )  # uvicorn's own access log is off
 
 
 def test_decoding_through_metrics_does_not_change_results(multi_server, sd, reference):

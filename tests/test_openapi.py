@@ -34,14 +34,23 @@ def test_the_document_is_valid_openapi(described):
 
 def test_every_route_is_described_and_every_described_route_answers(described, multi_server):
     paths = described["paths"]
-    expected = {("/", "get"), ("/health", "get"), ("/metrics", "get"), ("/families", "get"), ("/openapi.json", "get"), ("/docs", "get")}
+    expected = {
+        ("/", "get"),
+        ("/health", "get"),
+        ("/metrics", "get"),
+        ("/families", "get"),
+        ("/openapi.json", "get"),
+        ("/docs", "get"),
+    }
     for family in ("sd15", "flux"):
         expected |= {(f"/{family}{route}", "post") for route in ("/", "/predict", "/decode", "/encode")}
         expected |= {(f"/{family}{route}", "get") for route in ("/", "/health", "/families")}
     assert expected <= {(path, method) for path, operations in paths.items() for method in operations}
     for path, operations in paths.items():
         for method in operations:
-            response = requests.request(method, multi_server.url + path, data=b"" if method == "post" else None, timeout=30)
+            response = requests.request(
+                method, multi_server.url + path, data=b"" if method == "post" else None, timeout=30
+            )
             assert response.status_code not in (404, 405), (method, path, response.status_code)
             if method == "post":  # an empty body is a bad request, said in JSON
                 assert response.status_code == 400 and "error" in response.json()
@@ -57,13 +66,19 @@ def test_every_query_parameter_the_server_reads_is_described():
 def test_operations_say_their_parameters_content_types_and_errors(described):
     decode = described["paths"]["/sd15/decode"]["post"]
     encode = described["paths"]["/flux/encode"]["post"]
-    assert {"shape", "dtype", "output_type", "scaling_factor", "height", "fps"} <= {p["name"] for p in decode["parameters"]}
+    assert {"shape", "dtype", "output_type", "scaling_factor", "height", "fps"} <= {
+        p["name"] for p in decode["parameters"]
+    }
     assert "output_type" not in {p["name"] for p in encode["parameters"]}
     assert {"tensor/binary", "application/json"} <= set(decode["requestBody"]["content"])
     assert {"image/png", "image/jpeg", "video/mp4"} <= set(encode["requestBody"]["content"])
-    assert {"image/png", "image/jpeg", "image/webp", "video/mp4", "tensor/binary"} <= set(decode["responses"]["200"]["content"])
+    assert {"image/png", "image/jpeg", "image/webp", "video/mp4", "tensor/binary"} <= set(
+        decode["responses"]["200"]["content"]
+    )
     for status in ("400", "408", "413", "503", "500"):
-        assert decode["responses"][status]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
+        assert decode["responses"][status]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/Error"
+        }
     assert "401" not in decode["responses"]  # this server has no API keys
     assert "0.18215" in decode["description"] and "0.3611" in encode["description"]  # each family's scaling
 
@@ -79,7 +94,16 @@ def browser() -> str:
 
 
 def in_browser(url: str, *flags: str) -> subprocess.CompletedProcess:
-    command = [browser(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--virtual-time-budget=20000", *flags, url]
+    command = [
+        browser(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--virtual-time-budget=20000",
+        *flags,
+        url,
+    ]
     return subprocess.run(command, capture_output=True, text=True, timeout=180)
 
 

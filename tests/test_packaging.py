@@ -15,7 +15,15 @@ from conftest import ROOT
 from remote_vae import families
 
 # What a source distribution of the project holds: the package, its configs and the files pyproject.toml reads.
-SOURCES = ["pyproject.toml", "README.md", "requirements.txt", "requirements-dev.txt", "requirements-ray.txt", "remote_vae", "configs"]
+SOURCES = [
+    "pyproject.toml",
+    "README.md",
+    "requirements.txt",
+    "requirements-dev.txt",
+    "requirements-ray.txt",
+    "remote_vae",
+    "configs",
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,28 +41,52 @@ def installed(tmp_path_factory) -> Path:
             shutil.copy(ROOT / name, source / name)
     venv = folder / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    site = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          check=True, capture_output=True, text=True, timeout=60).stdout.strip()
-    outer = dict.fromkeys(sysconfig.get_paths()[kind] for kind in ("purelib", "platlib"))  # after the venv's own: its copy wins
+    site = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout.strip()
+    outer = dict.fromkeys(
+        sysconfig.get_paths()[kind] for kind in ("purelib", "platlib")
+    )  # after the venv's own: its copy wins
     (Path(site) / "outer_environment.pth").write_text("\n".join(outer) + "\n")
-    done = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--no-deps", "--quiet", str(source)],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "--no-deps", "--quiet", str(source)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr
     return venv
 
 
 def run(venv: Path, *args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([str(venv / "bin" / "remote-vae"), *args], cwd=cwd, capture_output=True, text=True, timeout=120, env=env)
+    return subprocess.run(
+        [str(venv / "bin" / "remote-vae"), *args], cwd=cwd, capture_output=True, text=True, timeout=120, env=env
+    )
 
 
 def test_the_console_command_runs_from_anywhere_with_its_configs(installed, tmp_path):
     listing = run(installed, "families", cwd=tmp_path)
     assert listing.returncode == 0, listing.stderr
     assert {block.split(" ", 1)[0] for block in listing.stdout.strip().split("\n\n")} == set(families.available())
-    where = subprocess.run([str(installed / "bin" / "python"), "-c", "import remote_vae, remote_vae.families as f; print(remote_vae.__file__); print(f.CONFIG_DIR)"],
-                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    where = subprocess.run(
+        [
+            str(installed / "bin" / "python"),
+            "-c",
+            "import remote_vae, remote_vae.families as f; print(remote_vae.__file__); print(f.CONFIG_DIR)",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     package, configs = where.stdout.split()
-    assert str(installed) in package and Path(configs) == Path(package).parent / "configs"  # the installed copy, not the clone
+    assert (
+        str(installed) in package and Path(configs) == Path(package).parent / "configs"
+    )  # the installed copy, not the clone
     assert run(installed, "serve", "--help", cwd=tmp_path).stdout.startswith("usage: remote-vae serve")
 
 

@@ -48,13 +48,37 @@ def wait_for(condition, seconds: float, what: str) -> None:
 def cluster(model_dirs):
     """sd15 (two replicas) and flux (an API key) as Serve applications, with the index at /, behind Ray's proxy on loopback."""
     port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}})
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}},
+    )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(family_app({"family": "sd15", "options": ["--model", str(model_dirs["sd15"]), "--device", "cpu"],
-                          "deployment": {"num_replicas": 2, **CPU}}), name="sd15", route_prefix="/sd15", blocking=False)
-    serve.run(family_app({"family": "flux", "options": ["--model", str(model_dirs["flux"]), "--device", "cpu", "--api-key", KEY],
-                          "deployment": CPU}), name="flux", route_prefix="/flux", blocking=False)
+    serve.run(
+        family_app(
+            {
+                "family": "sd15",
+                "options": ["--model", str(model_dirs["sd15"]), "--device", "cpu"],
+                "deployment": {"num_replicas": 2, **CPU},
+            }
+        ),
+        name="sd15",
+        route_prefix="/sd15",
+        blocking=False,
+    )
+    serve.run(
+        family_app(
+            {
+                "family": "flux",
+                "options": ["--model", str(model_dirs["flux"]), "--device", "cpu", "--api-key", KEY],
+                "deployment": CPU,
+            }
+        ),
+        name="flux",
+        route_prefix="/flux",
+        blocking=False,
+    )
     serve.run(index_app({"families": ["sd15", "flux"], "deployment": CPU}), name="index", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     wait_for(lambda: requests.get(url + "/health", timeout=10).status_code == 200, 180, "every family ready")
@@ -67,16 +91,38 @@ def test_decode_and_encode_through_ray_are_diffusers_pixels(cluster, reference, 
     latents = seeded(2, 4, 8, 8, seed=201)
     image = remote_decode(endpoint=cluster + "/sd15/", tensor=latents[:1], scaling_factor=SD, image_format="png")
     assert_pixels_close(np.asarray(image), uint8_locally(decode_locally(reference["sd15"], latents[:1], SD))[0])
-    pixels = remote_decode(endpoint=cluster + "/sd15/", tensor=latents, scaling_factor=SD, output_type="pt", partial_postprocess=True, return_type="pt")
+    pixels = remote_decode(
+        endpoint=cluster + "/sd15/",
+        tensor=latents,
+        scaling_factor=SD,
+        output_type="pt",
+        partial_postprocess=True,
+        return_type="pt",
+    )
     assert_pixels_close(pixels.numpy(), uint8_locally(decode_locally(reference["sd15"], latents, SD)))
     session = requests.Session()  # flux has a key: diffusers' client takes it through a session
     session.headers["Authorization"] = f"Bearer {KEY}"
     monkeypatch.setattr(remote_utils, "requests", session)
     packed = seeded(1, 16, 64, seed=202)
-    decoded = remote_decode(endpoint=cluster + "/flux/", tensor=packed, height=64, width=64, scaling_factor=FLUX[0], shift_factor=FLUX[1],
-                            output_type="pt", return_type="pt")
-    torch.testing.assert_close(decoded, decode_locally(reference["flux"], FluxPipeline._unpack_latents(packed, 64, 64, 8), *FLUX), atol=1e-4, rtol=1e-4)
-    picture = Image.fromarray((seeded(48, 64, 3, seed=203).clamp(-1, 1) * 127.5 + 127.5).round().to(torch.uint8).numpy())
+    decoded = remote_decode(
+        endpoint=cluster + "/flux/",
+        tensor=packed,
+        height=64,
+        width=64,
+        scaling_factor=FLUX[0],
+        shift_factor=FLUX[1],
+        output_type="pt",
+        return_type="pt",
+    )
+    torch.testing.assert_close(
+        decoded,
+        decode_locally(reference["flux"], FluxPipeline._unpack_latents(packed, 64, 64, 8), *FLUX),
+        atol=1e-4,
+        rtol=1e-4,
+    )
+    picture = Image.fromarray(
+        (seeded(48, 64, 3, seed=203).clamp(-1, 1) * 127.5 + 127.5).round().to(torch.uint8).numpy()
+    )
     encoded = remote_encode(endpoint=cluster + "/sd15/", image=picture, scaling_factor=SD)
     as_tensor = torch.from_numpy(np.asarray(picture)).float().div(255).permute(2, 0, 1)[None] * 2 - 1
     torch.testing.assert_close(encoded, encode_locally(reference["sd15"], as_tensor, SD), atol=1e-4, rtol=1e-4)
@@ -86,10 +132,25 @@ def test_the_index_keys_limits_and_errors_behave_as_in_the_single_server(cluster
     index = requests.get(cluster + "/", timeout=30)
     assert index.status_code == 200 and set(index.json()["families"]) == {"sd15", "flux"}
     described = requests.get(cluster + "/families", timeout=30).json()["families"]
-    assert described["flux"]["scaling"] == {"scaling_factor": FLUX[0], "shift_factor": FLUX[1]} and described["sd15"]["path"] == "sd15/"
-    bad = requests.post(cluster + "/sd15/", data=b"123", params={"shape": [1, 4, 8, 8], "dtype": "float32"}, headers={"Content-Type": "tensor/binary"}, timeout=30)
+    assert (
+        described["flux"]["scaling"] == {"scaling_factor": FLUX[0], "shift_factor": FLUX[1]}
+        and described["sd15"]["path"] == "sd15/"
+    )
+    bad = requests.post(
+        cluster + "/sd15/",
+        data=b"123",
+        params={"shape": [1, 4, 8, 8], "dtype": "float32"},
+        headers={"Content-Type": "tensor/binary"},
+        timeout=30,
+    )
     assert bad.status_code == 400 and "needs 1024 bytes" in bad.json()["error"]
-    keyless = requests.post(cluster + "/flux/", data=bytes(1024), params={"shape": [1, 16, 4, 4], "dtype": "float32"}, headers={"Content-Type": "tensor/binary"}, timeout=30)
+    keyless = requests.post(
+        cluster + "/flux/",
+        data=bytes(1024),
+        params={"shape": [1, 16, 4, 4], "dtype": "float32"},
+        headers={"Content-Type": "tensor/binary"},
+        timeout=30,
+    )
     assert keyless.status_code == 401 and "error" in keyless.json()
     assert requests.get(cluster + "/sd15/health", timeout=30).status_code == 200
     assert "remote_vae_requests_total" in requests.get(cluster + "/sd15/metrics", timeout=30).text
@@ -105,9 +166,18 @@ def test_a_killed_replica_is_replaced_and_no_answer_is_wrong(cluster, reference)
     def load():
         for _ in range(60):  # bounded
             try:
-                response = requests.post(cluster + "/sd15/", data=latents.numpy().tobytes(), timeout=60, headers={"Content-Type": "tensor/binary"},
-                                         params={"shape": [1, 4, 8, 8], "dtype": "float32", "scaling_factor": SD, "output_type": "pt"})
-                value = torch.frombuffer(bytearray(response.content), dtype=torch.float32).reshape(1, 3, 64, 64) if response.ok else None
+                response = requests.post(
+                    cluster + "/sd15/",
+                    data=latents.numpy().tobytes(),
+                    timeout=60,
+                    headers={"Content-Type": "tensor/binary"},
+                    params={"shape": [1, 4, 8, 8], "dtype": "float32", "scaling_factor": SD, "output_type": "pt"},
+                )
+                value = (
+                    torch.frombuffer(bytearray(response.content), dtype=torch.float32).reshape(1, 3, 64, 64)
+                    if response.ok
+                    else None
+                )
                 answers.append((time.monotonic(), response.status_code, value))
             except requests.RequestException:
                 answers.append((time.monotonic(), 0, None))
@@ -116,7 +186,11 @@ def test_a_killed_replica_is_replaced_and_no_answer_is_wrong(cluster, reference)
     runner = threading.Thread(target=load)
     runner.start()
     wait_for(lambda: len(answers) >= 5, 60, "load started")
-    replicas = [actor for actor in ray.util.list_named_actors(all_namespaces=True) if actor["name"].startswith("SERVE_REPLICA::sd15#")]
+    replicas = [
+        actor
+        for actor in ray.util.list_named_actors(all_namespaces=True)
+        if actor["name"].startswith("SERVE_REPLICA::sd15#")
+    ]
     assert len(replicas) == 2
     ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
     killed = time.monotonic()
@@ -131,17 +205,37 @@ def test_a_killed_replica_is_replaced_and_no_answer_is_wrong(cluster, reference)
 
 
 def test_autoscaling_adds_a_replica_under_load_and_says_so_in_the_log(cluster, model_dirs):
-    autoscaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 1, "downscale_delay_s": 600}
-    serve.run(family_app({"family": "sd15", "options": ["--model", str(model_dirs["sd15"]), "--device", "cpu"],
-                          "deployment": {"autoscaling_config": autoscaling, **CPU}}), name="scaled", route_prefix="/scaled")
+    autoscaling = {
+        "min_replicas": 1,
+        "max_replicas": 2,
+        "target_ongoing_requests": 1,
+        "upscale_delay_s": 1,
+        "downscale_delay_s": 600,
+    }
+    serve.run(
+        family_app(
+            {
+                "family": "sd15",
+                "options": ["--model", str(model_dirs["sd15"]), "--device", "cpu"],
+                "deployment": {"autoscaling_config": autoscaling, **CPU},
+            }
+        ),
+        name="scaled",
+        route_prefix="/scaled",
+    )
     assert running("scaled", "sd15") == 1
     latents = seeded(1, 4, 32, 32, seed=205)
     stop = threading.Event()
 
     def load():
         while not stop.is_set():
-            requests.post(cluster + "/scaled/", data=latents.numpy().tobytes(), timeout=120, headers={"Content-Type": "tensor/binary"},
-                          params={"shape": [1, 4, 32, 32], "dtype": "float32", "output_type": "pt"})
+            requests.post(
+                cluster + "/scaled/",
+                data=latents.numpy().tobytes(),
+                timeout=120,
+                headers={"Content-Type": "tensor/binary"},
+                params={"shape": [1, 4, 32, 32], "dtype": "float32", "output_type": "pt"},
+            )
 
     clients = [threading.Thread(target=load) for _ in range(4)]
     for client in clients:
@@ -153,7 +247,10 @@ def test_autoscaling_adds_a_replica_under_load_and_says_so_in_the_log(cluster, m
         for client in clients:
             client.join(timeout=120)
     session = ray._private.worker._global_node.get_session_dir_path()
-    logs = "".join(open(path, errors="replace").read() for path in glob.glob(os.path.join(session, "logs", "serve", "controller_*.log")))
+    logs = "".join(
+        open(path, errors="replace").read()
+        for path in glob.glob(os.path.join(session, "logs", "serve", "controller_*.log"))
+    )
     assert "Upscaling Deployment(name='sd15', app='scaled') from 1 to 2 replicas" in logs
     serve.delete("scaled")
 
@@ -162,7 +259,11 @@ def test_the_shipped_serve_config_is_valid_and_builds():
     from ray.serve.schema import ServeDeploySchema
 
     config = yaml.safe_load((ROOT / "deploy" / "ray" / "serve.yaml").read_text())
-    schema = ServeDeploySchema.model_validate(config) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(config)
+    schema = (
+        ServeDeploySchema.model_validate(config)
+        if hasattr(ServeDeploySchema, "model_validate")
+        else ServeDeploySchema.parse_obj(config)
+    )
     names = {application.name for application in schema.applications}
     assert {"sd15", "index"} <= names
     for application in config["applications"]:
@@ -170,7 +271,10 @@ def test_the_shipped_serve_config_is_valid_and_builds():
         assert module == "remote_vae.ray_serve" and builder in ("family_app", "index_app")
         args = dict(application.get("args", {}))
         if builder == "family_app":
-            args["options"] = [*args.get("options", []), "--random-weights"]  # builds without weights: only the options are checked
+            args["options"] = [
+                *args.get("options", []),
+                "--random-weights",
+            ]  # builds without weights: only the options are checked
         {"family_app": family_app, "index_app": index_app}[builder](args)
 
 
@@ -182,12 +286,18 @@ def test_the_kuberay_manifest_is_a_valid_rayservice_serving_the_shipped_config()
     from ray.serve.schema import ServeDeploySchema
 
     manifest = yaml.safe_load((ROOT / "deploy" / "kubernetes" / "rayservice.yaml").read_text())
-    schema = json.loads(gzip.decompress((ROOT / "tests" / "data" / "kuberay-rayservice-v1.schema.json.gz").read_bytes()))
+    schema = json.loads(
+        gzip.decompress((ROOT / "tests" / "data" / "kuberay-rayservice-v1.schema.json.gz").read_bytes())
+    )
     jsonschema.validate(manifest, schema)
     assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayService"
     served = yaml.safe_load(manifest["spec"]["serveConfigV2"])
-    ServeDeploySchema.model_validate(served) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(served)
-    assert served["applications"] == yaml.safe_load((ROOT / "deploy" / "ray" / "serve.yaml").read_text())["applications"]
+    ServeDeploySchema.model_validate(served) if hasattr(
+        ServeDeploySchema, "model_validate"
+    ) else ServeDeploySchema.parse_obj(served)
+    assert (
+        served["applications"] == yaml.safe_load((ROOT / "deploy" / "ray" / "serve.yaml").read_text())["applications"]
+    )
     broken = json.loads(json.dumps(manifest))
     broken["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"] = "one"
     with pytest.raises(jsonschema.ValidationError):  # the schema does check

@@ -21,17 +21,35 @@ MAX_QUEUE, QUEUE_TIMEOUT, BODY_TIMEOUT = 2, 3.0, 2.0
 @pytest.fixture(scope="module")
 def faulty(model_dirs, faults_file, tmp_path_factory):
     """sd15 behind a small queue: 1 running + 2 waiting, 3 s queue timeout, 2 s body timeout."""
-    args = ["sd15", "--model", str(model_dirs["sd15"]), "--max-queue", str(MAX_QUEUE),
-            "--queue-timeout", str(QUEUE_TIMEOUT), "--body-timeout", str(BODY_TIMEOUT)]
-    server = LiveServer(args, offline_env(FAULTS_FILE=str(faults_file)), tmp_path_factory.mktemp("logs") / "faulty.log", launcher=FAULTY_LAUNCHER)
+    args = [
+        "sd15",
+        "--model",
+        str(model_dirs["sd15"]),
+        "--max-queue",
+        str(MAX_QUEUE),
+        "--queue-timeout",
+        str(QUEUE_TIMEOUT),
+        "--body-timeout",
+        str(BODY_TIMEOUT),
+    ]
+    server = LiveServer(
+        args,
+        offline_env(FAULTS_FILE=str(faults_file)),
+        tmp_path_factory.mktemp("logs") / "faulty.log",
+        launcher=FAULTY_LAUNCHER,
+    )
     yield server
     server.stop()
 
 
 def decode(url: str, latent: torch.Tensor, timeout: float = 60) -> requests.Response:
-    return requests.post(url + "/", data=latent.numpy().tobytes(), timeout=timeout, headers={"Content-Type": "tensor/binary"},
-                         params={"shape": list(latent.shape), "dtype": "float32", "output_type": "pt"})
-
+    return requests.post(
+        url + "/",
+        data=latent.numpy().tobytes(),
+        timeout=timeout,
+        headers={"Content-Type": "tensor/binary"},
+        params={"shape": list(latent.shape), "dtype": "float32", "output_type": "pt"},
+    )
 
 
 def test_full_queue_is_503_with_retry_after_and_the_rest_are_served(faulty, set_faults, reference):
@@ -77,11 +95,20 @@ def test_a_client_that_disconnects_has_its_queued_work_dropped(faulty, set_fault
     wait_until(lambda: faulty.metric("remote_vae_running") == 1)
     body = latent.numpy().tobytes()
     with socket.create_connection(("127.0.0.1", faulty.port)) as sock:
-        sock.sendall(b"POST /?shape=1&shape=4&shape=8&shape=8&dtype=float32 HTTP/1.1\r\nHost: x\r\nContent-Type: tensor/binary\r\n"
-                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        sock.sendall(
+            b"POST /?shape=1&shape=4&shape=8&shape=8&dtype=float32 HTTP/1.1\r\nHost: x\r\nContent-Type: tensor/binary\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
         wait_until(lambda: faulty.metric("remote_vae_queue_length") == 1)
     # Closed while queued: dropped at once, long before the first request frees the device.
-    wait_until(lambda: faulty.metric("remote_vae_requests_total", family="sd15", operation="decode", status="499") == dropped_before + 1, 1.5)
+    wait_until(
+        lambda: (
+            faulty.metric("remote_vae_requests_total", family="sd15", operation="decode", status="499")
+            == dropped_before + 1
+        ),
+        1.5,
+    )
     runner.join(timeout=60)
     assert first["response"].status_code == 200
     time.sleep(0.5)
@@ -91,7 +118,9 @@ def test_a_client_that_disconnects_has_its_queued_work_dropped(faulty, set_fault
 
 def test_a_body_that_never_finishes_is_408(faulty):
     with socket.create_connection(("127.0.0.1", faulty.port), timeout=BODY_TIMEOUT + 10) as sock:
-        sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: tensor/binary\r\nContent-Length: 1000\r\n\r\n" + bytes(10))
+        sock.sendall(
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: tensor/binary\r\nContent-Length: 1000\r\n\r\n" + bytes(10)
+        )
         reply = b""
         while b"}" not in reply:
             chunk = sock.recv(65536)
@@ -112,8 +141,15 @@ def test_out_of_memory_is_retried_tiled(faulty, set_faults, reference, model_dir
     if tiling == "exact":  # the default: what diffusers' client gets
         out = remote_decode(faulty.url + "/", tensor=latent, output_type="pt", return_type="pt", do_scaling=False)
     else:
-        out = tensor_of(requests.post(faulty.url + "/", params={"shape": [1, 4, 16, 16], "dtype": "float32", "output_type": "pt", "tiling": tiling},
-                                      data=latent.numpy().tobytes(), headers={"Content-Type": "tensor/binary"}, timeout=60))
+        out = tensor_of(
+            requests.post(
+                faulty.url + "/",
+                params={"shape": [1, 4, 16, 16], "dtype": "float32", "output_type": "pt", "tiling": tiling},
+                data=latent.numpy().tobytes(),
+                headers={"Content-Type": "tensor/binary"},
+                timeout=60,
+            )
+        )
     vae = reference["sd15"]
     with torch.no_grad():
         vae.enable_tiling()
@@ -129,7 +165,9 @@ def test_out_of_memory_even_tiled_is_503_and_the_next_request_succeeds(faulty, s
     set_faults(oom_above=16, oom_exact=True)
     latent = seeded(1, 4, 16, 16, seed=4)
     response = decode(faulty.url, latent)
-    assert response.status_code == 503 and "out of memory" in response.json()["error"] and response.headers["Retry-After"]
+    assert (
+        response.status_code == 503 and "out of memory" in response.json()["error"] and response.headers["Retry-After"]
+    )
     assert faulty.metric("remote_vae_out_of_memory_total", family="sd15", outcome="refused") >= 1
     set_faults()
     assert decode(faulty.url, latent).status_code == 200 and faulty.healthy()
@@ -137,8 +175,12 @@ def test_out_of_memory_even_tiled_is_503_and_the_next_request_succeeds(faulty, s
 
 def test_sigterm_finishes_in_flight_work_then_exits_0(model_dirs, faults_file, tmp_path):
     faults_file.write_text(json.dumps({"delay": 2}))
-    server = LiveServer(["sd15", "--model", str(model_dirs["sd15"]), "--graceful-timeout", "20"],
-                        offline_env(FAULTS_FILE=str(faults_file)), tmp_path / "sigterm.log", launcher=FAULTY_LAUNCHER)
+    server = LiveServer(
+        ["sd15", "--model", str(model_dirs["sd15"]), "--graceful-timeout", "20"],
+        offline_env(FAULTS_FILE=str(faults_file)),
+        tmp_path / "sigterm.log",
+        launcher=FAULTY_LAUNCHER,
+    )
     try:
         result = {}
         runner = threading.Thread(target=lambda: result.update(response=decode(server.url, seeded(1, 4, 8, 8))))

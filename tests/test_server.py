@@ -58,7 +58,9 @@ def test_unexpected_errors_are_500_json_without_details():
         def check_decode(self, request, reply_encoding="binary"):
             raise ZeroDivisionError("secret internals")
 
-    call = HttpCall(body=bytes(512), query="shape=1&shape=4&shape=8&shape=8&dtype=float16", content_type="tensor/binary")
+    call = HttpCall(
+        body=bytes(512), query="shape=1&shape=4&shape=8&shape=8&dtype=float16", content_type="tensor/binary"
+    )
     try:
         prepare_call(Broken(), call)
     except ZeroDivisionError as exc:
@@ -83,13 +85,27 @@ def test_ambiguous_model_exits_2():
 
 
 def test_unloadable_model_exits_1(tmp_path):
-    result = run_cli("serve", "sd15", "--model", str(tmp_path), "--host", "127.0.0.1", "--port", str(free_port()), "--device", "cpu")
+    result = run_cli(
+        "serve", "sd15", "--model", str(tmp_path), "--host", "127.0.0.1", "--port", str(free_port()), "--device", "cpu"
+    )
     assert result.returncode == 1 and "no config.json" in result.stderr
 
 
 def test_missing_hub_model_offline_exits_1(tmp_path):
     env = {**offline_env(), "HF_HUB_CACHE": str(tmp_path)}
-    command = [sys.executable, "-m", "remote_vae", "serve", "sdxl", "--host", "127.0.0.1", "--port", str(free_port()), "--device", "cpu"]
+    command = [
+        sys.executable,
+        "-m",
+        "remote_vae",
+        "serve",
+        "sdxl",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(free_port()),
+        "--device",
+        "cpu",
+    ]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "HF_HUB_OFFLINE" in result.stderr
 
@@ -99,20 +115,23 @@ def test_families_command():
     assert result.returncode == 0 and "madebyollin/sdxl-vae-fp16-fix" in result.stdout
 
 
-@pytest.mark.parametrize("options, words", [
-    (["--max-queue", "-1"], "--max-queue"),
-    (["--api-key", "short"], "at least 16"),
-    (["--ssl-certfile", "cert.pem"], "both --ssl-certfile and --ssl-keyfile"),
-    (["--api-key-file", "/nonexistent/keys"], "cannot read"),
-    (["--max-batch-images", "0"], "--max-batch-images must be at least 1"),
-    (["--batch-wait-ms", "-1"], "--batch-wait-ms from 0 to 10000"),
-    (["--batch-pixel-budget", "lots"], "expected a pixel count (1 or more) or 'auto'"),
-    (["--tile-store-bytes", "-1"], "expected a byte count (0 or more) or 'auto'"),
-    (["--png-compression", "10"], "invalid choice"),
-    (["--warmup-sizes", "100x100"], "both sides must be multiples of 8"),
-    (["--warmup-sizes", "512x512x9"], "sd15 decodes images; give WIDTHxHEIGHT"),
-    (["--warmup-sizes", "512"], "expected WIDTHxHEIGHT"),
-])
+@pytest.mark.parametrize(
+    "options, words",
+    [
+        (["--max-queue", "-1"], "--max-queue"),
+        (["--api-key", "short"], "at least 16"),
+        (["--ssl-certfile", "cert.pem"], "both --ssl-certfile and --ssl-keyfile"),
+        (["--api-key-file", "/nonexistent/keys"], "cannot read"),
+        (["--max-batch-images", "0"], "--max-batch-images must be at least 1"),
+        (["--batch-wait-ms", "-1"], "--batch-wait-ms from 0 to 10000"),
+        (["--batch-pixel-budget", "lots"], "expected a pixel count (1 or more) or 'auto'"),
+        (["--tile-store-bytes", "-1"], "expected a byte count (0 or more) or 'auto'"),
+        (["--png-compression", "10"], "invalid choice"),
+        (["--warmup-sizes", "100x100"], "both sides must be multiples of 8"),
+        (["--warmup-sizes", "512x512x9"], "sd15 decodes images; give WIDTHxHEIGHT"),
+        (["--warmup-sizes", "512"], "expected WIDTHxHEIGHT"),
+    ],
+)
 def test_serve_options_that_cannot_work_exit_2_before_loading(options, words, monkeypatch, capsys):
     """In this process (the unknown-family tests above run the real process): a server that got as far as
     loading or listening fails the test instead."""
@@ -143,7 +162,9 @@ def test_a_hub_that_cannot_be_reached_is_named_as_the_cause(monkeypatch):
             try:
                 raise ConnectionRefusedError(111, "Connection refused")
             except ConnectionRefusedError as refused:
-                raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub") from refused
+                raise LocalEntryNotFoundError(
+                    "An error happened while trying to locate the file on the Hub"
+                ) from refused
         except LocalEntryNotFoundError as missing:
             raise OSError("stabilityai/sd-vae-ft-mse does not appear to have a file named config.json.") from missing
 
@@ -152,22 +173,28 @@ def test_a_hub_that_cannot_be_reached_is_named_as_the_cause(monkeypatch):
     with pytest.raises(LoadError) as failed:
         load_vae(load_family("sd15"), "stabilityai/sd-vae-ft-mse", torch.device("cpu"), torch.float32)
     message = str(failed.value)
-    assert "Hugging Face Hub could not be reached" in message and "ConnectionRefusedError" in message and "config.json" not in message
+    assert (
+        "Hugging Face Hub could not be reached" in message
+        and "ConnectionRefusedError" in message
+        and "config.json" not in message
+    )
     assert "--model DIR" in message
 
 
-@pytest.mark.parametrize("host, warned", [("0.0.0.0", True), ("192.0.2.7", True), ("127.0.0.1", False), ("localhost", False), ("::1", False)])
+@pytest.mark.parametrize(
+    "host, warned", [("0.0.0.0", True), ("192.0.2.7", True), ("127.0.0.1", False), ("localhost", False), ("::1", False)]
+)
 def test_serving_beyond_loopback_without_a_key_warns_at_start(monkeypatch, caplog, host, warned):
     """No socket is opened: the server's run and the model loading are stubbed, the start-up checks run for real."""
     from remote_vae import launch
-    from remote_vae.cli import build_parser
+    from remote_vae.settings import Settings
 
     monkeypatch.setattr(launch.GracefulServer, "run", lambda self: None)
     monkeypatch.setattr(launch, "load_in_background", lambda *args: None)
     with caplog.at_level("WARNING", logger="remote_vae"):
-        launch.serve(build_parser().parse_args(["serve", "sd15", "--random-weights", "--host", host]))
+        launch.serve(Settings.parse(["sd15", "--random-weights", "--host", host]))
     assert ("without an API key" in caplog.text) == warned, caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="remote_vae"):
-        launch.serve(build_parser().parse_args(["serve", "sd15", "--random-weights", "--host", host, "--api-key", "k" * 32]))
+        launch.serve(Settings.parse(["sd15", "--random-weights", "--host", host, "--api-key", "k" * 32]))
     assert "without an API key" not in caplog.text

@@ -8,11 +8,10 @@ import torch
 from conftest import LiveServer, offline_env, seeded, tensor_of
 from diffusers.utils.remote_utils import remote_decode
 
-from remote_vae.cli import build_parser
-from remote_vae.launch import limits_from
+from remote_vae.settings import Settings
 from remote_vae.families import load_family
 from remote_vae.latents import check_output_size, plan_decode
-from remote_vae.service import GPU_MAX_PIXELS
+from remote_vae.settings import GPU_MAX_PIXELS
 from remote_vae.tiling import ExactTiler
 
 FAMILIES = ("sd15", "flux", "sd3", "flux2")
@@ -55,7 +54,9 @@ def latent_for(family: str, seed: int) -> torch.Tensor:
 def test_exact_tiled_decode_is_the_untiled_decode(tiling_server, reference, family):
     latents = latent_for(family, seed=51)
     url = f"{tiling_server.url}/{family}/"
-    out = remote_decode(url, tensor=latents, output_type="pt", partial_postprocess=False, return_type="pt", do_scaling=False)
+    out = remote_decode(
+        url, tensor=latents, output_type="pt", partial_postprocess=False, return_type="pt", do_scaling=False
+    )
     untiled = untiled_decode(reference[family], latents)
     within_one, psnr = agreement(out, untiled)
     assert within_one >= 0.999 and psnr >= 50, (within_one, psnr)
@@ -64,8 +65,15 @@ def test_exact_tiled_decode_is_the_untiled_decode(tiling_server, reference, fami
     if reference[family].tile_sample_min_size >= max(out.shape[-2:]):
         return  # diffusers would not tile this image at all (the tiny Flux.2 keeps 1024-pixel tiles)
     # diffusers' blended tiles (64-pixel tiles for the tiny SD-style models) are measurably not the untiled image
-    blend = tensor_of(requests.post(url, params={"shape": list(latents.shape), "dtype": "float32", "output_type": "pt", "tiling": "blend"},
-                                    data=latents.numpy().tobytes(), headers={"Content-Type": "tensor/binary"}, timeout=120))
+    blend = tensor_of(
+        requests.post(
+            url,
+            params={"shape": list(latents.shape), "dtype": "float32", "output_type": "pt", "tiling": "blend"},
+            data=latents.numpy().tobytes(),
+            headers={"Content-Type": "tensor/binary"},
+            timeout=120,
+        )
+    )
     _, blend_psnr = agreement(blend, untiled)
     assert blend_psnr < psnr - 10 and (blend - untiled).abs().max() > 1e-2
 
@@ -73,17 +81,28 @@ def test_exact_tiled_decode_is_the_untiled_decode(tiling_server, reference, fami
 @pytest.mark.parametrize("family", ["sd15", "flux"])
 def test_exact_tiled_encode_is_the_untiled_encode(tiling_server, reference, family):
     pixels = seeded(1, 3, 104, 88, seed=52).clamp(-1, 1)
-    response = requests.post(f"{tiling_server.url}/{family}/", params={"shape": list(pixels.shape), "dtype": "float32"},
-                             data=pixels.numpy().tobytes(), timeout=120)
+    response = requests.post(
+        f"{tiling_server.url}/{family}/",
+        params={"shape": list(pixels.shape), "dtype": "float32"},
+        data=pixels.numpy().tobytes(),
+        timeout=120,
+    )
     with torch.no_grad():
         expected = reference[family].encode(pixels).latent_dist.mean
     torch.testing.assert_close(tensor_of(response), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_exact_tiling_where_the_model_has_none_is_refused(families_server):
-    latents = torch.zeros(1, 3, 16, 2, 2)  # CogVideoX (frames first): its norms are conditioned on the latent, over frame batches
-    response = requests.post(f"{families_server.url}/cogvideox/", params={"shape": list(latents.shape), "dtype": "float32", "output_type": "pt", "tiling": "exact"},
-                             data=latents.numpy().tobytes(), headers={"Content-Type": "tensor/binary"}, timeout=60)
+    latents = torch.zeros(
+        1, 3, 16, 2, 2
+    )  # CogVideoX (frames first): its norms are conditioned on the latent, over frame batches
+    response = requests.post(
+        f"{families_server.url}/cogvideox/",
+        params={"shape": list(latents.shape), "dtype": "float32", "output_type": "pt", "tiling": "exact"},
+        data=latents.numpy().tobytes(),
+        headers={"Content-Type": "tensor/binary"},
+        timeout=60,
+    )
     assert response.status_code == 400 and "tiling=blend" in response.json()["error"]
 
 
@@ -114,11 +133,18 @@ def test_whether_activations_are_held_whole_or_recomputed_the_result_is_untiled(
         untiled_pixels, untiled_latents = model.decode(latents).sample, model.encode(pixels).latent_dist.mean
     recomputed, overwritten = {}, {}
     for limit in (None, 40000, 0):
-        decoded, (decode_recomputed, decode_overwritten) = tiled_in_process(model, lambda: model.decode(latents).sample, limit)
-        encoded, (encode_recomputed, encode_overwritten) = tiled_in_process(model, lambda: model.encode(pixels).latent_dist.mean, limit)
+        decoded, (decode_recomputed, decode_overwritten) = tiled_in_process(
+            model, lambda: model.decode(latents).sample, limit
+        )
+        encoded, (encode_recomputed, encode_overwritten) = tiled_in_process(
+            model, lambda: model.encode(pixels).latent_dist.mean, limit
+        )
         torch.testing.assert_close(decoded, untiled_pixels, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(encoded, untiled_latents, atol=1e-4, rtol=1e-4)
-        recomputed[limit], overwritten[limit] = (decode_recomputed, encode_recomputed), (decode_overwritten, encode_overwritten)
+        recomputed[limit], overwritten[limit] = (
+            (decode_recomputed, encode_recomputed),
+            (decode_overwritten, encode_overwritten),
+        )
     assert recomputed[None] == (0, 0)
     assert all(0 < some < none for some, none in zip(recomputed[40000], recomputed[0])), recomputed
     assert overwritten[None][0] > 0 and sum(overwritten[40000]) > 0, overwritten
@@ -126,14 +152,41 @@ def test_whether_activations_are_held_whole_or_recomputed_the_result_is_untiled(
 
 def test_the_service_recomputes_bands_past_its_store_limit(model_dirs, reference, tmp_path):
     """--tile-store-bytes 0: the service holds no activation whole, and still returns the untiled decode and encode."""
-    server = LiveServer(["sd15", "--model", f"sd15={model_dirs['sd15']}", "--tile-above-pixels", "0", "--tile-band-pixels", str(BAND_PIXELS),
-                         "--tile-store-bytes", "0"], offline_env(), tmp_path / "streamed.log")
+    server = LiveServer(
+        [
+            "sd15",
+            "--model",
+            f"sd15={model_dirs['sd15']}",
+            "--tile-above-pixels",
+            "0",
+            "--tile-band-pixels",
+            str(BAND_PIXELS),
+            "--tile-store-bytes",
+            "0",
+        ],
+        offline_env(),
+        tmp_path / "streamed.log",
+    )
     try:
         latents = latent_for("sd15", seed=55)
-        out = remote_decode(f"{server.url}/", tensor=latents, output_type="pt", partial_postprocess=False, return_type="pt", do_scaling=False)
+        out = remote_decode(
+            f"{server.url}/",
+            tensor=latents,
+            output_type="pt",
+            partial_postprocess=False,
+            return_type="pt",
+            do_scaling=False,
+        )
         torch.testing.assert_close(out, untiled_decode(reference["sd15"], latents), atol=1e-4, rtol=1e-4)
         pixels = seeded(1, 3, 104, 88, seed=56).clamp(-1, 1)
-        encoded = tensor_of(requests.post(f"{server.url}/", params={"shape": list(pixels.shape), "dtype": "float32"}, data=pixels.numpy().tobytes(), timeout=120))
+        encoded = tensor_of(
+            requests.post(
+                f"{server.url}/",
+                params={"shape": list(pixels.shape), "dtype": "float32"},
+                data=pixels.numpy().tobytes(),
+                timeout=120,
+            )
+        )
         with torch.no_grad():
             torch.testing.assert_close(encoded, reference["sd15"].encode(pixels).latent_dist.mean, atol=1e-4, rtol=1e-4)
         assert server.metric("remote_vae_model_calls_total", family="sd15", mode="tiled") >= 2
@@ -142,10 +195,10 @@ def test_the_service_recomputes_bands_past_its_store_limit(model_dirs, reference
 
 
 def test_a_gpu_takes_8192_squared_by_default_and_refuses_more_from_the_numbers():
-    args = build_parser().parse_args(["serve", "sd15"])
-    limits = limits_from(args, "cuda")
+    settings = Settings.parse(["sd15"])
+    limits = settings.limits_for("cuda")
     assert limits.max_pixels == GPU_MAX_PIXELS == 8192 * 8192
-    assert limits_from(args, "cpu").max_pixels < GPU_MAX_PIXELS
+    assert settings.limits_for("cpu").max_pixels < GPU_MAX_PIXELS
     family = load_family("sdxl")
     check_output_size(plan_decode((1, 4, 1024, 1024), family, None, None), family, limits.max_pixels)
     with pytest.raises(Exception) as refused:

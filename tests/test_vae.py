@@ -9,7 +9,15 @@ import torch
 from conftest import seeded
 
 from remote_vae import device as device_path
-from remote_vae.device import CPU_WHOLE_BATCH_PIXELS, BatchBudget, DevicePath, PeakMemory, memory_format, to_device, to_host
+from remote_vae.device import (
+    CPU_WHOLE_BATCH_PIXELS,
+    BatchBudget,
+    DevicePath,
+    PeakMemory,
+    memory_format,
+    to_device,
+    to_host,
+)
 from remote_vae.families import load_family
 from remote_vae.latents import Scaling
 from remote_vae.decoders import VideoFile
@@ -28,7 +36,11 @@ def test_a_batch_runs_whole_within_the_budget_and_sliced_beyond_it(model_dirs, r
     latents = seeded(4, 4, 8, 8, seed=1)  # four 64x64 images: 16384 pixels
     with torch.no_grad():
         expected = reference["sd15"].decode(latents).sample
-    for budget, mode in ((BatchBudget(), "whole"), (BatchBudget(pixels=4096), "sliced"), (BatchBudget(pixels=16384), "whole")):
+    for budget, mode in (
+        (BatchBudget(), "whole"),
+        (BatchBudget(pixels=4096), "sliced"),
+        (BatchBudget(pixels=16384), "whole"),
+    ):
         vae = loaded(model_dirs, "sd15", budget=budget)
         torch.testing.assert_close(vae.decode(latents), expected, atol=1e-4, rtol=1e-4)
         assert vae.calls == {"whole": 0, "sliced": 0, "tiled": 0} | {mode: 1}
@@ -52,7 +64,9 @@ def test_out_of_memory_runs_again_sliced_then_tiled(model_dirs, reference, tilin
     conv_out = vae.model.decoder.conv_out.forward
     limits = {}
 
-    def forward(x, *args, **kwargs):  # the decoder's last layer sees the whole batch, one image, or a tile or band of it
+    def forward(
+        x, *args, **kwargs
+    ):  # the decoder's last layer sees the whole batch, one image, or a tile or band of it
         if x.shape[0] > limits["batch"] or x.shape[-2] * x.shape[-1] > limits["pixels"]:
             raise torch.cuda.OutOfMemoryError("injected")
         return conv_out(x, *args, **kwargs)
@@ -112,7 +126,9 @@ def test_the_device_path_layout_and_transfers():
     back = to_host(on_device, path)
     assert back.is_contiguous() and torch.equal(back, images.half())  # what the wire sends is plain C order
     assert DevicePath.default(CPU) == DevicePath(channels_last=False, cudnn_benchmark=False, pinned_memory=False)
-    assert DevicePath.default(torch.device("cuda"), compile=True, channels_last="off") == DevicePath(False, True, True, device_path.COMPILE_STANCES)
+    assert DevicePath.default(torch.device("cuda"), compile=True, channels_last="off") == DevicePath(
+        False, True, True, device_path.COMPILE_STANCES
+    )
     with PeakMemory(CPU) as peak:
         torch.ones(10)
     assert peak.bytes is None  # only CUDA's allocator keeps a peak
@@ -140,7 +156,9 @@ def test_channels_last_on_the_cpu_keeps_groupnorm_exact():
 def test_a_family_names_its_default_tiling_and_a_request_may_name_another(model_dirs):
     """Wan tiles exactly unless asked for blend; HunyuanVideo 1.5's and LTX's configs keep diffusers' blend by default (they
     decode a whole clip per call), while tiling=exact still gets the exact path; CogVideoX has none to ask for."""
-    wan, hv15, ltx, cogvideox = (loaded(model_dirs, name, tile_above_pixels=0) for name in ("wan21", "hunyuanvideo15", "ltxvideo", "cogvideox"))
+    wan, hv15, ltx, cogvideox = (
+        loaded(model_dirs, name, tile_above_pixels=0) for name in ("wan21", "hunyuanvideo15", "ltxvideo", "cogvideox")
+    )
     assert (wan.tiling_for(None), wan.tiling_for("blend")) == ("exact", "blend")
     assert (hv15.tiling_for(None), hv15.tiling_for("exact")) == ("blend", "exact")
     assert (ltx.tiling_for(None), ltx.tiling_for("exact")) == ("blend", "exact")

@@ -133,13 +133,23 @@ def test_wan_encode_do_scaling_is_the_pipelines_normalisation(video_server, refe
     data = write_video(tmp_path / "clip.mp4", moving_frames(9), codec="libx264", quality=8)
     latents = post_file(url(video_server, "wan21"), data, do_scaling=True)
     video = PROCESSOR.preprocess_video([PIL.Image.fromarray(frame) for frame in read_video(tmp_path / "clip.mp4")])
-    pipeline = types.SimpleNamespace(vae=reference["wan21"], vae_scale_factor_temporal=4, vae_scale_factor_spatial=8, scheduler=KeepLatents())
+    pipeline = types.SimpleNamespace(
+        vae=reference["wan21"], vae_scale_factor_temporal=4, vae_scale_factor_spatial=8, scheduler=KeepLatents()
+    )
     with torch.no_grad():
-        expected = WanVideoToVideoPipeline.prepare_latents(pipeline, video, 1, 16, 32, 48, torch.float32, torch.device("cpu"), timestep=torch.tensor([0]))
+        expected = WanVideoToVideoPipeline.prepare_latents(
+            pipeline, video, 1, 16, 32, 48, torch.float32, torch.device("cpu"), timestep=torch.tensor([0])
+        )
     torch.testing.assert_close(latents, expected, atol=1e-4, rtol=1e-4)
     # and decoding with do_scaling=True undoes it: the round trip the pipelines make
     raw = post_file(url(video_server, "wan21"), data)
-    torch.testing.assert_close(latents, (raw - torch.tensor(WAN.latents_mean).view(1, 16, 1, 1, 1)) / torch.tensor(WAN.latents_std).view(1, 16, 1, 1, 1), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        latents,
+        (raw - torch.tensor(WAN.latents_mean).view(1, 16, 1, 1, 1))
+        / torch.tensor(WAN.latents_std).view(1, 16, 1, 1, 1),
+        atol=1e-4,
+        rtol=1e-4,
+    )
 
 
 def test_an_image_is_a_one_frame_video(video_server, reference):
@@ -154,7 +164,9 @@ def test_encode_then_decode_through_the_service(video_server, tmp_path):
     """An MP4 in, latents out, the same latents back to an MP4 of as many frames."""
     data = write_video(tmp_path / "clip.mp4", moving_frames(9), codec="libx264", quality=8)
     latents = post_file(url(video_server, "hunyuanvideo", "predict"), data)
-    mp4 = remote_decode(url(video_server, "hunyuanvideo", ""), tensor=latents, output_type="mp4", return_type="mp4", do_scaling=False)
+    mp4 = remote_decode(
+        url(video_server, "hunyuanvideo", ""), tensor=latents, output_type="mp4", return_type="mp4", do_scaling=False
+    )
     path = tmp_path / "back.mp4"
     path.write_bytes(mp4)
     assert read_video(path).shape == (9, 32, 48, 3)
@@ -174,11 +186,17 @@ def test_wrong_frame_counts_name_the_nearest_valid_ones(video_server, tmp_path):
     message = error_of(requests.post(url(video_server, "hunyuanvideo"), data=data), 400)
     assert "8 frames" in message and "5 or 9" in message
     tensor = torch.zeros(1, 3, 10, 16, 16)
-    response = requests.post(url(video_server, "wan21"), data=tensor.numpy().tobytes(), params=dict(shape=[1, 3, 10, 16, 16], dtype="float32"))
+    response = requests.post(
+        url(video_server, "wan21"),
+        data=tensor.numpy().tobytes(),
+        params=dict(shape=[1, 3, 10, 16, 16], dtype="float32"),
+    )
     assert "9 or 13" in error_of(response, 400)
 
 
-@pytest.mark.parametrize("case", ["garbage after ftyp", "truncated", "garbage after EBML", "video content type, not a video"])
+@pytest.mark.parametrize(
+    "case", ["garbage after ftyp", "truncated", "garbage after EBML", "video content type, not a video"]
+)
 def test_corrupt_videos_are_400(video_server, tmp_path, case):
     good = write_video(tmp_path / "clip.mp4", moving_frames(9), codec="libx264")
     body, headers = {
@@ -193,22 +211,37 @@ def test_corrupt_videos_are_400(video_server, tmp_path, case):
 
 
 def test_latent_of_the_wrong_kind_is_400(video_server):
-    for shape, needle in [((1, 16, 8, 8), "image latent"), ((1, 64, 64), "packed latent"), ((1, 4, 3, 8, 8), "channels")]:
+    for shape, needle in [
+        ((1, 16, 8, 8), "image latent"),
+        ((1, 64, 64), "packed latent"),
+        ((1, 4, 3, 8, 8), "channels"),
+    ]:
         latents = torch.zeros(shape)
         response = requests.post(
-            url(video_server, "hunyuanvideo", ""), data=latents.numpy().tobytes(), params=dict(shape=list(shape), dtype="float32", height=64, width=64),
+            url(video_server, "hunyuanvideo", ""),
+            data=latents.numpy().tobytes(),
+            params=dict(shape=list(shape), dtype="float32", height=64, width=64),
             headers={"Content-Type": "tensor/binary"},
         )
         message = error_of(response, 400)
         assert needle in message and "[B, 16, T, h, w]" in message
-    out = remote_decode(url(video_server, "hunyuanvideo", ""), tensor=torch.zeros(1, 16, 1, 2, 2), output_type="pt", return_type="pt", do_scaling=False)
+    out = remote_decode(
+        url(video_server, "hunyuanvideo", ""),
+        tensor=torch.zeros(1, 16, 1, 2, 2),
+        output_type="pt",
+        return_type="pt",
+        do_scaling=False,
+    )
     assert out.shape == (1, 3, 1, 16, 16)  # and it still decodes
 
 
 def test_huge_latents_and_videos_are_413_before_any_work(video_server, tmp_path):
     # A latent of a million frames: refused from its shape, without reading a body.
     response = requests.post(
-        url(video_server, "wan21", ""), data=b"", params=dict(shape=[1, 16, 10**6, 8, 8], dtype="float16", output_type="mp4"), headers={"Content-Type": "tensor/binary"}
+        url(video_server, "wan21", ""),
+        data=b"",
+        params=dict(shape=[1, 16, 10**6, 8, 8], dtype="float16", output_type="mp4"),
+        headers={"Content-Type": "tensor/binary"},
     )
     assert "at most" in error_of(response, 413)
     # An MP4 with more frames than --max-video-pixels allows: refused while reading, not after.

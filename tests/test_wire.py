@@ -12,7 +12,9 @@ def query(**params) -> Params:
 
 
 def test_params_as_requests_encodes_them():
-    params = query(shape=[1, 4, 64, 64], dtype="float16", partial_postprocess=True, do_scaling=False, scaling_factor=0.18215)
+    params = query(
+        shape=[1, 4, 64, 64], dtype="float16", partial_postprocess=True, do_scaling=False, scaling_factor=0.18215
+    )
     assert params.shape() == (1, 4, 64, 64)
     assert params.flag("partial_postprocess") is True and params.flag("do_scaling") is False
     assert params.number("scaling_factor") == 0.18215
@@ -27,7 +29,11 @@ def test_booleans_any_case(text):
 def test_json_parameters_fill_in_under_the_query():
     params = Params.from_query("dtype=float32")
     params.overlay_json({"dtype": "float16", "shape": [1, 4, 8, 8], "partial_postprocess": True})
-    assert params.text("dtype") == "float32" and params.shape() == (1, 4, 8, 8) and params.flag("partial_postprocess") is True
+    assert (
+        params.text("dtype") == "float32"
+        and params.shape() == (1, 4, 8, 8)
+        and params.flag("partial_postprocess") is True
+    )
 
 
 def test_bool_is_not_a_number():
@@ -87,7 +93,9 @@ def test_negotiation_table(params, accept, form, fmt):
 def test_image_file_options():
     _, reply = negotiate_decode(query(output_type="pil", image_format="png"), "image/png", png_compression=4)
     assert (reply.image.format, reply.image.png_compression) == ("PNG", 4)  # the server's default
-    _, reply = negotiate_decode(query(output_type="pil", image_format="png", png_compression="9", quality="70"), "image/png", png_compression=4)
+    _, reply = negotiate_decode(
+        query(output_type="pil", image_format="png", png_compression="9", quality="70"), "image/png", png_compression=4
+    )
     assert (reply.image.png_compression, reply.image.quality) == (9, 70)  # the request's own
     for bad in ("10", "-1", "fast"):
         with pytest.raises(RequestError, match="png_compression"):

@@ -21,91 +21,277 @@ def _size(frames: int | None = None) -> dict:
 
 
 def sd3(vae):
-    transformer = d.SD3Transformer2DModel(sample_size=32, patch_size=1, in_channels=16, num_layers=1, attention_head_dim=8, num_attention_heads=4,
-                                          caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64, out_channels=16)
-    pipe = d.StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
-                                      text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
-    return pipe, dict(prompt_embeds=seeded(1, 8, 32, seed=1), pooled_prompt_embeds=seeded(1, 64, seed=2), guidance_scale=1.0, **_size())
+    transformer = d.SD3Transformer2DModel(
+        sample_size=32,
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_projection_dim=32,
+        joint_attention_dim=32,
+        pooled_projection_dim=64,
+        out_channels=16,
+    )
+    pipe = d.StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+    return pipe, dict(
+        prompt_embeds=seeded(1, 8, 32, seed=1),
+        pooled_prompt_embeds=seeded(1, 64, seed=2),
+        guidance_scale=1.0,
+        **_size(),
+    )
 
 
 def flux2(vae):
-    transformer = d.Flux2Transformer2DModel(patch_size=1, in_channels=128, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-                                            joint_attention_dim=16, timestep_guidance_channels=256, axes_dims_rope=[4, 4, 4, 4])
-    pipe = d.Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None, transformer=transformer)
+    transformer = d.Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=128,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        timestep_guidance_channels=256,
+        axes_dims_rope=[4, 4, 4, 4],
+    )
+    pipe = d.Flux2Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None, transformer=transformer
+    )
     return pipe, dict(prompt_embeds=seeded(1, 8, 16, seed=1), guidance_scale=1.0, **_size())
 
 
 def qwenimage(vae):
-    transformer = d.QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, num_layers=1, attention_head_dim=16, num_attention_heads=3,
-                                                joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4))
-    pipe = d.QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None, transformer=transformer)
-    return pipe, dict(prompt_embeds=seeded(1, 8, 16, seed=1), prompt_embeds_mask=torch.ones(1, 8, dtype=torch.long), true_cfg_scale=1.0, **_size())
+    transformer = d.QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=64,
+        out_channels=16,
+        num_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=3,
+        joint_attention_dim=16,
+        guidance_embeds=False,
+        axes_dims_rope=(8, 4, 4),
+    )
+    pipe = d.QwenImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None, transformer=transformer
+    )
+    return pipe, dict(
+        prompt_embeds=seeded(1, 8, 16, seed=1),
+        prompt_embeds_mask=torch.ones(1, 8, dtype=torch.long),
+        true_cfg_scale=1.0,
+        **_size(),
+    )
 
 
 def _sd_unet(**extra):
-    return d.UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4, norm_num_groups=8,
-                                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-                                  cross_attention_dim=16, attention_head_dim=4, **extra)
+    return d.UNet2DConditionModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        norm_num_groups=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=4,
+        **extra,
+    )
 
 
 def taesd(vae):
-    pipe = d.StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=_sd_unet(), scheduler=d.DDIMScheduler(steps_offset=1, clip_sample=False),
-                                     safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = d.StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+        unet=_sd_unet(),
+        scheduler=d.DDIMScheduler(steps_offset=1, clip_sample=False),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     return pipe, dict(prompt_embeds=seeded(1, 8, 16, seed=1), guidance_scale=1.0, **_size())
 
 
 def taesdxl(vae):
-    unet = _sd_unet(addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 16)
-    pipe = d.StableDiffusionXLPipeline(vae=vae, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None, unet=unet,
-                                       scheduler=d.EulerDiscreteScheduler())
-    return pipe, dict(prompt_embeds=seeded(1, 8, 16, seed=1), pooled_prompt_embeds=seeded(1, 16, seed=2), guidance_scale=1.0, **_size())
+    unet = _sd_unet(
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 16
+    )
+    pipe = d.StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=None,
+        text_encoder_2=None,
+        tokenizer=None,
+        tokenizer_2=None,
+        unet=unet,
+        scheduler=d.EulerDiscreteScheduler(),
+    )
+    return pipe, dict(
+        prompt_embeds=seeded(1, 8, 16, seed=1),
+        pooled_prompt_embeds=seeded(1, 16, seed=2),
+        guidance_scale=1.0,
+        **_size(),
+    )
 
 
 def taef1(vae):
-    transformer = d.FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-                                           joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
-    pipe = d.FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
-                          transformer=transformer)
-    return pipe, dict(prompt_embeds=seeded(1, 8, 32, seed=1), pooled_prompt_embeds=seeded(1, 32, seed=2), guidance_scale=1.0, **_size())
+    transformer = d.FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=[4, 4, 8],
+    )
+    pipe = d.FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=transformer,
+    )
+    return pipe, dict(
+        prompt_embeds=seeded(1, 8, 32, seed=1),
+        pooled_prompt_embeds=seeded(1, 32, seed=2),
+        guidance_scale=1.0,
+        **_size(),
+    )
 
 
 def wan22(vae):
-    transformer = d.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=48, out_channels=48, text_dim=16,
-                                          freq_dim=32, ffn_dim=16, num_layers=1, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+    transformer = d.WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=48,
+        out_channels=48,
+        text_dim=16,
+        freq_dim=32,
+        ffn_dim=16,
+        num_layers=1,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )
     # TI2V-5B runs WanPipeline with expand_timesteps, as its model_index.json says.
-    pipe = d.WanPipeline(tokenizer=None, text_encoder=None, transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(), expand_timesteps=True)
+    pipe = d.WanPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        transformer=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        expand_timesteps=True,
+    )
     return pipe, dict(prompt_embeds=seeded(1, 8, 16, seed=1), guidance_scale=1.0, **_size(9))
 
 
 def hunyuanvideo15(vae):
-    transformer = d.HunyuanVideo15Transformer3DModel(in_channels=32 * 2 + 1, out_channels=32, num_attention_heads=2, attention_head_dim=8, num_layers=1,
-                                                     num_refiner_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=16,
-                                                     text_embed_2_dim=16, image_embed_dim=16, rope_axes_dim=(2, 2, 4))
-    pipe = d.HunyuanVideo15Pipeline(text_encoder=None, tokenizer=None, transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),
-                                    text_encoder_2=None, tokenizer_2=None, guider=d.ClassifierFreeGuidance(guidance_scale=1.0, enabled=False))
+    transformer = d.HunyuanVideo15Transformer3DModel(
+        in_channels=32 * 2 + 1,
+        out_channels=32,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=1,
+        num_refiner_layers=1,
+        mlp_ratio=2.0,
+        patch_size=1,
+        patch_size_t=1,
+        text_embed_dim=16,
+        text_embed_2_dim=16,
+        image_embed_dim=16,
+        rope_axes_dim=(2, 2, 4),
+    )
+    pipe = d.HunyuanVideo15Pipeline(
+        text_encoder=None,
+        tokenizer=None,
+        transformer=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        text_encoder_2=None,
+        tokenizer_2=None,
+        guider=d.ClassifierFreeGuidance(guidance_scale=1.0, enabled=False),
+    )
     mask = torch.ones(1, 8, dtype=torch.long)
-    return pipe, dict(prompt_embeds=seeded(1, 8, 16, seed=1), prompt_embeds_mask=mask, prompt_embeds_2=seeded(1, 8, 16, seed=2), prompt_embeds_mask_2=mask,
-                      **_size(9))
+    return pipe, dict(
+        prompt_embeds=seeded(1, 8, 16, seed=1),
+        prompt_embeds_mask=mask,
+        prompt_embeds_2=seeded(1, 8, 16, seed=2),
+        prompt_embeds_mask_2=mask,
+        **_size(9),
+    )
 
 
 def ltxvideo(vae):
-    transformer = d.LTXVideoTransformer3DModel(in_channels=128, out_channels=128, patch_size=1, patch_size_t=1, num_attention_heads=4, attention_head_dim=8,
-                                               cross_attention_dim=32, num_layers=1, caption_channels=32)
-    pipe = d.LTXPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None, transformer=transformer)
-    return pipe, dict(prompt_embeds=seeded(1, 8, 32, seed=1), prompt_attention_mask=torch.ones(1, 8, dtype=torch.long), guidance_scale=1.0, **_size(17))
+    transformer = d.LTXVideoTransformer3DModel(
+        in_channels=128,
+        out_channels=128,
+        patch_size=1,
+        patch_size_t=1,
+        num_attention_heads=4,
+        attention_head_dim=8,
+        cross_attention_dim=32,
+        num_layers=1,
+        caption_channels=32,
+    )
+    pipe = d.LTXPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None, transformer=transformer
+    )
+    return pipe, dict(
+        prompt_embeds=seeded(1, 8, 32, seed=1),
+        prompt_attention_mask=torch.ones(1, 8, dtype=torch.long),
+        guidance_scale=1.0,
+        **_size(17),
+    )
 
 
 def cogvideox(vae):
-    transformer = d.CogVideoXTransformer3DModel(num_attention_heads=4, attention_head_dim=8, in_channels=16, out_channels=16, time_embed_dim=2,
-                                                text_embed_dim=32, num_layers=1, sample_width=4, sample_height=8, sample_frames=9, patch_size=2,
-                                                temporal_compression_ratio=4, max_text_seq_length=8)
-    pipe = d.CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=d.CogVideoXDDIMScheduler())
+    transformer = d.CogVideoXTransformer3DModel(
+        num_attention_heads=4,
+        attention_head_dim=8,
+        in_channels=16,
+        out_channels=16,
+        time_embed_dim=2,
+        text_embed_dim=32,
+        num_layers=1,
+        sample_width=4,
+        sample_height=8,
+        sample_frames=9,
+        patch_size=2,
+        temporal_compression_ratio=4,
+        max_text_seq_length=8,
+    )
+    pipe = d.CogVideoXPipeline(
+        tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=d.CogVideoXDDIMScheduler()
+    )
     return pipe, dict(prompt_embeds=seeded(1, 8, 32, seed=1), guidance_scale=1.0, **_size(9))
 
 
 PIPELINES = {
-    "sd3": sd3, "flux2": flux2, "qwenimage": qwenimage, "taesd": taesd, "taesdxl": taesdxl, "taef1": taef1,
-    "wan22": wan22, "hunyuanvideo15": hunyuanvideo15, "ltxvideo": ltxvideo, "cogvideox": cogvideox,
+    "sd3": sd3,
+    "flux2": flux2,
+    "qwenimage": qwenimage,
+    "taesd": taesd,
+    "taesdxl": taesdxl,
+    "taef1": taef1,
+    "wan22": wan22,
+    "hunyuanvideo15": hunyuanvideo15,
+    "ltxvideo": ltxvideo,
+    "cogvideox": cogvideox,
 }
 
 
@@ -115,5 +301,7 @@ def run(family: str, vae, output_type: str) -> torch.Tensor:
     pipe, arguments = PIPELINES[family](vae)
     pipe.transformer.eval() if hasattr(pipe, "transformer") else pipe.unet.eval()
     pipe.set_progress_bar_config(disable=True)
-    output = pipe(**arguments, num_inference_steps=1, output_type=output_type, generator=torch.Generator().manual_seed(3))
+    output = pipe(
+        **arguments, num_inference_steps=1, output_type=output_type, generator=torch.Generator().manual_seed(3)
+    )
     return output.frames if hasattr(output, "frames") else output.images

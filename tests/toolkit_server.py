@@ -34,7 +34,16 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 JSON_TYPES = ("application/json", "application/json; charset=UTF-8")
-IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/tiff", "image/bmp", "image/gif", "image/webp", "image/x-image")
+IMAGE_TYPES = (
+    "image/png",
+    "image/jpeg",
+    "image/jpg",
+    "image/tiff",
+    "image/bmp",
+    "image/gif",
+    "image/webp",
+    "image/x-image",
+)
 
 
 def import_what_the_toolkit_imports() -> None:
@@ -85,7 +94,9 @@ def to_image(value, accept: str) -> bytes:
 
 
 def create_app(model_dir: str) -> Starlette:
-    if os.environ.get("REMOTE_VAE_TOOLKIT_STACK") == "1":  # the toolkit's own stack (elsewhere transformers 5 has no is_tf_available)
+    if (
+        os.environ.get("REMOTE_VAE_TOOLKIT_STACK") == "1"
+    ):  # the toolkit's own stack (elsewhere transformers 5 has no is_tf_available)
         import_what_the_toolkit_imports()
     handler = load_handler(model_dir)
     one_at_a_time = anyio.Semaphore(1)

@@ -1,0 +1,618 @@
+"""Serve settings: every `remote-vae serve` option once, with its default, its environment variable, its parser and
+its help, read into one frozen `Settings` and validated there.
+
+The command line, the server, handler.py and the Ray application all build their settings here (`Settings.parse`),
+so a container configured by REMOTE_VAE_* variables alone, a toolkit endpoint and a Ray replica see the same values.
+Nothing here imports torch: `--help` and the client commands answer in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .errors import RequestError
+from .families import Family, FamilyError, available
+from .latents import check_frame_count, check_sides
+
+ENV_PREFIX = "REMOTE_VAE_"
+
+
+class SettingsError(ValueError):
+    """Serve options that do not fit together; reported, then exit 2."""
+
+
+def env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(ENV_PREFIX + name, default)
+
+
+def env_flag(name: str) -> bool:
+    return str(env(name, "")).strip().lower() in ("1", "true", "yes", "on")
+
+
+# -- each stage's settings; their defaults are defined here and nowhere else ------------------------------------
+
+# --max-pixels on a GPU by default: one 8192x8192 image, which the exact tiled path decodes within memory.
+GPU_MAX_PIXELS = 8192 * 8192
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; more gets 413 before any work (service.py, latents.py)."""
+
+    max_body_bytes: int = 256 * 1024 * 1024
+    # Pixels over the whole batch, of a decode's output or an encode's input (on CPU; a GPU's is GPU_MAX_PIXELS).
+    max_pixels: int = 4 * 2048 * 2048
+    # The same over every frame of a video batch: 2^27 holds 129 frames of 1280x720.
+    max_video_pixels: int = 1 << 27
+    # Images or videos in one request.
+    max_batch: int = 64
+    # CPU seconds any one image or video file may take to decode (each gets 1 s plus 250 ns a pixel, up to this).
+    decode_cpu_seconds: float = 10.0
+
+    @property
+    def max_json_bytes(self) -> int:
+        """A JSON body carries parameters and one base64 payload, and parsing it holds the GIL: an eighth of the body
+        limit (32 MiB by default, 24 MiB of payload: any latent or image file a JSON client sends), at least 1 MiB."""
+        return min(self.max_body_bytes, max(1 << 20, self.max_body_bytes // 8))
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    """The bounded queue in front of the device (admission.py)."""
+
+    max_waiting: int = 32  # admitted requests beyond the one on the device: decoding, waiting or rendering
+    wait_timeout: float = 120.0  # seconds a request may wait for the device
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """Coalescing concurrent requests into one model call (batching.py)."""
+
+    max_images: int = 8  # images or videos per model call; 1 turns batching off
+    wait: float = 0.002  # seconds the oldest job may wait for more to join
+
+
+@dataclass(frozen=True)
+class ConnectionSettings:
+    """The rules every connection lives by (connections.py)."""
+
+    max_connections: int = 1000
+    header_timeout: float = 10.0  # seconds for a request's head to arrive
+    idle_timeout: float = 5.0  # seconds a keep-alive connection may sit idle (uvicorn's timeout_keep_alive)
+    min_rate: int = 32 * 1024  # bytes a second a body must arrive at and a reply drain at; 0: no minimum
+
+    @property
+    def rate_grace(self) -> float:
+        """Seconds before the rate applies, to a body from its start and to a reply from each stall: a body or a
+        reply gets as long to get going as a request's head."""
+        return self.header_timeout
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """How a family's model is loaded and run (vae/)."""
+
+    device: str = "auto"
+    dtype: str = "auto"
+    random_weights: bool = False
+    compile: bool = False
+    warmup_sizes: tuple[tuple[int, ...], ...] = ()
+    channels_last: str = "auto"
+    tile_store_bytes: int | None = None  # None: vae.DEFAULT_STORE_BYTES
+    tile_band_pixels: int | None = None  # None: by device
+    tile_above_pixels: int | None | str = "family"  # "family": the config's; None: never
+    batch_pixel_budget: int | None = None  # None: from the device
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything `remote-vae serve` was told, checked (`Settings.parse`)."""
+
+    families: tuple[str, ...] = ()
+    models: tuple[str, ...] = ()  # --model values: [FAMILY=]SOURCE
+    weights_dir: str | None = None
+    host: str = "0.0.0.0"
+    port: int = 8000
+    log_level: str = "info"
+    graceful_timeout: float = 30.0
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    api_key: str | None = None
+    api_key_file: str | None = None
+    api_keys: tuple[str, ...] = ()  # read from the two above by parse(); none: no key needed
+    cors_origins: tuple[str, ...] = ()  # web pages on these origins may call the API from a browser; none: no CORS
+    body_timeout: float = 120.0  # seconds to receive a whole body; slower gets 408
+    memory_budget: int | None = None  # host bytes the requests in flight may hold at once (memory.py); None: auto
+    max_pixels: int | None = None  # None: Limits' on CPU, GPU_MAX_PIXELS on a GPU
+    png_compression: int = 1  # zlib level of PNG replies; 1 is 3.3-4.6x faster than Pillow's 6 for 7-10% more bytes
+    limits: Limits = field(default_factory=Limits)
+    queue: QueueSettings = field(default_factory=QueueSettings)
+    batching: BatchSettings = field(default_factory=BatchSettings)
+    connections: ConnectionSettings = field(default_factory=ConnectionSettings)  # min_rate applies to bodies too
+    model: ModelSettings = field(default_factory=ModelSettings)
+
+    def limits_for(self, device_type: str) -> Limits:
+        """The request limits on a device: --max-pixels auto takes 8192x8192 on a GPU, where the exact tiled path
+        keeps such an image within memory."""
+        if self.max_pixels is not None:
+            return replace(self.limits, max_pixels=self.max_pixels)
+        return replace(self.limits, max_pixels=GPU_MAX_PIXELS) if device_type == "cuda" else self.limits
+
+    @classmethod
+    def parse(cls, argv: Sequence[str] = ()) -> Settings:
+        """`remote-vae serve ARGV` (without the word serve), over the REMOTE_VAE_* variables; SettingsError if the
+        values do not fit together. Bad values of one option exit as argparse does."""
+        parser = argparse.ArgumentParser(prog="remote-vae serve")
+        add_arguments(parser)
+        return cls.from_namespace(parser.parse_args([str(arg) for arg in argv]))
+
+    @classmethod
+    def from_namespace(cls, args: argparse.Namespace) -> Settings:
+        """The settings from a namespace that add_arguments' options filled in, checked."""
+        values: dict[str, Any] = {}
+        for option in OPTIONS:
+            value = getattr(args, option.name)
+            if option.many:
+                value = tuple(value or ())
+            if option.target == "batching.wait":
+                value = value / 1000  # --batch-wait-ms
+            group, _, name = option.target.rpartition(".")
+            (values.setdefault(group, {}) if group else values)[name] = value
+        if values["models"] == () and args.model is None:
+            values["models"] = tuple((env("MODEL") or "").split())
+        groups = {name: _GROUPS[name](**fields) for name, fields in values.items() if name in _GROUPS}
+        top = {name: value for name, value in values.items() if name not in _GROUPS}
+        return cls(**top, **groups).checked()
+
+    def checked(self) -> Settings:
+        """These settings, API keys read and the memory budget resolved; SettingsError where they do not fit."""
+        from .auth import ApiKeyError, load_api_keys
+        from .memory import BODY_COST, JSON_BODY_COST, auto_budget, size_text
+
+        limits, batching, queue, connections = self.limits, self.batching, self.queue, self.connections
+        for flag, value in (
+            ("--max-body-bytes", limits.max_body_bytes),
+            ("--max-video-pixels", limits.max_video_pixels),
+            ("--max-batch", limits.max_batch),
+        ):
+            if value < 1:
+                raise SettingsError(f"{flag} must be at least 1")
+        if batching.max_images < 1 or not 0 <= batching.wait <= 10:
+            raise SettingsError("--max-batch-images must be at least 1 and --batch-wait-ms from 0 to 10000")
+        if queue.max_waiting < 0 or self.graceful_timeout < 0:
+            raise SettingsError("--max-queue and --graceful-timeout must be 0 or more")
+        if queue.wait_timeout <= 0 or self.body_timeout <= 0:
+            raise SettingsError("--queue-timeout and --body-timeout must be above 0")
+        if connections.min_rate < 0 or connections.max_connections < 1:
+            raise SettingsError("--min-transfer-rate must be 0 or more, --max-connections at least 1")
+        if min(connections.header_timeout, connections.idle_timeout, limits.decode_cpu_seconds) <= 0:
+            raise SettingsError("--header-timeout, --idle-timeout and --decode-cpu-seconds must be above 0")
+        budget = self.memory_budget or auto_budget()
+        largest = max(BODY_COST * limits.max_body_bytes, JSON_BODY_COST * limits.max_json_bytes)
+        if budget < largest:
+            raise SettingsError(
+                f"--memory-budget ({size_text(budget)}) must hold the largest body a request may send: "
+                f"{size_text(largest)} ({BODY_COST} x --max-body-bytes, as it is read and joined); "
+                "raise it or lower --max-body-bytes"
+            )
+        if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
+            raise SettingsError("HTTPS needs both --ssl-certfile and --ssl-keyfile")
+        for path in filter(None, (self.ssl_certfile, self.ssl_keyfile)):
+            if not os.path.isfile(path):
+                raise SettingsError(f"{path} is not a file")
+        try:
+            keys = load_api_keys(self.api_key, self.api_key_file)
+        except ApiKeyError as exc:
+            raise SettingsError(str(exc)) from None
+        return replace(self, api_keys=keys, memory_budget=budget)
+
+
+_GROUPS = {
+    "limits": Limits,
+    "queue": QueueSettings,
+    "batching": BatchSettings,
+    "connections": ConnectionSettings,
+    "model": ModelSettings,
+}
+
+
+# -- values of one option ---------------------------------------------------------------------------------------
+
+
+def tile_threshold(value: str) -> int | None | str:
+    """--tile-above-pixels: a pixel count, 'family' (the config's) or 'never'."""
+    text = str(value).strip().lower()
+    if text in ("family", "never"):
+        return None if text == "never" else "family"
+    pixels = int(text) if text.isdigit() else -1
+    if pixels < 0:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected a pixel count (0 or more), 'family' or 'never'")
+    return pixels
+
+
+def _count_or_auto(value: str, unit: str, least: int) -> int | None:
+    """A count of `unit` (at least `least`), or 'auto' (None: the default)."""
+    text = str(value).strip().lower()
+    if text == "auto":
+        return None
+    if not text.isdigit() or int(text) < least:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected a {unit} count ({least} or more) or 'auto'")
+    return int(text)
+
+
+def byte_budget(value: str) -> int | None:
+    """--tile-store-bytes, --memory-budget: a byte count, or 'auto' (None: the default)."""
+    return _count_or_auto(value, "byte", 0)
+
+
+def pixel_budget(value: str) -> int | None:
+    """--batch-pixel-budget and the other pixel budgets: a pixel count, or 'auto' (None: from the device)."""
+    return _count_or_auto(value, "pixel", 1)
+
+
+def warmup_size(value: str) -> tuple[int, ...]:
+    """--warmup-sizes: 'WxH' or, for video families, 'WxHxF' (frames)."""
+    parts = str(value).lower().split("x")
+    if len(parts) not in (2, 3) or not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: expected WIDTHxHEIGHT in pixels, e.g. 1024x1024, or WIDTHxHEIGHTxFRAMES for video families"
+        )
+    return tuple(int(part) for part in parts)
+
+
+# -- the settings against the families being served -------------------------------------------------------------
+
+
+def warmup_sizes_for(family: Family, sizes: Sequence[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    """The warm-up sizes as the family takes them (a video's frames default to 1), or SettingsError."""
+    fitted = []
+    for size in sizes:
+        if len(size) == 3 and not family.is_video:
+            raise SettingsError(
+                f"--warmup-sizes {'x'.join(map(str, size))}: {family.name} decodes images; give WIDTHxHEIGHT"
+            )
+        try:
+            check_sides(size[1], size[0], family, "warm-up size")
+            if family.is_video:
+                size = size if len(size) == 3 else (*size, 1)
+                check_frame_count(size[2], family)
+        except RequestError as exc:
+            raise SettingsError(f"--warmup-sizes for {family.name}: {exc.message}") from None
+        fitted.append(size)
+    return fitted
+
+
+def model_sources(names: Sequence[str], specs: Sequence[str]) -> dict[str, str]:
+    """--model values by family: 'FAMILY=SOURCE', or a bare SOURCE when serving one family."""
+    sources: dict[str, str] = {}
+    for spec in specs:
+        family, sep, source = spec.partition("=")
+        if not sep:
+            if len(names) != 1:
+                raise FamilyError(f"--model {spec!r} is ambiguous with several families; write --model FAMILY={spec}")
+            family, source = names[0], spec
+        if family not in names:
+            raise FamilyError(
+                f"--model {spec!r} names family {family!r}, which is not being served ({', '.join(names)})"
+            )
+        sources[family] = source
+    return sources
+
+
+# -- the options ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Option:
+    """One `serve` option: its flag, the Settings field it sets, how its text is read, and its help, in which
+    {default} is its default. Its environment variable is REMOTE_VAE_ and the flag's name in capitals."""
+
+    flag: str
+    target: str
+    help: str
+    parse: Callable[[str], Any] = str
+    metavar: str | None = None
+    choices: tuple | None = None
+    many: bool = False  # several values: space-separated in the variable
+
+    @property
+    def name(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+    @property
+    def variable(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    def default(self) -> Any:
+        """The value when the flag is not given: its variable's, else the Settings default."""
+        text = os.environ.get(self.variable)
+        if text is None and self.flag == "--port":
+            text = os.environ.get("PORT")  # the port platforms such as Cloud Run and Spaces give
+        if text is None:
+            value = _default_of(self.target)
+            return value * 1000 if self.target == "batching.wait" else list(value) if self.many else value
+        if self.parse is bool:
+            return env_flag(self.name.upper())
+        if self.many:
+            try:
+                return [self.parse(part) for part in text.split()]
+            except argparse.ArgumentTypeError as exc:
+                raise SettingsError(f"{self.variable}: {exc}") from None
+        return text  # argparse reads a text default with `parse`, and reports a bad one naming the option
+
+    def add_to(self, parser: argparse.ArgumentParser) -> None:
+        default = self.default()
+        shown = self.parse(default) if isinstance(default, str) and self.parse not in (str, bool) else default
+        shown = "auto" if shown is None else shown
+        text = self.help.format(default=shown, families=", ".join(available()))
+        text += f" [env {self.variable}{', space-separated' if self.many else ''}]"
+        if not self.flag.startswith("-"):
+            parser.add_argument(self.flag, nargs="*", type=self.parse, default=default, metavar=self.metavar, help=text)
+        elif self.parse is bool:
+            parser.add_argument(self.flag, action="store_true", default=default, help=text)
+        elif self.flag == "--model":
+            parser.add_argument(self.flag, action="append", default=None, metavar=self.metavar, help=text)
+        else:
+            parser.add_argument(
+                self.flag,
+                type=self.parse,
+                default=default,
+                metavar=self.metavar,
+                choices=self.choices,
+                nargs="*" if self.many else None,
+                help=text,
+            )
+
+
+def _default_of(target: str) -> Any:
+    value: Any = Settings()
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "families", "families", "a name in configs/ ({families}) or a config file path", metavar="FAMILY", many=True
+    ),
+    Option(
+        "--model",
+        "models",
+        "weights: a diffusers model directory or a Hub id org/name[/subfolder]; FAMILY= "
+        "picks the family when serving several",
+        metavar="[FAMILY=]PATH_OR_HUB_ID",
+        many=True,
+    ),
+    Option(
+        "--weights-dir",
+        "weights_dir",
+        "weights baked into an image: DIR/<family>/ (see `download`); used when "
+        "--model is not given and HF_MODEL_DIR holds none",
+        metavar="DIR",
+    ),
+    Option("--host", "host", "address to listen on (default {default})"),
+    Option("--port", "port", "port, or the PORT variable (default {default})", parse=int),
+    Option("--device", "model.device", "auto, cuda, cuda:N or cpu (default {default})"),
+    Option(
+        "--dtype",
+        "model.dtype",
+        "compute dtype; auto = the family's GPU dtype on CUDA, float32 on CPU",
+        choices=("auto", "float16", "bfloat16", "float32"),
+    ),
+    Option(
+        "--random-weights",
+        "model.random_weights",
+        "build the architecture with seeded random weights, no download (for trying it out)",
+        parse=bool,
+    ),
+    Option(
+        "--max-body-bytes",
+        "limits.max_body_bytes",
+        "largest request body; larger gets 413 (default {default})",
+        parse=int,
+    ),
+    Option(
+        "--max-pixels",
+        "max_pixels",
+        "most pixels (over the batch) a decode returns or an encode takes; more gets "
+        f"413 at once (default auto: {GPU_MAX_PIXELS} = 8192x8192 on a GPU, {Limits.max_pixels} on CPU)",
+        parse=pixel_budget,
+        metavar="N|auto",
+    ),
+    Option(
+        "--max-video-pixels",
+        "limits.max_video_pixels",
+        "the same for videos, counting every frame; more gets 413 (default {default}, room for 129 frames of 1280x720)",
+        parse=int,
+    ),
+    Option(
+        "--max-batch",
+        "limits.max_batch",
+        "most images or videos in one request; more gets 413 (default {default})",
+        parse=int,
+    ),
+    Option(
+        "--max-queue",
+        "queue.max_waiting",
+        "requests held beyond the one on the device, from when their body has "
+        "been read until their reply is rendered; more get 503 with Retry-After, before anything is parsed or "
+        "decoded (default {default})",
+        parse=int,
+    ),
+    Option(
+        "--queue-timeout",
+        "queue.wait_timeout",
+        "seconds a request may wait for the device; longer gets 503 (default {default:g})",
+        parse=float,
+    ),
+    Option(
+        "--body-timeout",
+        "body_timeout",
+        "seconds to receive a request body; slower gets 408 (default {default:g})",
+        parse=float,
+    ),
+    Option(
+        "--min-transfer-rate",
+        "connections.min_rate",
+        "a body must arrive, and a reply drain, at least this fast "
+        "after the first --header-timeout seconds: a slower body gets 408, a slower reply is cut; 0 turns it off "
+        "(default {default})",
+        parse=int,
+        metavar="BYTES_PER_S",
+    ),
+    Option(
+        "--header-timeout",
+        "connections.header_timeout",
+        "seconds a connection has to send a request's head, "
+        "after opening or after its last reply; then 408 and closed (default {default:g})",
+        parse=float,
+        metavar="S",
+    ),
+    Option(
+        "--idle-timeout",
+        "connections.idle_timeout",
+        "seconds an idle keep-alive connection stays open (default {default:g})",
+        parse=float,
+        metavar="S",
+    ),
+    Option(
+        "--max-connections",
+        "connections.max_connections",
+        "open connections at once; past it the one idle "
+        "longest is closed, or with none idle the new one gets 503 (lowered to fit the open-file limit) (default "
+        "{default})",
+        parse=int,
+        metavar="N",
+    ),
+    Option(
+        "--memory-budget",
+        "memory_budget",
+        "host memory the requests in flight may hold at once (bodies, decoded "
+        "pixels and frames, replies not yet sent), reserved before it is allocated; more waits, then gets 503 "
+        "(default auto: 40%% of the machine's or the container's memory, at least 512 MiB)",
+        parse=byte_budget,
+        metavar="BYTES|auto",
+    ),
+    Option(
+        "--decode-cpu-seconds",
+        "limits.decode_cpu_seconds",
+        "most CPU one image or video file may take to decode "
+        "(each gets 1 s plus 250 ns a pixel, up to this); more gets 413 (default {default:g})",
+        parse=float,
+        metavar="S",
+    ),
+    Option("--api-key", "api_key", "require 'Authorization: Bearer KEY' on every POST (health and /metrics stay open)"),
+    Option(
+        "--api-key-file", "api_key_file", "the same with keys read from a file, one per line (several for rotation)"
+    ),
+    Option(
+        "--cors-origins",
+        "cors_origins",
+        "let web pages on these origins call the API from a browser (e.g. https://app.example.com, or * for any)",
+        metavar="ORIGIN",
+        many=True,
+    ),
+    Option("--ssl-certfile", "ssl_certfile", "serve HTTPS with this PEM certificate (chain)"),
+    Option("--ssl-keyfile", "ssl_keyfile", "the certificate's PEM private key"),
+    Option(
+        "--graceful-timeout",
+        "graceful_timeout",
+        "on SIGTERM, stop accepting and give in-flight requests this "
+        "many seconds to finish, then exit 0 (default {default:g})",
+        parse=float,
+    ),
+    Option(
+        "--max-batch-images",
+        "batching.max_images",
+        "coalesce concurrent requests of the same shape into one "
+        "model call of up to N images or videos; 1 turns batching off (default {default})",
+        parse=int,
+        metavar="N",
+    ),
+    Option(
+        "--batch-wait-ms",
+        "batching.wait",
+        "longest a request waits for others to join its model call, and only "
+        "while more are arriving (default {default:g})",
+        parse=float,
+        metavar="MS",
+    ),
+    Option(
+        "--batch-pixel-budget",
+        "model.batch_pixel_budget",
+        "pixels (batch x frames x height x width) one model "
+        "call may take whole; a larger batch runs one sample at a time. auto: on CUDA what fits the free memory, "
+        "on CPU 65536 (measured)",
+        parse=pixel_budget,
+        metavar="N|auto",
+    ),
+    Option(
+        "--png-compression",
+        "png_compression",
+        "zlib level of PNG replies unless a request sends "
+        "png_compression; the pixels are the same at every level (default {default}: 3.3-4.6x faster than "
+        "Pillow's 6 on photos for 7-10%% more bytes)",
+        parse=int,
+        choices=tuple(range(10)),
+        metavar="0-9",
+    ),
+    Option(
+        "--compile",
+        "model.compile",
+        "torch.compile the encoder and decoder; the --warmup-sizes are compiled at start-up, other sizes run eagerly",
+        parse=bool,
+    ),
+    Option(
+        "--warmup-sizes",
+        "model.warmup_sizes",
+        "sizes in pixels (and frames, for video families) to run once at "
+        "start-up, before serving: compiles them with --compile, tunes cuDNN on CUDA",
+        parse=warmup_size,
+        metavar="WxH[xF]",
+        many=True,
+    ),
+    Option(
+        "--channels-last",
+        "model.channels_last",
+        "run convolutions in channels-last layout; auto = on for CUDA, off for the CPU (see docs/benchmarks.md)",
+        choices=("auto", "on", "off"),
+    ),
+    Option(
+        "--tile-store-bytes",
+        "model.tile_store_bytes",
+        "host memory what one cut of the exact tiled path holds "
+        "whole (an activation and the residuals across it) may take; past it, bands are recomputed instead, so "
+        "memory stays flat as images grow, for time (default auto: 268435456; on a GPU activations stay on the "
+        "device while they fit)",
+        parse=byte_budget,
+        metavar="N|auto",
+    ),
+    Option(
+        "--tile-band-pixels",
+        "model.tile_band_pixels",
+        "output pixels per band of the exact tiled path, the "
+        "device's work per step (default auto: 1048576 on a GPU, 65536 on CPU)",
+        parse=pixel_budget,
+        metavar="N|auto",
+    ),
+    Option(
+        "--tile-above-pixels",
+        "model.tile_above_pixels",
+        "decode/encode in tiles when an image or frame has more "
+        "than N pixels (0 = always); 'family' keeps each family's own setting (video: on above 512x512 / "
+        "1280x720, images: never)",
+        parse=tile_threshold,
+        metavar="N|family|never",
+    ),
+    Option("--log-level", "log_level", "(default {default})", choices=("debug", "info", "warning", "error")),
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`serve`'s options on a parser."""
+    for option in OPTIONS:
+        option.add_to(parser)
