@@ -28,7 +28,6 @@ from typing import AsyncIterator, Iterator
 from .errors import RequestError
 from .settings import QueueSettings
 
-
 RATE_WINDOW = 64  # requests the service rate is measured over
 RATE_SECONDS = 60.0
 

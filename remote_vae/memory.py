@@ -245,6 +245,13 @@ def _libc():
 
 
 _LIBC = _libc()
+
+
+def trim_heaps() -> None:
+    """Hand the heaps' free pages back to the system now (glibc's malloc_trim; elsewhere nothing to do)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
 _trimming = threading.Lock()
 TRIM_DELAYS = (0.2, 1.0)  # seconds: soon after the last release, and once more when the stragglers are surely gone
 TRIM_AFTER_BYTES = 16 * MIB  # after smaller requests trimming would only cost time: their memory is reused at once
@@ -258,11 +265,10 @@ def release_free_memory(reserved: int = TRIM_AFTER_BYTES) -> None:
 
     def trim() -> None:
         try:
-            for (
-                delay
-            ) in TRIM_DELAYS:  # the requests' last objects (a reply's bytes, a job's tensors) are freed as they unwind
+            # The requests' last objects (a reply's bytes, a job's tensors) are freed as they unwind.
+            for delay in TRIM_DELAYS:
                 time.sleep(delay)
-                _LIBC.malloc_trim(0)
+                trim_heaps()
         finally:
             _trimming.release()
 

@@ -43,8 +43,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from . import families
-from .settings import Settings
 from .families import FamilyError
+from .settings import Settings
 
 # In a replica's own process: the registry its app serves, for the index's questions (set by the ingress builder).
 _registry = None

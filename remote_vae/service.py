@@ -28,10 +28,6 @@ import PIL.Image
 import torch
 
 from . import latents as latent_ops
-from .device import to_host
-from .errors import RequestError
-from .families import Family
-from .settings import Limits
 from .decoders import (
     IMAGE_TYPES,
     VIDEO_TYPES,
@@ -42,6 +38,9 @@ from .decoders import (
     read_image_header,
     video_demuxer,
 )
+from .device import to_host
+from .errors import RequestError
+from .families import Family
 from .media import (
     PNG_COMPRESSION,
     FrameRouter,
@@ -58,6 +57,7 @@ from .media import (
     parse_dtype,
     tensor_from_bytes,
 )
+from .settings import Limits
 from .vae import LoadedVae
 
 log = logging.getLogger("remote_vae")

@@ -21,10 +21,10 @@ from urllib.parse import parse_qs
 import PIL.Image
 import torch
 
+from .decoders import is_image_file, is_video_file
 from .errors import RequestError
 from .families import TILINGS
 from .latents import PACKED_MEMORY, Scaling
-from .decoders import is_image_file, is_video_file
 from .media import IMAGE_FORMATS, MEDIA_TYPES, ImageFile, Mp4Options, dtype_name, tensor_to_bytes
 from .service import Checked, DecodeRequest, DecodeTimestep, EncodeRequest, Job, Limits, RawTensor, VaeService
 

@@ -9,7 +9,7 @@ faults of a running server by rewriting the file:
                           raises torch.cuda.OutOfMemoryError, as a GPU would
   {"fail_above": value}   a decoder call on values larger than this raises
                           RuntimeError: one poisoned request in a batch
-  {"oom_exact": true}     the exact tiled decode (remote_vae/tiling.py, which
+  {"oom_exact": true}     the exact tiled decode (remote_vae/tiling/group_norm.py, which
                           runs the decoder's layers itself) runs out of memory too
   {"fast": true}          the decoder and encoder (and Wan's encoder) are replaced by
                           a resampling (zeros) of the right shape, so the attack tests measure the request
@@ -29,11 +29,11 @@ from diffusers.models.autoencoders import vae as vae_blocks
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from remote_vae.cli import main  # noqa: E402
-from remote_vae.tiling import ExactTiler  # noqa: E402
+from remote_vae.tiling.group_norm import GroupNormTiler  # noqa: E402
 
 decoder_forward = vae_blocks.Decoder.forward
 encoder_forward = vae_blocks.Encoder.forward
-exact_decoder_forward = ExactTiler.decoder_forward
+exact_decoder_forward = GroupNormTiler.decoder_forward
 
 
 def faults() -> dict:
@@ -92,7 +92,7 @@ def faulty_wan_encode(self, x):
 vae_blocks.Decoder.forward = faulty_forward
 vae_blocks.Encoder.forward = faulty_encoder_forward
 autoencoder_kl_wan.AutoencoderKLWan._encode = faulty_wan_encode
-ExactTiler.decoder_forward = faulty_exact_decoder_forward
+GroupNormTiler.decoder_forward = faulty_exact_decoder_forward
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -111,7 +111,7 @@ def test_a_served_cuda_decode_matches_diffusers_on_cuda(model_dirs, reference, t
 def test_exact_tiling_on_the_gpu_with_activations_on_the_device_or_in_host_memory(reference, store, limit):
     """The exact tiled path on CUDA, whole activations kept on the GPU, waiting in host memory, or none held
     (every band recomputed): diffusers' untiled decode."""
-    from remote_vae.tiling import ExactTiler
+    from remote_vae.tiling.group_norm import GroupNormTiler
 
     model = reference["sd15"].to(CUDA)
     try:
@@ -119,7 +119,7 @@ def test_exact_tiling_on_the_gpu_with_activations_on_the_device_or_in_host_memor
         with torch.inference_mode():
             untiled = model.decode(latents).sample
             with PeakMemory(CUDA) as peak:
-                tiler = ExactTiler(model, band_pixels=40 * 184, store=torch.device(store), store_limit=limit)
+                tiler = GroupNormTiler(model, band_pixels=40 * 184, store=torch.device(store), store_limit=limit)
                 with tiler.installed():
                     tiled = model.decode(latents).sample
         torch.testing.assert_close(tiled, untiled, atol=1e-4, rtol=1e-4)
@@ -131,7 +131,7 @@ def test_exact_tiling_on_the_gpu_with_activations_on_the_device_or_in_host_memor
 def test_banded_tiling_on_the_gpu(reference):
     """Wan's banded exact path on CUDA (its clip loop once per band, the causal caches on the GPU): diffusers' untiled
     decode and encode."""
-    from remote_vae.halo_tiling import HaloTiler
+    from remote_vae.tiling.halo import HaloTiler
 
     model = reference["wan21"].to(CUDA)
     try:

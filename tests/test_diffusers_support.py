@@ -113,7 +113,7 @@ def test_the_server_handler_cli_and_client_import_no_architecture_code():
     diffusers that lacks or renamed one of them costs that family, not every import."""
     code = (
         "import sys, remote_vae.server, remote_vae.launch, remote_vae.cli, remote_vae.client, handler; "
-        "print(sorted(m for m in sys.modules if m.startswith('diffusers.models.autoencoders.') or m in ('remote_vae.tiling', 'remote_vae.halo_tiling')))"
+        "print(sorted(m for m in sys.modules if m.startswith('diffusers.models.autoencoders.') or m.startswith('remote_vae.tiling.')))"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, env=offline_env(), capture_output=True, text=True, timeout=120
@@ -122,16 +122,16 @@ def test_the_server_handler_cli_and_client_import_no_architecture_code():
 
 
 def test_an_architecture_module_this_diffusers_lacks_costs_only_its_exact_path(monkeypatch):
-    from remote_vae import halo_tiling, tiling
+    from remote_vae.tiling import architectures, steps
 
-    assert tiling._classes("diffusers.models.autoencoders.autoencoder_kl_from_the_future", "Decoder") == ()
-    assert tiling._classes("diffusers.models.autoencoders.vae", "Decoder", "NoSuchEncoder") == ()
+    assert steps._classes("diffusers.models.autoencoders.autoencoder_kl_from_the_future", "Decoder") == ()
+    assert steps._classes("diffusers.models.autoencoders.vae", "Decoder", "NoSuchEncoder") == ()
     missing = "diffusers.models.autoencoders.autoencoder_kl_from_the_future"
-    monkeypatch.setitem(halo_tiling._BUILDERS, missing, lambda module: module.FutureDecoder)
-    assert halo_tiling._architecture_in(missing) is None
+    monkeypatch.setitem(architectures._BUILDERS, missing, lambda module: module.FutureDecoder)
+    assert architectures._architecture_in(missing) is None
     renamed = "diffusers.models.autoencoders.vae"  # there, but without the classes a builder names
-    monkeypatch.setitem(halo_tiling._BUILDERS, renamed, lambda module: module.RenamedDecoder3d)
+    monkeypatch.setitem(architectures._BUILDERS, renamed, lambda module: module.RenamedDecoder3d)
     try:
-        assert halo_tiling._architecture_in(renamed) is None
+        assert architectures._architecture_in(renamed) is None
     finally:
-        halo_tiling._architecture_in.cache_clear()  # what it found under the patched table
+        architectures._architecture_in.cache_clear()  # what it found under the patched table

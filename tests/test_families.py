@@ -11,9 +11,10 @@ from diffusers.utils.remote_utils import remote_decode, remote_encode
 
 from remote_vae import families
 from remote_vae.families import FamilyError, load_family, match_model_config
-from remote_vae.halo_tiling import HaloTiler
-from remote_vae.tiling import ExactTiler
-from remote_vae.vae import default_source, exact_tiler_for, load_vae, model_class, weights_folder
+from remote_vae.tiling.halo import HaloTiler
+from remote_vae.tiling.group_norm import GroupNormTiler
+from remote_vae.tiling import tiler_for
+from remote_vae.vae import default_source, load_vae, model_class, weights_folder
 
 EXPECTED_FACTORS = {
     "sd15": (0.18215, None),
@@ -222,12 +223,12 @@ def test_families_command_shows_each_familys_client_call(capsys):
 
 
 EXACT_TILER = {
-    "sd15": ExactTiler,
-    "sdxl": ExactTiler,
-    "sd3": ExactTiler,
-    "flux": ExactTiler,
-    "flux2": ExactTiler,
-    "hunyuanvideo": ExactTiler,
+    "sd15": GroupNormTiler,
+    "sdxl": GroupNormTiler,
+    "sd3": GroupNormTiler,
+    "flux": GroupNormTiler,
+    "flux2": GroupNormTiler,
+    "hunyuanvideo": GroupNormTiler,
     "wan21": HaloTiler,
     "wan22": HaloTiler,
     "qwenimage": HaloTiler,
@@ -240,4 +241,4 @@ EXACT_TILER = {
 def test_the_real_architecture_has_the_exact_tiler_its_tiny_model_is_tested_with(name):
     with torch.device("meta"):
         model = model_class(load_family(name)).from_config(load_family(name).architecture)
-    assert exact_tiler_for(model) is EXACT_TILER.get(name)
+    assert tiler_for(model) is EXACT_TILER.get(name)

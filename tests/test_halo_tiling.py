@@ -1,4 +1,4 @@
-"""Exact banded tiling of the row-local VAEs (halo_tiling.py: Wan 2.1 / 2.2, Qwen-Image, HunyuanVideo 1.5, LTX-Video): every band's
+"""Exact banded tiling of the row-local VAEs (tiling/halo.py: Wan 2.1 / 2.2, Qwen-Image, HunyuanVideo 1.5, LTX-Video): every band's
 rows equal the untiled decode and encode, through the models' own frame-by-frame causal caches; the measured halo is what
 makes them equal."""
 
@@ -8,10 +8,11 @@ import pytest
 import torch
 from conftest import TINY_MODELS, seeded
 
-from remote_vae import halo_tiling
+from remote_vae.tiling import halo as halo_tiling
 from remote_vae.families import load_family
-from remote_vae.halo_tiling import HaloTiler
-from remote_vae.tiling import ExactTiler, first_conv
+from remote_vae.tiling.halo import HaloTiler
+from remote_vae.tiling.group_norm import GroupNormTiler
+from remote_vae.tiling.steps import first_conv
 from remote_vae.vae import load_vae
 
 ROW_LOCAL = ("wan21", "wan22", "qwenimage", "hunyuanvideo15", "ltxvideo")
@@ -20,7 +21,7 @@ ROW_LOCAL = ("wan21", "wan22", "qwenimage", "hunyuanvideo15", "ltxvideo")
 def test_the_halo_tiler_covers_the_row_local_families_and_no_groupnorm_one(reference):
     supported = {name for name, model in reference.items() if HaloTiler.supports(model)}
     assert supported == set(ROW_LOCAL)
-    assert not any(ExactTiler.supports(reference[name]) for name in supported)
+    assert not any(GroupNormTiler.supports(reference[name]) for name in supported)
 
 
 def cases(family: str, model) -> tuple[torch.Tensor, torch.Tensor, dict]:

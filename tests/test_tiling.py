@@ -12,7 +12,7 @@ from remote_vae.settings import Settings
 from remote_vae.families import load_family
 from remote_vae.latents import check_output_size, plan_decode
 from remote_vae.settings import GPU_MAX_PIXELS
-from remote_vae.tiling import ExactTiler
+from remote_vae.tiling.group_norm import GroupNormTiler
 
 FAMILIES = ("sd15", "flux", "sd3", "flux2")
 BAND_PIXELS = 1500  # a few dozen rows per band at these sizes: many bands, each with halos
@@ -107,12 +107,12 @@ def test_exact_tiling_where_the_model_has_none_is_refused(families_server):
 
 
 def test_exact_tiling_covers_the_groupnorm_families(reference):
-    supported = {name for name, model in reference.items() if ExactTiler.supports(model)}
+    supported = {name for name, model in reference.items() if GroupNormTiler.supports(model)}
     assert supported == {"sd15", "flux", "sd3", "flux2", "hunyuanvideo"}
 
 
 def tiled_in_process(model, call, store_limit):
-    tiler = ExactTiler(model, band_pixels=BAND_PIXELS, store_limit=store_limit)
+    tiler = GroupNormTiler(model, band_pixels=BAND_PIXELS, store_limit=store_limit)
     with torch.no_grad(), tiler.installed():
         return call(), (tiler.recomputed, tiler.overwritten)
 

@@ -28,146 +28,73 @@ The tiler replaces the model's `decoder` / `encoder` forward for one call
 frame batches) run around it unchanged. It applies to diffusers' 2-D
 `Encoder` / `Decoder` (AutoencoderKL and the families built on it: SD1.5, SDXL,
 SD3, Flux, Flux.2) and to HunyuanVideo's causal 3-D ones, spatially;
-`ExactTiler.supports` checks the structure, not a name. The VAEs that normalise
+`GroupNormTiler.supports` checks the structure, not a name. The VAEs that normalise
 each pixel on its own (Wan, Qwen-Image, HunyuanVideo 1.5, LTX-Video) tile more simply, in
 halo_tiling.py.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import importlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
-from diffusers.models.autoencoders.vae import Decoder, Encoder
+from diffusers.models.autoencoders.vae import Decoder
 from diffusers.models.downsampling import Downsample2D
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D
 from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
-
-def _classes(module: str, *names: str) -> tuple[type, ...]:
-    """These classes of a diffusers module, or none where the installed diffusers lacks one: its models then have no exact path here."""
-    try:
-        found = importlib.import_module(module)
-        return tuple(getattr(found, name) for name in names)
-    except (ImportError, AttributeError):
-        return ()
-
-
-# HunyuanVideo's causal 3-D decoder and encoder, built of the same pieces in 3-D (imported here, not by the server:
-# this module is imported when a model is first tiled).
-HUNYUAN_VIDEO = _classes(
-    "diffusers.models.autoencoders.autoencoder_kl_hunyuan_video",
-    "HunyuanVideoDecoder3D",
-    "HunyuanVideoEncoder3D",
-    "HunyuanVideoResnetBlockCausal3D",
-    "HunyuanVideoUpsampleCausal3D",
-    "HunyuanVideoDownsampleCausal3D",
+from ..memory import trim_heaps
+from .steps import (
+    DOWNSAMPLERS,
+    PAIRS,
+    RESNETS,
+    UPSAMPLERS,
+    Add,
+    Layer,
+    Norm,
+    Save,
+    Step,
+    decoder_tail,
+    encoder_head,
+    group_norm,
+    resnet_steps,
 )
-PAIRS = ((Decoder, Encoder),) + ((HUNYUAN_VIDEO[:2],) if HUNYUAN_VIDEO else ())
-RESNETS = (ResnetBlock2D,) + HUNYUAN_VIDEO[2:3]
-UPSAMPLERS = (Upsample2D,) + HUNYUAN_VIDEO[3:4]
-DOWNSAMPLERS = (Downsample2D,) + HUNYUAN_VIDEO[4:5]
-
 
 # -- the program: what a slice of rows goes through ------------------------------------
 
 
-@dataclass
-class Layer:
-    """A row-local layer: output rows [s, e) read input rows [s/scale - halo, e/scale + halo)."""
-
-    run: Callable[[torch.Tensor], torch.Tensor]
-    halo: int
-    scale: float = 1.0  # output rows per input row
-    align: int = 1  # slices start on a multiple of this many input rows (a stride-2 sampler's phase)
 
 
-@dataclass
-class Norm:
-    """GroupNorm with statistics over the whole activation, then the activation function."""
-
-    norm: nn.GroupNorm
-    act: Callable[[torch.Tensor], torch.Tensor]
 
 
-@dataclass
-class Save:
-    """Keeps the current rows as `name`, for a residual."""
-
-    name: str
 
 
-@dataclass
-class Add:
-    """(shortcut(saved `name`) + current) / divide: a resnet's residual."""
-
-    name: str
-    shortcut: Callable[[torch.Tensor], torch.Tensor] | None
-    divide: float = 1.0
 
 
-Step = Layer | Norm | Save | Add
 
 
-def resnet_steps(resnet: nn.Module, name: str) -> list[Step]:
-    """ResnetBlock2D (no time embedding) or HunyuanVideo's causal resnet; dropout is the identity in eval mode."""
-    return [
-        Save(name),
-        Norm(resnet.norm1, resnet.nonlinearity),
-        _conv(resnet.conv1),
-        Norm(resnet.norm2, resnet.nonlinearity),
-        _conv(resnet.conv2),
-        Add(name, resnet.conv_shortcut, getattr(resnet, "output_scale_factor", 1.0)),
-    ]
 
 
-def _conv(conv: nn.Module) -> Layer:
-    return Layer(conv, _halo(conv))
 
 
-def _sampler(sampler: nn.Module) -> Layer:
-    """An up- or downsampler as a layer: nearest 2x then a conv, or a strided conv (bands start on even rows)."""
-    if isinstance(sampler, UPSAMPLERS):
-        factor = int(getattr(sampler, "upsample_factor", (2, 2))[-2])
-        return Layer(sampler, halo=1, scale=factor)
-    stride = first_conv(sampler).stride[-2]
-    return Layer(sampler, halo=2, scale=1 / stride, align=stride)
 
 
-def decoder_tail(decoder: nn.Module) -> list[Step]:
-    """The decoder after its mid block: up blocks, then norm, act and conv out."""
-    steps: list[Step] = []
-    for b, block in enumerate(decoder.up_blocks):
-        for r, resnet in enumerate(block.resnets):
-            steps += resnet_steps(resnet, f"up{b}.{r}")
-        steps += [_sampler(sampler) for sampler in block.upsamplers or []]
-    return steps + [Norm(decoder.conv_norm_out, decoder.conv_act), _conv(decoder.conv_out)]
 
 
-def encoder_head(encoder: nn.Module) -> list[Step]:
-    """The encoder before its mid block: conv in, then down blocks."""
-    steps: list[Step] = [_conv(encoder.conv_in)]
-    for b, block in enumerate(encoder.down_blocks):
-        for r, resnet in enumerate(block.resnets):
-            steps += resnet_steps(resnet, f"down{b}.{r}")
-        steps += [_sampler(sampler) for sampler in block.downsamplers or []]
-    return steps
 
 
 # -- the tiler ------------------------------------------------------------------------
 
 
-class ExactTiler:
+class GroupNormTiler:
     """Runs a model's encoder and decoder band by band, exactly (see the module's docstring)."""
+
+    keeps_activations = True  # whole activations wait at checkpoints, in `store`, up to `store_limit` bytes
 
     def __init__(
         self, model: nn.Module, band_pixels: int, store: torch.device | None = None, store_limit: int | None = None
@@ -451,7 +378,7 @@ class ExactTiler:
             yield (start, stop), first, out[..., start - top : stop - top, :], saved
             del out, saved
             if large and self.device.type == "cpu":
-                release_host_memory()
+                trim_heaps()
 
     def _slice(self, steps: list[Step], x: torch.Tensor, first: int, last: int, held, stats):
         """steps over input rows first..last of x: (rows, the first row's index, saved values); rows near a cut edge are wrong, for cropping.
@@ -522,34 +449,12 @@ def _finish(sums, norm: nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
 RELEASE_BAND_BYTES = 8 << 20
 
 
-def _malloc_trim() -> Callable[[int], int] | None:
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        return None
 
 
-_MALLOC_TRIM = _malloc_trim()
-
-
-def release_host_memory() -> None:
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
-
-
-def group_norm(norm: nn.GroupNorm, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
-    """nn.GroupNorm with given statistics ([B, groups]), computed in float32 as torch's kernel does."""
-    batch, channels = x.shape[:2]
-    grouped = x.float().reshape(batch, norm.num_groups, -1)
-    normalised = ((grouped - mean[..., None]) * rstd[..., None]).reshape(x.shape)
-    if norm.affine:
-        shape = (1, channels) + (1,) * (x.ndim - 2)
-        normalised = normalised * norm.weight.float().view(shape) + norm.bias.float().view(shape)
-    return normalised.to(x.dtype)
 
 
 def _plain_attention(mid: nn.Module) -> bool:
-    """Whether a mid block is diffusers' UNetMidBlock2D with plain 2-D self-attention, which ExactTiler.attention runs by query bands."""
+    """Whether a mid block is diffusers' UNetMidBlock2D with plain 2-D self-attention, which GroupNormTiler.attention runs by query bands."""
     if type(mid) is not UNetMidBlock2D or any(type(resnet) is not ResnetBlock2D for resnet in mid.resnets):
         return False
     for attention in mid.attentions:
@@ -564,12 +469,5 @@ def _plain_attention(mid: nn.Module) -> bool:
     return True
 
 
-def first_conv(module: nn.Module) -> nn.Module:
-    """The first convolution inside module (2-D or 3-D)."""
-    return next(m for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d)))
 
 
-def _halo(module: nn.Module) -> int:
-    """Rows a convolution reads either side of an output row."""
-    conv = first_conv(module)
-    return conv.kernel_size[-2] // 2 * conv.dilation[-2]

@@ -26,328 +26,76 @@ pass runs the mid block and head on them, with the model's cache, in order.
 
 from __future__ import annotations
 
-import functools
-import importlib
-import inspect
 import math
-import sys
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from diffusers.models.autoencoders.vae import DecoderOutput
 from torch import nn
 
-from .tiling import first_conv
+from .architectures import Architecture, Call, architecture_of
+from .steps import first_conv
 
 # Frames out per latent frame, for a model that does not say (its `temporal_compression_ratio`): sizes bands, never results.
 TEMPORAL_BOUND = 4
 
 
-@dataclass
-class Call:
-    """What one call of a decoder's or encoder's forward gets beyond its input, by what it is."""
-
-    cache: list | None = None  # the causal convolutions' cache (Wan, Qwen-Image: a frame or a few per call), else None
-    index: list[int] = field(default_factory=lambda: [0])  # the next cache entry
-    first_chunk: bool = False  # Wan 2.2's first frame
-    temb: torch.Tensor | None = None  # LTX-Video's decode timestep
-
-    _NAMES = {"feat_cache": "cache", "feat_idx": "index", "first_chunk": "first_chunk", "temb": "temb"}
-
-    @classmethod
-    def of(cls, part: nn.Module, args: tuple, kwargs: dict) -> Call:
-        """The call from the arguments after the input, named as the part's own forward names them."""
-        names = list(inspect.signature(type(part).forward).parameters)[2:]  # after self and the input
-        given = {name: value for name, value in (dict(zip(names, args)) | kwargs).items() if value is not None}
-        if unknown := set(given) - set(cls._NAMES):
-            raise TypeError(
-                f"{type(part).__name__}.forward got {sorted(unknown)}, which the banded path does not pass on"
-            )
-        return cls(**{cls._NAMES[name]: value for name, value in given.items()})
 
 
 # -- what runs whole and what runs per band, per architecture ---------------------------
 
 
-def _cached_conv(conv: nn.Module, x: torch.Tensor, call: Call) -> torch.Tensor:
-    """A causal conv through its cache entry (the last two frames of its input), as Wan's conv in / conv out run."""
-    cache, index = call.cache, call.index
-    if cache is None:
-        return conv(x)
-    i = index[0]
-    frames = sys.modules[
-        type(conv).__module__
-    ].CACHE_T  # the frames its module's convolutions cache (Wan's and Qwen-Image's: 2)
-    held = x[:, :, -frames:].clone()
-    if held.shape[2] < frames and cache[i] is not None:
-        held = torch.cat([cache[i][:, :, -1:].to(held.device), held], dim=2)
-    x = conv(x, cache[i])
-    cache[i] = held
-    index[0] += 1
-    return x
 
 
-def _wan_decoder_whole(decoder, x, call):
-    return decoder.mid_block(_cached_conv(decoder.conv_in, x, call), call.cache, call.index)
 
 
-def _wan_decoder_banded(decoder, x, call):
-    for block in decoder.up_blocks:
-        chunk = (
-            {"first_chunk": call.first_chunk} if "first_chunk" in inspect.signature(block.forward).parameters else {}
-        )
-        x = block(x, call.cache, call.index, **chunk)
-    return _cached_conv(decoder.conv_out, decoder.nonlinearity(decoder.norm_out(x)), call)
 
 
-def _wan_encoder_banded(encoder, x, call):
-    x = _cached_conv(encoder.conv_in, x, call)
-    for layer in encoder.down_blocks:
-        x = layer(x, call.cache, call.index)
-    return x
 
 
-def _wan_encoder_whole(encoder, x, call):
-    x = encoder.nonlinearity(encoder.norm_out(encoder.mid_block(x, call.cache, call.index)))
-    return _cached_conv(encoder.conv_out, x, call)
 
 
-def _hv15_decoder_whole(decoder, x, call):
-    return decoder.mid_block(decoder.conv_in(x) + x.repeat_interleave(repeats=decoder.repeat, dim=1))
 
 
-def _hv15_decoder_banded(decoder, x, call):
-    for block in decoder.up_blocks:
-        x = block(x)
-    return decoder.conv_out(decoder.conv_act(decoder.norm_out(x)))
 
 
-def _hv15_encoder_banded(encoder, x, call):
-    x = encoder.conv_in(x)
-    for block in encoder.down_blocks:
-        x = block(x)
-    return x
 
 
-def _hv15_encoder_whole(encoder, x, call):
-    x = encoder.mid_block(x)
-    batch, _, frames, height, width = x.shape
-    shortcut = x.view(batch, -1, encoder.group_size, frames, height, width).mean(dim=2)
-    return encoder.conv_out(encoder.conv_act(encoder.norm_out(x))) + shortcut
 
 
-def _ltx_temb(decoder, call):
-    return call.temb * decoder.timestep_scale_multiplier if decoder.timestep_scale_multiplier is not None else call.temb
 
 
-def _ltx_norm(norm, x):
-    return norm(x.movedim(1, -1)).movedim(-1, 1)
 
 
-def _ltx_decoder_whole(decoder, x, call):
-    return decoder.mid_block(decoder.conv_in(x), _ltx_temb(decoder, call))
 
 
-def _ltx_decoder_banded(decoder, x, call):
-    temb = _ltx_temb(decoder, call)
-    for block in decoder.up_blocks:
-        x = block(x, temb)
-    x = _ltx_norm(decoder.norm_out, x)
-    if decoder.time_embedder is not None:
-        embedded = decoder.time_embedder(
-            timestep=temb.flatten(), resolution=None, aspect_ratio=None, batch_size=x.shape[0], hidden_dtype=x.dtype
-        )
-        shift, scale = (
-            embedded.view(x.shape[0], 2, -1, 1, 1, 1) + decoder.scale_shift_table[None, ..., None, None, None]
-        ).unbind(dim=1)
-        x = x * (1 + scale) + shift
-    x = decoder.conv_out(decoder.conv_act(x))
-    p, p_t = decoder.patch_size, decoder.patch_size_t  # unpatchified as the decoder does, in its order
-    batch, _, frames, height, width = x.shape
-    x = x.reshape(batch, -1, p_t, p, p, frames, height, width)
-    return x.permute(0, 1, 5, 2, 6, 4, 7, 3).flatten(6, 7).flatten(4, 5).flatten(2, 3)
 
 
-def _ltx_encoder_banded(encoder, x, call):
-    p, p_t = encoder.patch_size, encoder.patch_size_t  # patchified as the encoder does, in its order
-    batch, channels, frames, height, width = x.shape
-    x = (
-        x.reshape(batch, channels, frames // p_t, p_t, height // p, p, width // p, p)
-        .permute(0, 1, 3, 7, 5, 2, 4, 6)
-        .flatten(1, 4)
-    )
-    x = encoder.conv_in(x)
-    for block in encoder.down_blocks:
-        x = block(x)
-    return x
 
 
-def _ltx_encoder_whole(encoder, x, call):
-    x = encoder.conv_out(encoder.conv_act(_ltx_norm(encoder.norm_out, encoder.mid_block(x))))
-    return torch.cat(
-        [x, x[:, -1:].repeat(1, x.shape[1] - 2, 1, 1, 1)], dim=1
-    )  # the last channel repeated, as the encoder does
 
 
-def _draws_no_noise(module: nn.Module) -> bool:
-    """LTX 0.9.1's decoder can add spatial noise per resnet, drawn for the shape it sees: a band would draw other noise."""
-    return getattr(module, "per_channel_scale1", None) is None and getattr(module, "per_channel_scale2", None) is None
 
 
-@dataclass(frozen=True)
-class Architecture:
-    """An encoder/decoder pair split at the mid block, and the module types allowed in the banded parts."""
-
-    decoder: type
-    encoder: type
-    decoder_whole: Callable
-    decoder_banded: Callable
-    encoder_banded: Callable
-    encoder_whole: Callable
-    row_local: tuple[type, ...]  # every module type in the banded parts: none looks beyond its halo
-    band_safe: Callable[[nn.Module], bool] = lambda module: (
-        True
-    )  # and each module, as configured, gives a band its own rows
-
-    def decoder_banded_modules(self, decoder: nn.Module) -> list[nn.Module]:
-        return [decoder.up_blocks, decoder.norm_out, decoder.conv_out]
-
-    def encoder_banded_modules(self, encoder: nn.Module) -> list[nn.Module]:
-        return [encoder.conv_in, encoder.down_blocks]
 
 
-_CONTAINERS = (nn.ModuleList, nn.Sequential, nn.Identity, nn.Dropout, nn.SiLU, nn.ZeroPad2d, nn.Conv2d, nn.Conv3d)
 
 
-def _wan(wan) -> Architecture:
-    return Architecture(
-        wan.WanDecoder3d,
-        wan.WanEncoder3d,
-        _wan_decoder_whole,
-        _wan_decoder_banded,
-        _wan_encoder_banded,
-        _wan_encoder_whole,
-        _CONTAINERS
-        + (
-            wan.WanCausalConv3d,
-            wan.WanRMS_norm,
-            wan.WanUpsample,
-            wan.WanResample,
-            wan.WanResidualBlock,
-            wan.WanUpBlock,
-            wan.WanResidualUpBlock,
-            wan.WanResidualDownBlock,
-            wan.AvgDown3D,
-            wan.DupUp3D,
-        ),
-    )
 
 
-def _qwen(qwen) -> Architecture:
-    return Architecture(
-        qwen.QwenImageDecoder3d,
-        qwen.QwenImageEncoder3d,
-        _wan_decoder_whole,
-        _wan_decoder_banded,
-        _wan_encoder_banded,
-        _wan_encoder_whole,
-        _CONTAINERS
-        + (
-            qwen.QwenImageCausalConv3d,
-            qwen.QwenImageRMS_norm,
-            qwen.QwenImageUpsample,
-            qwen.QwenImageResample,
-            qwen.QwenImageResidualBlock,
-            qwen.QwenImageUpBlock,
-        ),
-    )
 
 
-def _hv15(hv15) -> Architecture:
-    return Architecture(
-        hv15.HunyuanVideo15Decoder3D,
-        hv15.HunyuanVideo15Encoder3D,
-        _hv15_decoder_whole,
-        _hv15_decoder_banded,
-        _hv15_encoder_banded,
-        _hv15_encoder_whole,
-        _CONTAINERS
-        + (
-            hv15.HunyuanVideo15CausalConv3d,
-            hv15.HunyuanVideo15RMS_norm,
-            hv15.HunyuanVideo15Upsample,
-            hv15.HunyuanVideo15Downsample,
-            hv15.HunyuanVideo15ResnetBlock,
-            hv15.HunyuanVideo15UpBlock3D,
-            hv15.HunyuanVideo15DownBlock3D,
-        ),
-    )
 
 
-def _ltx(ltx) -> Architecture:
-    from diffusers.models import embeddings, normalization
-
-    return Architecture(
-        ltx.LTXVideoDecoder3d,
-        ltx.LTXVideoEncoder3d,
-        _ltx_decoder_whole,
-        _ltx_decoder_banded,
-        _ltx_encoder_banded,
-        _ltx_encoder_whole,
-        _CONTAINERS
-        + (
-            ltx.LTXVideoCausalConv3d,
-            ltx.LTXVideoResnetBlock3d,
-            ltx.LTXVideoUpsampler3d,
-            ltx.LTXVideoDownsampler3d,
-            ltx.LTXVideoUpBlock3d,
-            ltx.LTXVideoDownBlock3D,
-            ltx.LTXVideo095DownBlock3D,
-            normalization.RMSNorm,
-            nn.LayerNorm,
-            nn.Linear,
-            embeddings.PixArtAlphaCombinedTimestepSizeEmbeddings,
-            embeddings.Timesteps,
-            embeddings.TimestepEmbedding,
-        ),  # its norms normalise each pixel's channels; time embeddings, a sample's
-        _draws_no_noise,
-    )
 
 
-# The architectures by the diffusers module that defines their decoder and encoder. A module is imported, and its
-# architecture built, only when a loaded model's decoder comes from it: a diffusers that lacks or renamed one of these
-# classes loses that architecture's exact path, never the import of this module or another family.
-_BUILDERS: dict[str, Callable[[object], Architecture]] = {
-    "diffusers.models.autoencoders.autoencoder_kl_wan": _wan,
-    "diffusers.models.autoencoders.autoencoder_kl_qwenimage": _qwen,
-    "diffusers.models.autoencoders.autoencoder_kl_hunyuanvideo15": _hv15,
-    "diffusers.models.autoencoders.autoencoder_kl_ltx": _ltx,
-}
 
 
-@functools.cache
-def _architecture_in(module: str) -> Architecture | None:
-    build = _BUILDERS.get(module)
-    try:
-        return build(importlib.import_module(module)) if build else None
-    except (ImportError, AttributeError):
-        return None
 
 
-def architecture_of(model: nn.Module) -> Architecture | None:
-    """The model's split, if its encoder and decoder are of a known pair and their banded parts are row-local only."""
-    decoder, encoder = getattr(model, "decoder", None), getattr(model, "encoder", None)
-    arch = _architecture_in(type(decoder).__module__)
-    if arch is not None and type(decoder) is arch.decoder and type(encoder) is arch.encoder:
-        banded = arch.decoder_banded_modules(decoder) + arch.encoder_banded_modules(encoder)
-        if all(
-            type(module) in arch.row_local and arch.band_safe(module) for part in banded for module in part.modules()
-        ):
-            return arch
-    return None
 
 
 # -- the halo: how many latent rows beyond a band its output rows read ------------------
@@ -449,10 +197,10 @@ class HaloTiler:
 
     min_band_halos = 4  # a band is at least this many halos tall: the halos' extra work stays under half
 
-    def __init__(
-        self, model: nn.Module, band_pixels: int, store: torch.device | None = None, store_limit: int | None = None
-    ):
-        self.model = model  # (store and store_limit are tiling.ExactTiler's: nothing here waits between layers)
+    keeps_activations = False  # nothing waits between layers: every band runs through to the output
+
+    def __init__(self, model: nn.Module, band_pixels: int):
+        self.model = model
         self.arch = architecture_of(model)
         self.band_pixels = max(1, band_pixels)  # output (decode) or input (encode) pixels per band
         self.bands = 0  # band passes run (read by tests)
