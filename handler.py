@@ -25,10 +25,10 @@ import PIL.Image
 import torch
 
 from remote_vae import families
-from remote_vae.launch import load_service
 from remote_vae.errors import RequestError
-from remote_vae.settings import Settings
+from remote_vae.launch import load_service
 from remote_vae.media import ImageFile, dtype_name, encode_image, save_options, stack_vertically, tensor_to_bytes
+from remote_vae.settings import read_settings
 from remote_vae.vae import default_source
 from remote_vae.wire import Params, dispatch, first_accepted
 
@@ -45,7 +45,7 @@ def _family_for(path: str, names: list[str]) -> families.Family:
 class EndpointHandler:
     def __init__(self, path: str = ""):
         # The same settings `serve` reads from REMOTE_VAE_* environment variables.
-        settings = Settings.parse()
+        settings = read_settings()
         family = _family_for(path, settings.families)
         source = default_source(family, [path or os.environ.get("HF_MODEL_DIR"), settings.weights_dir], several=False)
         self.service = load_service(family, source, settings)

@@ -20,7 +20,7 @@ from pathlib import Path
 from . import families
 from .families import Family, FamilyError
 from .latents import LatentLayout, frame_step
-from .settings import Settings, SettingsError, add_arguments, env
+from .settings import SettingsError, add_arguments, env, settings_from
 
 log = logging.getLogger("remote_vae")
 
@@ -241,11 +241,12 @@ def run_client(args: argparse.Namespace) -> int:
                     )
                     written = [target]
                 tqdm.write(" ".join(str(path) for path in written), file=sys.stdout)
+            # OSError: connection failures (requests' are OSErrors) and files
             except (
                 RemoteVaeError,
                 OSError,
                 ValueError,
-            ) as exc:  # OSError: connection failures (requests' are OSErrors) and files
+            ) as exc:
                 failed += 1
                 tqdm.write(f"error: {source}: {exc}", file=sys.stderr)
     return 1 if failed else 0
@@ -268,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.command == "download":
             return launch.download(args.families, Path(args.to))
-        return launch.serve(Settings.from_namespace(args))
+        return launch.serve(settings_from(args))
     except (FamilyError, SettingsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -309,9 +309,8 @@ def save_output(result, path: Path) -> list[Path]:
 
     images: Sequence[PIL.Image.Image] = [result] if isinstance(result, PIL.Image.Image) else result
     file_format = IMAGE_FORMATS.get(suffix.lstrip("."))
-    options = (
-        save_options(ImageFile(file_format)) if file_format else {}
-    )  # the server's JPEG / WebP / PNG settings, not Pillow's defaults
+    # The server's JPEG / WebP / PNG settings, not Pillow's defaults
+    options = save_options(ImageFile(file_format)) if file_format else {}
     paths = (
         [path] if len(images) == 1 else [path.with_name(f"{path.stem}-{index}{suffix}") for index in range(len(images))]
     )

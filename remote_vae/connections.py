@@ -211,9 +211,8 @@ def protocol_class(stats: ConnectionStats) -> type[H11Protocol]:
 
         def _check_drain(self, buffered_before: int, seconds: float) -> None:
             self._stall_timer = None
-            buffered = (
-                self.transport.get_write_buffer_size()
-            )  # still watched after a close: it waits for the buffer to drain
+            # Still watched after a close: it waits for the buffer to drain
+            buffered = self.transport.get_write_buffer_size()
             if buffered_before - buffered < settings.min_rate * seconds:
                 stats.closed["write_stalled"] += 1
                 log.info(

@@ -124,9 +124,8 @@ def check_jpeg(data: bytes) -> bool:
                     status=413,
                 )
         position += length
-        if (
-            marker == 0xDA
-        ):  # start of scan: entropy-coded data follows, up to the next marker that is not 0xFF00 or RSTn
+        # Start of scan: entropy-coded data follows, up to the next marker that is not 0xFF00 or RSTn
+        if marker == 0xDA:
             scans += 1
             if scans > MAX_JPEG_SCANS:
                 raise RequestError(

@@ -82,9 +82,8 @@ class Family:
     decode_timestep: str | None = None
     samples_per_call: int | None = None
     latent_frames_odd: bool = False
-    default_tiling: str = (
-        "exact"  # the tiling a call uses when it tiles and the request names none ("exact" where the model has it)
-    )
+    # The tiling a call uses when it tiles and the request names none ("exact" where the model has it)
+    default_tiling: str = "exact"
     min_diffusers: str | None = None  # the oldest diffusers release that builds this family's model as configured
 
     @property

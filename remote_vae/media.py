@@ -136,9 +136,8 @@ JpegEncoder = Callable[[torch.Tensor, int], bytes]
 
 
 def _torchvision_encode_jpeg():
-    from torchvision.io import (
-        encode_jpeg,
-    )  # optional: images with CUDA torch ship it; pip has no CPU build to test with
+    # Optional: images with CUDA torch ship it; pip has no CPU build to test with
+    from torchvision.io import encode_jpeg
 
     return encode_jpeg
 

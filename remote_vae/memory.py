@@ -252,6 +252,7 @@ def trim_heaps() -> None:
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
 
+
 _trimming = threading.Lock()
 TRIM_DELAYS = (0.2, 1.0)  # seconds: soon after the last release, and once more when the stragglers are surely gone
 TRIM_AFTER_BYTES = 16 * MIB  # after smaller requests trimming would only cost time: their memory is reused at once

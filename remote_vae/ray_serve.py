@@ -44,7 +44,7 @@ from starlette.routing import Route
 
 from . import families
 from .families import FamilyError
-from .settings import Settings
+from .settings import Settings, read_settings
 
 # In a replica's own process: the registry its app serves, for the index's questions (set by the ingress builder).
 _registry = None
@@ -52,7 +52,7 @@ _registry = None
 
 def parse_options(family: str, options: list[str]) -> Settings:
     """`remote-vae serve FAMILY OPTIONS...` read as the command line would (REMOTE_VAE_* variables included)."""
-    return Settings.parse([family, *options])
+    return read_settings([family, *options])
 
 
 def replica_app(family: str, options: list[str]):

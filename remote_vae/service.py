@@ -124,9 +124,8 @@ class DecodeRequest:
     mp4: Mp4Options = field(default_factory=Mp4Options)
     image: ImageFile = field(default_factory=ImageFile)
     decode_timestep: "DecodeTimestep | None" = None
-    packed_memory: str | None = (
-        None  # token sequences: "channels_first" (the pipelines' memory, default) or "tokens_first"
-    )
+    # Token sequences: "channels_first" (the pipelines' memory, default) or "tokens_first"
+    packed_memory: str | None = None
     tiling: str | None = None  # when the call tiles: "exact" or "blend"; None: exact where the model allows
 
 

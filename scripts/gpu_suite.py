@@ -213,7 +213,6 @@ class Suite:
     def in_process(self, family_name: str):
         """diffusers in this process as a user runs it, and with the service's device path: one load, two copies."""
         import torch
-
         from bench import InProcess
 
         from remote_vae.families import load_family
@@ -390,9 +389,8 @@ def cuda_tests(suite: Suite, deadline: float) -> dict:
             env={**os.environ, "PYTHONPATH": python_path()},
         )
     except subprocess.TimeoutExpired as exc:
-        output = (
-            exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
-        )  # bytes even with text=True
+        # Bytes even with text=True
+        output = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
         return {"summary": "timed out", "output": output[-3000:]}
     lines = [line for line in done.stdout.strip().splitlines() if line.strip()]
     failures = [line for line in lines if line.startswith(("FAILED", "ERROR"))]
@@ -503,9 +501,8 @@ def per_request(before: dict, after: dict) -> dict:
 
 def throughput(suite: Suite, deadline: float) -> dict:
     import torch
-    from diffusers.utils.remote_utils import remote_decode
-
     from bench import pooled, under_load
+    from diffusers.utils.remote_utils import remote_decode
 
     from remote_vae.families import load_family
 
@@ -584,9 +581,8 @@ def compile_stage(suite: Suite, deadline: float) -> dict:
 def large(suite: Suite, deadline: float) -> dict:
     import numpy as np
     import torch
-    from diffusers.utils.remote_utils import remote_decode
-
     from bench import PeakMemory
+    from diffusers.utils.remote_utils import remote_decode
 
     from remote_vae.families import load_family
     from remote_vae.media import uint8_images
@@ -669,14 +665,14 @@ def profile(suite: Suite, deadline: float) -> dict:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from remote_vae.settings import Settings
     from remote_vae.families import load_family
     from remote_vae.launch import load_service
+    from remote_vae.settings import read_settings
     from remote_vae.wire import HttpCall, prepare_call, render
 
     size = SIZES[suite.args.tiny]["profile"]
     family = load_family("sdxl")
-    options = Settings.parse(["sdxl", "--device", suite.args.device, "--warmup-sizes", f"{size}x{size}"])
+    options = read_settings(["sdxl", "--device", suite.args.device, "--warmup-sizes", f"{size}x{size}"])
     service = load_service(family, str(suite.model_dir("sdxl")), options)
     latents = torch.randn(1, 4, size // 8, size // 8).half()
     query = "&".join([f"shape={n}" for n in latents.shape] + ["dtype=float16", "output_type=pil", "image_format=png"])

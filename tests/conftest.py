@@ -472,6 +472,7 @@ def video_server(model_dirs, tmp_path_factory):
     """hunyuanvideo and wan21, plus each (and ltxvideo) as a '-tiled' family (a config file) that always tiles."""
     configs = tmp_path_factory.mktemp("configs")
     untiled = ["hunyuanvideo", "wan21"]
+    # Exact tiling in several bands at these sizes
     names, options = (
         list(untiled),
         [
@@ -482,7 +483,7 @@ def video_server(model_dirs, tmp_path_factory):
             "--tile-band-pixels",
             "20000",
         ],
-    )  # exact tiling in several bands at these sizes
+    )
     for name, tiling in TEST_TILING.items():
         family = json.loads((ROOT / "configs" / f"{name}.json").read_text())
         path = configs / f"{name}-tiled.json"

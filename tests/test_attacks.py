@@ -436,12 +436,13 @@ def test_unread_replies_are_cut_and_their_memory_freed(attacked, fast, reference
         timeout=60,
         params={"shape": [1, 4, 128, 128], "dtype": "float32", "output_type": "pt"},
     )
+    # One read as it should be: the baseline has what such a call leaves
     assert tensor_of(read).shape == (
         1,
         3,
         1024,
         1024,
-    )  # one read as it should be: the baseline has what such a call leaves
+    )
     baseline = attacked.memory()["resident"]
     attacked.reset_peak()
     stalled_before = attacked.metric("remote_vae_connections_closed_total", reason="write_stalled")

@@ -178,9 +178,8 @@ def test_concurrent_requests_of_mixed_shapes_forms_and_families_each_get_their_o
     expected = pixels(decoded(sd_vae, seeded(1, 4, 8, 16, seed=6)))[0]
     jpeg = io.BytesIO()
     Image.fromarray(expected).save(jpeg, format="JPEG", quality=90, subsampling=0)
-    assert (
-        psnr(torch.tensor(np.asarray(results[5])), torch.tensor(np.asarray(Image.open(jpeg).convert("RGB")))) >= 40
-    )  # as Pillow writes it locally
+    # As Pillow writes it locally
+    assert psnr(torch.tensor(np.asarray(results[5])), torch.tensor(np.asarray(Image.open(jpeg).convert("RGB")))) >= 40
     torch.testing.assert_close(results[6], decoded(flux_vae, seeded(1, 16, 8, 8, seed=7)), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(
         results[7], decoded(flux_vae, FluxPipeline._unpack_latents(packed, 64, 64, 8)), atol=1e-4, rtol=1e-4

@@ -157,9 +157,8 @@ def test_browser_pages_on_allowed_origins_may_call_it(server):
     assert reply.headers["access-control-allow-origin"] == ORIGIN
     assert {"shape", "dtype", "x-request-id"} <= set(reply.headers["access-control-expose-headers"].split(", "))
     refused = requests.post(server.url + "/", verify=server.verify, data=b"", headers={"Origin": ORIGIN})
-    assert (
-        refused.status_code == 401 and refused.headers["access-control-allow-origin"] == ORIGIN
-    )  # the page can read why
+    # The page can read why
+    assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == ORIGIN
     other = requests.options(
         server.url + "/",
         verify=server.verify,

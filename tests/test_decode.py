@@ -7,8 +7,8 @@ import pytest
 import requests
 import torch
 from conftest import psnr, seeded
-from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
 from diffusers.utils.remote_utils import remote_decode
 from PIL import Image
 

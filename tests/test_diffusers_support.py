@@ -14,10 +14,10 @@ import pytest
 import requests
 from conftest import ROOT, LiveServer, offline_env, seeded
 from diffusers.utils.remote_utils import remote_decode
+from test_decode import SD, assert_pixels_close, decode_locally, uint8_locally
 
 from remote_vae import families
 from remote_vae.vae import UnsupportedFamily, model_class
-from test_decode import SD, assert_pixels_close, decode_locally, uint8_locally
 
 
 def family_config(folder: Path, name: str, **changes) -> Path:

@@ -442,8 +442,8 @@ def test_chunked_body_over_limit_is_413(multi_server):
 
 
 def test_server_still_decodes_after_errors(multi_server, sd):
-    from diffusers.utils.remote_utils import remote_decode
     import torch
+    from diffusers.utils.remote_utils import remote_decode
 
     for case in ("byte count", "garbage image", "bad json"):
         path, params, body, headers, *_ = CASES[case]

@@ -5,8 +5,8 @@ own latent (output_type="latent") decoded to the pixels that pipeline makes itse
 import numpy as np
 import pytest
 import requests
-import torch
 import tiny_pipelines
+import torch
 from conftest import NEW_FAMILIES, seeded, tensor_of
 from diffusers import Flux2Pipeline, LTXPipeline
 from diffusers.utils.remote_utils import remote_decode, remote_encode

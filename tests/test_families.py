@@ -5,15 +5,15 @@ import shutil
 
 import pytest
 import torch
-from conftest import LiveServer, TINY_BLOCKS, offline_env, seeded
+from conftest import TINY_BLOCKS, LiveServer, offline_env, seeded
 from diffusers import AutoencoderKL
 from diffusers.utils.remote_utils import remote_decode, remote_encode
 
 from remote_vae import families
 from remote_vae.families import FamilyError, load_family, match_model_config
-from remote_vae.tiling.halo import HaloTiler
-from remote_vae.tiling.group_norm import GroupNormTiler
 from remote_vae.tiling import tiler_for
+from remote_vae.tiling.group_norm import GroupNormTiler
+from remote_vae.tiling.halo import HaloTiler
 from remote_vae.vae import default_source, load_vae, model_class, weights_folder
 
 EXPECTED_FACTORS = {
@@ -54,9 +54,8 @@ def test_config_builds_its_architecture(name):
         assert (config.get("scaling_factor"), config.get("shift_factor")) == (1.0, 0.0)
     else:
         assert config.get("scaling_factor") == family.scaling_factor
-    for buffer in (
-        family.latents_stats_in_weights or {}
-    ).values():  # one statistic per channel where the pipeline normalises
+    # One statistic per channel where the pipeline normalises
+    for buffer in family.latents_stats_in_weights or {}.values():
         if buffer in config:
             continue  # an eps
         assert model.get_buffer(buffer).shape == (family.latent_channels * family.latent_layout.get("patch", 1) ** 2,)

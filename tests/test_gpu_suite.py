@@ -46,9 +46,8 @@ def test_every_stage_runs_on_the_cpu_within_90_seconds(tiny_run):
 def test_the_results_are_measured_and_checked(tiny_run):
     _, out = tiny_run
     stages = json.loads((out / "results.json").read_text())["stages"]
-    assert (
-        stages["cuda_tests"]["exit_code"] == 0 and "skipped" in stages["cuda_tests"]["summary"]
-    )  # on the CPU, the CUDA tests skip
+    # On the CPU, the CUDA tests skip
+    assert stages["cuda_tests"]["exit_code"] == 0 and "skipped" in stages["cuda_tests"]["summary"]
     decodes = [row for row in stages["headline"]["rows"] if row["operation"] == "decode"]
     assert {row["family"] for row in decodes} == {"sd15", "sdxl", "flux"} and len(decodes) == 6
     for row in decodes:  # the service's PNG is diffusers' pixels

@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import TINY_MODELS, seeded
 
-from remote_vae.tiling import halo as halo_tiling
 from remote_vae.families import load_family
-from remote_vae.tiling.halo import HaloTiler
+from remote_vae.tiling import halo as halo_tiling
 from remote_vae.tiling.group_norm import GroupNormTiler
+from remote_vae.tiling.halo import HaloTiler
 from remote_vae.tiling.steps import first_conv
 from remote_vae.vae import load_vae
 
@@ -30,15 +30,13 @@ def cases(family: str, model) -> tuple[torch.Tensor, torch.Tensor, dict]:
     channels = first_conv(model.decoder.conv_in).in_channels
     batch = 1 if family == "hunyuanvideo15" else 2  # diffusers' HunyuanVideo 1.5 attention takes one sample per call
     latents = seeded(batch, channels, 2, 11, 5, seed=61)
-    folded = (
-        model.config.get("patch_size") or 1 if family == "wan22" else 1
-    )  # Wan 2.2 folds 2x2 pixels before its encoder
+    # Wan 2.2 folds 2x2 pixels before its encoder
+    folded = model.config.get("patch_size") or 1 if family == "wan22" else 1
     compression = reach.scale * folded
     frames = 1 + (getattr(model, "temporal_compression_ratio", None) or 4)  # two latent frames' worth
     pixels = seeded(batch, 3, frames, 11 * compression, 5 * compression, seed=62)
-    extra = (
-        {"temb": torch.tensor([0.05, 0.4][:batch])} if model.config.get("timestep_conditioning") else {}
-    )  # LTX's decode timestep
+    # LTX's decode timestep
+    extra = {"temb": torch.tensor([0.05, 0.4][:batch])} if model.config.get("timestep_conditioning") else {}
     return latents, pixels.clamp(-1, 1), extra
 
 
@@ -70,9 +68,8 @@ def test_a_latent_row_per_band_gives_the_untiled_decode_and_encode(reference, fa
     encoded, encode_bands = banded(model, lambda: model.encode(pixels).latent_dist.mean)
     torch.testing.assert_close(decoded, untiled, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(encoded, untiled_latents, atol=1e-5, rtol=1e-5)
-    assert (
-        decode_bands >= 11 and encode_bands >= 11
-    )  # every latent row its own band (in every call, where a model calls per frame)
+    # Every latent row its own band (in every call, where a model calls per frame)
+    assert decode_bands >= 11 and encode_bands >= 11
 
 
 @pytest.mark.parametrize("family", ["wan21", "hunyuanvideo15", "ltxvideo"])

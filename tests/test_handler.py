@@ -9,10 +9,10 @@ import torch
 from conftest import seeded
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
+from test_decode import SD, assert_pixels_close, decode_locally, uint8_locally
 
 from handler import EndpointHandler
 from remote_vae.errors import RequestError
-from test_decode import SD, assert_pixels_close, decode_locally, uint8_locally
 
 processor = VaeImageProcessor(vae_scale_factor=8)
 

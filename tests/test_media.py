@@ -246,8 +246,9 @@ def test_frame_router_sends_each_clip_its_frames(sliced):
 def test_encode_inputs_made_float_in_bands_are_the_processors_own(monkeypatch):
     """Held as uint8 until the model call, then made float a band of rows (or a few frames) at a time: exactly what
     VaeImageProcessor makes of the PIL image and VideoProcessor of the frames x / 255, bit for bit."""
-    import remote_vae.media as media
     from diffusers.video_processor import VideoProcessor
+
+    import remote_vae.media as media
 
     monkeypatch.setattr(media, "PREPROCESS_PIXELS", 40 * 24)  # bands of 40 rows: a 24-wide image in three and a bit
     pixels = (np.random.default_rng(5).random((2, 136, 24, 3)) * 255).astype(np.uint8)

@@ -84,9 +84,8 @@ def test_the_console_command_runs_from_anywhere_with_its_configs(installed, tmp_
         timeout=60,
     )
     package, configs = where.stdout.split()
-    assert (
-        str(installed) in package and Path(configs) == Path(package).parent / "configs"
-    )  # the installed copy, not the clone
+    # The installed copy, not the clone
+    assert str(installed) in package and Path(configs) == Path(package).parent / "configs"
     assert run(installed, "serve", "--help", cwd=tmp_path).stdout.startswith("usage: remote-vae serve")
 
 

@@ -187,14 +187,14 @@ def test_a_hub_that_cannot_be_reached_is_named_as_the_cause(monkeypatch):
 def test_serving_beyond_loopback_without_a_key_warns_at_start(monkeypatch, caplog, host, warned):
     """No socket is opened: the server's run and the model loading are stubbed, the start-up checks run for real."""
     from remote_vae import launch
-    from remote_vae.settings import Settings
+    from remote_vae.settings import read_settings
 
     monkeypatch.setattr(launch.GracefulServer, "run", lambda self: None)
     monkeypatch.setattr(launch, "load_in_background", lambda *args: None)
     with caplog.at_level("WARNING", logger="remote_vae"):
-        launch.serve(Settings.parse(["sd15", "--random-weights", "--host", host]))
+        launch.serve(read_settings(["sd15", "--random-weights", "--host", host]))
     assert ("without an API key" in caplog.text) == warned, caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="remote_vae"):
-        launch.serve(Settings.parse(["sd15", "--random-weights", "--host", host, "--api-key", "k" * 32]))
+        launch.serve(read_settings(["sd15", "--random-weights", "--host", host, "--api-key", "k" * 32]))
     assert "without an API key" not in caplog.text

@@ -89,7 +89,7 @@ def test_the_cycle_check_finds_a_cycle():
 
 def test_settings_and_the_command_line_import_no_torch():
     code = (
-        "import sys; import remote_vae.settings, remote_vae.cli; remote_vae.settings.Settings.parse(['sd15']); "
+        "import sys; import remote_vae.settings, remote_vae.cli; remote_vae.settings.read_settings(['sd15']); "
         "remote_vae.cli.build_parser(); print(sorted(m for m in ('torch', 'diffusers') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)

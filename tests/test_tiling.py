@@ -8,10 +8,9 @@ import torch
 from conftest import LiveServer, offline_env, seeded, tensor_of
 from diffusers.utils.remote_utils import remote_decode
 
-from remote_vae.settings import Settings
 from remote_vae.families import load_family
 from remote_vae.latents import check_output_size, plan_decode
-from remote_vae.settings import GPU_MAX_PIXELS
+from remote_vae.settings import GPU_MAX_PIXELS, read_settings
 from remote_vae.tiling.group_norm import GroupNormTiler
 
 FAMILIES = ("sd15", "flux", "sd3", "flux2")
@@ -195,7 +194,7 @@ def test_the_service_recomputes_bands_past_its_store_limit(model_dirs, reference
 
 
 def test_a_gpu_takes_8192_squared_by_default_and_refuses_more_from_the_numbers():
-    settings = Settings.parse(["sd15"])
+    settings = read_settings(["sd15"])
     limits = settings.limits_for("cuda")
     assert limits.max_pixels == GPU_MAX_PIXELS == 8192 * 8192
     assert settings.limits_for("cpu").max_pixels < GPU_MAX_PIXELS

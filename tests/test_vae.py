@@ -9,6 +9,7 @@ import torch
 from conftest import seeded
 
 from remote_vae import device as device_path
+from remote_vae.decoders import VideoFile
 from remote_vae.device import (
     CPU_WHOLE_BATCH_PIXELS,
     BatchBudget,
@@ -20,7 +21,6 @@ from remote_vae.device import (
 )
 from remote_vae.families import load_family
 from remote_vae.latents import Scaling
-from remote_vae.decoders import VideoFile
 from remote_vae.media import Mp4Options
 from remote_vae.service import DecodeRequest, Limits, RawTensor, VaeService
 from remote_vae.vae import load_vae

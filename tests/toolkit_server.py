@@ -94,9 +94,8 @@ def to_image(value, accept: str) -> bytes:
 
 
 def create_app(model_dir: str) -> Starlette:
-    if (
-        os.environ.get("REMOTE_VAE_TOOLKIT_STACK") == "1"
-    ):  # the toolkit's own stack (elsewhere transformers 5 has no is_tf_available)
+    # The toolkit's own stack (elsewhere transformers 5 has no is_tf_available)
+    if os.environ.get("REMOTE_VAE_TOOLKIT_STACK") == "1":
         import_what_the_toolkit_imports()
     handler = load_handler(model_dir)
     one_at_a_time = anyio.Semaphore(1)

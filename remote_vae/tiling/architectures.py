@@ -176,9 +176,8 @@ class Architecture:
     encoder_banded: Callable
     encoder_whole: Callable
     row_local: tuple[type, ...]  # every module type in the banded parts: none looks beyond its halo
-    band_safe: Callable[[nn.Module], bool] = lambda module: (
-        True
-    )  # and each module, as configured, gives a band its own rows
+    # And each module, as configured, gives a band its own rows
+    band_safe: Callable[[nn.Module], bool] = lambda module: True
 
     def decoder_banded_modules(self, decoder: nn.Module) -> list[nn.Module]:
         return [decoder.up_blocks, decoder.norm_out, decoder.conv_out]
@@ -266,6 +265,7 @@ def _ltx(ltx) -> Architecture:
         _ltx_encoder_banded,
         _ltx_encoder_whole,
         _CONTAINERS
+        # Its norms normalise each pixel's channels; time embeddings, a sample's
         + (
             ltx.LTXVideoCausalConv3d,
             ltx.LTXVideoResnetBlock3d,
@@ -280,7 +280,7 @@ def _ltx(ltx) -> Architecture:
             embeddings.PixArtAlphaCombinedTimestepSizeEmbeddings,
             embeddings.Timesteps,
             embeddings.TimestepEmbedding,
-        ),  # its norms normalise each pixel's channels; time embeddings, a sample's
+        ),
         _draws_no_noise,
     )
 

@@ -68,26 +68,6 @@ from .steps import (
 # -- the program: what a slice of rows goes through ------------------------------------
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 # -- the tiler ------------------------------------------------------------------------
 
 
@@ -103,12 +83,10 @@ class GroupNormTiler:
         self.band_pixels = max(1, band_pixels)  # output pixels per band: what bounds the device's work
         self.device = next(model.parameters()).device
         self.store = store or self.device
-        self.store_limit = (
-            store_limit  # bytes a cut may hold whole in `store` (activation and residuals across it); None: no limit
-        )
-        self.recomputed = (
-            0  # passes that recompute layers to gather a GroupNorm's statistics (read by tests and the benchmark)
-        )
+        # Bytes a cut may hold whole in `store` (activation and residuals across it); None: no limit
+        self.store_limit = store_limit
+        # Passes that recompute layers to gather a GroupNorm's statistics (read by tests and the benchmark)
+        self.recomputed = 0
         self.overwritten = 0  # segments whose output overwrote their input in place (read by tests)
 
     @staticmethod
@@ -449,10 +427,6 @@ def _finish(sums, norm: nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
 RELEASE_BAND_BYTES = 8 << 20
 
 
-
-
-
-
 def _plain_attention(mid: nn.Module) -> bool:
     """Whether a mid block is diffusers' UNetMidBlock2D with plain 2-D self-attention, which GroupNormTiler.attention runs by query bands."""
     if type(mid) is not UNetMidBlock2D or any(type(resnet) is not ResnetBlock2D for resnet in mid.resnets):
@@ -467,7 +441,3 @@ def _plain_attention(mid: nn.Module) -> bool:
         ):
             return False
     return True
-
-
-
-

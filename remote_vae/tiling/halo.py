@@ -43,59 +43,7 @@ from .steps import first_conv
 TEMPORAL_BOUND = 4
 
 
-
-
 # -- what runs whole and what runs per band, per architecture ---------------------------
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 # -- the halo: how many latent rows beyond a band its output rows read ------------------

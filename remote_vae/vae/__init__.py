@@ -112,6 +112,13 @@ def load_vae(
     compile_and_warm_up(vae, warmup_sizes, warmup_batches)
     tiling = f", tiling frames above {tile_above} pixels" if tile_above is not None else ""
     compiled = ", compiled" if vae.compilation.enabled else ""
-    log.info("loaded %s (%s) on %s as %s%s%s", family.name, source, device, str(dtype).removeprefix("torch."), tiling,
-             compiled)
+    log.info(
+        "loaded %s (%s) on %s as %s%s%s",
+        family.name,
+        source,
+        device,
+        str(dtype).removeprefix("torch."),
+        tiling,
+        compiled,
+    )
     return vae

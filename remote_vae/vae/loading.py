@@ -223,8 +223,9 @@ def load_model(family: Family, source: str | None, dtype: torch.dtype, random_we
             raise _load_failure(family, source, exc) from exc
     channels = config_latent_channels(model.config)
     if channels is not None and channels != family.latent_channels:
-        raise LoadError(f"{source} has {channels} latent channels, but family {family.name} expects "
-                        f"{family.latent_channels}")
+        raise LoadError(
+            f"{source} has {channels} latent channels, but family {family.name} expects {family.latent_channels}"
+        )
     _warn_on_other_normalisation(family, model.config, source)
     return model, source
 
@@ -236,7 +237,9 @@ def _load_failure(family: Family, source: str, exc: Exception) -> LoadError:
     offline = os.environ.get("HF_HUB_OFFLINE")
     unreachable = None if offline else network_failure(exc)
     if unreachable is not None:
-        return LoadError(f"cannot load {family.name}: the Hugging Face Hub could not be reached for {source} "
-                         f"({type(unreachable).__name__}: {unreachable}){hint}")
+        return LoadError(
+            f"cannot load {family.name}: the Hugging Face Hub could not be reached for {source} "
+            f"({type(unreachable).__name__}: {unreachable}){hint}"
+        )
     cached = " (HF_HUB_OFFLINE is set: the model must already be in the Hugging Face cache)" if offline else ""
     return LoadError(f"cannot load {family.name} from {source}{cached}: {exc}{hint}")

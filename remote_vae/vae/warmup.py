@@ -38,8 +38,9 @@ def compile_and_warm_up(vae: LoadedVae, sizes: Sequence[tuple[int, ...]], batche
             return
         except Exception as exc:  # any failure inside torch.compile: serve the model uncompiled
             first_line = str(exc).splitlines()[0][:300]
-            log.error("%s: compiling failed (%s: %s); serving it uncompiled", vae.family.name, type(exc).__name__,
-                      first_line)
+            log.error(
+                "%s: compiling failed (%s: %s); serving it uncompiled", vae.family.name, type(exc).__name__, first_line
+            )
             uncompile()
             vae.compilation.enabled = False
             vae.compilation.warmed.clear()
@@ -66,8 +67,15 @@ def warm_up(vae: LoadedVae, sizes: Sequence[tuple[int, ...]], batches: Sequence[
                     pixels = max(1, width * height * (frames[0] if frames else 1))
                     budget.bytes_per_pixel = max(budget.bytes_per_pixel or 0, peak.bytes / pixels)
                 seconds = time.monotonic() - started
-                log.info("%s: warmed up %s of %s x %s in %.1f s%s", vae.family.name, operation, batch,
-                         "x".join(map(str, size)), seconds, " (compiled)" if compilation.enabled else "")
+                log.info(
+                    "%s: warmed up %s of %s x %s in %.1f s%s",
+                    vae.family.name,
+                    operation,
+                    batch,
+                    "x".join(map(str, size)),
+                    seconds,
+                    " (compiled)" if compilation.enabled else "",
+                )
 
 
 def warm_up_inputs(vae: LoadedVae, operation: str, batch: int, width: int, height: int, frames: int | None):
