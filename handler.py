@@ -30,6 +30,7 @@ from remote_vae.launch import load_service
 from remote_vae.media import ImageFile, dtype_name, encode_image, save_options, stack_vertically, tensor_to_bytes
 from remote_vae.settings import read_settings
 from remote_vae.vae import default_source
+from remote_vae.vocabulary import OutputForm
 from remote_vae.wire import Params, dispatch, first_accepted
 
 
@@ -59,7 +60,7 @@ class EndpointHandler:
         params = Params()
         params.overlay_json(parameters)
         outcome = dispatch(self.service, params, payload, content_type, accept, operation)
-        if outcome.form == "pil":
+        if outcome.form == OutputForm.PIL:
             image = stack_vertically(outcome.value)
             # The toolkit writes the image itself (save(format=...) for an image/* Accept, PNG inside JSON), with
             # Pillow's defaults: JPEG quality 75 at 4:2:0, about 18 dB against the server's 30. Pillow (11.1 on) merges
@@ -70,7 +71,7 @@ class EndpointHandler:
             }
             return image
         counts = {name.replace("-", "_"): int(value) for name, value in outcome.headers.items()}
-        if outcome.form == "mp4":
+        if outcome.form == OutputForm.MP4:
             return {
                 "inputs": base64.b64encode(outcome.value).decode(),
                 "parameters": {"media_type": "video/mp4", **counts},

@@ -19,8 +19,9 @@ from pathlib import Path
 
 from . import families
 from .families import Family, FamilyError
-from .latents import LatentLayout, frame_step
+from .latents import frame_step
 from .settings import SettingsError, add_arguments, env, settings_from
+from .vocabulary import Packing
 
 log = logging.getLogger("remote_vae")
 
@@ -91,8 +92,8 @@ def describe(family: Family) -> str:
         [
             f"{family.name} ({kind}): {family.description}",
             f"  weights  {family.hub_id}",
-            f"  latents  {LatentLayout.of(family).describe()}",
-            f"  client   remote_decode(url, latents{', ' + scaling if scaling else ''}{', height=H, width=W' if LatentLayout.of(family).packing != 'none' else ''}){extra}",
+            f"  latents  {family.layout.describe()}",
+            f"  client   remote_decode(url, latents{', ' + scaling if scaling else ''}{', height=H, width=W' if family.layout.packing != Packing.NONE else ''}){extra}",
             f"  wire     {'&'.join(f'{name}={value}' for name, value in family.client_scaling().items())}",
         ]
     )

@@ -32,7 +32,9 @@ import PIL.Image
 import requests
 import torch
 
-WIRE_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32", torch.uint8: "uint8"}
+from . import vocabulary
+
+WIRE_DTYPES = {getattr(torch, name): name for name in vocabulary.WIRE_DTYPES}
 REPLY_DTYPES = {name: dtype for dtype, name in WIRE_DTYPES.items()}
 FILE_TYPES = {
     ".png": "image/png",
@@ -230,7 +232,7 @@ def tensor_bytes(tensor: torch.Tensor) -> tuple[bytes, tuple[int, ...], str]:
     if tensor.dtype == torch.float64:
         tensor = tensor.float()
     if tensor.dtype not in WIRE_DTYPES:
-        raise ValueError(f"a {tensor.dtype} tensor cannot be sent; expected float16, bfloat16 or float32")
+        raise ValueError(f"a {tensor.dtype} tensor cannot be sent; expected {', '.join(vocabulary.COMPUTE_DTYPES)}")
     contiguous = tensor.contiguous()
     # Bytes are read from `contiguous`, which lives until they are copied (diffusers reads a freed temporary).
     return contiguous.view(torch.uint8).numpy().tobytes(), tuple(tensor.shape), WIRE_DTYPES[tensor.dtype]
@@ -305,7 +307,8 @@ def save_output(result, path: Path) -> list[Path]:
 
         save_file({"pixels": result.contiguous()}, path)
         return [path]
-    from .media import IMAGE_FORMATS, ImageFile, save_options
+    from .media import ImageFile, save_options
+    from .vocabulary import IMAGE_FORMATS
 
     images: Sequence[PIL.Image.Image] = [result] if isinstance(result, PIL.Image.Image) else result
     file_format = IMAGE_FORMATS.get(suffix.lstrip("."))

@@ -42,14 +42,19 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from .vocabulary import COMPUTE_DTYPES, ModelLatents, Operation, Packing, Tiling
+
+if TYPE_CHECKING:  # torch is imported where it is used: `remote-vae families` describes layouts without it
+    import torch
 
 _PACKAGE = Path(__file__).resolve().parent
 # Installed, the configs are the package's own remote_vae/configs/ (see pyproject.toml); in a clone, configs/ beside it.
 CONFIG_DIR = _PACKAGE / "configs" if (_PACKAGE / "configs").is_dir() else _PACKAGE.parent / "configs"
 
-OPERATIONS = ("decode", "encode")
-DTYPES = ("float16", "bfloat16", "float32")
+OPERATIONS = Operation.words()
+DTYPES = COMPUTE_DTYPES
 
 
 class FamilyError(ValueError):
@@ -85,6 +90,11 @@ class Family:
     # The tiling a call uses when it tiles and the request names none ("exact" where the model has it)
     default_tiling: str = "exact"
     min_diffusers: str | None = None  # the oldest diffusers release that builds this family's model as configured
+    # `latent_layout` parsed, once, when the family is made.
+    layout: LatentLayout = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "layout", LatentLayout.of(self))
 
     @property
     def hub_id(self) -> str:
@@ -114,7 +124,7 @@ class Family:
     @property
     def encode_step(self) -> int:
         """Both sides of an image or frame to encode must be multiples of this: the compression, times any patch the pipeline folds."""
-        return self.spatial_compression * self.latent_layout.get("patch", 1)
+        return self.spatial_compression * self.layout.patch
 
     def client_scaling(self) -> dict[str, Any]:
         """The scaling arguments a client passes to diffusers' remote_decode / remote_encode for this family."""
@@ -194,10 +204,10 @@ def _family_from_dict(data: dict[str, Any], source: str) -> Family:
     return Family(**values)
 
 
-MODEL_LATENTS = ("raw", "normalised")
-TILINGS = ("exact", "blend")  # exact: tiles equal to the untiled result; blend: diffusers' enable_tiling()
+MODEL_LATENTS = ModelLatents.words()
+TILINGS = Tiling.words()
 LAYOUT_KEYS = {"patch": int, "frames_first": bool, "frame_axis": bool, "packing": str}
-PACKINGS = ("patches", "tokens", "none")
+PACKINGS = Packing.words()
 
 
 def _check_layout(values: dict[str, Any], source: str) -> None:
@@ -283,3 +293,73 @@ def match_model_config(config: dict[str, Any]) -> Family:
 def config_latent_channels(config: dict[str, Any]) -> int | None:
     """Latent channels from a diffusers model config (Wan calls them z_dim)."""
     return config.get("latent_channels", config.get("z_dim"))
+
+
+@dataclass(frozen=True)
+class LatentLayout:
+    """How a family's pipeline holds its latent, relative to what its VAE takes (the config's `latent_layout`)."""
+
+    channels: int  # the VAE's latent channels
+    compression: int  # pixels per latent cell along a side
+    video: bool
+    patch: int = 1  # the pipeline folds patch x patch cells into channels (Flux.2)
+    frames_first: bool = False  # the pipeline's video latent is [B, T, C, h, w] (CogVideoX)
+    frame_axis: bool = False  # the VAE takes images as one-frame videos [B, C, 1, h, w] (Qwen-Image)
+    packing: Packing = Packing.NONE  # the pipeline's token sequence
+
+    @classmethod
+    def of(cls, family: Family) -> LatentLayout:
+        packing = family.latent_layout.get("packing", "none" if family.is_video else "patches")
+        return cls(
+            family.latent_channels,
+            family.spatial_compression,
+            family.is_video,
+            **{**family.latent_layout, "packing": Packing(packing)},
+        )
+
+    @property
+    def pipeline_channels(self) -> int:
+        return self.channels * self.patch**2
+
+    def describe(self) -> str:
+        """The accepted latent forms, for error messages."""
+        c = self.pipeline_channels
+        if self.video:
+            forms = [
+                f"[B, T, {c}, h, w] (as the pipeline holds it) or [B, {c}, T, h, w]"
+                if self.frames_first
+                else f"[B, {c}, T, h, w]"
+            ]
+            if self.packing == Packing.TOKENS:
+                forms.append(f"packed [B, T*h*w, {c}] with height and width")
+            return " or ".join(forms)
+        forms = [f"[B, {c}, 1, h, w] or [B, {c}, h, w]" if self.frame_axis else f"[B, {c}, h, w]"]
+        if self.patch > 1:
+            forms.append(f"the VAE's own [B, {self.channels}, {self.patch}h, {self.patch}w]")
+        if self.packing == Packing.PATCHES:
+            forms.append(f"packed [B, seq, {c * 4}] with height and width")
+        elif self.packing == Packing.TOKENS:
+            forms.append(f"packed [B, h*w, {c}] with height and width")
+        return " or ".join(forms)
+
+    def fold(self, latents: torch.Tensor) -> torch.Tensor:
+        """The VAE's [B, C, h, w] -> canonical [B, C*p*p, h/p, w/p] (Flux2Pipeline._patchify_latents)."""
+        if self.patch == 1:
+            return latents
+        p, (b, c, h, w) = self.patch, latents.shape
+        return latents.view(b, c, h // p, p, w // p, p).permute(0, 1, 3, 5, 2, 4).reshape(b, c * p * p, h // p, w // p)
+
+    def unfold(self, latents: torch.Tensor) -> torch.Tensor:
+        """Canonical -> the VAE's latent (Flux2Pipeline._unpatchify_latents)."""
+        if self.patch == 1:
+            return latents
+        p, (b, c, h, w) = self.patch, latents.shape
+        return (
+            latents.reshape(b, c // (p * p), p, p, h, w)
+            .permute(0, 1, 4, 2, 5, 3)
+            .reshape(b, c // (p * p), h * p, w * p)
+        )
+
+    def as_pipeline_holds(self, latents: torch.Tensor) -> torch.Tensor:
+        """Canonical -> the layout the pipeline holds (an encode's reply)."""
+        return latents.permute(0, 2, 1, 3, 4).contiguous() if self.frames_first else latents

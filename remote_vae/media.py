@@ -33,21 +33,13 @@ from diffusers.video_processor import VideoProcessor
 from .device import DevicePath, to_host
 from .errors import RequestError
 from .settings import Settings
+from .vocabulary import COMPUTE_DTYPES, WIRE_DTYPES
 
 log = logging.getLogger("remote_vae")
 
-# The names clients put in the `dtype` query parameter and response header.
-TENSOR_DTYPES = {
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-    "uint8": torch.uint8,
-}
-INPUT_DTYPES = ("float16", "bfloat16", "float32")
-
-# Pillow format names by the names clients use (`image_format`, Accept).
-IMAGE_FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
-MEDIA_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
+# torch's dtypes by their wire names.
+TENSOR_DTYPES = {name: getattr(torch, name) for name in WIRE_DTYPES}
+INPUT_DTYPES = COMPUTE_DTYPES
 
 
 def dtype_name(dtype: torch.dtype) -> str:

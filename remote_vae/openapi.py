@@ -13,7 +13,6 @@ from typing import Any
 
 from . import __version__
 from .families import DTYPES, Family
-from .latents import LatentLayout
 
 BOTH, DECODE, ENCODE = ("decode", "encode"), ("decode",), ("encode",)
 
@@ -242,7 +241,7 @@ def _family_note(family: Family | None) -> str:
     if family is None:
         return ""
     scaling = ", ".join(f"{key}={value}" for key, value in family.client_scaling().items())
-    return f"{family.description} Latents: {LatentLayout.of(family).describe()}. A pipeline's latents need {scaling}."
+    return f"{family.description} Latents: {family.layout.describe()}. A pipeline's latents need {scaling}."
 
 
 def _parameter(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:

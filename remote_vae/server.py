@@ -44,11 +44,11 @@ from .batching import Batcher
 from .connections import ConnectionStats
 from .errors import RequestError
 from .families import Family
-from .latents import LatentLayout
 from .memory import BODY_COST, JSON_BODY_COST, MemoryBudget, Reservation, auto_budget, release_free_memory
 from .observability import Metrics, RequestLog, StageTimer
 from .service import VaeService
 from .settings import Limits, Settings
+from .vocabulary import Packing
 from .wire import (
     JSON_TYPES,
     HttpCall,
@@ -221,7 +221,7 @@ def health_response(slots: list[Slot]) -> JSONResponse:
 
 def family_document(slot: Slot, path: str) -> dict:
     """A served family as a client needs it: where to send, what latents it takes, the scaling to send with a pipeline's latents."""
-    family, layout = slot.family, LatentLayout.of(slot.family)
+    family, layout = slot.family, slot.family.layout
     return {
         "path": path,
         "status": slot.status,
@@ -234,7 +234,7 @@ def family_document(slot: Slot, path: str) -> dict:
         "latent_channels": layout.pipeline_channels,
         "spatial_compression": family.spatial_compression,
         "temporal_compression": family.temporal_compression,
-        "packed": layout.packing != "none",
+        "packed": layout.packing != Packing.NONE,
         "scaling": family.client_scaling(),
     }
 

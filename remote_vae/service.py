@@ -59,6 +59,7 @@ from .media import (
 )
 from .settings import Limits
 from .vae import LoadedVae
+from .vocabulary import IMAGE_FORMS, VIDEO_FORMS, OutputForm, PackedMemory, Tiling
 
 log = logging.getLogger("remote_vae")
 
@@ -69,8 +70,6 @@ log = logging.getLogger("remote_vae")
 #   image: the bytes of one JPEG / PNG / WebP file, the batch stacked top to bottom; images only
 #   pil:   PIL images (handler.py: the toolkit writes the file); images only
 #   mp4:   the bytes of an H.264 MP4; videos only
-IMAGE_FORMS = ("raw", "uint8", "unit", "image", "pil")
-VIDEO_FORMS = ("raw", "uint8", "unit", "mp4")
 
 
 # Factors finite on their own can still overflow the latent (scaling_factor=1e-320, shift_factor=1e39): every output NaN.
@@ -117,16 +116,15 @@ class RawTensor:
 @dataclass
 class DecodeRequest:
     latent: RawTensor
-    form: str = "image"
+    form: OutputForm = OutputForm.IMAGE
     scaling: latent_ops.Scaling = field(default_factory=latent_ops.Scaling)
     height: int | None = None
     width: int | None = None
     mp4: Mp4Options = field(default_factory=Mp4Options)
     image: ImageFile = field(default_factory=ImageFile)
     decode_timestep: "DecodeTimestep | None" = None
-    # Token sequences: "channels_first" (the pipelines' memory, default) or "tokens_first"
-    packed_memory: str | None = None
-    tiling: str | None = None  # when the call tiles: "exact" or "blend"; None: exact where the model allows
+    packed_memory: PackedMemory | None = None  # token sequences; None: channels first, the pipelines' memory
+    tiling: Tiling | None = None  # when the call tiles; None: exact where the model allows
 
 
 @dataclass(frozen=True)
@@ -220,6 +218,14 @@ class VaeService:
             self.family.spatial_compression, self.to_host, jpeg_encoder_for(vae.device)
         )
         self.forms = VIDEO_FORMS if video else IMAGE_FORMS
+        # What a decode's result is turned into on the device's side, by the form asked for (mp4 and image files
+        # take options, so prepare_decode makes theirs per request).
+        self.finish_on_device = {
+            OutputForm.RAW: self.post.raw,
+            OutputForm.UINT8: self.post.uint8,
+            OutputForm.UNIT: self.post.unit,
+            OutputForm.PIL: self.post.pil,
+        }
         self.max_pixels = limits.max_video_pixels if video else limits.max_pixels
 
     def images_per_call(self, job: Job) -> int:
@@ -251,12 +257,12 @@ class VaeService:
         self._decode_timestep(request)
         pixels = plan.output_pixels(self.family)
         latents = math.prod(raw.shape) * LATENT_COPIES * max(4, self.vae.dtype.itemsize)
-        if request.form == "image":
+        if request.form == OutputForm.IMAGE:
             result = pixels * IMAGE_REPLY_BYTES_PER_PIXEL
-        elif request.form == "mp4":
+        elif request.form == OutputForm.MP4:
             result = pixels * MP4_REPLY_BYTES_PER_PIXEL
         else:
-            element = 1 if request.form == "uint8" else self.vae.dtype.itemsize
+            element = 1 if request.form == OutputForm.UINT8 else self.vae.dtype.itemsize
             result = tensor_reply_bytes(pixels * 3, element, reply_encoding)
         return Checked(latents + result, f"a decode to {pixels} pixels as {request.form}", plan=plan)
 
@@ -289,16 +295,16 @@ class VaeService:
             timestep=timestep,
             tiling=tiling,
         )
-        if request.form == "mp4":
+        if request.form == OutputForm.MP4:
             width, height = plan.output_size(self.family)
             stream = Mp4Stream(plan.batch, frames, width, height, request.mp4)
             return job(partial(self.post.mp4, stream=stream), finish=Mp4Stream.result, stream=stream)
-        if request.form == "image":
+        if request.form == OutputForm.IMAGE:
             # A JPEG may be written on the device; anything else is written after the device is free.
             return job(
                 partial(self.post.image, options=request.image), finish=partial(encode_pixels, options=request.image)
             )
-        return job(getattr(self.post, request.form))
+        return job(self.finish_on_device[request.form])
 
     def check_encode(self, request: EncodeRequest, reply_encoding: str = "binary") -> Checked:
         """Every check an encode needs before its pixels are decoded or allocated (a file's size from its headers),

@@ -23,10 +23,10 @@ import torch
 
 from .decoders import is_image_file, is_video_file
 from .errors import RequestError
-from .families import TILINGS
-from .latents import PACKED_MEMORY, Scaling
-from .media import IMAGE_FORMATS, MEDIA_TYPES, ImageFile, Mp4Options, dtype_name, tensor_to_bytes
+from .latents import Scaling
+from .media import ImageFile, Mp4Options, dtype_name, tensor_to_bytes
 from .service import Checked, DecodeRequest, DecodeTimestep, EncodeRequest, Job, Limits, RawTensor, VaeService
+from .vocabulary import IMAGE_FORMATS, MEDIA_TYPES, Operation, OutputForm, PackedMemory, Tiling, Word
 
 log = logging.getLogger("remote_vae")
 
@@ -84,13 +84,15 @@ class Params:
         value = self._last(name)
         return None if value is None else str(value)
 
-    def choice(self, name: str, choices: tuple[str, ...]) -> str | None:
+    def choice(self, name: str, choices: tuple[str, ...] | type[Word]) -> str | None:
+        """One of `choices`, as its member where they are a vocabulary; None when not sent."""
         value = self.text(name)
         if value is None:
             return None
-        if value.lower() not in choices:
-            raise RequestError(f"{name}={value!r} is not supported; expected one of {', '.join(choices)}")
-        return value.lower()
+        words = choices.words() if isinstance(choices, type) else choices
+        if value.lower() not in words:
+            raise RequestError(f"{name}={value!r} is not supported; expected one of {', '.join(words)}")
+        return choices(value.lower()) if isinstance(choices, type) else value.lower()
 
     def flag(self, name: str) -> bool | None:
         value = self._last(name)
@@ -274,7 +276,7 @@ class ReplyShape:
 
 def negotiate_decode(
     params: Params, accept: str, png_compression: int = ImageFile.png_compression
-) -> tuple[str, ReplyShape]:
+) -> tuple[OutputForm, ReplyShape]:
     """(decode form, reply shape) from output_type, partial_postprocess, image_format, quality, png_compression and Accept."""
     output_type = params.choice("output_type", ("pt", "pil", "mp4"))
     reply = ReplyShape(tensor_encoding=accept if accept in JSON_TYPES else "binary")
@@ -283,11 +285,11 @@ def negotiate_decode(
         # Old clients send no output_type: Accept says what they want.
         output_type = "mp4" if accept == "video/mp4" else "pt" if wants_tensor else "pil"
     if output_type == "mp4":
-        return "mp4", reply
+        return OutputForm.MP4, reply
     if output_type == "pt":
-        return ("uint8" if params.flag("partial_postprocess") else "raw"), reply
+        return (OutputForm.UINT8 if params.flag("partial_postprocess") else OutputForm.RAW), reply
     if wants_tensor:
-        return "unit", reply  # pil with a client-side processor
+        return OutputForm.UNIT, reply  # pil with a client-side processor
     requested = params.choice("image_format", tuple(IMAGE_FORMATS)) or "jpg"
     level = params.integer("png_compression", 0, 9)
     reply.image = ImageFile(
@@ -295,7 +297,7 @@ def negotiate_decode(
         quality=params.integer("quality", 1, 100) or ImageFile.quality,
         png_compression=png_compression if level is None else level,
     )
-    return "image", reply
+    return OutputForm.IMAGE, reply
 
 
 def mp4_options(params: Params) -> Mp4Options:
@@ -323,9 +325,9 @@ def parse_decode(params: Params, data: bytes) -> DecodeRequest:
         # Only packed latents need pixel sizes; other clients send nonsense ones.
         request.height = params.integer("height")
         request.width = params.integer("width")
-        request.packed_memory = params.choice("packed_memory", PACKED_MEMORY)
+        request.packed_memory = params.choice("packed_memory", PackedMemory)
     request.decode_timestep = decode_timestep(params)
-    request.tiling = params.choice("tiling", TILINGS)
+    request.tiling = params.choice("tiling", Tiling)
     return request
 
 
@@ -344,7 +346,7 @@ def decode_timestep(params: Params) -> DecodeTimestep | None:
 
 
 def parse_encode(content_type: str, params: Params, data: bytes) -> EncodeRequest:
-    request = EncodeRequest(scaling=scaling(params), tiling=params.choice("tiling", TILINGS))
+    request = EncodeRequest(scaling=scaling(params), tiling=params.choice("tiling", Tiling))
     if is_file_upload(content_type, data) or params.shape() is None:
         request.image = data
     else:
@@ -382,7 +384,7 @@ class Prepared:
     """A parsed and checked request: the service's job and how its reply will look."""
 
     job: Job
-    form: str  # "latents" for encode, else the decode form
+    form: OutputForm
     reply: ReplyShape
     headers: dict[str, str] = field(default_factory=dict)
 
@@ -392,7 +394,7 @@ class Inspected:
     """A request parsed and checked from its numbers and headers, before anything is decoded or allocated:
     what it will hold on the host (`checked.hold_bytes`) is known, so the server can reserve it first."""
 
-    operation: str
+    operation: Operation
     request: DecodeRequest | EncodeRequest
     checked: Checked
     reply: ReplyShape
@@ -408,30 +410,31 @@ def inspect(
     content_type: str = "",
     accept: str = "",
     operation: str | None = None,
-    images_as: str = "image",
+    images_as: OutputForm = OutputForm.IMAGE,
 ) -> Inspected:
     """Parse and check one request up to the point where it would decode or allocate; shared by the HTTP server and handler.py.
 
-    `images_as` is the form of an image reply: "image" (the file's bytes) or "pil" (PIL images, for handler.py).
+    `images_as` is the form of an image reply: IMAGE (the file's bytes) or PIL (PIL images, for handler.py).
     """
     operation = operation or infer_operation(content_type, data, params.shape())
-    if operation == "encode":
+    if operation == Operation.ENCODE:
         reply = ReplyShape(tensor_encoding=accept if accept in JSON_TYPES else "binary")
         request = parse_encode(content_type, params, data)
-        return Inspected("encode", request, service.check_encode(request, reply.tensor_encoding), reply)
+        return Inspected(Operation.ENCODE, request, service.check_encode(request, reply.tensor_encoding), reply)
     form, reply = negotiate_decode(params, accept, service.png_compression)
     request = parse_decode(params, data)
-    request.form = images_as if form == "image" else form
-    if form == "mp4":
+    request.form = images_as if form == OutputForm.IMAGE else form
+    if form == OutputForm.MP4:
         request.mp4 = mp4_options(params)
     request.image = reply.image
-    return Inspected("decode", request, service.check_decode(request, reply.tensor_encoding), reply)
+    return Inspected(Operation.DECODE, request, service.check_decode(request, reply.tensor_encoding), reply)
 
 
 def prepare_inspected(service: VaeService, inspected: Inspected) -> Prepared:
     """The job of a request `inspect` has checked: its latents built, or its file decoded."""
-    if inspected.operation == "encode":
-        return Prepared(service.prepare_encode(inspected.request, inspected.checked), "latents", inspected.reply)
+    if inspected.operation == Operation.ENCODE:
+        encoded = service.prepare_encode(inspected.request, inspected.checked)
+        return Prepared(encoded, OutputForm.LATENTS, inspected.reply)
     job = service.prepare_decode(inspected.request, inspected.checked)
     return Prepared(job, inspected.request.form, inspected.reply, count_headers(job))
 
@@ -443,7 +446,7 @@ def prepare(
     content_type: str = "",
     accept: str = "",
     operation: str | None = None,
-    images_as: str = "image",
+    images_as: OutputForm = OutputForm.IMAGE,
 ) -> Prepared:
     """Parse, check and prepare one request at once, up to the point where it needs the model."""
     inspected = inspect(service, params, data, content_type, accept, operation, images_as)
@@ -469,9 +472,9 @@ def prepare_call(service: VaeService, call: HttpCall) -> Prepared:
 def render(prepared: Prepared, result: Any) -> HttpReply:
     """The reply body from what the model stage returned: MP4 and image files finished, tensors as bytes."""
     value = prepared.job.finish(result)
-    if prepared.form == "image":
+    if prepared.form == OutputForm.IMAGE:
         return HttpReply(200, value, MEDIA_TYPES[prepared.reply.image.format], prepared.headers)
-    if prepared.form == "mp4":
+    if prepared.form == OutputForm.MP4:
         return HttpReply(200, value, "video/mp4", prepared.headers)
     return tensor_reply(value, prepared.reply.tensor_encoding, prepared.headers)
 
@@ -480,7 +483,7 @@ def render(prepared: Prepared, result: Any) -> HttpReply:
 class Outcome:
     """A served request before rendering: latents, or a decode result (PIL images for an image reply), and how the reply should look."""
 
-    form: str
+    form: OutputForm
     value: torch.Tensor | list[PIL.Image.Image] | bytes
     reply: ReplyShape
     headers: dict[str, str] = field(default_factory=dict)
@@ -495,7 +498,7 @@ def dispatch(
     operation: str | None = None,
 ) -> Outcome:
     """All of one request at once, without a queue (handler.py: the toolkit runs one request at a time and writes image files itself)."""
-    prepared = prepare(service, params, data, content_type, accept, operation, images_as="pil")
+    prepared = prepare(service, params, data, content_type, accept, operation, images_as=OutputForm.PIL)
     return Outcome(prepared.form, service.call(prepared.job), prepared.reply, prepared.headers)
 
 

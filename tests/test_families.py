@@ -55,7 +55,7 @@ def test_config_builds_its_architecture(name):
     else:
         assert config.get("scaling_factor") == family.scaling_factor
     # One statistic per channel where the pipeline normalises
-    for buffer in family.latents_stats_in_weights or {}.values():
+    for buffer in (family.latents_stats_in_weights or {}).values():
         if buffer in config:
             continue  # an eps
         assert model.get_buffer(buffer).shape == (family.latent_channels * family.latent_layout.get("patch", 1) ** 2,)

@@ -25,7 +25,7 @@ def test_unpack_matches_diffusers_for_every_protocol_size(height):
         packed = torch.randn(1, (h // 2) * (w // 2), 64)
         plan = latents.plan_decode(tuple(packed.shape), FLUX, height, width)
         expected = FluxPipeline._unpack_latents(packed, height, width, 8)
-        assert torch.equal(latents.to_canonical(packed, plan, latents.LatentLayout.of(FLUX)), expected)
+        assert torch.equal(latents.to_canonical(packed, plan, FLUX.layout), expected)
         assert plan.output_pixels(FLUX) == expected.shape[2] * 8 * expected.shape[3] * 8
 
 
@@ -36,7 +36,7 @@ def test_encode_sizes_multiple_of_8_not_16_are_accepted(side):
 
 def test_plan_ignores_height_width_for_4d():
     plan = latents.plan_decode((1, 4, 64, 64), SD15, 1, 1)
-    assert (plan.height, plan.width, plan.form) == (64, 64, "canonical")
+    assert (plan.height, plan.width, plan.arrangement) == (64, 64, "canonical")
     assert plan.output_pixels(SD15) == 512 * 512
 
 
@@ -139,7 +139,7 @@ def test_token_packed_latents_unpack_as_their_pipelines_do():
     plan = latents.plan_decode(tuple(tokens.shape), ltx, 64, 128, "tokens_first")
     assert plan.latent_frames == 3
     assert torch.equal(
-        latents.to_canonical(tokens, plan, latents.LatentLayout.of(ltx)), LTXPipeline._unpack_latents(tokens, 3, 2, 4)
+        latents.to_canonical(tokens, plan, ltx.layout), LTXPipeline._unpack_latents(tokens, 3, 2, 4)
     )
     assert torch.equal(latents.LatentLayout.of(flux2).unfold(folded), Flux2Pipeline._unpatchify_latents(folded))
     assert torch.equal(latents.LatentLayout.of(flux2).fold(Flux2Pipeline._unpatchify_latents(folded)), folded)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..families import available
+from ..vocabulary import COMPUTE_DTYPES
 from .values import (
     ENV_PREFIX,
     GPU_MAX_PIXELS,
@@ -163,7 +164,7 @@ OPTIONS: tuple[Option, ...] = (
         "--dtype",
         "model.dtype",
         "compute dtype; auto = the family's GPU dtype on CUDA, float32 on CPU",
-        choices=("auto", "float16", "bfloat16", "float32"),
+        choices=("auto", *COMPUTE_DTYPES),
     ),
     Option(
         "--random-weights",

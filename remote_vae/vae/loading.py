@@ -20,6 +20,7 @@ from packaging.version import Version
 
 from ..families import Family, config_latent_channels
 from ..media import TENSOR_DTYPES
+from ..vocabulary import COMPUTE_DTYPES
 
 log = logging.getLogger("remote_vae")
 
@@ -47,8 +48,8 @@ def resolve_device(name: str) -> torch.device:
 def resolve_dtype(name: str, family: Family, device: torch.device) -> torch.dtype:
     if name == "auto":
         name = family.dtype_for(device.type)
-    if name not in ("float16", "bfloat16", "float32"):
-        raise LoadError(f"unknown dtype {name!r}; expected auto, float16, bfloat16 or float32")
+    if name not in COMPUTE_DTYPES:
+        raise LoadError(f"unknown dtype {name!r}; expected auto, {', '.join(COMPUTE_DTYPES)}")
     return TENSOR_DTYPES[name]
 
 

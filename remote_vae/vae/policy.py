@@ -22,7 +22,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from ..device import BatchBudget, DevicePath, available_memory, compiled_calls, to_device
 from ..errors import RequestError
 from ..families import Family
-from ..latents import LatentLayout, Normalisation, own_normalisation
+from ..latents import Normalisation, own_normalisation
 from ..tiling import Tiler, tiler_for
 from .loading import weight_stats
 
@@ -104,7 +104,7 @@ class LoadedVae:
         self.exact_tiling = self.exact_tiler is not None
         self.band_pixels = self.band_pixels or DEFAULT_BAND_PIXELS.get(self.device.type, DEFAULT_BAND_PIXELS["cpu"])
         self.can_tile = hasattr(self.model, "enable_tiling") or self.exact_tiling
-        self.layout = LatentLayout.of(self.family)
+        self.layout = self.family.layout
         self.samples_per_call = self.family.samples_per_call or 1 << 30
         # What do_scaling=True undoes: the family's factors or statistics, or those in the weights.
         self.normalisation: Normalisation = own_normalisation(self.family, weight_stats(self.family, self.model))

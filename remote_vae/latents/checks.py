@@ -1,0 +1,83 @@
+"""Checks on the numbers of a request: batch, sides, frame counts and output size, before any tensor exists."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..errors import RequestError
+from ..families import Family
+
+if TYPE_CHECKING:  # torch is imported where it is used: `remote-vae families` describes layouts without it
+    import torch
+
+
+def check_batch(batch: int, max_batch: int) -> None:
+    if batch > max_batch:
+        raise RequestError(
+            f"batch of {batch}; this server takes at most {max_batch} images or videos per request", status=413
+        )
+
+
+def check_finite(values: torch.Tensor, what: str, expected: str = "") -> None:
+    """NaN or infinity in is refused, not decoded: it would come out as black or garbage pixels."""
+    bad = values.numel() - int(values.isfinite().sum())
+    if bad:
+        raise RequestError(
+            f"{what} holds {bad} NaN or infinite value(s); expected finite values{' ' + expected if expected else ''}"
+        )
+
+
+def check_sides(height: int, width: int, family: Family, what: str = "image") -> None:
+    """Both sides of an image or frame to encode must be multiples of the spatial compression."""
+    step = family.encode_step
+    if height % step or width % step:
+        raise RequestError(
+            f"{what} is {width}x{height}; both sides must be multiples of {step} "
+            f"(e.g. {width - width % step or step}x{height - height % step or step})"
+        )
+
+
+def check_image_size(batch: int, height: int, width: int, family: Family, max_pixels: int) -> None:
+    """An image to encode: sides divisible by the compression, total pixels within the limit."""
+    check_sides(height, width, family)
+    pixels = batch * height * width
+    if pixels > max_pixels:
+        raise RequestError(
+            f"{batch} image(s) of {width}x{height} = {pixels} pixels; this server accepts at most {max_pixels}",
+            status=413,
+        )
+
+
+def frame_step(family: Family) -> int:
+    """A video to encode has k * frame_step + 1 frames: the temporal compression (twice it where latent frames must be odd)."""
+    return family.temporal_compression * (2 if family.latent_frames_odd else 1)
+
+
+def nearest_frame_counts(frames: int, family: Family) -> tuple[int, int]:
+    """The valid frame counts (k * frame_step + 1) either side of `frames` (at least 1)."""
+    step = frame_step(family)
+    below = (frames - 1) // step * step + 1
+    return below, below + step
+
+
+def check_frame_count(frames: int, family: Family) -> None:
+    """A video to encode has k * frame_step + 1 frames: one latent frame for the first, one per further group."""
+    step = frame_step(family)
+    if frames < 1 or (frames - 1) % step:
+        nearest = " or ".join(str(count) for count in nearest_frame_counts(max(frames, 1), family))
+        raise RequestError(
+            f"video has {frames} frames; {family.name} encodes {step}k+1 frames (1, {step + 1}, {2 * step + 1}, ...): "
+            f"the nearest valid counts are {nearest}"
+        )
+
+
+def check_video_size(batch: int, frames: int, height: int, width: int, family: Family, max_pixels: int) -> None:
+    """A video to encode: sides, frame count and total pixels over all frames."""
+    check_sides(height, width, family, "video frame")
+    pixels = batch * frames * height * width
+    if pixels > max_pixels:
+        raise RequestError(
+            f"{batch} video(s) of {frames} frames of {width}x{height} = {pixels} pixels; this server accepts at most {max_pixels}",
+            status=413,
+        )
+    check_frame_count(frames, family)
