@@ -1,8 +1,7 @@
 """The API's own description: an OpenAPI 3.0 document of the routes a server has, and the page at /docs.
 
 The document is built from the app's routes (each named for what it does) and
-the table of query parameters below, which tests check against every parameter
-wire.py reads. /docs is Swagger UI, served from the swagger-ui-bundle package
+the query parameters the wire declares (wire/parameters.py), the table its parser reads too. /docs is Swagger UI, served from the swagger-ui-bundle package
 (no CDN at run time).
 """
 
@@ -12,97 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .families import DTYPES, Family
-
-BOTH, DECODE, ENCODE = ("decode", "encode"), ("decode",), ("encode",)
-
-# name: (JSON schema, what it does, the operations that read it). Lists are repeated keys (shape=1&shape=4&...).
-PARAMETERS: dict[str, tuple[dict[str, Any], str, tuple[str, ...]]] = {
-    "shape": (
-        {"type": "array", "items": {"type": "integer", "minimum": 1}},
-        "The body tensor's shape, one repeated key per dimension (shape=1&shape=4&shape=64&shape=64). Decode: the latent, "
-        "[B, C, h, w] or [B, C, T, h, w] or packed [B, seq, features]; encode: an image tensor [B, 3, H, W] (video "
-        "[B, 3, F, H, W]) in -1..1. Omitted when encoding an image or video file.",
-        BOTH,
-    ),
-    "dtype": (
-        {"type": "string", "enum": list(DTYPES)},
-        "The body tensor's dtype (little-endian; bfloat16 as raw 2-byte words).",
-        BOTH,
-    ),
-    "scaling_factor": (
-        {"type": "number"},
-        "Decode: latent / scaling_factor before the VAE; encode: latent * scaling_factor after it.",
-        BOTH,
-    ),
-    "shift_factor": (
-        {"type": "number"},
-        "Decode: + shift_factor after unscaling; encode: - shift_factor before scaling.",
-        BOTH,
-    ),
-    "do_scaling": (
-        {"type": "boolean"},
-        "True with no factors: the family's own normalisation (per-channel families take only this); "
-        "False or nothing: the latent is the VAE's own. Explicit factors win.",
-        BOTH,
-    ),
-    "output_type": (
-        {"type": "string", "enum": ["pil", "pt", "mp4"]},
-        "pil: an image file (or, with Accept: tensor/binary, float pixels 0..1); pt: a tensor; mp4: an H.264 video. "
-        "Missing: inferred from Accept.",
-        DECODE,
-    ),
-    "partial_postprocess": (
-        {"type": "boolean"},
-        "With output_type=pt: uint8 pixels [B, H, W, 3] (a video: [F, H, W, 3]) instead of the VAE's raw output.",
-        DECODE,
-    ),
-    "image_format": (
-        {"type": "string", "enum": ["jpg", "jpeg", "png", "webp"], "default": "jpg"},
-        "With output_type=pil: the image file's format.",
-        DECODE,
-    ),
-    "quality": ({"type": "number"}, "JPEG / WebP quality 1..100; for mp4, imageio's 0..10 (10 best).", DECODE),
-    "png_compression": (
-        {"type": "integer", "minimum": 0, "maximum": 9},
-        "zlib level of a PNG reply (the pixels are the same at every level).",
-        DECODE,
-    ),
-    "fps": ({"type": "number", "minimum": 1, "maximum": 240}, "Frame rate of an mp4 reply.", DECODE),
-    "crf": (
-        {"type": "integer", "minimum": 0, "maximum": 51},
-        "x264's constant rate factor of an mp4 reply (lower is better).",
-        DECODE,
-    ),
-    "height": (
-        {"type": "integer", "minimum": 1},
-        "Pixel height, for packed (3-D) latents only; ignored otherwise.",
-        DECODE,
-    ),
-    "width": (
-        {"type": "integer", "minimum": 1},
-        "Pixel width, for packed (3-D) latents only; ignored otherwise.",
-        DECODE,
-    ),
-    "packed_memory": (
-        {"type": "string", "enum": ["channels_first", "tokens_first"]},
-        "Which memory order a packed latent's bytes are in.",
-        DECODE,
-    ),
-    "decode_timestep": ({"type": "number"}, "LTX-Video: the decode timestep its pipeline passes.", DECODE),
-    "decode_noise_scale": (
-        {"type": "number"},
-        "LTX-Video: noise mixed into the latent before decoding, as its pipeline does.",
-        DECODE,
-    ),
-    "decode_noise_seed": ({"type": "integer", "minimum": 0}, "LTX-Video: the seed of that noise.", DECODE),
-    "tiling": (
-        {"type": "string", "enum": ["exact", "blend"]},
-        "exact: tiles equal to the untiled result; blend: diffusers' blended tiles. "
-        "Missing: the family's default (exact where it has an exact path, unless its config says blend).",
-        BOTH,
-    ),
-}
+from .families import Family
+from .wire.parameters import BOTH, DECODE, ENCODE, PARAMETERS
 
 ERROR = {
     "type": "object",

@@ -15,7 +15,7 @@ from conftest import ROOT
 from openapi_spec_validator import validate
 from PIL import Image
 
-from remote_vae.openapi import PARAMETERS
+from remote_vae.wire.parameters import PARAMETERS, Params
 
 BROWSERS = ("chromium-headless-shell", "chromium", "chromium-browser")
 
@@ -57,10 +57,13 @@ def test_every_route_is_described_and_every_described_route_answers(described, m
 
 
 def test_every_query_parameter_the_server_reads_is_described():
-    """The table in openapi.py against wire.py's source: a parameter added there and not described here fails."""
-    source = (ROOT / "remote_vae" / "wire.py").read_text()
+    """The declared table against the wire's source: a parameter declared and never read fails; one read and not
+    declared fails when it is read (Params refuses it)."""
+    source = "".join(path.read_text() for path in (ROOT / "remote_vae" / "wire").glob("*.py"))
     read = set(re.findall(r'params\.(?:text|choice|flag|number|integer)\("(\w+)"', source)) | {"shape"}
     assert read == set(PARAMETERS), read ^ set(PARAMETERS)
+    with pytest.raises(KeyError, match="not declared"):
+        Params.from_query("colour=red").text("colour")
 
 
 def test_operations_say_their_parameters_content_types_and_errors(described):

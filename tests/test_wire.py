@@ -23,7 +23,7 @@ def test_params_as_requests_encodes_them():
 
 @pytest.mark.parametrize("text", ["True", "true", "TRUE", "1"])
 def test_booleans_any_case(text):
-    assert Params.from_query(f"flag={text}").flag("flag") is True
+    assert Params.from_query(f"do_scaling={text}").flag("do_scaling") is True
 
 
 def test_json_parameters_fill_in_under_the_query():

@@ -1,0 +1,166 @@
+"""The wire: HTTP request in, HTTP reply out (PROTOCOL.md).
+
+Parses every request form real clients send (tensor/binary with a query
+string, tensor/base64, the toolkit's JSON, bare image files), tells decode
+from encode, negotiates the body of the reply from output_type and Accept,
+and renders results and errors. It knows nothing of Starlette: server.py
+hands it the parts of a request and sends back what it returns.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import PIL.Image
+import torch
+
+from ..service import Checked, DecodeRequest, EncodeRequest, Job, VaeService
+from ..vocabulary import MEDIA_TYPES, Operation, OutputForm
+from .http import JSON_TYPES, HttpCall, HttpReply, first_accepted, media_type, read_payload, tensor_reply
+from .parameters import Params
+from .parse import ReplyShape, infer_operation, mp4_options, negotiate_decode, parse_decode, parse_encode
+
+log = logging.getLogger("remote_vae")
+
+
+# -- parsing -----------------------------------------------------------------
+
+
+# -- rendering ---------------------------------------------------------------
+
+
+def count_headers(job: Job) -> dict[str, str]:
+    """How many images, or videos and frames per video, a decode reply holds."""
+    if job.frames is None:
+        return {"image-count": str(job.count)}
+    return {"video-count": str(job.count), "frame-count": str(job.frames)}
+
+
+# -- one call ----------------------------------------------------------------
+# A call goes through three steps, so the server can queue only the middle one:
+#   prepare (parse and check; CPU) -> service.run(jobs) (the model; batched, one call at a time) -> render (media; CPU).
+
+
+@dataclass
+class Prepared:
+    """A parsed and checked request: the service's job and how its reply will look."""
+
+    job: Job
+    form: OutputForm
+    reply: ReplyShape
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Inspected:
+    """A request parsed and checked from its numbers and headers, before anything is decoded or allocated:
+    what it will hold on the host (`checked.hold_bytes`) is known, so the server can reserve it first."""
+
+    operation: Operation
+    request: DecodeRequest | EncodeRequest
+    checked: Checked
+    reply: ReplyShape
+
+    def close(self) -> None:
+        self.checked.close()
+
+
+def inspect(
+    service: VaeService,
+    params: Params,
+    data: bytes,
+    content_type: str = "",
+    accept: str = "",
+    operation: str | None = None,
+    images_as: OutputForm = OutputForm.IMAGE,
+) -> Inspected:
+    """Parse and check one request up to the point where it would decode or allocate; shared by the HTTP server and handler.py.
+
+    `images_as` is the form of an image reply: IMAGE (the file's bytes) or PIL (PIL images, for handler.py).
+    """
+    operation = operation or infer_operation(content_type, data, params.shape())
+    if operation == Operation.ENCODE:
+        reply = ReplyShape(tensor_encoding=accept if accept in JSON_TYPES else "binary")
+        request = parse_encode(content_type, params, data)
+        return Inspected(Operation.ENCODE, request, service.check_encode(request, reply.tensor_encoding), reply)
+    form, reply = negotiate_decode(params, accept, service.png_compression)
+    request = parse_decode(params, data)
+    request.form = images_as if form == OutputForm.IMAGE else form
+    if form == OutputForm.MP4:
+        request.mp4 = mp4_options(params)
+    request.image = reply.image
+    return Inspected(Operation.DECODE, request, service.check_decode(request, reply.tensor_encoding), reply)
+
+
+def prepare_inspected(service: VaeService, inspected: Inspected) -> Prepared:
+    """The job of a request `inspect` has checked: its latents built, or its file decoded."""
+    if inspected.operation == Operation.ENCODE:
+        encoded = service.prepare_encode(inspected.request, inspected.checked)
+        return Prepared(encoded, OutputForm.LATENTS, inspected.reply)
+    job = service.prepare_decode(inspected.request, inspected.checked)
+    return Prepared(job, inspected.request.form, inspected.reply, count_headers(job))
+
+
+def prepare(
+    service: VaeService,
+    params: Params,
+    data: bytes,
+    content_type: str = "",
+    accept: str = "",
+    operation: str | None = None,
+    images_as: OutputForm = OutputForm.IMAGE,
+) -> Prepared:
+    """Parse, check and prepare one request at once, up to the point where it needs the model."""
+    inspected = inspect(service, params, data, content_type, accept, operation, images_as)
+    try:
+        return prepare_inspected(service, inspected)
+    finally:
+        inspected.close()
+
+
+def inspect_call(service: VaeService, call: HttpCall) -> Inspected:
+    params, data = read_payload(call)
+    return inspect(service, params, data, media_type(call.content_type), first_accepted(call.accept), call.operation)
+
+
+def prepare_call(service: VaeService, call: HttpCall) -> Prepared:
+    inspected = inspect_call(service, call)
+    try:
+        return prepare_inspected(service, inspected)
+    finally:
+        inspected.close()
+
+
+def render(prepared: Prepared, result: Any) -> HttpReply:
+    """The reply body from what the model stage returned: MP4 and image files finished, tensors as bytes."""
+    value = prepared.job.finish(result)
+    if prepared.form == OutputForm.IMAGE:
+        return HttpReply(200, value, MEDIA_TYPES[prepared.reply.image.format], prepared.headers)
+    if prepared.form == OutputForm.MP4:
+        return HttpReply(200, value, "video/mp4", prepared.headers)
+    return tensor_reply(value, prepared.reply.tensor_encoding, prepared.headers)
+
+
+@dataclass
+class Outcome:
+    """A served request before rendering: latents, or a decode result (PIL images for an image reply), and how the reply should look."""
+
+    form: OutputForm
+    value: torch.Tensor | list[PIL.Image.Image] | bytes
+    reply: ReplyShape
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def dispatch(
+    service: VaeService,
+    params: Params,
+    data: bytes,
+    content_type: str = "",
+    accept: str = "",
+    operation: str | None = None,
+) -> Outcome:
+    """All of one request at once, without a queue (handler.py: the toolkit runs one request at a time and writes image files itself)."""
+    prepared = prepare(service, params, data, content_type, accept, operation, images_as=OutputForm.PIL)
+    return Outcome(prepared.form, service.call(prepared.job), prepared.reply, prepared.headers)
