@@ -16,7 +16,10 @@ import hashlib
 import hmac
 from pathlib import Path
 
-from starlette.responses import JSONResponse
+from starlette.datastructures import Headers
+from starlette.responses import Response
+
+from .errors import ERROR_MEDIA_TYPE, error_body
 
 OPEN_METHODS = ("GET", "HEAD", "OPTIONS")
 
@@ -70,9 +73,9 @@ class ApiKeyMiddleware:
         self.app = app
         self._digests = tuple(_digest(key) for key in keys)
 
-    def authorised(self, headers: list[tuple[bytes, bytes]]) -> bool:
-        given = next((value for name, value in headers if name == b"authorization"), None)
-        key = presented_key(given) if given is not None else None
+    def authorised(self, headers: Headers) -> bool:
+        given = headers.get("authorization")
+        key = presented_key(given.encode("latin-1")) if given is not None else None
         if key is None:
             return False
         digest = _digest(key)
@@ -81,15 +84,14 @@ class ApiKeyMiddleware:
         return any(matches)
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] in OPEN_METHODS or self.authorised(scope["headers"]):
+        if scope["type"] != "http" or scope["method"] in OPEN_METHODS or self.authorised(Headers(scope=scope)):
             await self.app(scope, receive, send)
             return
-        missing = not any(name == b"authorization" for name, _ in scope["headers"])
+        missing = "authorization" not in Headers(scope=scope)
         message = (
             "this server needs an API key: send the header 'Authorization: Bearer <key>'"
             if missing
             else "the API key is not valid; send 'Authorization: Bearer <key>' with a key this server was given"
         )
-        await JSONResponse(
-            {"error": message}, status_code=401, headers={"WWW-Authenticate": 'Bearer realm="remote-vae"'}
-        )(scope, receive, send)
+        challenge = {"WWW-Authenticate": 'Bearer realm="remote-vae"'}
+        await Response(error_body(message), 401, challenge, media_type=ERROR_MEDIA_TYPE)(scope, receive, send)

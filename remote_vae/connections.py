@@ -18,7 +18,6 @@ Bodies are read by the app, which applies its own rate (server.read_body).
 
 from __future__ import annotations
 
-import json
 import logging
 import resource
 import time
@@ -26,6 +25,7 @@ from dataclasses import dataclass, field
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from .errors import ERROR_MEDIA_TYPE, error_body
 from .settings import ConnectionSettings
 
 log = logging.getLogger("remote_vae")
@@ -78,9 +78,9 @@ def connection_limit(settings: ConnectionSettings) -> int:
 
 def raw_reply(status: int, reason: str, message: str) -> bytes:
     """A whole HTTP/1.1 reply with a JSON error body that closes the connection, for answers given outside any request."""
-    body = json.dumps({"error": message}).encode()
+    body = error_body(message)
     head = (
-        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: {ERROR_MEDIA_TYPE}\r\ncontent-length: {len(body)}\r\n"
         "connection: close\r\n\r\n"
     )
     return head.encode() + body

@@ -20,7 +20,6 @@ Log lines hold no payload content, not even the query string.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import time
 import uuid
@@ -36,6 +35,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from starlette.datastructures import Headers
 
 from .admission import WorkQueue
 from .connections import ConnectionStats
@@ -194,10 +194,11 @@ class _LiveState:
         vaes = list(self.vaes())
         memory = GaugeMetricFamily(
             "remote_vae_device_memory_bytes",
-            "Device memory: torch allocated / reserved / peak and device total on CUDA; resident set on CPU",
+            "CUDA memory: torch allocated / reserved / peak, and the device's free and total (the host's resident set "
+            "is process_resident_memory_bytes)",
             labels=["device", "kind"],
         )
-        for device in sorted({str(vae.device) for vae in vaes}):
+        for device in sorted({str(vae.device) for vae in vaes if vae.device.type == "cuda"}):
             for kind, value in device_memory(torch.device(device)).items():
                 memory.add_metric([device, kind], value)
         yield memory
@@ -219,25 +220,14 @@ class _LiveState:
 
 
 def device_memory(device: torch.device) -> dict[str, int]:
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        return {
-            "allocated": torch.cuda.memory_allocated(device),
-            "reserved": torch.cuda.memory_reserved(device),
-            "peak_allocated": torch.cuda.max_memory_allocated(device),
-            "free": free,
-            "total": total,
-        }
-    return {"resident": resident_bytes()}
-
-
-def resident_bytes() -> int:
-    """This process's resident set size (Linux /proc; 0 elsewhere)."""
-    try:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
+    free, total = torch.cuda.mem_get_info(device)
+    return {
+        "allocated": torch.cuda.memory_allocated(device),
+        "reserved": torch.cuda.memory_reserved(device),
+        "peak_allocated": torch.cuda.max_memory_allocated(device),
+        "free": free,
+        "total": total,
+    }
 
 
 class StageTimer:
@@ -251,8 +241,8 @@ class StageTimer:
         self.metrics.stage_seconds.labels(self.family, stage).observe(time.monotonic() - started)
 
 
-def request_id(headers: list[tuple[bytes, bytes]]) -> str:
-    given = next((value for name, value in headers if name == b"x-request-id"), b"").decode("latin-1")
+def request_id(headers: Headers) -> str:
+    given = headers.get("x-request-id", "")
     return given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
 
 
@@ -271,7 +261,8 @@ class RequestLog:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rid = request_id(scope["headers"])
+        headers = Headers(scope=scope)
+        rid = request_id(headers)
         state = scope.setdefault("state", {})
         state["request_id"] = rid
         status, sent, recorded = 500, 0, False
@@ -286,9 +277,7 @@ class RequestLog:
             family, operation = state.get("family", "-"), state.get("operation", "-")
             self.metrics.observe_request(family, operation, status, seconds)
             client = scope.get("client") or ("-", 0)
-            received = next(
-                (value.decode("latin-1") for name, value in scope["headers"] if name == b"content-length"), "-"
-            )
+            received = headers.get("content-length", "-")
             path = scope["path"][:200].encode("unicode_escape").decode("ascii")  # one line, whatever the path holds
             log.info(
                 '%s %s "%s %s" %d in=%s out=%d %.1fms %s %s',

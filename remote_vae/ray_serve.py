@@ -101,6 +101,8 @@ def index_app(args: dict[str, Any]) -> Application:
     if not names:
         raise FamilyError("index_app needs the families it indexes")
 
+    from .server import health_reply
+
     def build() -> Starlette:
         async def documents() -> dict[str, dict]:
             found = {}
@@ -114,18 +116,11 @@ def index_app(args: dict[str, Any]) -> Application:
         async def health(request: Request) -> JSONResponse:
             found = await documents()
             ready = all(document["status"] == "ready" for document in found.values())
-            body = {
-                "status": "ok" if ready else "loading",
-                "families": {
-                    name: {
-                        "path": f"/{name}/",
-                        "status": document["status"],
-                        "operations": document.get("operations", []),
-                    }
-                    for name, document in found.items()
-                },
+            families = {
+                name: {"path": f"/{name}/", "status": document["status"], "operations": document.get("operations", [])}
+                for name, document in found.items()
             }
-            return JSONResponse(body, status_code=200 if ready else 503)
+            return health_reply("ok" if ready else "loading", families)
 
         async def described(request: Request) -> JSONResponse:
             return JSONResponse({"families": await documents()})

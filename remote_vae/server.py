@@ -27,7 +27,7 @@ import threading
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -42,7 +42,7 @@ from .admission import ClientGone, WorkQueue
 from .auth import ApiKeyMiddleware
 from .batching import Batcher
 from .connections import ConnectionStats
-from .errors import RequestError
+from .errors import ERROR_MEDIA_TYPE, RequestError, error_body
 from .families import Family
 from .memory import BODY_COST, JSON_BODY_COST, MemoryBudget, Reservation, auto_budget, release_free_memory
 from .observability import Metrics, RequestLog, StageTimer
@@ -116,8 +116,8 @@ def load_in_background(
     return thread
 
 
-def json_error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+def json_error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    return Response(error_body(message), status, headers, media_type=ERROR_MEDIA_TYPE)
 
 
 class ReplyResponse(Response):
@@ -211,12 +211,16 @@ def health_status(slots: list[Slot]) -> str:
     return "ok" if serving(slots) else "unavailable" if all(slot.unavailable for slot in slots) else "loading"
 
 
-def health_response(slots: list[Slot]) -> JSONResponse:
-    status = health_status(slots)
-    body = {"status": status, "families": {slot.family.name: slot.status for slot in slots}}
-    if errors := {slot.family.name: slot.error for slot in slots if slot.error}:
-        body["errors"] = errors
+def health_reply(status: str, families: dict[str, Any], errors: dict[str, str] | None = None) -> JSONResponse:
+    """The health document, whichever server answers it (one family, several, the Ray index): the overall status
+    and each family's; 200 when the status is ok, else 503."""
+    body = {"status": status, "families": families} | ({"errors": errors} if errors else {})
     return JSONResponse(body, status_code=200 if status == "ok" else 503)
+
+
+def health_response(slots: list[Slot]) -> JSONResponse:
+    errors = {slot.family.name: slot.error for slot in slots if slot.error}
+    return health_reply(health_status(slots), {slot.family.name: slot.status for slot in slots}, errors)
 
 
 def family_document(slot: Slot, path: str) -> dict:
@@ -450,7 +454,7 @@ def create_app(registry: Registry, options: Settings = Settings(), connections: 
                 | ({"error": slot.error} if slot.error else {})
                 for slot in slots
             }
-            return JSONResponse({"status": status, "families": families}, status_code=200 if status == "ok" else 503)
+            return health_reply(status, families)
 
         routes += [
             Route("/", index, methods=["GET"], name="health"),

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import RequestError
+from ..errors import ERROR_MEDIA_TYPE, RequestError, error_body
 from ..media import dtype_name, tensor_to_bytes
 from ..service import Limits
 from ..vocabulary import MEDIA_TYPES
@@ -57,7 +57,7 @@ class HttpReply:
 
 
 def error_reply(status: int, message: str, headers: dict[str, str] | None = None) -> HttpReply:
-    return HttpReply(status, json.dumps({"error": message}).encode(), "application/json", dict(headers or {}))
+    return HttpReply(status, error_body(message), ERROR_MEDIA_TYPE, dict(headers or {}))
 
 
 def json_too_large(size: int | str, limits: Limits) -> RequestError:
