@@ -16,7 +16,6 @@ def error_body(message: str) -> bytes:
     return json.dumps({"error": message}).encode()
 
 
-
 class RequestError(Exception):
     def __init__(self, message: str, status: int = 400, headers: dict[str, str] | None = None):
         super().__init__(message)

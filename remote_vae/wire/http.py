@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""The HTTP request's parts as the wire sees them (HttpCall), its body read into parameters and bytes (a JSON body
+bounded before it is parsed), and replies: tensors, errors (one body, errors.error_body) and failures."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""The requests themselves: decode or encode, the latent or pixels and their scaling, and the reply a decode
+negotiates from output_type, partial_postprocess, image_format and Accept (docs/protocol.md §2, §3, §6)."""
 
 from __future__ import annotations
 
