@@ -40,11 +40,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.models.autoencoders.vae import Decoder
 from diffusers.models.downsampling import Downsample2D
-from diffusers.models.resnet import ResnetBlock2D
-from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D
 from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
@@ -59,10 +56,15 @@ from .steps import (
     Norm,
     Save,
     Step,
+    accumulate,
     decoder_tail,
     encoder_head,
+    finish_statistics,
     group_norm,
+    layer_heights,
+    plain_attention,
     resnet_steps,
+    rows_needed,
 )
 
 # -- the program: what a slice of rows goes through ------------------------------------
@@ -132,7 +134,7 @@ class GroupNormTiler:
         """The decoder's forward: conv in whole (latent resolution), the rest streamed, the mid block's attention over all of it."""
         decoder = self.model.decoder
         sample, mid = decoder.conv_in(sample), decoder.mid_block
-        if not _plain_attention(mid):
+        if not plain_attention(mid):
             sample = mid(sample, *([None] if isinstance(decoder, Decoder) else []))  # whole, as diffusers runs it
             return self.run(decoder_tail(decoder), sample).to(self.device)
         sample = self.run(resnet_steps(mid.resnets[0], "mid.0"), sample)
@@ -238,10 +240,10 @@ class GroupNormTiler:
         """What steps(x) takes whole, from one probed band of rows (Norms and missing residuals skipped: only the shape counts)."""
         if not any(isinstance(step, Layer) for step in steps):
             return x.numel() * x.element_size()
-        first, last = self._needed(steps, 0, 1, x.shape[-2])
+        first, last = rows_needed(steps, 0, 1, x.shape[-2])
         probe, _, _ = self._slice(steps, x, first, last, held, None)
         return (
-            math.prod(probe.shape[:-2]) * self._heights(steps, x.shape[-2])[-1] * probe.shape[-1] * probe.element_size()
+            math.prod(probe.shape[:-2]) * layer_heights(steps, x.shape[-2])[-1] * probe.shape[-1] * probe.element_size()
         )
 
     def _assemble(
@@ -272,7 +274,7 @@ class GroupNormTiler:
         sums, pending = None, None  # pending, when the output overwrites x: bands whose rows later bands still read
         for (first_row, last_row), first_read, rows, saved in self._bands(segment, x, held, stats):
             if out is None:
-                height = self._heights(segment, x.shape[-2])[-1]
+                height = layer_heights(segment, x.shape[-2])[-1]
                 if over_x and rows.shape[:-2] + (height, rows.shape[-1]) == x.shape and rows.dtype == x.dtype:
                     out, pending = x, []
                     self.overwritten += 1
@@ -284,7 +286,7 @@ class GroupNormTiler:
                     held[name] = torch.empty(value.shape[:-2] + out.shape[-2:], dtype=value.dtype, device=self.store)
                 held[name][..., first_row:last_row, :] = value[..., first_row - top : last_row - top, :]
             if isinstance(following, Norm):
-                sums = _accumulate(sums, rows, following.norm.num_groups)
+                sums = accumulate(sums, rows, following.norm.num_groups)
             if pending is None:
                 out[..., first_row:last_row, :] = rows
                 continue
@@ -296,7 +298,7 @@ class GroupNormTiler:
         for done_first, done_last, done in pending or []:
             out[..., done_first:done_last, :] = done
         held.update({name: out for name in trailing})
-        return out, (_finish(sums, following.norm) if sums is not None else None)
+        return out, (finish_statistics(sums, following.norm) if sums is not None else None)
 
     @staticmethod
     def _may_overwrite(segment: list[Step], x: torch.Tensor, read_later: set, caller: torch.Tensor) -> bool:
@@ -334,23 +336,23 @@ class GroupNormTiler:
         sums = None
         self.recomputed += any(isinstance(step, Layer) for step in prefix)
         for _, _, rows, _ in self._bands(prefix, x, held, stats):
-            sums = _accumulate(sums, rows, norm.num_groups)
-        return _finish(sums, norm)
+            sums = accumulate(sums, rows, norm.num_groups)
+        return finish_statistics(sums, norm)
 
     def _bands(self, steps: list[Step], x: torch.Tensor, held, stats):
         """((start, stop), first input row read, output rows start..stop of steps(x) on the device, saved values), for bands
         covering the output in order."""
-        heights = self._heights(steps, x.shape[-2])
+        heights = layer_heights(steps, x.shape[-2])
         ratio = heights[-1] / heights[0]  # output rows per input row
         width = max(1, int(x.shape[-1] * ratio))
-        first, last = self._needed(steps, 0, 1, x.shape[-2])
+        first, last = rows_needed(steps, 0, 1, x.shape[-2])
         margin = (last - first) * ratio  # the halo behind one output row, in output rows
         widest = max(heights) / heights[-1]  # the largest resolution inside, relative to the output
         step_rows = 2 if any(isinstance(step, Layer) and step.scale > 1 for step in steps) else 1
         rows = int(max(self.band_pixels / (width * widest**2), 4 * margin, step_rows)) // step_rows * step_rows
         for start in range(0, heights[-1], rows):
             stop = min(heights[-1], start + rows)
-            first, last = self._needed(steps, start, stop, x.shape[-2])
+            first, last = rows_needed(steps, start, stop, x.shape[-2])
             out, top, saved = self._slice(steps, x, first, last, held, stats)
             large = out.numel() * out.element_size() >= RELEASE_BAND_BYTES
             yield (start, stop), first, out[..., start - top : stop - top, :], saved
@@ -380,64 +382,9 @@ class GroupNormTiler:
                 raise KeyError(f"residual {step.name} is neither saved nor held")
         return rows, top, saved
 
-    @staticmethod
-    def _heights(steps: list[Step], height: int) -> list[int]:
-        heights = [height]
-        for step in steps:
-            heights.append(int(heights[-1] * step.scale) if isinstance(step, Layer) else heights[-1])
-        return heights
-
-    def _needed(self, steps: list[Step], start: int, stop: int, height: int) -> tuple[int, int]:
-        """The input rows that output rows start..stop of steps read (halos included, clipped to the image).
-
-        The first is a multiple of every strided sampler's phase, carried back to the input,
-        so that each one's slice starts where the whole image's rows do.
-        """
-        heights = self._heights(steps, height)
-        for step, rows_in in zip(reversed(steps), reversed(heights[:-1])):
-            if isinstance(step, Layer):
-                start = max(0, math.floor(start / step.scale) - step.halo)
-                stop = min(rows_in, math.ceil(stop / step.scale) + step.halo)
-        align, scale = 1, 1.0
-        for step in steps:
-            if isinstance(step, Layer):
-                align, scale = max(align, round(step.align / scale)), scale * step.scale
-        return start // align * align, stop
-
-
-def _accumulate(sums, rows: torch.Tensor, groups: int):
-    """Running float64 (sum, sum of squares, count) per sample and group."""
-    grouped = rows.to(torch.float64).reshape(rows.shape[0], groups, -1)
-    total, squares, count = grouped.sum(-1), grouped.square().sum(-1), grouped.shape[-1]
-    return (total, squares, count) if sums is None else (sums[0] + total, sums[1] + squares, sums[2] + count)
-
-
-def _finish(sums, norm: nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, 1/sqrt(var + eps)) from the running sums."""
-    total, squares, count = sums
-    mean = total / count
-    variance = (squares / count - mean.square()).clamp_min(0)
-    return mean.float(), torch.rsqrt(variance + norm.eps).float()
-
 
 # glibc keeps the freed buffers of a band's layers in its heap, fragmented, so a process working through large
 # bands grows with the image although what it holds does not. After a band this large, free pages go back to
 # the system: at 4096² (tiny SD, CPU) the peak falls from 1461 to 1079 MiB for 28% more time; smaller bands
 # skip it (a call costs about a millisecond, and their buffers are reused).
 RELEASE_BAND_BYTES = 8 << 20
-
-
-def _plain_attention(mid: nn.Module) -> bool:
-    """Whether a mid block is diffusers' UNetMidBlock2D with plain 2-D self-attention, which GroupNormTiler.attention runs by query bands."""
-    if type(mid) is not UNetMidBlock2D or any(type(resnet) is not ResnetBlock2D for resnet in mid.resnets):
-        return False
-    for attention in mid.attentions:
-        if attention is not None and (
-            type(attention.processor) is not AttnProcessor2_0
-            or attention.spatial_norm is not None
-            or attention.norm_q is not None
-            or attention.norm_k is not None
-            or attention.is_cross_attention
-        ):
-            return False
-    return True

@@ -8,13 +8,16 @@ without HunyuanVideo's module loses that architecture's exact path only.
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.models.autoencoders.vae import Decoder, Encoder
 from diffusers.models.downsampling import Downsample2D
 from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D
 from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
@@ -154,3 +157,60 @@ def _halo(module: nn.Module) -> int:
     """Rows a convolution reads either side of an output row."""
     conv = first_conv(module)
     return conv.kernel_size[-2] // 2 * conv.dilation[-2]
+
+
+def layer_heights(steps: list[Step], height: int) -> list[int]:
+    """The height of the activation before each step, and after the last."""
+    heights = [height]
+    for step in steps:
+        heights.append(int(heights[-1] * step.scale) if isinstance(step, Layer) else heights[-1])
+    return heights
+
+
+def rows_needed(steps: list[Step], start: int, stop: int, height: int) -> tuple[int, int]:
+    """The input rows that output rows start..stop of steps read (halos included, clipped to the image).
+
+    The first is a multiple of every strided sampler's phase, carried back to the input,
+    so that each one's slice starts where the whole image's rows do.
+    """
+    heights = layer_heights(steps, height)
+    for step, rows_in in zip(reversed(steps), reversed(heights[:-1])):
+        if isinstance(step, Layer):
+            start = max(0, math.floor(start / step.scale) - step.halo)
+            stop = min(rows_in, math.ceil(stop / step.scale) + step.halo)
+    align, scale = 1, 1.0
+    for step in steps:
+        if isinstance(step, Layer):
+            align, scale = max(align, round(step.align / scale)), scale * step.scale
+    return start // align * align, stop
+
+
+def accumulate(sums, rows: torch.Tensor, groups: int):
+    """Running float64 (sum, sum of squares, count) per sample and group."""
+    grouped = rows.to(torch.float64).reshape(rows.shape[0], groups, -1)
+    total, squares, count = grouped.sum(-1), grouped.square().sum(-1), grouped.shape[-1]
+    return (total, squares, count) if sums is None else (sums[0] + total, sums[1] + squares, sums[2] + count)
+
+
+def finish_statistics(sums, norm: nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, 1/sqrt(var + eps)) from the running sums."""
+    total, squares, count = sums
+    mean = total / count
+    variance = (squares / count - mean.square()).clamp_min(0)
+    return mean.float(), torch.rsqrt(variance + norm.eps).float()
+
+
+def plain_attention(mid: nn.Module) -> bool:
+    """Whether a mid block is diffusers' UNetMidBlock2D with plain 2-D self-attention, which GroupNormTiler.attention runs by query bands."""
+    if type(mid) is not UNetMidBlock2D or any(type(resnet) is not ResnetBlock2D for resnet in mid.resnets):
+        return False
+    for attention in mid.attentions:
+        if attention is not None and (
+            type(attention.processor) is not AttnProcessor2_0
+            or attention.spatial_norm is not None
+            or attention.norm_q is not None
+            or attention.norm_k is not None
+            or attention.is_cross_attention
+        ):
+            return False
+    return True
