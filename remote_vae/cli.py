@@ -103,6 +103,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 OUTPUT_SUFFIXES = IMAGE_SUFFIXES + (".mp4", ".safetensors")
 
 
+# long: one declaration per option of the two client commands, in the order --help lists them
 def add_client_commands(commands) -> None:
     """`decode` and `encode`: the client on files, several at once."""
 
@@ -181,10 +182,11 @@ def output_paths(output: str, inputs: list[str], suffix: str) -> list[Path]:
 
 
 def run_client(args: argparse.Namespace) -> int:
-    """decode / encode each input on the server; 0 when all succeeded, 1 when the server refused or failed any, 2 on bad arguments."""
+    """decode / encode each input on the server; 0 when all succeeded, 1 when the server refused or failed any, 2 on
+    bad arguments."""
     from tqdm import tqdm
 
-    from .client import Client, RemoteVaeError, load_latents, save_output
+    from .client import Client, RemoteVaeError
 
     api_key = os.environ.get(args.api_key_env)
     if args.api_key_env != "REMOTE_VAE_API_KEY" and not api_key:
@@ -193,64 +195,53 @@ def run_client(args: argparse.Namespace) -> int:
         if not Path(source).is_file():
             raise SettingsError(f"{source}: no such file")
     failed = 0
-    with Client(
-        args.url, api_key=api_key, timeout=args.timeout, retries=args.retries, verify=args.ca_cert or True
-    ) as client:
+    verify = args.ca_cert or True
+    with Client(args.url, api_key=api_key, timeout=args.timeout, retries=args.retries, verify=verify) as client:
         try:
             family = client.family(args.family)
         except (ValueError, RemoteVaeError, OSError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1 if isinstance(exc, (RemoteVaeError, OSError)) else 2
-        default = (
-            ".safetensors"
-            if args.command == "encode"
-            else f".{args.format}"
-            if args.format
-            else ".mp4"
-            if family["video"]
-            else ".png"
-        )
-        targets = output_paths(args.output, args.inputs, default)
+        targets = output_paths(args.output, args.inputs, default_suffix(args, family["video"]))
         for target in targets:
             if args.command == "decode" and target.suffix.lower() not in OUTPUT_SUFFIXES:
                 raise SettingsError(f"{target}: expected an output ending in {', '.join(OUTPUT_SUFFIXES)}")
-        for source, target in tqdm(
-            list(zip(args.inputs, targets)), unit="file", disable=len(targets) < 2, file=sys.stderr
-        ):
+        pairs = list(zip(args.inputs, targets, strict=True))
+        for source, target in tqdm(pairs, unit="file", disable=len(targets) < 2, file=sys.stderr):
             try:
-                if args.command == "decode":
-                    latents = load_latents(source, args.key)
-                    suffix = target.suffix.lower()
-                    output = "mp4" if suffix == ".mp4" else "pt" if suffix == ".safetensors" else "pil"
-                    options = {"fps": args.fps} if args.fps else {}
-                    result = client.decode(
-                        latents,
-                        args.family,
-                        output,
-                        normalised=not args.raw,
-                        height=args.height,
-                        width=args.width,
-                        **options,
-                    )
-                    written = save_output(result, target)
-                else:
-                    from safetensors.torch import save_file
-
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    save_file(
-                        {"latents": client.encode(source, args.family, normalised=not args.raw).contiguous()}, target
-                    )
-                    written = [target]
+                written = run_one(client, args, source, target)
                 tqdm.write(" ".join(str(path) for path in written), file=sys.stdout)
-            # OSError: connection failures (requests' are OSErrors) and files
-            except (
-                RemoteVaeError,
-                OSError,
-                ValueError,
-            ) as exc:
+            except (RemoteVaeError, OSError, ValueError) as exc:  # OSError: connection failures, and files
                 failed += 1
                 tqdm.write(f"error: {source}: {exc}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def default_suffix(args: argparse.Namespace, video: bool) -> str:
+    """What an output is written as when -o names a directory or a pattern."""
+    if args.command == "encode":
+        return ".safetensors"
+    return f".{args.format}" if args.format else ".mp4" if video else ".png"
+
+
+def run_one(client, args: argparse.Namespace, source: str, target: Path) -> list[Path]:
+    """One input decoded or encoded on the server and written to target; the files written."""
+    from .client import load_latents, save_output
+
+    if args.command == "decode":
+        suffix = target.suffix.lower()
+        output = "mp4" if suffix == ".mp4" else "pt" if suffix == ".safetensors" else "pil"
+        options = {"fps": args.fps} if args.fps else {}
+        latents = load_latents(source, args.key)
+        result = client.decode(
+            latents, args.family, output, normalised=not args.raw, height=args.height, width=args.width, **options
+        )
+        return save_output(result, target)
+    from safetensors.torch import save_file
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"latents": client.encode(source, args.family, normalised=not args.raw).contiguous()}, target)
+    return [target]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -86,147 +86,151 @@ def raw_reply(status: int, reason: str, message: str) -> bytes:
     return head.encode() + body
 
 
-def protocol_class(stats: ConnectionStats) -> type[H11Protocol]:
-    """uvicorn's h11 protocol with this server's connection rules (the module's docstring)."""
-    settings = stats.settings
+class GuardedProtocol(H11Protocol):
+    """uvicorn's h11 protocol with this server's connection rules (the module's docstring); `protocol_class` binds it
+    to a server's ConnectionStats."""
 
-    class GuardedProtocol(H11Protocol):
-        def connection_made(self, transport) -> None:
-            super().connection_made(transport)
-            stats.open += 1
-            self._request_seen = None  # the cycle of the latest request whose head arrived
-            self._received = 0  # bytes since that request
-            self._head_timer = None
-            self._stall_timer = None
-            self._arm_head_timer()
-            if len(self.connections) > stats.limit:
-                self._make_room()
-            if not self.transport.is_closing():
-                stats.idle[self] = None
+    stats: ConnectionStats
 
-        def connection_lost(self, exc) -> None:
-            stats.open -= 1
-            stats.idle.pop(self, None)
-            for timer in (self._head_timer, self._stall_timer):
-                if timer is not None:
-                    timer.cancel()
-            super().connection_lost(exc)
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.stats.open += 1
+        self._request_seen = None  # the cycle of the latest request whose head arrived
+        self._received = 0  # bytes since that request
+        self._head_timer = None
+        self._stall_timer = None
+        self._arm_head_timer()
+        if len(self.connections) > self.stats.limit:
+            self._make_room()
+        if not self.transport.is_closing():
+            self.stats.idle[self] = None
 
-        @property
-        def idle(self) -> bool:
-            return self.cycle is None or self.cycle.response_complete
+    def connection_lost(self, exc) -> None:
+        self.stats.open -= 1
+        self.stats.idle.pop(self, None)
+        for timer in (self._head_timer, self._stall_timer):
+            if timer is not None:
+                timer.cancel()
+        super().connection_lost(exc)
 
-        def _make_room(self) -> None:
-            while stats.idle:
-                oldest = next(iter(stats.idle))
-                del stats.idle[oldest]
-                if oldest.transport.is_closing():
-                    continue
-                stats.closed["evicted_idle"] += 1
-                # abort, not close: a close waits for an unread reply to drain, holding the connection meanwhile
-                oldest.transport.abort() if oldest.transport.get_write_buffer_size() else oldest.transport.close()
-                return
-            stats.closed["refused_full"] += 1
+    @property
+    def idle(self) -> bool:
+        return self.cycle is None or self.cycle.response_complete
+
+    def _make_room(self) -> None:
+        while self.stats.idle:
+            oldest = next(iter(self.stats.idle))
+            del self.stats.idle[oldest]
+            if oldest.transport.is_closing():
+                continue
+            self.stats.closed["evicted_idle"] += 1
+            # abort, not close: a close waits for an unread reply to drain, holding the connection meanwhile
+            oldest.transport.abort() if oldest.transport.get_write_buffer_size() else oldest.transport.close()
+            return
+        self.stats.closed["refused_full"] += 1
+        self.transport.write(
+            raw_reply(
+                503,
+                "Service Unavailable",
+                f"the server holds its most connections ({self.stats.limit}), "
+                "every one with a request in progress; retry in a few seconds",
+            )
+        )
+        self.transport.close()
+
+    def _arm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        self._head_timer = self.loop.call_later(self.stats.settings.header_timeout, self._head_timed_out)
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if not self.idle or self.transport.is_closing():
+            return
+        self.stats.idle.pop(self, None)
+        self.stats.closed["header_timeout"] += 1
+        if self._received:  # part of a request arrived: say why it is closed
             self.transport.write(
                 raw_reply(
-                    503,
-                    "Service Unavailable",
-                    f"the server holds its most connections ({stats.limit}), "
-                    "every one with a request in progress; retry in a few seconds",
+                    408,
+                    "Request Timeout",
+                    f"the request's head did not arrive within {self.stats.settings.header_timeout:g} s",
                 )
             )
-            self.transport.close()
+        self.transport.close()
 
-        def _arm_head_timer(self) -> None:
+    def data_received(self, data: bytes) -> None:
+        self._received += len(data)
+        super().data_received(data)
+        self._note_request()
+
+    def _note_request(self) -> None:
+        if self.cycle is not None and self.cycle is not self._request_seen:
+            self._request_seen, self._received = self.cycle, 0
+            self.stats.idle.pop(self, None)
             if self._head_timer is not None:
                 self._head_timer.cancel()
-            self._head_timer = self.loop.call_later(settings.header_timeout, self._head_timed_out)
+                self._head_timer = None
 
-        def _head_timed_out(self) -> None:
-            self._head_timer = None
-            if not self.idle or self.transport.is_closing():
-                return
-            stats.idle.pop(self, None)
-            stats.closed["header_timeout"] += 1
-            if self._received:  # part of a request arrived: say why it is closed
-                self.transport.write(
-                    raw_reply(
-                        408,
-                        "Request Timeout",
-                        f"the request's head did not arrive within {settings.header_timeout:g} s",
-                    )
-                )
-            self.transport.close()
-
-        def data_received(self, data: bytes) -> None:
-            self._received += len(data)
-            super().data_received(data)
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # arms uvicorn's keep-alive timer, may start a pipelined request
+        if not self.transport.is_closing():
             self._note_request()
+            if self.idle:
+                self.stats.idle[self] = None  # now the most recently idle
+                self._arm_head_timer()
 
-        def _note_request(self) -> None:
-            if self.cycle is not None and self.cycle is not self._request_seen:
-                self._request_seen, self._received = self.cycle, 0
-                stats.idle.pop(self, None)
-                if self._head_timer is not None:
-                    self._head_timer.cancel()
-                    self._head_timer = None
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()  # arms uvicorn's keep-alive timer, may start a pipelined request
-            if not self.transport.is_closing():
-                self._note_request()
-                if self.idle:
-                    stats.idle[self] = None  # now the most recently idle
-                    self._arm_head_timer()
-
-        def send_400_response(self, msg: str) -> None:
-            """A request h11 cannot parse (a malformed request line, a head over 16 KiB): JSON, like every other error."""
-            self.transport.write(
-                raw_reply(
-                    400,
-                    "Bad Request",
-                    f"{msg.rstrip('.')}: expected an HTTP/1.1 request whose "
-                    "request line and headers together take at most 16 KiB",
-                )
+    def send_400_response(self, msg: str) -> None:
+        """A request h11 cannot parse (a malformed request line, a head over 16 KiB): JSON, like every other error."""
+        self.transport.write(
+            raw_reply(
+                400,
+                "Bad Request",
+                f"{msg.rstrip('.')}: expected an HTTP/1.1 request whose "
+                "request line and headers together take at most 16 KiB",
             )
-            self.transport.close()
+        )
+        self.transport.close()
 
-        # -- replies that stop draining --------------------------------------------
-        def pause_writing(self) -> None:
-            super().pause_writing()
-            if not settings.min_rate:
-                return
-            if self._stall_timer is not None:
-                self._stall_timer.cancel()
-            self._watch_drain(self.transport.get_write_buffer_size(), settings.rate_grace)
+    # -- replies that stop draining --------------------------------------------
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if not self.stats.settings.min_rate:
+            return
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+        self._watch_drain(self.transport.get_write_buffer_size(), self.stats.settings.rate_grace)
 
-        def resume_writing(self) -> None:
-            super().resume_writing()
-            if self._stall_timer is not None:
-                self._stall_timer.cancel()
-                self._stall_timer = None
-
-        def _watch_drain(self, buffered: int, seconds: float) -> None:
-            self._stall_timer = self.loop.call_later(seconds, self._check_drain, buffered, seconds)
-
-        def _check_drain(self, buffered_before: int, seconds: float) -> None:
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
             self._stall_timer = None
-            # Still watched after a close: it waits for the buffer to drain
-            buffered = self.transport.get_write_buffer_size()
-            if buffered_before - buffered < settings.min_rate * seconds:
-                stats.closed["write_stalled"] += 1
-                log.info(
-                    "aborted a reply to %s: it drained %d bytes in %g s, slower than %d bytes/s",
-                    self.client[0] if self.client else "-",
-                    max(0, buffered_before - buffered),
-                    seconds,
-                    settings.min_rate,
-                )
-                self.transport.abort()  # frees the buffered reply now; close() would wait for it to drain
-                return
-            self._watch_drain(buffered, seconds)
 
-    return GuardedProtocol
+    def _watch_drain(self, buffered: int, seconds: float) -> None:
+        self._stall_timer = self.loop.call_later(seconds, self._check_drain, buffered, seconds)
+
+    def _check_drain(self, buffered_before: int, seconds: float) -> None:
+        self._stall_timer = None
+        # Still watched after a close: it waits for the buffer to drain
+        buffered = self.transport.get_write_buffer_size()
+        if buffered_before - buffered < self.stats.settings.min_rate * seconds:
+            self.stats.closed["write_stalled"] += 1
+            log.info(
+                "aborted a reply to %s: it drained %d bytes in %g s, slower than %d bytes/s",
+                self.client[0] if self.client else "-",
+                max(0, buffered_before - buffered),
+                seconds,
+                self.stats.settings.min_rate,
+            )
+            self.transport.abort()  # frees the buffered reply now; close() would wait for it to drain
+            return
+        self._watch_drain(buffered, seconds)
+
+
+def protocol_class(stats: ConnectionStats) -> type[H11Protocol]:
+    """GuardedProtocol for one server: uvicorn makes a protocol per connection from the class it is given."""
+    return type("GuardedProtocol", (GuardedProtocol,), {"stats": stats})
 
 
 class RateLimitedLog(logging.Filter):

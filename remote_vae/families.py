@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -135,11 +135,12 @@ class Family:
 
 
 def _family_from_dict(data: dict[str, Any], source: str) -> Family:
+    """A family from its config's keys, each checked; FamilyError naming the file, the key and what was expected."""
     required = ("name", "hub_repo", "model_class", "architecture", "latent_channels", "spatial_compression")
     missing = [key for key in required if key not in data]
     if missing:
         raise FamilyError(f"{source}: missing keys {missing}")
-    known = set(Family.__dataclass_fields__)
+    known = {field.name for field in fields(Family) if field.init}
     unknown = sorted(set(data) - known)
     if unknown:
         raise FamilyError(f"{source}: unknown keys {unknown}; known keys are {sorted(known)}")
@@ -151,30 +152,18 @@ def _family_from_dict(data: dict[str, Any], source: str) -> Family:
     for device_type, dtype in values.get("compute_dtype", {}).items():
         if dtype not in DTYPES:
             raise FamilyError(f"{source}: compute_dtype[{device_type!r}] = {dtype!r}; expected one of {list(DTYPES)}")
-    if values.get("scaling_factor") == 0:
-        raise FamilyError(f"{source}: scaling_factor must not be 0")
+    _check_counts(values, source)
+    _check_normalisation(values, source)
+    _check_layout(values, source)
+    _check_stats_in_weights(values, source)
+    return Family(**values)
+
+
+def _check_counts(values: dict[str, Any], source: str) -> None:
+    """The keys that are counts, switches, names and release numbers."""
     temporal = values.get("temporal_compression")
     if temporal is not None and not (isinstance(temporal, int) and temporal >= 1):
         raise FamilyError(f"{source}: temporal_compression must be a positive integer or null")
-    for key in ("latents_mean", "latents_std"):
-        stats = values.get(key)
-        if stats is None:
-            continue
-        if not (
-            isinstance(stats, list)
-            and len(stats) == values["latent_channels"]
-            and all(isinstance(v, (int, float)) for v in stats)
-        ):
-            raise FamilyError(
-                f"{source}: {key} must be a list of {values['latent_channels']} numbers (one per latent channel)"
-            )
-        values[key] = tuple(float(v) for v in stats)
-    if (values.get("latents_mean") is None) != (values.get("latents_std") is None):
-        raise FamilyError(f"{source}: latents_mean and latents_std come together")
-    if values.get("latents_std") and 0 in values["latents_std"]:
-        raise FamilyError(f"{source}: latents_std must not contain 0")
-    if values.get("latents_mean") and values.get("scaling_factor") is not None:
-        raise FamilyError(f"{source}: give either scaling_factor/shift_factor or latents_mean/latents_std, not both")
     tile_above = values.get("tile_above_pixels")
     if tile_above is not None and not (isinstance(tile_above, int) and tile_above >= 0):
         raise FamilyError(f"{source}: tile_above_pixels must be a non-negative integer or null (never tile)")
@@ -186,22 +175,41 @@ def _family_from_dict(data: dict[str, Any], source: str) -> Family:
     minimum = values.get("min_diffusers")
     if minimum is not None and not (isinstance(minimum, str) and re.fullmatch(r"\d+(\.\d+)*", minimum)):
         raise FamilyError(f'{source}: min_diffusers must be a release number like "0.36.0", or null')
-    _check_layout(values, source)
-    _check_stats_in_weights(values, source)
-    if values.get("model_latents", "raw") not in MODEL_LATENTS:
-        raise FamilyError(f"{source}: model_latents must be one of {list(MODEL_LATENTS)}")
-    if values.get("model_latents") == "normalised" and values.get("scaling_factor") is None:
-        raise FamilyError(
-            f"{source}: model_latents 'normalised' needs the full family's scaling_factor (the space the model works in)"
-        )
     per_call = values.get("samples_per_call")
     if per_call is not None and not (isinstance(per_call, int) and per_call >= 1):
         raise FamilyError(f"{source}: samples_per_call must be a positive integer or null (any batch)")
     if not isinstance(values.get("decode_timestep") or "", str):
         raise FamilyError(
-            f"{source}: decode_timestep is the name of the decode argument that takes the timestep (e.g. 'temb'), or null"
+            f"{source}: decode_timestep is the name of the decode argument that takes the timestep "
+            "(e.g. 'temb'), or null"
         )
-    return Family(**values)
+
+
+def _check_normalisation(values: dict[str, Any], source: str) -> None:
+    """Scalar factors or per-channel statistics, not both; and what a preview decoder's latents need."""
+    if values.get("scaling_factor") == 0:
+        raise FamilyError(f"{source}: scaling_factor must not be 0")
+    for key in ("latents_mean", "latents_std"):
+        stats = values.get(key)
+        if stats is None:
+            continue
+        channels = values["latent_channels"]
+        if not (isinstance(stats, list) and len(stats) == channels and all(isinstance(v, (int, float)) for v in stats)):
+            raise FamilyError(f"{source}: {key} must be a list of {channels} numbers (one per latent channel)")
+        values[key] = tuple(float(v) for v in stats)
+    if (values.get("latents_mean") is None) != (values.get("latents_std") is None):
+        raise FamilyError(f"{source}: latents_mean and latents_std come together")
+    if values.get("latents_std") and 0 in values["latents_std"]:
+        raise FamilyError(f"{source}: latents_std must not contain 0")
+    if values.get("latents_mean") and values.get("scaling_factor") is not None:
+        raise FamilyError(f"{source}: give either scaling_factor/shift_factor or latents_mean/latents_std, not both")
+    if values.get("model_latents", "raw") not in MODEL_LATENTS:
+        raise FamilyError(f"{source}: model_latents must be one of {list(MODEL_LATENTS)}")
+    if values.get("model_latents") == "normalised" and values.get("scaling_factor") is None:
+        raise FamilyError(
+            f"{source}: model_latents 'normalised' needs the full family's scaling_factor (the space "
+            "the model works in)"
+        )
 
 
 MODEL_LATENTS = ModelLatents.words()

@@ -57,6 +57,7 @@ class Metrics:
 
     content_type = "text/plain; version=0.0.4; charset=utf-8"
 
+    # long: one declaration per metric, each with its help text
     def __init__(
         self,
         queue: WorkQueue,
@@ -136,6 +137,14 @@ class _LiveState:
         return []  # collected only at scrape time
 
     def collect(self):
+        yield from self._queue()
+        if self.memory is not None:
+            yield from self._memory(self.memory)
+        if self.connections is not None:
+            yield from self._connections(self.connections)
+        yield from self._models(list(self.vaes()))
+
+    def _queue(self):
         queue = self.queue
         yield GaugeMetricFamily("remote_vae_queue_length", "Requests waiting for the device", value=queue.waiting)
         yield GaugeMetricFamily("remote_vae_running", "Requests on the device now", value=queue.running)
@@ -158,40 +167,43 @@ class _LiveState:
             "Images or videos on the device now (the Inference Toolkit's name)",
             value=queue.current_batch,
         )
-        if (budget := self.memory) is not None:
-            yield GaugeMetricFamily(
-                "remote_vae_memory_budget_bytes",
-                "Host memory the requests in flight may hold at once (--memory-budget)",
-                value=budget.limit,
-            )
-            yield GaugeMetricFamily(
-                "remote_vae_memory_reserved_bytes",
-                "Host memory reserved by requests in flight now",
-                value=budget.in_use,
-            )
-            yield GaugeMetricFamily(
-                "remote_vae_memory_reserved_peak_bytes", "The most reserved at once since start-up", value=budget.peak
-            )
-            yield GaugeMetricFamily(
-                "remote_vae_memory_waiting", "Requests waiting for their memory to be reserved", value=budget.waiting
-            )
-            yield CounterMetricFamily(
-                "remote_vae_memory_refused", "Requests refused with 503 for memory", value=budget.refused
-            )
-        if (stats := self.connections) is not None:
-            yield GaugeMetricFamily("remote_vae_connections_open", "HTTP connections open now", value=stats.open)
-            yield GaugeMetricFamily(
-                "remote_vae_connections_limit",
-                "The most connections open at once (--max-connections)",
-                value=stats.limit,
-            )
-            closed = CounterMetricFamily(
-                "remote_vae_connections_closed", "Connections the server closed, by reason", labels=["reason"]
-            )
-            for reason, count in stats.closed.items():
-                closed.add_metric([reason], count)
-            yield closed
-        vaes = list(self.vaes())
+
+    def _memory(self, budget: MemoryBudget):
+        yield GaugeMetricFamily(
+            "remote_vae_memory_budget_bytes",
+            "Host memory the requests in flight may hold at once (--memory-budget)",
+            value=budget.limit,
+        )
+        yield GaugeMetricFamily(
+            "remote_vae_memory_reserved_bytes",
+            "Host memory reserved by requests in flight now",
+            value=budget.in_use,
+        )
+        yield GaugeMetricFamily(
+            "remote_vae_memory_reserved_peak_bytes", "The most reserved at once since start-up", value=budget.peak
+        )
+        yield GaugeMetricFamily(
+            "remote_vae_memory_waiting", "Requests waiting for their memory to be reserved", value=budget.waiting
+        )
+        yield CounterMetricFamily(
+            "remote_vae_memory_refused", "Requests refused with 503 for memory", value=budget.refused
+        )
+
+    def _connections(self, stats: ConnectionStats):
+        yield GaugeMetricFamily("remote_vae_connections_open", "HTTP connections open now", value=stats.open)
+        yield GaugeMetricFamily(
+            "remote_vae_connections_limit",
+            "The most connections open at once (--max-connections)",
+            value=stats.limit,
+        )
+        closed = CounterMetricFamily(
+            "remote_vae_connections_closed", "Connections the server closed, by reason", labels=["reason"]
+        )
+        for reason, count in stats.closed.items():
+            closed.add_metric([reason], count)
+        yield closed
+
+    def _models(self, vaes: list[LoadedVae]):
         memory = GaugeMetricFamily(
             "remote_vae_device_memory_bytes",
             "CUDA memory: torch allocated / reserved / peak, and the device's free and total (the host's resident set "
@@ -261,50 +273,59 @@ class RequestLog:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = Headers(scope=scope)
-        rid = request_id(headers)
-        state = scope.setdefault("state", {})
-        state["request_id"] = rid
-        status, sent, recorded = 500, 0, False
-        started = time.monotonic()
-
-        def record():
-            nonlocal recorded
-            if recorded:
-                return
-            recorded = True
-            seconds = time.monotonic() - started
-            family, operation = state.get("family", "-"), state.get("operation", "-")
-            self.metrics.observe_request(family, operation, status, seconds)
-            client = scope.get("client") or ("-", 0)
-            received = headers.get("content-length", "-")
-            path = scope["path"][:200].encode("unicode_escape").decode("ascii")  # one line, whatever the path holds
-            log.info(
-                '%s %s "%s %s" %d in=%s out=%d %.1fms %s %s',
-                rid,
-                client[0],
-                scope["method"],
-                path,
-                status,
-                received[:20],
-                sent,
-                seconds * 1000,
-                family,
-                operation,
-            )
+        exchange = _Exchange(scope, self.metrics)
 
         async def send_with_id(message):
-            nonlocal status, sent
             if message["type"] == "http.response.start":
-                status = message["status"]
-                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
+                exchange.status = message["status"]
+                message = {
+                    **message,
+                    "headers": [*message.get("headers", []), (b"x-request-id", exchange.rid.encode())],
+                }
             elif message["type"] == "http.response.body":
-                sent += len(message.get("body", b""))
+                exchange.sent += len(message.get("body", b""))
                 if not message.get("more_body", False):
-                    record()  # before the last bytes leave: a client that has its answer finds the log line and metrics
+                    exchange.record()  # before the last bytes leave: a client that has its answer finds its log line
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            record()
+            exchange.record()
+
+
+class _Exchange:
+    """One request as RequestLog sees it: its id, its status and bytes sent, recorded once."""
+
+    def __init__(self, scope, metrics: Metrics):
+        self.scope, self.metrics = scope, metrics
+        self.headers = Headers(scope=scope)
+        self.rid = request_id(self.headers)
+        self.state = scope.setdefault("state", {})
+        self.state["request_id"] = self.rid
+        self.status, self.sent, self.recorded = 500, 0, False
+        self.started = time.monotonic()
+
+    def record(self) -> None:
+        if self.recorded:
+            return
+        self.recorded = True
+        scope, seconds = self.scope, time.monotonic() - self.started
+        family, operation = self.state.get("family", "-"), self.state.get("operation", "-")
+        self.metrics.observe_request(family, operation, self.status, seconds)
+        client = scope.get("client") or ("-", 0)
+        received = self.headers.get("content-length", "-")
+        path = scope["path"][:200].encode("unicode_escape").decode("ascii")  # one line, whatever the path holds
+        log.info(
+            '%s %s "%s %s" %d in=%s out=%d %.1fms %s %s',
+            self.rid,
+            client[0],
+            scope["method"],
+            path,
+            self.status,
+            received[:20],
+            self.sent,
+            seconds * 1000,
+            family,
+            operation,
+        )

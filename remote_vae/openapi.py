@@ -82,34 +82,31 @@ def document(routes: list[tuple[str, str, str]], families: dict[str, Family], ap
     }
 
 
+def _json(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": {"type": "object"}}}}
+
+
+# The routes that say how the server is, by what they do: (summary, responses).
+STATUS_ROUTES: dict[str, tuple[str, dict[str, Any]]] = {
+    "health": (
+        "Health",
+        {"200": _json("loaded: {status: ok, families: {name: ready}}"), "503": _json("still loading")},
+    ),
+    "families": (
+        "The families served, with each one's path, latent forms and the scaling a client sends",
+        {"200": _json("{families: {name: {path, status, video, latents, scaling, ...}}}")},
+    ),
+    "metrics": ("Prometheus metrics", {"200": {"description": "Prometheus text", "content": {"text/plain": {}}}}),
+    "openapi": ("This document", {"200": _json("OpenAPI 3.0")}),
+    "docs": ("This page", {"200": {"description": "HTML", "content": {"text/html": {}}}}),
+}
+
+
 def _operation(what: str, family: Family | None, secured: bool) -> dict[str, Any]:
     name = f" ({family.name})" if family else ""
-    if what == "health":
-        return {
-            "summary": f"Health{name}",
-            "tags": ["status"],
-            "responses": {"200": _json("loaded: {status: ok, families: {name: ready}}"), "503": _json("still loading")},
-        }
-    if what == "families":
-        return {
-            "summary": "The families served, with each one's path, latent forms and the scaling a client sends",
-            "tags": ["status"],
-            "responses": {"200": _json("{families: {name: {path, status, video, latents, scaling, ...}}}")},
-        }
-    if what == "metrics":
-        return {
-            "summary": "Prometheus metrics",
-            "tags": ["status"],
-            "responses": {"200": {"description": "Prometheus text", "content": {"text/plain": {}}}},
-        }
-    if what == "openapi":
-        return {"summary": "This document", "tags": ["status"], "responses": {"200": _json("OpenAPI 3.0")}}
-    if what == "docs":
-        return {
-            "summary": "This page",
-            "tags": ["status"],
-            "responses": {"200": {"description": "HTML", "content": {"text/html": {}}}},
-        }
+    if what in STATUS_ROUTES:
+        summary, responses = STATUS_ROUTES[what]
+        return {"summary": summary + (name if what == "health" else ""), "tags": ["status"], "responses": responses}
     operations = {"predict": BOTH, "decode": DECODE, "encode": ENCODE}[what]
     summary = {
         "predict": "Decode or encode, told apart by the request: a tensor/* or JSON body with a latent shape decodes, an image or a 3-channel tensor encodes",
@@ -159,10 +156,6 @@ def _parameter(name: str, schema: dict[str, Any], description: str) -> dict[str,
     if schema.get("type") == "array":
         parameter.update(style="form", explode=True)
     return parameter
-
-
-def _json(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": {"type": "object"}}}}
 
 
 def swagger_ui_files() -> Path:

@@ -78,15 +78,10 @@ async def read_body(request: Request, limits: Limits, options: Settings, reserva
     json_body = media_type(request.headers.get("content-type")) in JSON_TYPES
     limit, cost = (limits.max_json_bytes, JSON_BODY_COST) if json_body else (limits.max_body_bytes, BODY_COST)
     declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise RequestError(f"Content-Length {declared!r} is not a byte count")
-        if int(declared) > limit:
-            raise (
-                json_too_large(declared, limits)
-                if json_body
-                else RequestError(f"body is {declared} bytes; this server accepts at most {limit}", status=413)
-            )
+    if declared is not None and not declared.isdigit():
+        raise RequestError(f"Content-Length {declared!r} is not a byte count")
+    if declared is not None and int(declared) > limit:
+        raise _too_large(declared, limit, limits, json_body)
     rate, grace, total = options.connections.min_rate, options.connections.rate_grace, options.body_timeout
     chunks, size, waited = [], 0, 0.0
     started = time.monotonic()
@@ -102,26 +97,32 @@ async def read_body(request: Request, limits: Limits, options: Settings, reserva
         except StopAsyncIteration:
             break
         except asyncio.TimeoutError:
-            if by_rate < total - elapsed:
-                raise RequestError(
-                    f"the body arrived at {size / max(elapsed, 1e-9):.0f} bytes/s ({size} bytes in {elapsed:.1f} s); this server "
-                    f"needs at least {rate} bytes/s after the first {grace:g} s",
-                    status=408,
-                ) from None
-            raise RequestError(f"the body did not arrive within {total:g} s", status=408) from None
+            raise _too_slow(size, elapsed, rate, grace, total, by_rate < total - elapsed) from None
         size += len(chunk)
         if size > limit:
-            raise (
-                json_too_large(f"over {limit}", limits)
-                if json_body
-                else RequestError(f"body is over {limit} bytes; this server accepts at most {limit}", status=413)
-            )
+            raise _too_large(f"over {limit}", limit, limits, json_body)
         if chunk:
             before = time.monotonic()
             await reservation.grow(len(chunk) * cost, max(0.0, total - elapsed), "its body")
             waited += time.monotonic() - before
             chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _too_large(size: str, limit: int, limits: Limits, json_body: bool) -> RequestError:
+    if json_body:
+        return json_too_large(size, limits)
+    return RequestError(f"body is {size} bytes; this server accepts at most {limit}", status=413)
+
+
+def _too_slow(size: int, elapsed: float, rate: int, grace: float, total: float, by_rate: bool) -> RequestError:
+    if by_rate:
+        return RequestError(
+            f"the body arrived at {size / max(elapsed, 1e-9):.0f} bytes/s ({size} bytes in "
+            f"{elapsed:.1f} s); this server needs at least {rate} bytes/s after the first {grace:g} s",
+            status=408,
+        )
+    return RequestError(f"the body did not arrive within {total:g} s", status=408)
 
 
 def until_disconnected(request: Request) -> Callable[[], Awaitable[None]]:

@@ -211,66 +211,13 @@ def create_app(registry: Registry, options: Settings = Settings(), connections: 
     metrics = Metrics(queue, registry.vaes, memory, connections)
     pipeline = PostPipeline(queue, memory, metrics, options)
     slots = list(registry.slots.values())
-
-    async def metrics_endpoint(request: Request) -> Response:
-        request.state.operation = "metrics"
-        return Response(metrics.render(), media_type=metrics.content_type)
-
-    async def families_endpoint(request: Request) -> Response:
-        request.state.operation = "families"
-        prefix = "" if len(slots) == 1 else "{}/"
-        return JSONResponse(
-            {"families": {slot.family.name: family_document(slot, prefix.format(slot.family.name)) for slot in slots}}
-        )
-
-    routes: list[Route] = [
-        Route("/metrics", metrics_endpoint, methods=["GET"], name="metrics"),
-        Route("/families", families_endpoint, methods=["GET"], name="families"),
-    ]
+    routes = status_routes(slots, metrics)
     if len(slots) == 1:
         routes += family_routes("", slots[0], pipeline)
-    else:
-
-        async def index(request: Request) -> Response:
-            request.state.operation = "health"
-            status = health_status(slots)
-            families = {
-                slot.family.name: {
-                    "path": f"/{slot.family.name}/",
-                    "status": slot.status,
-                    "operations": list(slot.family.operations),
-                }
-                | ({"error": slot.error} if slot.error else {})
-                for slot in slots
-            }
-            return health_reply(status, families)
-
-        routes += [
-            Route("/", index, methods=["GET"], name="health"),
-            Route("/health", index, methods=["GET"], name="health"),
-        ]
     for slot in slots:
         routes += family_routes(f"/{slot.family.name}", slot, pipeline)
     routes += api_description_routes(routes, {slot.family.name: slot.family for slot in slots}, bool(options.api_keys))
-
-    routes_hint = (
-        "POST / (or /predict, /decode, /encode)"
-        if len(slots) == 1
-        else "POST /<family>/ for " + ", ".join(f"/{s.family.name}/" for s in slots)
-    )
-
-    async def http_error(request: Request, exc: HTTPException) -> Response:
-        messages = {
-            404: f"no route {request.method} {request.url.path}; this server answers {routes_hint}",
-            405: f"{request.method} is not allowed on {request.url.path}; this server answers {routes_hint}",
-        }
-        return json_error(exc.status_code, messages.get(exc.status_code, exc.detail), getattr(exc, "headers", None))
-
-    async def server_error(request: Request, exc: Exception) -> Response:
-        log.exception("unexpected error", exc_info=exc)
-        return json_error(500, "internal error while processing the request; see the server log")
-
-    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error})
+    app = Starlette(routes=routes, exception_handlers=error_handlers(slots))
     if options.api_keys:
         app = ApiKeyMiddleware(app, options.api_keys)
     if options.cors_origins:
@@ -283,3 +230,63 @@ def create_app(registry: Registry, options: Settings = Settings(), connections: 
             max_age=3600,
         )
     return RequestLog(app, metrics)
+
+
+def status_routes(slots: list[Slot], metrics: Metrics) -> list[Route]:
+    """/metrics, /families, and with several families the index's health at / and /health (one family's are its own
+    routes')."""
+
+    async def metrics_endpoint(request: Request) -> Response:
+        request.state.operation = "metrics"
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    async def families_endpoint(request: Request) -> Response:
+        request.state.operation = "families"
+        prefix = "" if len(slots) == 1 else "{}/"
+        documents = {slot.family.name: family_document(slot, prefix.format(slot.family.name)) for slot in slots}
+        return JSONResponse({"families": documents})
+
+    async def index(request: Request) -> Response:
+        request.state.operation = "health"
+        families = {
+            slot.family.name: {
+                "path": f"/{slot.family.name}/",
+                "status": slot.status,
+                "operations": list(slot.family.operations),
+            }
+            | ({"error": slot.error} if slot.error else {})
+            for slot in slots
+        }
+        return health_reply(health_status(slots), families)
+
+    routes = [
+        Route("/metrics", metrics_endpoint, methods=["GET"], name="metrics"),
+        Route("/families", families_endpoint, methods=["GET"], name="families"),
+    ]
+    if len(slots) > 1:
+        routes += [
+            Route("/", index, methods=["GET"], name="health"),
+            Route("/health", index, methods=["GET"], name="health"),
+        ]
+    return routes
+
+
+def error_handlers(slots: list[Slot]) -> dict:
+    """404 and 405 that say which routes there are, and a 500 that hides what went wrong (it is in the log)."""
+    if len(slots) == 1:
+        routes_hint = "POST / (or /predict, /decode, /encode)"
+    else:
+        routes_hint = "POST /<family>/ for " + ", ".join(f"/{slot.family.name}/" for slot in slots)
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        messages = {
+            404: f"no route {request.method} {request.url.path}; this server answers {routes_hint}",
+            405: f"{request.method} is not allowed on {request.url.path}; this server answers {routes_hint}",
+        }
+        return json_error(exc.status_code, messages.get(exc.status_code, exc.detail), getattr(exc, "headers", None))
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        log.exception("unexpected error", exc_info=exc)
+        return json_error(500, "internal error while processing the request; see the server log")
+
+    return {HTTPException: http_error, Exception: server_error}

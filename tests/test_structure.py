@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "remote_vae"
 MAX_MODULE_LINES = 420  # about 400: a module past it is two
-MAX_FUNCTION_LINES = 50  # past it, a `# long: why` comment on the line above the def says why
+MAX_FUNCTION_LINES = 50  # past it, a `# long: why` comment in the comments right above the def says why
 
 
 def modules() -> dict[str, Path]:
@@ -106,6 +106,15 @@ def test_modules_and_functions_stay_small(name):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             first = min([node.lineno] + [decorator.lineno for decorator in node.decorator_list])
             size = node.end_lineno - node.lineno + 1
-            if size > MAX_FUNCTION_LINES and not lines[first - 2].strip().startswith("# long:"):
+            if size > MAX_FUNCTION_LINES and not _says_why(lines, first - 1):
                 long.append(f"{node.name} ({size} lines)")
     assert not long, f"{path}: {', '.join(long)}: split, or say why above the def (# long: ...)"
+
+
+def _says_why(lines: list[str], index: int) -> bool:
+    """Whether the comment block right above lines[index] holds a `# long:` reason."""
+    while index > 0 and lines[index - 1].strip().startswith("#"):
+        index -= 1
+        if lines[index].strip().startswith("# long:"):
+            return True
+    return False

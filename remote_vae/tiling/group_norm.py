@@ -246,6 +246,8 @@ class GroupNormTiler:
             math.prod(probe.shape[:-2]) * layer_heights(steps, x.shape[-2])[-1] * probe.shape[-1] * probe.element_size()
         )
 
+    # long: one walk over the bands writes the output, the held residuals and the next GroupNorm's sums together;
+    # split, each part would walk (and recompute) the bands again
     def _assemble(
         self, steps: list[Step], start: int, stop: int, x: torch.Tensor, held, statistics, caller: torch.Tensor
     ):

@@ -217,18 +217,7 @@ class LoadedVae:
                 if result is not _OUT_OF_MEMORY:
                     self.calls["tiled" if tiled else "sliced" if sliced else "whole"] += 1
                     return result
-                if batch > 1 and not sliced:
-                    sliced, outcome = True, "retried_sliced"
-                elif self.can_tile and not tiled:
-                    sliced, tiled, outcome = True, True, "retried_tiled"
-                else:
-                    self.oom_events["refused"] += 1
-                    raise RequestError(
-                        f"{self.family.name}: the device ran out of memory on this request{' even tiled' if self.can_tile else ''}; "
-                        "retry later, or send a smaller batch or size",
-                        status=503,
-                        headers={"Retry-After": "10"},
-                    )
+                sliced, tiled, outcome = self._after_out_of_memory(batch, sliced, tiled)
                 log.warning(
                     "%s: out of device memory on %d x %d-pixel %s; %s",
                     self.family.name,
@@ -240,6 +229,21 @@ class LoadedVae:
                 self.oom_events[outcome] += 1
                 if frames is not None:
                     frames.restart()
+
+    def _after_out_of_memory(self, batch: int, sliced: bool, tiled: bool) -> tuple[bool, bool, str]:
+        """The out-of-memory ladder: one sample at a time, then tiled; then the request is refused with 503."""
+        if batch > 1 and not sliced:
+            return True, tiled, "retried_sliced"
+        if self.can_tile and not tiled:
+            return True, True, "retried_tiled"
+        self.oom_events["refused"] += 1
+        even = " even tiled" if self.can_tile else ""
+        raise RequestError(
+            f"{self.family.name}: the device ran out of memory on this request{even}; retry later, or "
+            "send a smaller batch or size",
+            status=503,
+            headers={"Retry-After": "10"},
+        )
 
     def _attempt(
         self, call: Callable, values: torch.Tensor, sliced: bool, tiled: bool, frames: FrameSink | None, extra: dict
