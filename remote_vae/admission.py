@@ -22,8 +22,8 @@ import asyncio
 import math
 import time
 from collections import deque
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from typing import AsyncIterator, Iterator
 
 from .errors import RequestError
 from .settings import QueueSettings

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 
@@ -36,7 +36,7 @@ class DevicePath:
     compile: bool = False
 
     @classmethod
-    def default(cls, device: torch.device, compile: bool = False, channels_last: str = "auto") -> "DevicePath":
+    def default(cls, device: torch.device, compile: bool = False, channels_last: str = "auto") -> DevicePath:
         """The measured defaults for a device; `channels_last` is 'auto', 'on' or 'off'. Compiling is off, said once, on a
         torch without compile stances (before 2.6), which is what keeps compiling out of requests."""
         cuda = device.type == "cuda"
@@ -148,7 +148,7 @@ class PeakMemory:
         self.device = device
         self.bytes: int | None = None
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)

@@ -4,8 +4,9 @@ that size each reservation."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import PIL.Image
 import torch
@@ -53,7 +54,7 @@ class Checked:
 
     hold_bytes: int
     purpose: str
-    header: "ImageHeader | VideoFile | None" = None  # an encode's file, opened, not yet decoded
+    header: ImageHeader | VideoFile | None = None  # an encode's file, opened, not yet decoded
     plan: latent_ops.LatentPlan | None = None  # a decode's latent, planned
 
     def close(self) -> None:
@@ -79,7 +80,7 @@ class DecodeRequest:
     width: int | None = None
     mp4: Mp4Options = field(default_factory=Mp4Options)
     image: ImageFile = field(default_factory=ImageFile)
-    decode_timestep: "DecodeTimestep | None" = None
+    decode_timestep: DecodeTimestep | None = None
     packed_memory: PackedMemory | None = None  # token sequences; None: channels first, the pipelines' memory
     tiling: Tiling | None = None  # when the call tiles; None: exact where the model allows
 

@@ -28,8 +28,8 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from .errors import RequestError
 
@@ -68,7 +68,7 @@ def size_text(count: int) -> str:
 
 @dataclass(eq=False)
 class _Waiter:
-    reservation: "Reservation"
+    reservation: Reservation
     extra: int
     granted: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
@@ -92,14 +92,14 @@ class MemoryBudget:
     def waiting(self) -> int:
         return len(self._waiters)
 
-    def reservation(self) -> "Reservation":
+    def reservation(self) -> Reservation:
         return Reservation(self)
 
     def when_idle(self, callback: Callable[[int], None]) -> None:
         """Call `callback(peak)` each time the last reserved byte is released, with the most reserved since the last time."""
         self._on_idle.append(callback)
 
-    def _grant(self, reservation: "Reservation", extra: int) -> None:
+    def _grant(self, reservation: Reservation, extra: int) -> None:
         self.in_use += extra
         self.peak = max(self.peak, self.in_use)
         self._peak_since_idle = max(self._peak_since_idle, self.in_use)
@@ -117,7 +117,7 @@ class MemoryBudget:
             headers={"Retry-After": str(self.retry_after())},
         )
 
-    def _too_large(self, reservation: "Reservation", extra: int) -> RequestError | None:
+    def _too_large(self, reservation: Reservation, extra: int) -> RequestError | None:
         if reservation.held + extra <= self.limit:
             return None
         return RequestError(
@@ -126,7 +126,7 @@ class MemoryBudget:
             status=413,
         )
 
-    def _take_now(self, reservation: "Reservation", extra: int) -> bool:
+    def _take_now(self, reservation: Reservation, extra: int) -> bool:
         """Grant at once if nobody waits and it fits (any thread)."""
         with self._lock:
             if self._waiters or not self._fits(extra):
@@ -134,7 +134,7 @@ class MemoryBudget:
             self._grant(reservation, extra)
             return True
 
-    async def _acquire(self, reservation: "Reservation", extra: int, timeout: float) -> None:
+    async def _acquire(self, reservation: Reservation, extra: int, timeout: float) -> None:
         if error := self._too_large(reservation, extra):
             raise error
         if self._take_now(reservation, extra):

@@ -23,7 +23,7 @@ import logging
 import re
 import time
 import uuid
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from prometheus_client import (

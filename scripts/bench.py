@@ -155,7 +155,7 @@ class ProcessPeak:
                 return int(line.split()[1]) * 1024
         return 0
 
-    def __enter__(self) -> "ProcessPeak":
+    def __enter__(self) -> ProcessPeak:
         if self.device.type == "cuda" and self.own:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -635,7 +635,7 @@ class PeakMemory:
             self.peak = max(self.peak, self.rss())
             time.sleep(0.002)
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(self.device)

@@ -161,7 +161,7 @@ class VideoFile:
     def close(self) -> None:
         shutil.rmtree(self._folder, ignore_errors=True)
 
-    def __enter__(self) -> "VideoFile":
+    def __enter__(self) -> VideoFile:
         return self
 
     def __exit__(self, *exc_info) -> None:

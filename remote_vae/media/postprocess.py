@@ -5,7 +5,7 @@ encode's input made float in bands, bit for bit as the processors make it."""
 from __future__ import annotations
 
 import logging
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import PIL.Image
@@ -112,7 +112,7 @@ class VideoPostprocessor(Postprocessor):
             for frames in self._chunks(clip):
                 yield number, self.to_host(uint8_images(frames))
 
-    def mp4(self, sample: torch.Tensor, stream: "Mp4Stream") -> "Mp4Stream":
+    def mp4(self, sample: torch.Tensor, stream: Mp4Stream) -> Mp4Stream:
         """Hand the clips' frames to the stream (unless it has them all from the decoder already)."""
         if not stream.complete:
             stream.restart()

@@ -6,9 +6,9 @@ from __future__ import annotations
 import queue
 import tempfile
 import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import imageio_ffmpeg
 import numpy as np

@@ -119,7 +119,7 @@ class Params:
         self.values = values or {}
 
     @classmethod
-    def from_query(cls, query: str) -> "Params":
+    def from_query(cls, query: str) -> Params:
         try:
             return cls(parse_qs(query, keep_blank_values=True, strict_parsing=False, max_num_fields=256))
         except ValueError as exc:
