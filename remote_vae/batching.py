@@ -74,7 +74,8 @@ class Batcher:
             self._news.set()
 
     async def run(self, job: Job, disconnected: Callable[[], Awaitable[None]]) -> Any:
-        """The job's result from the model stage, once a model call has run it; `disconnected()` returns when the client goes away."""
+        """The job's result from the model stage, once a model call has run it; `disconnected()` returns when the client
+        goes away."""
         entry = _Waiting(job, time.monotonic(), asyncio.get_running_loop().create_future())
         entry.result.add_done_callback(_retrieve)
         self.pending.append(entry)

@@ -83,7 +83,8 @@ def check_health(port: int, timeout: float) -> int:
 
 
 def describe(family: Family) -> str:
-    """A family for `families`: what it is, its weights, the latents it takes, and what a client passes to decode them."""
+    """A family for `families`: what it is, its weights, the latents it takes, and what a client passes to decode
+    them."""
     # remote_decode sends do_scaling=True by default (a deprecated argument): per-channel families' calls pass nothing.
     scaling = ", ".join(f"{name}={value}" for name, value in family.client_scaling().items() if name != "do_scaling")
     extra = "; optional decode_timestep=, decode_noise_scale=, decode_noise_seed=" if family.decode_timestep else ""
@@ -171,7 +172,8 @@ def add_client_commands(commands) -> None:
 
 
 def output_paths(output: str, inputs: list[str], suffix: str) -> list[Path]:
-    """Where each input's result goes: OUT itself for one input; OUT with {name} filled in, or OUT/<name><suffix>, for several."""
+    """Where each input's result goes: OUT itself for one input; OUT with {name} filled in, or OUT/<name><suffix>, for
+    several."""
     if "{name}" in output:
         return [Path(output.format(name=Path(source).stem)) for source in inputs]
     if output.endswith(("/", os.sep)) or Path(output).is_dir():

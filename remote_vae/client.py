@@ -49,7 +49,8 @@ OUTPUTS = ("pil", "uint8", "pt", "mp4")
 
 
 class RemoteVaeError(Exception):
-    """The server refused or failed a request: `status`, its JSON `error` message, and the request id to look up in its log."""
+    """The server refused or failed a request: `status`, its JSON `error` message, and the request id to look up in its
+    log."""
 
     def __init__(self, status: int, message: str, url: str, request_id: str | None = None):
         super().__init__(f"{status} from {url}: {message}")
@@ -95,7 +96,8 @@ class Client:
     # -- what the server serves -----------------------------------------------------------
 
     def families(self) -> dict[str, dict[str, Any]]:
-        """The families served at this URL, by name: path, kind, latent forms and the scaling a client sends (GET families)."""
+        """The families served at this URL, by name: path, kind, latent forms and the scaling a client sends (GET
+        families)."""
         if self._families is None:
             self._families = self._request("GET", "families").json()["families"]
         return self._families
@@ -245,7 +247,8 @@ def reply_tensor(reply: requests.Response) -> torch.Tensor:
 
 
 def pil_to_tensor(images, spatial_compression: int) -> torch.Tensor:
-    """PIL image(s) -> [B, 3, H, W] float32 in -1..1: diffusers' VaeImageProcessor, as the pipelines and the server prepare them."""
+    """PIL image(s) -> [B, 3, H, W] float32 in -1..1: diffusers' VaeImageProcessor, as the pipelines and the server
+    prepare them."""
     from diffusers.image_processor import VaeImageProcessor
 
     images = [images] if isinstance(images, PIL.Image.Image) else list(images)

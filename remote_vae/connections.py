@@ -30,7 +30,8 @@ from .settings import ConnectionSettings
 
 log = logging.getLogger("remote_vae")
 
-# File descriptors kept free of connections: the listening socket, model files, logs, ffmpeg's pipes and temporary files.
+# File descriptors kept free of connections: the listening socket, model files, logs, ffmpeg's pipes and temporary
+# files.
 RESERVED_FILES = 256
 
 
@@ -77,7 +78,8 @@ def connection_limit(settings: ConnectionSettings) -> int:
 
 
 def raw_reply(status: int, reason: str, message: str) -> bytes:
-    """A whole HTTP/1.1 reply with a JSON error body that closes the connection, for answers given outside any request."""
+    """A whole HTTP/1.1 reply with a JSON error body that closes the connection, for answers given outside any
+    request."""
     body = error_body(message)
     head = (
         f"HTTP/1.1 {status} {reason}\r\ncontent-type: {ERROR_MEDIA_TYPE}\r\ncontent-length: {len(body)}\r\n"
@@ -260,7 +262,8 @@ class RateLimitedLog(logging.Filter):
 
 
 def limit_log_floods(interval: float = 10.0) -> None:
-    """Rate-limit the loggers a connection flood writes to: asyncio's (failed accepts) and uvicorn's (malformed requests)."""
+    """Rate-limit the loggers a connection flood writes to: asyncio's (failed accepts) and uvicorn's (malformed
+    requests)."""
     for name in ("asyncio", "uvicorn.error"):
         logger = logging.getLogger(name)
         if not any(isinstance(existing, RateLimitedLog) for existing in logger.filters):

@@ -37,7 +37,8 @@ class DevicePath:
 
     @classmethod
     def default(cls, device: torch.device, compile: bool = False, channels_last: str = "auto") -> DevicePath:
-        """The measured defaults for a device; `channels_last` is 'auto', 'on' or 'off'. Compiling is off, said once, on a
+        """The measured defaults for a device; `channels_last` is 'auto', 'on' or 'off'. Compiling is off, said once, on
+        a
         torch without compile stances (before 2.6), which is what keeps compiling out of requests."""
         cuda = device.type == "cuda"
         layout = {"on": True, "off": False}.get(channels_last, cuda)

@@ -123,7 +123,8 @@ class Family:
 
     @property
     def encode_step(self) -> int:
-        """Both sides of an image or frame to encode must be multiples of this: the compression, times any patch the pipeline folds."""
+        """Both sides of an image or frame to encode must be multiples of this: the compression, times any patch the
+        pipeline folds."""
         return self.spatial_compression * self.layout.patch
 
     def client_scaling(self) -> dict[str, Any]:
@@ -226,7 +227,8 @@ def _check_layout(values: dict[str, Any], source: str) -> None:
         kind = LAYOUT_KEYS.get(key)
         if kind is None or not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
             raise FamilyError(
-                f"{source}: latent_layout.{key} = {value!r}; expected keys {sorted(LAYOUT_KEYS)} (patch: int, packing: str, others: true/false)"
+                f"{source}: latent_layout.{key} = {value!r}; expected keys {sorted(LAYOUT_KEYS)} (patch: int, "
+                "packing: str, others: true/false)"
             )
     if layout.get("patch", 1) < 1:
         raise FamilyError(f"{source}: latent_layout.patch must be at least 1")

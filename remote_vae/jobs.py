@@ -50,7 +50,8 @@ def tensor_reply_bytes(values: int, element_size: int, encoding: str) -> int:
 
 @dataclass
 class Checked:
-    """A request checked against the limits from its numbers and headers alone: what it will hold on the host, and why."""
+    """A request checked against the limits from its numbers and headers alone: what it will hold on the host, and
+    why."""
 
     hold_bytes: int
     purpose: str
@@ -152,7 +153,8 @@ class Job:
 
     @property
     def batch_key(self) -> tuple:
-        """What jobs must share to go through the model in one call: the operation, one sample's shape and dtype, conditioning and tiling."""
+        """What jobs must share to go through the model in one call: the operation, one sample's shape and dtype,
+        conditioning and tiling."""
         return (self.operation, tuple(self.inputs.shape[1:]), self.inputs.dtype, self.timestep is not None, self.tiling)
 
 

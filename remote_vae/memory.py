@@ -96,7 +96,8 @@ class MemoryBudget:
         return Reservation(self)
 
     def when_idle(self, callback: Callable[[int], None]) -> None:
-        """Call `callback(peak)` each time the last reserved byte is released, with the most reserved since the last time."""
+        """Call `callback(peak)` each time the last reserved byte is released, with the most reserved since the last
+        time."""
         self._on_idle.append(callback)
 
     def _grant(self, reservation: Reservation, extra: int) -> None:
@@ -111,7 +112,8 @@ class MemoryBudget:
     def _busy(self, reason: str) -> RequestError:
         self.refused += 1
         return RequestError(
-            f"the server is at its memory budget ({size_text(self.limit)} for requests in flight, --memory-budget): {reason}; "
+            f"the server is at its memory budget ({size_text(self.limit)} for requests in flight, --memory-budget): "
+            f"{reason}; "
             "retry after the Retry-After seconds",
             status=503,
             headers={"Retry-After": str(self.retry_after())},
@@ -167,7 +169,8 @@ class MemoryBudget:
             self._settle_locked()
 
     def _settle_locked(self) -> None:
-        """Grant waiters in order while they fit; refuse the newest while only waiters hold memory (nothing will be released)."""
+        """Grant waiters in order while they fit; refuse the newest while only waiters hold memory (nothing will be
+        released)."""
         while self._waiters:
             head = self._waiters[0]
             if self._fits(head.extra):
@@ -195,7 +198,8 @@ class MemoryBudget:
 
 
 class Reservation:
-    """One request's share of the budget: grown as it needs more, shrunk once its reply is rendered, released when sent."""
+    """One request's share of the budget: grown as it needs more, shrunk once its reply is rendered, released when
+    sent."""
 
     def __init__(self, budget: MemoryBudget):
         self.budget = budget
@@ -203,7 +207,8 @@ class Reservation:
         self.purpose = "its body"
 
     async def grow(self, extra: int, timeout: float, purpose: str | None = None) -> None:
-        """Reserve `extra` bytes more, waiting at most `timeout` seconds (then 503); 413 if the request could never fit."""
+        """Reserve `extra` bytes more, waiting at most `timeout` seconds (then 503); 413 if the request could never
+        fit."""
         if purpose:
             self.purpose = purpose
         if extra > 0:

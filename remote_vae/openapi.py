@@ -1,7 +1,8 @@
 """The API's own description: an OpenAPI 3.0 document of the routes a server has, and the page at /docs.
 
 The document is built from the app's routes (each named for what it does) and
-the query parameters the wire declares (wire/parameters.py), the table its parser reads too. /docs is Swagger UI, served from the swagger-ui-bundle package
+the query parameters the wire declares (wire/parameters.py), the table its parser reads too. /docs is Swagger UI, served
+from the swagger-ui-bundle package
 (no CDN at run time).
 """
 
@@ -57,7 +58,8 @@ DECODE_REPLIES = {
 
 
 def document(routes: list[tuple[str, str, str]], families: dict[str, Family], api_keys: bool) -> dict[str, Any]:
-    """The OpenAPI document for routes (path, method, what: health | families | predict | decode | encode | metrics | openapi | docs)."""
+    """The OpenAPI document for routes (path, method, what: health | families | predict | decode | encode | metrics |
+    openapi | docs)."""
     paths: dict[str, dict[str, Any]] = {}
     for path, method, what in routes:
         family = next((families[name] for name in families if path.startswith(f"/{name}/") or path == f"/{name}"), None)
@@ -177,7 +179,8 @@ DOCS_PAGE = """<!doctype html>
   <script src="docs/swagger-ui-bundle.js"></script>
   <script>
     // Relative addresses: the page works behind a proxy that serves the server under a path.
-    window.ui = SwaggerUIBundle({url: new URL("openapi.json", document.baseURI).href, dom_id: "#api", deepLinking: true});
+    window.ui = SwaggerUIBundle({url: new URL("openapi.json", document.baseURI).href, dom_id: "#api", deepLinking:
+    true});
   </script>
 </body>
 </html>

@@ -53,7 +53,8 @@ def json_error(status: int, message: str, headers: dict[str, str] | None = None)
 
 
 class ReplyResponse(Response):
-    """A reply written REPLY_CHUNK bytes at a time (uvicorn waits for each to drain), calling `sent()` when done or abandoned."""
+    """A reply written REPLY_CHUNK bytes at a time (uvicorn waits for each to drain), calling `sent()` when done or
+    abandoned."""
 
     def __init__(self, reply: HttpReply, sent: Callable[[], None]):
         super().__init__(reply.body, status_code=reply.status, media_type=reply.media_type, headers=reply.headers)
@@ -73,7 +74,8 @@ class ReplyResponse(Response):
 
 async def read_body(request: Request, limits: Limits, options: Settings, reservation: Reservation) -> bytes:
     """The body, each chunk reserved from the memory budget as it arrives. 413 past the body limit (JSON bodies: their
-    own, smaller one), from Content-Length before reading; 408 if it arrives slower than the minimum rate after the grace
+    own, smaller one), from Content-Length before reading; 408 if it arrives slower than the minimum rate after the
+    grace
     period, or not within the body timeout. Waiting for memory does not count against the client."""
     json_body = media_type(request.headers.get("content-type")) in JSON_TYPES
     limit, cost = (limits.max_json_bytes, JSON_BODY_COST) if json_body else (limits.max_body_bytes, BODY_COST)

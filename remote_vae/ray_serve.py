@@ -80,7 +80,8 @@ class FamilyReplica:
 
 
 def family_app(args: dict[str, Any]) -> Application:
-    """A Serve application for one family; args: family, options (serve options), and optionally deployment (Ray options)."""
+    """A Serve application for one family; args: family, options (serve options), and optionally deployment (Ray
+    options)."""
     from . import launch
 
     name, options = args["family"], list(args.get("options", []))

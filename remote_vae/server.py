@@ -107,7 +107,8 @@ def health_response(slots: list[Slot]) -> JSONResponse:
 
 
 def family_document(slot: Slot, path: str) -> dict:
-    """A served family as a client needs it: where to send, what latents it takes, the scaling to send with a pipeline's latents."""
+    """A served family as a client needs it: where to send, what latents it takes, the scaling to send with a pipeline's
+    latents."""
     family, layout = slot.family, slot.family.layout
     return {
         "path": path,

@@ -86,7 +86,8 @@ log = logging.getLogger("remote_vae")
 #   mp4:   the bytes of an H.264 MP4; videos only
 
 
-# Factors finite on their own can still overflow the latent (scaling_factor=1e-320, shift_factor=1e39): every output NaN.
+# Factors finite on their own can still overflow the latent (scaling_factor=1e-320, shift_factor=1e39): every output
+# NaN.
 SCALED_FINITE = "in {dtype}: choose a scaling_factor and shift_factor that keep the scaled latent finite (e.g. the family's own: GET /families)"
 
 
@@ -114,7 +115,8 @@ class VaeService:
 
     def images_per_call(self, job: Job) -> int:
         """How many images or videos like this job's one model call takes whole (at least 1):
-        a bigger batch would run one sample at a time, and sharing a call would only make its requests wait for each other."""
+        a bigger batch would run one sample at a time, and sharing a call would only make its requests wait for each
+        other."""
         whole = self.vae.budget.limit(self.vae.device) // max(1, job.pixels // job.count)
         return max(1, min(whole, self.vae.samples_per_call))
 
@@ -246,14 +248,16 @@ class VaeService:
         """The request's decode timestep where the model takes one; refused where the family has none."""
         if request.decode_timestep is not None and not self.family.decode_timestep:
             raise RequestError(
-                f"{self.family.name} takes no decode timestep; drop decode_timestep / decode_noise_scale / decode_noise_seed"
+                f"{self.family.name} takes no decode timestep; drop decode_timestep / decode_noise_scale / "
+                "decode_noise_seed"
             )
         if self.vae.timestep_argument is None:
             return None  # LTX 0.9.0 weights are not conditioned: LTXPipeline passes no timestep and no noise either
         return request.decode_timestep or DecodeTimestep()
 
     def _to_model_space(self, normalisation: latent_ops.Normalisation, latents: torch.Tensor) -> torch.Tensor:
-        """Undo the client's normalisation; a preview decoder (model_latents 'normalised') then takes the family's own again."""
+        """Undo the client's normalisation; a preview decoder (model_latents 'normalised') then takes the family's own
+        again."""
         own = self.vae.normalisation
         if self.family.model_latents != "normalised":
             return normalisation.unscale(latents)

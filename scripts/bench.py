@@ -1,12 +1,14 @@
 #!/usr/bin/env python
 """Benchmarks: the service against diffusers in-process, same weights, same inputs, one run.
 
-    python scripts/bench.py image --family sd15 --tiny --sizes 512 --batches 1 4 --clients 1 2 4 8 16 [--device cuda] [--compile]
+    python scripts/bench.py image --family sd15 --tiny --sizes 512 --batches 1 4 --clients 1 2 4 8 16 [--device cuda]
+    [--compile]
     python scripts/bench.py device-path --family sd15 --size 512 [--tiny] [--device cuda] [--compile]
     python scripts/bench.py png --images photo.png ... [--size 720]
     python scripts/bench.py mp4-overlap --family wan21 --tiny --size 256 --frames 81
     python scripts/bench.py video --family hunyuanvideo --sizes 64 128 --frames 9 17 33 65 [--tiny] [--device cpu|cuda]
-    python scripts/bench.py tiling --family sd15 --tiny --sizes 1024 2048 4096 [--device cuda] [--pictures docs/tiling] [--operation encode]
+    python scripts/bench.py tiling --family sd15 --tiny --sizes 1024 2048 4096 [--device cuda] [--pictures docs/tiling]
+    [--operation encode]
     python scripts/bench.py tiling --family wan21 --tiny --sizes 512 1024 --frames 5
     python scripts/bench.py ray --family sd15 --tiny --size 256 --clients 1 4 [--device cuda]
     python scripts/bench.py preview --family taesd [--preview-model DIR --full-model DIR] --size 512 [--device cuda]
@@ -448,7 +450,9 @@ def print_image_tables(args, device, rows, loads) -> None:
         f"medians of {args.rounds} interleaved rounds of {args.repeats} calls; {machine(device)}\n"
     )
     print(
-        "| family | size | op | output | batch | in-process (ms) | in-process, fast path (ms) | service (ms) | service / in-process | service / fast path | peak memory in-process (MiB) | peak memory service (MiB) | uint8 max \\|Δ\\| |"
+        "| family | size | op | output | batch | in-process (ms) | in-process, fast path (ms) | service (ms) | "
+        "service / in-process | service / fast path | peak memory in-process (MiB) | peak memory service (MiB) | "
+        "uint8 max \\|Δ\\| |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
@@ -460,10 +464,12 @@ def print_image_tables(args, device, rows, loads) -> None:
     for load in loads:
         print(
             f"\nConcurrent clients, {load['family']} decode {load['size']}² to {load['output']}, one image per request, "
-            f"{args.load_rounds} alternating rounds of {args.load_requests} requests pooled (batching on: the defaults; off: --max-batch-images 1):\n"
+            f"{args.load_rounds} alternating rounds of {args.load_requests} requests pooled (batching on: the "
+            "defaults; off: --max-batch-images 1):\n"
         )
         print(
-            "| clients | batching on: images/s | p50 (ms) | p99 (ms) | batching off: images/s | p50 (ms) | p99 (ms) | on / off | on / sequential |"
+            "| clients | batching on: images/s | p50 (ms) | p99 (ms) | batching off: images/s | p50 (ms) | p99 (ms) | "
+            "on / off | on / sequential |"
         )
         print("|---|---|---|---|---|---|---|---|---|")
         sequential = load["levels"][0]["off"]["images_per_s"]
@@ -608,7 +614,8 @@ def bench_mp4_overlap(args: argparse.Namespace) -> None:
             rows.append((label, statistics.median(model_seconds), statistics.median(tail_seconds)))
     weights = "tiny test-suite architecture" if args.tiny else "real architecture"
     print(
-        f"\n{args.family}, {weights}, {args.frames} frames of {args.size}², libx264 crf 18; median of {args.repeats}; {machine(device)}\n"
+        f"\n{args.family}, {weights}, {args.frames} frames of {args.size}², libx264 crf 18; median of {args.repeats}; "
+        f"{machine(device)}\n"
     )
     print("| MP4 | model stage (s) | MP4 ready after the model (s) | request (s) |")
     print("|---|---|---|---|")
@@ -800,7 +807,8 @@ def bench_video(args: argparse.Namespace) -> None:
         f"torch {torch.__version__}; memory = {memory}\n"
     )
     print(
-        "| frame size | frames | service stage (s) | service peak (MiB) | spatial tiles | whole clip (s) | whole-clip peak (MiB) | HTTP remote_decode mp4 (s) | HTTP / stage |"
+        "| frame size | frames | service stage (s) | service peak (MiB) | spatial tiles | whole clip (s) | whole-clip "
+        "peak (MiB) | HTTP remote_decode mp4 (s) | HTTP / stage |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for size, frames, served, whole, http_seconds in rows:
@@ -814,7 +822,8 @@ TILINGS = ("untiled", "exact", "exact-held", "blend")  # exact-held: every activ
 
 
 def tiling_worker(args: argparse.Namespace) -> None:
-    """One decode in a fresh process (so peaks do not mix): untiled, exact tiled or diffusers' blend; prints a JSON line."""
+    """One decode in a fresh process (so peaks do not mix): untiled, exact tiled or diffusers' blend; prints a JSON
+    line."""
     from remote_vae.vae import load_vae
 
     device = resolve_device(args.device)
@@ -866,7 +875,8 @@ def tiling_worker(args: argparse.Namespace) -> None:
 
 
 def bench_tiling(args: argparse.Namespace) -> None:
-    """Peak memory and time of a decode (or encode) untiled, exactly tiled and blend-tiled, against image size; PSNR against untiled."""
+    """Peak memory and time of a decode (or encode) untiled, exactly tiled and blend-tiled, against image size; PSNR
+    against untiled."""
     device = resolve_device(args.device)
     family = load_family(args.family)
     clip = f", {args.frames} frames" if family.is_video else ""
@@ -984,7 +994,8 @@ def bench_preview(args: argparse.Namespace) -> None:
     print("| preview | full | size | preview s | full s | full / preview | PSNR vs full |")
     print("|---|---|---|---|---|---|---|")
     print(
-        f"| {args.family} | {PREVIEW_OF[args.family]} | {args.size}² | {preview_s:.3f} | {full_s:.3f} | {full_s / preview_s:.1f}x | "
+        f"| {args.family} | {PREVIEW_OF[args.family]} | {args.size}² | {preview_s:.3f} | {full_s:.3f} | "
+        f"{full_s / preview_s:.1f}x | "
         f"{f'{psnr:.1f} dB' if real else 'n/a (random weights)'} |"
     )
 
@@ -1048,7 +1059,8 @@ def bench_ray(args: argparse.Namespace) -> None:
             ray.shutdown()
     weights = "tiny test-suite architecture" if args.tiny else "real architecture"
     print(
-        f"# {machine(device)}; ray {ray.__version__}; {args.family} ({weights}, random weights), {args.size}², uint8 tensors out, "
+        f"# {machine(device)}; ray {ray.__version__}; {args.family} ({weights}, random weights), {args.size}², uint8 "
+        "tensors out, "
         f"{args.requests} requests per point"
     )
     print("| server | " + " | ".join(f"{clients} clients: images/s (p50 ms)" for clients in args.clients) + " |")

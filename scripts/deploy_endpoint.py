@@ -4,7 +4,8 @@ Two ways:
 
   # 1. The container image (the full protocol, tensor/binary included), built from this repo's Dockerfile
   #    and pushed to a registry the endpoint can pull from:
-  python scripts/deploy_endpoint.py deploy vae-sd15 --image ghcr.io/you/remote-vae:latest --family sd15 --generate-api-key
+  python scripts/deploy_endpoint.py deploy vae-sd15 --image ghcr.io/you/remote-vae:latest --family sd15
+  --generate-api-key
 
   # 2. The stock toolkit's custom-handler path (JSON and image bodies only): a model repository holding
   #    handler.py, the package, requirements.txt and the weights, then an endpoint on the default image:
@@ -166,7 +167,8 @@ def endpoint_arguments(args: argparse.Namespace, served: list[Family]) -> dict:
     api_key = api_key_from(args)
     if args.handler and api_key:
         raise DeployError(
-            "the stock toolkit does not check remote-vae API keys; with --handler the endpoint is guarded by Hugging Face tokens (--type authenticated)"
+            "the stock toolkit does not check remote-vae API keys; with --handler the endpoint is guarded by Hugging "
+            "Face tokens (--type authenticated)"
         )
     endpoint_type = args.type or ("public" if api_key else "authenticated")
     if api_key and endpoint_type == "authenticated":
@@ -268,7 +270,8 @@ def deploy(args: argparse.Namespace) -> int:
         arguments["namespace"] = arguments["namespace"] or "YOUR_NAMESPACE"
         print(json.dumps(record_request(lambda: api.create_inference_endpoint(args.name, **arguments)), indent=2))
         print(
-            "# not sent. If the endpoint exists, deploy sends a PUT to .../endpoint/NAMESPACE/NAME with these model, compute and scaling fields.",
+            "# not sent. If the endpoint exists, deploy sends a PUT to .../endpoint/NAMESPACE/NAME with these model, "
+            "compute and scaling fields.",
             file=sys.stderr,
         )
         return 0
@@ -441,7 +444,8 @@ def prepare_repo(args: argparse.Namespace) -> int:
         )
         print(f"pushed to https://huggingface.co/{args.push} ({commit.oid})")
         print(
-            f"deploy: python scripts/deploy_endpoint.py deploy NAME --handler --repository {args.push} --family {family.name}"
+            f"deploy: python scripts/deploy_endpoint.py deploy NAME --handler --repository {args.push} --family "
+            f"{family.name}"
         )
     return 0
 
@@ -461,7 +465,8 @@ tags: [remote-vae, inference-endpoints-handler]
 # remote-vae handler: {family.name}
 
 {family.description}. Weights from `{family.hub_repo}`{f" (`{family.hub_subfolder}/`)" if family.hub_subfolder else ""},
-served by remote-vae's `handler.py` on the Inference Endpoints toolkit. Set `REMOTE_VAE_FAMILIES={family.name}` in the endpoint's environment; limits are the
+served by remote-vae's `handler.py` on the Inference Endpoints toolkit. Set `REMOTE_VAE_FAMILIES={family.name}` in the
+endpoint's environment; limits are the
 `REMOTE_VAE_*` variables of `python -m remote_vae serve`.
 
 The toolkit passes JSON and image bodies only: send latents as base64 in

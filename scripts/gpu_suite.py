@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """The GPU suite: every CUDA path exercised and the headline table measured, in one call of the device tool.
 
-    python3 scripts/gpu_suite.py --wheels .whl --out "$OUT"             # on the GPU machine (scripts/gpu_carry.py prints the call)
-    python scripts/gpu_suite.py --device cpu --tiny --out /tmp/suite    # proven here, in under 90 s (tests/test_gpu_suite.py)
+    python3 scripts/gpu_suite.py --wheels .whl --out "$OUT"             # on the GPU machine (scripts/gpu_carry.py
+    prints the call)
+    python scripts/gpu_suite.py --device cpu --tiny --out /tmp/suite    # proven here, in under 90 s
+    (tests/test_gpu_suite.py)
 
 A GPU is lent to a session rarely and for 15 minutes of device time, a few of which go to starting it, so
 everything runs in one command that cannot die of a typo: it installs the carried wheels offline (the GPU image has
@@ -182,7 +184,8 @@ class Suite:
     # -- models and servers, shared by the stages -----------------------------------
 
     def model_dir(self, family_name: str) -> Path:
-        """The family's architecture, seeded random weights made on the device, saved once for the server and in-process."""
+        """The family's architecture, seeded random weights made on the device, saved once for the server and
+        in-process."""
         if family_name not in self.models:
             import torch
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Load test: N concurrent clients against the real server on 127.0.0.1, for a bounded time.
 
-    python scripts/loadtest.py --clients 64 --seconds 60 [--invalid 0.25] [--max-queue 16] [--size 128] [--device cpu|cuda]
+    python scripts/loadtest.py --clients 64 --seconds 60 [--invalid 0.25] [--max-queue 16] [--size 128] [--device
+    cpu|cuda]
 
 Starts `python -m remote_vae serve sd15` on a free loopback port with a
 seeded SD-architecture VAE (the test suite's tiny widths unless --real) saved

@@ -598,7 +598,8 @@ def faults_file(tmp_path_factory):
 
 @pytest.fixture
 def set_faults(faults_file):
-    """set_faults(delay=..., oom_above=..., fail_above=...) changes a running faulty server's faults; none after the test."""
+    """set_faults(delay=..., oom_above=..., fail_above=...) changes a running faulty server's faults; none after the
+    test."""
 
     def write(**faults):
         faults_file.write_text(json.dumps(faults))

@@ -31,7 +31,8 @@ BUDGET_MIB = 192
 MAX_QUEUE = 16
 HEADER_TIMEOUT = 2.0
 DECODE_CPU_SECONDS = 0.25
-# The server runs under `ulimit -n 1024`, as the issue's attack found it (less where this process may not open twice that).
+# The server runs under `ulimit -n 1024`, as the issue's attack found it (less where this process may not open twice
+# that).
 OPEN_FILES = min(1024, resource.getrlimit(resource.RLIMIT_NOFILE)[1] // 2)
 RATE_GRACE = HEADER_TIMEOUT  # connections.ConnectionSettings.rate_grace
 SLACK_MIB = 48  # allocator granularity, threads' stacks, Python's own caches
@@ -218,7 +219,8 @@ def silent_connections_are_no_obstacle(attacked, reference, set_faults, idle: li
 
 
 def test_concurrent_image_bombs_stay_within_the_memory_budget(attacked, fast, reference, set_faults):
-    """Small PNGs that decode to 2048x2048: concurrently, their memory is bounded by the budget, not by how many there are."""
+    """Small PNGs that decode to 2048x2048: concurrently, their memory is bounded by the budget, not by how many there
+    are."""
     png = png_of(2048)
     assert len(png) < 64 * 1024
 
@@ -258,7 +260,8 @@ def test_concurrent_image_bombs_stay_within_the_memory_budget(attacked, fast, re
 
 
 def test_concurrent_video_bombs_stay_within_the_memory_budget(attacked, fast, reference, set_faults):
-    """A few KB of MP4 that decode to 16 Mpx of frames each: held as uint8 in one array each, reserved before decoding."""
+    """A few KB of MP4 that decode to 16 Mpx of frames each: held as uint8 in one array each, reserved before
+    decoding."""
     video = write_mp4(
         iter([np.full((512, 512, 3), 100, np.uint8)] * 61), 512, 512, Mp4Options()
     )  # 61 x 512^2: just within 2^24
@@ -371,7 +374,8 @@ def test_json_floods_are_refused_cheaply(attacked, reference, set_faults):
 
 
 def progressive_jpeg(side: int, repeats: int) -> bytes:
-    """A progressive JPEG whose smallest scan is repeated `repeats` times: each repeat is another pass over the image."""
+    """A progressive JPEG whose smallest scan is repeated `repeats` times: each repeat is another pass over the
+    image."""
     blocks = (np.random.default_rng(0).random((side // 8, side // 8, 3)) * 255).astype(np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(np.kron(blocks, np.ones((8, 8, 1), np.uint8))).save(

@@ -81,7 +81,8 @@ def test_any_float_dtype_is_sent_as_its_own_bytes(client, reference, dtype):
 
 
 def test_non_contiguous_tensors_are_sent_correctly(client, reference):
-    """diffusers' remote_encode sends the memory of a freed temporary for these; the client sends the tensor's values."""
+    """diffusers' remote_encode sends the memory of a freed temporary for these; the client sends the tensor's
+    values."""
     latents = seeded(1, 8, 8, 4, seed=83).permute(0, 3, 1, 2)  # [1, 4, 8, 8], channels last in memory
     assert not latents.is_contiguous()
     expected = decode_locally(reference["sd15"], latents.contiguous(), SD)
@@ -252,7 +253,8 @@ def test_decode_command_writes_each_latent_file_as_diffusers_pixels(secure, refe
 
 
 def test_decode_command_writes_jpeg_and_webp_as_the_server_does(secure, reference, tmp_path):
-    """.jpg and .webp with the server's settings (JPEG quality 90 at 4:4:4, WebP 90), not Pillow's defaults (75, 4:2:0)."""
+    """.jpg and .webp with the server's settings (JPEG quality 90 at 4:4:4, WebP 90), not Pillow's defaults (75,
+    4:2:0)."""
     from remote_vae.media import ImageFile, encode_image
 
     latent = seeded(1, 4, 24, 24, seed=97)

@@ -112,7 +112,8 @@ def test_javascript_example(server, reference, tmp_path):
         + f"""
 import {{ readFileSync, writeFileSync }} from "node:fs";
 const latent = new Float32Array(new Uint8Array(readFileSync("latent.bin")).buffer);
-const png = await decodeToPng("{server.url}/", process.env.REMOTE_VAE_API_KEY, latent, [1, 4, 16, 16], {{ scaling_factor: {SD} }});
+const png = await decodeToPng("{server.url}/", process.env.REMOTE_VAE_API_KEY, latent, [1, 4, 16, 16], {{
+scaling_factor: {SD} }});
 writeFileSync("image.png", png);
 try {{
   await decodeToPng("{server.url}/", "wrong-key-0123456789abcdef", latent, [1, 4, 16, 16], {{ scaling_factor: {SD} }});

@@ -1,5 +1,6 @@
 """--compile on CPU with the tiny model: the warm-up size is compiled before the server is ready, it gives
-diffusers' pixels, and a size that was not warmed up runs eagerly (the log says so) instead of compiling in a request."""
+diffusers' pixels, and a size that was not warmed up runs eagerly (the log says so) instead of compiling in a
+request."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Every current diffusers VAE (SD3, Flux.2, Qwen-Image, Wan 2.2, HunyuanVideo 1.5, LTX-Video, CogVideoX, taesd/taesdxl/taef1)
+"""Every current diffusers VAE (SD3, Flux.2, Qwen-Image, Wan 2.2, HunyuanVideo 1.5, LTX-Video, CogVideoX,
+taesd/taesdxl/taef1)
 through the live server: decode and encode equal to diffusers in-process on the same weights, and each pipeline's
 own latent (output_type="latent") decoded to the pixels that pipeline makes itself."""
 
@@ -163,7 +164,8 @@ def test_encode_is_the_pipelines_normalised_latent(families_server, reference, f
 
 @pytest.mark.parametrize("family", ["sd3", "taesd", "taef1"])
 def test_remote_encode_with_the_familys_factors(families_server, reference, family):
-    """diffusers' remote_encode sends scalar factors; for a preview encoder they are the space its latent is already in."""
+    """diffusers' remote_encode sends scalar factors; for a preview encoder they are the space its latent is already
+    in."""
     pixels, spec = sample_pixels(family), load_family(family)
     out = remote_encode(
         url(families_server, family), pixels, scaling_factor=spec.scaling_factor, shift_factor=spec.shift_factor

@@ -1,5 +1,7 @@
-"""Exact banded tiling of the row-local VAEs (tiling/halo.py: Wan 2.1 / 2.2, Qwen-Image, HunyuanVideo 1.5, LTX-Video): every band's
-rows equal the untiled decode and encode, through the models' own frame-by-frame causal caches; the measured halo is what
+"""Exact banded tiling of the row-local VAEs (tiling/halo.py: Wan 2.1 / 2.2, Qwen-Image, HunyuanVideo 1.5, LTX-Video):
+every band's
+rows equal the untiled decode and encode, through the models' own frame-by-frame causal caches; the measured halo is
+what
 makes them equal."""
 
 import dataclasses
@@ -41,7 +43,8 @@ def cases(family: str, model) -> tuple[torch.Tensor, torch.Tensor, dict]:
 
 
 def banded(model, call, halo_share: float = 1.0):
-    """call() with the model's encoder and decoder run a latent row per band, with this share of their measured halos."""
+    """call() with the model's encoder and decoder run a latent row per band, with this share of their measured
+    halos."""
     arch = halo_tiling.architecture_of(model)
     reaches = {
         model.decoder: halo_tiling.decoder_reach(model, arch),
@@ -85,7 +88,8 @@ def test_the_measured_halo_is_what_makes_bands_exact(reference, family):
 
 
 def test_each_band_is_a_pass_of_the_models_own_clip_loop(reference):
-    """Wan decodes a frame per call and encodes 1 then 4 frames per call, with causal caches: its clip loop runs once per
+    """Wan decodes a frame per call and encodes 1 then 4 frames per call, with causal caches: its clip loop runs once
+    per
     band (three here), the caches holding that band's rows; one tiler serves clip after clip."""
     model = reference["wan21"]
     latents, pixels = seeded(1, 16, 3, 8, 4, seed=63), seeded(1, 3, 9, 64, 32, seed=64).clamp(-1, 1)
@@ -107,7 +111,8 @@ def test_each_band_is_a_pass_of_the_models_own_clip_loop(reference):
 
 def test_ltx_decodes_exactly_in_bands_through_the_vae_stage_with_its_timestep(model_dirs, reference, monkeypatch):
     """The service's decode of LTX-Video, tiling=exact: its decode timestep reaches every band, the frame is split (two
-    or three bands: 41 latent rows, four halos at least each), and the result is the untiled decode; diffusers' blend differs."""
+    or three bands: 41 latent rows, four halos at least each), and the result is the untiled decode; diffusers' blend
+    differs."""
     plans = []
     plan = HaloTiler._bands
     monkeypatch.setattr(HaloTiler, "_bands", lambda self, *args: plans.append(plan(self, *args)) or plans[-1])
@@ -124,7 +129,8 @@ def test_ltx_decodes_exactly_in_bands_through_the_vae_stage_with_its_timestep(mo
 
 
 def test_a_tiled_decode_measures_and_touches_only_the_decoder():
-    """The encoder's reach is measured when it is first tiled, not with the decoder's: on the CPU a decode then leaves the
+    """The encoder's reach is measured when it is first tiled, not with the decoder's: on the CPU a decode then leaves
+    the
     encoder's weights unread (LTX's encoder holds 0.69 B of its 1.25 B parameters)."""
     model = TINY_MODELS["ltxvideo"]()
     with torch.no_grad(), HaloTiler(model, band_pixels=1).installed():
@@ -133,7 +139,8 @@ def test_a_tiled_decode_measures_and_touches_only_the_decoder():
 
 
 def test_a_decoder_that_draws_spatial_noise_has_no_exact_bands():
-    """LTX 0.9.1's resnets can add noise drawn for the shape they see: a band would draw other noise than the whole frame."""
+    """LTX 0.9.1's resnets can add noise drawn for the shape they see: a band would draw other noise than the whole
+    frame."""
     model = TINY_MODELS["ltxvideo"]()
     noisy = type(model).from_config({**model.config, "decoder_inject_noise": (True, False, False, False)})
     assert HaloTiler.supports(model) and not HaloTiler.supports(noisy)

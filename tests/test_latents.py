@@ -120,7 +120,8 @@ def test_valid_frame_counts():
 
 
 def test_token_packed_latents_unpack_as_their_pipelines_do():
-    """Flux.2's and LTX's token sequences, as the pipelines' tensors lie in memory and C-contiguous, against their _unpack."""
+    """Flux.2's and LTX's token sequences, as the pipelines' tensors lie in memory and C-contiguous, against their
+    _unpack."""
     from diffusers import Flux2Pipeline, LTXPipeline
 
     flux2, ltx = load_family("flux2"), load_family("ltxvideo")
@@ -138,8 +139,6 @@ def test_token_packed_latents_unpack_as_their_pipelines_do():
     tokens = LTXPipeline._pack_latents(video)
     plan = latents.plan_decode(tuple(tokens.shape), ltx, 64, 128, "tokens_first")
     assert plan.latent_frames == 3
-    assert torch.equal(
-        latents.to_canonical(tokens, plan, ltx.layout), LTXPipeline._unpack_latents(tokens, 3, 2, 4)
-    )
+    assert torch.equal(latents.to_canonical(tokens, plan, ltx.layout), LTXPipeline._unpack_latents(tokens, 3, 2, 4))
     assert torch.equal(latents.LatentLayout.of(flux2).unfold(folded), Flux2Pipeline._unpatchify_latents(folded))
     assert torch.equal(latents.LatentLayout.of(flux2).fold(Flux2Pipeline._unpatchify_latents(folded)), folded)

@@ -250,7 +250,8 @@ def test_encode_inputs_made_float_in_bands_are_the_processors_own(monkeypatch):
 
     import remote_vae.media as media
 
-    monkeypatch.setattr(media.postprocess, "PREPROCESS_PIXELS", 40 * 24)  # bands of 40 rows: a 24-wide image in three and a bit
+    # Bands of 40 rows: a 24-wide image in three and a bit
+    monkeypatch.setattr(media.postprocess, "PREPROCESS_PIXELS", 40 * 24)
     pixels = (np.random.default_rng(5).random((2, 136, 24, 3)) * 255).astype(np.uint8)
     expected = VaeImageProcessor(vae_scale_factor=8).preprocess([Image.fromarray(image) for image in pixels])
     assert torch.equal(Postprocessor(8).preprocess_pixels(torch.from_numpy(pixels)), expected)

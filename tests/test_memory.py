@@ -1,4 +1,5 @@
-"""The memory budget on its own: reservations granted, waited for in order, refused when they cannot fit, never deadlocked;
+"""The memory budget on its own: reservations granted, waited for in order, refused when they cannot fit, never
+deadlocked;
 and the log filter that keeps a connection flood from flooding the log."""
 
 import asyncio
@@ -52,7 +53,8 @@ def test_a_request_larger_than_the_budget_is_413_and_a_wait_that_runs_out_503():
 
 
 def test_when_only_waiters_hold_memory_the_newest_is_refused_and_the_oldest_proceeds():
-    """Two bodies half read, each needing more than is left: nothing would ever be released, so no waiting for a timeout."""
+    """Two bodies half read, each needing more than is left: nothing would ever be released, so no waiting for a
+    timeout."""
 
     async def scenario():
         budget = MemoryBudget(100)

@@ -90,7 +90,8 @@ def test_the_console_command_runs_from_anywhere_with_its_configs(installed, tmp_
 
 
 def test_help_and_families_answer_without_torch(installed, tmp_path):
-    """A torch that cannot be imported shadows the real one: --help, families and a client command's --help still work."""
+    """A torch that cannot be imported shadows the real one: --help, families and a client command's --help still
+    work."""
     blocker = tmp_path / "blocker" / "torch"
     blocker.mkdir(parents=True)
     (blocker / "__init__.py").write_text("raise ImportError('torch was imported')\n")

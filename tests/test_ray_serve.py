@@ -46,7 +46,8 @@ def wait_for(condition, seconds: float, what: str) -> None:
 
 @pytest.fixture(scope="module")
 def cluster(model_dirs):
-    """sd15 (two replicas) and flux (an API key) as Serve applications, with the index at /, behind Ray's proxy on loopback."""
+    """sd15 (two replicas) and flux (an API key) as Serve applications, with the index at /, behind Ray's proxy on
+    loopback."""
     port = free_port()
     ray.init(
         num_cpus=2,

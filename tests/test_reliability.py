@@ -96,9 +96,8 @@ def test_a_client_that_disconnects_has_its_queued_work_dropped(faulty, set_fault
     body = latent.numpy().tobytes()
     with socket.create_connection(("127.0.0.1", faulty.port)) as sock:
         sock.sendall(
-            b"POST /?shape=1&shape=4&shape=8&shape=8&dtype=float32 HTTP/1.1\r\nHost: x\r\nContent-Type: tensor/binary\r\n"
-            + f"Content-Length: {len(body)}\r\n\r\n".encode()
-            + body
+            b"POST /?shape=1&shape=4&shape=8&shape=8&dtype=float32 HTTP/1.1\r\nHost: x\r\nContent-Type: "
+            b"tensor/binary\r\n" + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
         )
         wait_until(lambda: faulty.metric("remote_vae_queue_length") == 1)
     # Closed while queued: dropped at once, long before the first request frees the device.

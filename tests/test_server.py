@@ -151,7 +151,8 @@ def test_serve_options_that_cannot_work_exit_2_before_loading(options, words, mo
 
 
 def test_a_hub_that_cannot_be_reached_is_named_as_the_cause(monkeypatch):
-    """diffusers reports an unreachable Hub as a repository without config.json; the load error names the network error."""
+    """diffusers reports an unreachable Hub as a repository without config.json; the load error names the network
+    error."""
     import diffusers
     from huggingface_hub.errors import LocalEntryNotFoundError
 

@@ -124,7 +124,8 @@ INPUTS = {"sd15": ((2, 4, 13, 11), (1, 3, 104, 88)), "hunyuanvideo": ((1, 16, 3,
 def test_whether_activations_are_held_whole_or_recomputed_the_result_is_untiled(reference, family):
     """store_limit None holds every GroupNorm's input whole; 0 holds none, recomputing bands from the mid block
     (decode) or the pixels (encode) for each GroupNorm's statistics; 40000 bytes holds the low-resolution ones only.
-    Where a segment keeps the resolution, its output overwrites its input band by band, each band once no later band reads its rows."""
+    Where a segment keeps the resolution, its output overwrites its input band by band, each band once no later band
+    reads its rows."""
     model = reference[family]
     latent_shape, pixel_shape = INPUTS[family]
     latents, pixels = seeded(*latent_shape, seed=53), seeded(*pixel_shape, seed=54).clamp(-1, 1)

@@ -56,7 +56,8 @@ def repository(model_dirs, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def toolkit(repository, tmp_path_factory):
-    """The toolkit's web service on 127.0.0.1, with the prepared repository as HF_MODEL_DIR (the package comes from there)."""
+    """The toolkit's web service on 127.0.0.1, with the prepared repository as HF_MODEL_DIR (the package comes from
+    there)."""
     port = free_port()
     env = {key: value for key, value in os.environ.items() if not key.startswith("REMOTE_VAE_") and key != "PYTHONPATH"}
     env.update(
@@ -104,7 +105,8 @@ def pixels_of(file: bytes) -> np.ndarray:
 
 
 def test_the_toolkit_stack():
-    """In CI's toolkit venv: the image's packages, unmoved by the repository's requirements.txt, and the pinned diffusers."""
+    """In CI's toolkit venv: the image's packages, unmoved by the repository's requirements.txt, and the pinned
+    diffusers."""
     if not IN_THE_STACK:
         pytest.skip("runs in the toolkit image's stack (.ci/run sets REMOTE_VAE_TOOLKIT_STACK=1 there)")
     version = importlib.metadata.version
@@ -130,7 +132,8 @@ def test_png_reply_is_diffusers_pixels(toolkit, reference):
 
 
 def test_jpeg_reply_keeps_the_servers_quality(toolkit, reference):
-    """The toolkit saves JPEG with Pillow's defaults (quality 75, 4:2:0); the handler's image carries the server's settings."""
+    """The toolkit saves JPEG with Pillow's defaults (quality 75, 4:2:0); the handler's image carries the server's
+    settings."""
     latents = seeded(1, 4, 24, 24, seed=3)
     reply = requests.post(
         toolkit, json=latents_body(latents, output_type="pil"), headers={"Accept": "image/jpeg"}, timeout=60

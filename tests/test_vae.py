@@ -59,7 +59,8 @@ def test_the_cuda_budget_is_what_fits_the_free_memory(monkeypatch):
 
 @pytest.mark.parametrize("tiling", ["exact", "blend"])
 def test_out_of_memory_runs_again_sliced_then_tiled(model_dirs, reference, tiling):
-    """Out of memory: one sample at a time, then tiled (exactly, by default: the untiled pixels; or diffusers' blend), then 503."""
+    """Out of memory: one sample at a time, then tiled (exactly, by default: the untiled pixels; or diffusers' blend),
+    then 503."""
     vae = loaded(model_dirs, "sd15", tile_above_pixels=None, band_pixels=128 * 16)
     conv_out = vae.model.decoder.conv_out.forward
     limits = {}
@@ -135,7 +136,8 @@ def test_the_device_path_layout_and_transfers():
 
 
 def test_compiling_is_off_and_said_on_a_torch_without_compile_stances(monkeypatch, caplog):
-    """torch before 2.6 has no torch.compiler.set_stance, which keeps compiling out of requests: --compile is off there."""
+    """torch before 2.6 has no torch.compiler.set_stance, which keeps compiling out of requests: --compile is off
+    there."""
     monkeypatch.setattr(device_path, "COMPILE_STANCES", False)
     assert DevicePath.default(CPU, compile=True).compile is False
     assert "--compile needs torch >= 2.6" in caplog.text
@@ -144,7 +146,8 @@ def test_compiling_is_off_and_said_on_a_torch_without_compile_stances(monkeypatc
 
 
 def test_channels_last_on_the_cpu_keeps_groupnorm_exact():
-    """torch's channels-last GroupNorm on the CPU is off by ~0.07 on a 16-million-element group; the device path normalises contiguously."""
+    """torch's channels-last GroupNorm on the CPU is off by ~0.07 on a 16-million-element group; the device path
+    normalises contiguously."""
     x = torch.randn(1, 2, 2896, 2896, generator=torch.Generator().manual_seed(1)) * 3 + 5
     model = device_path.set_up_model(torch.nn.Sequential(torch.nn.GroupNorm(1, 2)), CPU, DevicePath(channels_last=True))
     with torch.inference_mode():
@@ -154,7 +157,8 @@ def test_channels_last_on_the_cpu_keeps_groupnorm_exact():
 
 
 def test_a_family_names_its_default_tiling_and_a_request_may_name_another(model_dirs):
-    """Wan tiles exactly unless asked for blend; HunyuanVideo 1.5's and LTX's configs keep diffusers' blend by default (they
+    """Wan tiles exactly unless asked for blend; HunyuanVideo 1.5's and LTX's configs keep diffusers' blend by default
+    (they
     decode a whole clip per call), while tiling=exact still gets the exact path; CogVideoX has none to ask for."""
     wan, hv15, ltx, cogvideox = (
         loaded(model_dirs, name, tile_above_pixels=0) for name in ("wan21", "hunyuanvideo15", "ltxvideo", "cogvideox")

@@ -281,9 +281,11 @@ def test_wan_explicit_scalar_factors(video_server, reference):
 @pytest.mark.parametrize("family", VIDEO)
 def test_tiled_decode_is_exact_and_blend_is_diffusers_tiled_decode(video_server, model_dirs, family):
     """Above a family's tile_above_pixels both tile exactly, so their frames are the untiled ones: HunyuanVideo layer by
-    layer (tiling/group_norm.py) through diffusers' own frame batches, Wan in bands with their own frame caches (tiling/halo.py,
+    layer (tiling/group_norm.py) through diffusers' own frame batches, Wan in bands with their own frame caches
+    (tiling/halo.py,
     44 latent rows: two bands). tiling=blend decodes as diffusers does with enable_tiling()."""
-    # 5 latent frames: past HunyuanVideo's 4, diffusers decodes in frame batches; 64x64 frames, or 352x32 ones; tiles of 32
+    # 5 latent frames: past HunyuanVideo's 4, diffusers decodes in frame batches; 64x64 frames, or 352x32 ones; tiles of
+    # 32
     latents = seeded(1, 16, 5, 8, 8, seed=21) if family == "hunyuanvideo" else seeded(1, 16, 2, 44, 4, seed=21)
     out = remote_decode(
         url(video_server, f"{family}-tiled"), tensor=latents, output_type="pt", return_type="pt", do_scaling=False

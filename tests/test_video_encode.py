@@ -103,7 +103,8 @@ def test_tensor_encode_with_remote_encode(video_server, reference, family):
 
 @pytest.mark.parametrize("family", VIDEO)
 def test_tiled_encode_is_the_untiled_encode(video_server, reference, family):
-    """Both families' '-tiled' twins tile every frame, exactly: HunyuanVideo layer by layer, Wan in bands (352 rows: two)."""
+    """Both families' '-tiled' twins tile every frame, exactly: HunyuanVideo layer by layer, Wan in bands (352 rows:
+    two)."""
     video = seeded(1, 3, 5, 352, 32, seed=33).clamp(-1, 1)
     latents = remote_encode(url(video_server, f"{family}-tiled"), video)
     with torch.no_grad():

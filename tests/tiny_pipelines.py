@@ -296,7 +296,8 @@ PIPELINES = {
 
 
 def run(family: str, vae, output_type: str) -> torch.Tensor:
-    """The family's pipeline run once with `output_type`, the same seed every time: images, or videos [B, F, 3, H, W]."""
+    """The family's pipeline run once with `output_type`, the same seed every time: images, or videos [B, F, 3, H,
+    W]."""
     torch.manual_seed(0)
     pipe, arguments = PIPELINES[family](vae)
     pipe.transformer.eval() if hasattr(pipe, "transformer") else pipe.unet.eval()

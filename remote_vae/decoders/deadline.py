@@ -72,7 +72,8 @@ KILLED = (-9, -24)  # SIGKILL (the watchdog, or RLIMIT_CPU's hard limit), SIGXCP
 
 
 def run_into(out: np.ndarray, command: list[str], cpu_seconds: float) -> tuple[int, int, str]:
-    """Run a decoder that writes raw pixels to its stdout straight into `out` (no copy held twice), under RLIMIT_CPU and a
+    """Run a decoder that writes raw pixels to its stdout straight into `out` (no copy held twice), under RLIMIT_CPU and
+    a
     wall-clock watchdog (a stalled pipe, not just CPU, ends it). (bytes filled, return code, the last of its stderr)."""
     process = subprocess.Popen(
         command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0

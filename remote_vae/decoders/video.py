@@ -123,7 +123,8 @@ class VideoFile:
         seconds = decode_cpu_seconds(pixels, cap)
         frame_bytes = self.width * self.height * 3
         out = np.empty((self.frame_count, self.height, self.width, 3), dtype=np.uint8)
-        # The decoder refuses any frame far larger than the header said (its buffers are padded: a margin of twice that).
+        # The decoder refuses any frame far larger than the header said (its buffers are padded: a margin of twice
+        # that).
         command = [
             imageio_ffmpeg.get_ffmpeg_exe(),
             "-hide_banner",

@@ -49,7 +49,8 @@ def check_image_size(batch: int, height: int, width: int, family: Family, max_pi
 
 
 def frame_step(family: Family) -> int:
-    """A video to encode has k * frame_step + 1 frames: the temporal compression (twice it where latent frames must be odd)."""
+    """A video to encode has k * frame_step + 1 frames: the temporal compression (twice it where latent frames must be
+    odd)."""
     return family.temporal_compression * (2 if family.latent_frames_odd else 1)
 
 
@@ -77,7 +78,8 @@ def check_video_size(batch: int, frames: int, height: int, width: int, family: F
     pixels = batch * frames * height * width
     if pixels > max_pixels:
         raise RequestError(
-            f"{batch} video(s) of {frames} frames of {width}x{height} = {pixels} pixels; this server accepts at most {max_pixels}",
+            f"{batch} video(s) of {frames} frames of {width}x{height} = {pixels} pixels; this server accepts at most "
+            f"{max_pixels}",
             status=413,
         )
     check_frame_count(frames, family)

@@ -59,8 +59,10 @@ def plan_decode(
     if plan.latent_frames is not None and family.latent_frames_odd and plan.latent_frames % 2 == 0:
         frames = plan.latent_frames
         raise RequestError(
-            f"latent has {frames} latent frames; {family.name} decodes an odd number (e.g. {frames - 1 or 1} or {frames + 1}): "
-            f"an even count does not decode to {family.temporal_compression}k+1 frames, and its pipelines never make one"
+            f"latent has {frames} latent frames; {family.name} decodes an odd number (e.g. {frames - 1 or 1} or "
+            f"{frames + 1}): "
+            f"an even count does not decode to {family.temporal_compression}k+1 frames, and its pipelines never make "
+            "one"
         )
     return plan
 

@@ -95,7 +95,8 @@ Normalisation = ScalarFactors | ChannelStats | WeightStats
 
 
 def own_normalisation(family: Family, weight_stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> Normalisation:
-    """The family's own latent normalisation, what do_scaling=True asks for (`weight_stats`: (mean, std) read from the model)."""
+    """The family's own latent normalisation, what do_scaling=True asks for (`weight_stats`: (mean, std) read from the
+    model)."""
     if family.latents_stats_in_weights is not None:
         if weight_stats is None:
             raise ValueError(f"{family.name} normalises with statistics from its weights; none were given")

@@ -25,7 +25,8 @@ PREPROCESS_PIXELS = 1 << 20  # pixels an encode's input is made float in at a ti
 
 
 class Postprocessor:
-    """Turns a decoder's raw output ([B, 3, H, W], about -1..1, on the device) into what the client asked for, on the host.
+    """Turns a decoder's raw output ([B, 3, H, W], about -1..1, on the device) into what the client asked for, on the
+    host.
 
     `to_host` copies a device tensor back (device.to_host); `jpeg` writes JPEGs on the device, when it can.
     """

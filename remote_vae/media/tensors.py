@@ -53,7 +53,8 @@ def tensor_from_bytes(data: bytes, shape: tuple[int, ...], dtype: torch.dtype) -
 
 
 def host_tensor(array: np.ndarray) -> torch.Tensor:
-    """A tensor sharing a decoded file's pixels, which may be read-only (Pillow's bytes): only ever read, never copied."""
+    """A tensor sharing a decoded file's pixels, which may be read-only (Pillow's bytes): only ever read, never
+    copied."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "The given NumPy array is not writable")
         return torch.from_numpy(array)

@@ -161,7 +161,8 @@ def _ltx_encoder_whole(encoder, x, call):
 
 
 def _draws_no_noise(module: nn.Module) -> bool:
-    """LTX 0.9.1's decoder can add spatial noise per resnet, drawn for the shape it sees: a band would draw other noise."""
+    """LTX 0.9.1's decoder can add spatial noise per resnet, drawn for the shape it sees: a band would draw other
+    noise."""
     return getattr(module, "per_channel_scale1", None) is None and getattr(module, "per_channel_scale2", None) is None
 
 

@@ -122,7 +122,8 @@ class GroupNormTiler:
 
     @contextmanager
     def installed(self) -> Iterator[None]:
-        """Within: the model's decoder and encoder forward are this tiler's, so model.decode / model.encode run exactly tiled."""
+        """Within: the model's decoder and encoder forward are this tiler's, so model.decode / model.encode run exactly
+        tiled."""
         decoder, encoder = self.model.decoder, self.model.encoder
         decoder.forward, encoder.forward = self.decoder_forward, self.encoder_forward
         try:
@@ -131,7 +132,8 @@ class GroupNormTiler:
             del decoder.forward, encoder.forward  # back to the class's own
 
     def decoder_forward(self, sample: torch.Tensor, *extra) -> torch.Tensor:
-        """The decoder's forward: conv in whole (latent resolution), the rest streamed, the mid block's attention over all of it."""
+        """The decoder's forward: conv in whole (latent resolution), the rest streamed, the mid block's attention over
+        all of it."""
         decoder = self.model.decoder
         sample, mid = decoder.conv_in(sample), decoder.mid_block
         if not plain_attention(mid):
@@ -145,7 +147,8 @@ class GroupNormTiler:
         return sample.to(self.device)
 
     def attention(self, attention: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """diffusers' 2-D self-attention (AttnProcessor2_0) over the whole of x, with queries taken a band of rows at a time.
+        """diffusers' 2-D self-attention (AttnProcessor2_0) over the whole of x, with queries taken a band of rows at a
+        time.
 
         Keys and values are whole on the device; each query row attends to all of them, as untiled.
         The output overwrites x band by band: a band's rows of x are read (queries, residual) before they are written.
@@ -189,7 +192,8 @@ class GroupNormTiler:
         return [(start, min(height, start + rows)) for start in range(0, height, rows)]
 
     def encoder_forward(self, sample: torch.Tensor) -> torch.Tensor:
-        """The encoder's forward: conv in and down blocks streamed, the mid block and the rest whole (latent resolution)."""
+        """The encoder's forward: conv in and down blocks streamed, the mid block and the rest whole (latent
+        resolution)."""
         encoder = self.model.encoder
         sample = encoder.mid_block(self.run(encoder_head(encoder), sample).to(self.device))
         return encoder.conv_out(encoder.conv_act(encoder.conv_norm_out(sample)))
@@ -214,7 +218,8 @@ class GroupNormTiler:
         return x
 
     def _segment_end(self, steps: list[Step], start: int, x: torch.Tensor, held) -> int:
-        """Where the segment from `start` ends: before the next GroupNorm where what stays held fits store_limit (else at the end)."""
+        """Where the segment from `start` ends: before the next GroupNorm where what stays held fits store_limit (else
+        at the end)."""
         first_computing = next(i for i in range(start, len(steps)) if not isinstance(steps[i], Save))
         for stop in range(first_computing + 1, len(steps)):
             if isinstance(steps[stop], Norm) and (
@@ -224,7 +229,8 @@ class GroupNormTiler:
         return len(steps)
 
     def _held_bytes(self, steps: list[Step], start: int, stop: int, x: torch.Tensor, held) -> int:
-        """What a cut before steps[stop] holds whole: the activation there and every other residual a later step adds."""
+        """What a cut before steps[stop] holds whole: the activation there and every other residual a later step
+        adds."""
         total = self._bytes(steps[start:stop], x, held)
         for name in {step.name for step in steps[stop:] if isinstance(step, Add)}:
             saved = [j for j in range(start, stop) if isinstance(steps[j], Save) and steps[j].name == name]
@@ -237,7 +243,8 @@ class GroupNormTiler:
         return total
 
     def _bytes(self, steps: list[Step], x: torch.Tensor, held) -> int:
-        """What steps(x) takes whole, from one probed band of rows (Norms and missing residuals skipped: only the shape counts)."""
+        """What steps(x) takes whole, from one probed band of rows (Norms and missing residuals skipped: only the shape
+        counts)."""
         if not any(isinstance(step, Layer) for step in steps):
             return x.numel() * x.element_size()
         first, last = rows_needed(steps, 0, 1, x.shape[-2])
@@ -334,7 +341,8 @@ class GroupNormTiler:
     def _statistics(
         self, prefix: list[Step], x: torch.Tensor, held, stats, norm: nn.GroupNorm
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The GroupNorm's mean and 1/sqrt(var + eps), per sample and group, over the whole of prefix(x) (recomputed band by band)."""
+        """The GroupNorm's mean and 1/sqrt(var + eps), per sample and group, over the whole of prefix(x) (recomputed
+        band by band)."""
         sums = None
         self.recomputed += any(isinstance(step, Layer) for step in prefix)
         for _, _, rows, _ in self._bands(prefix, x, held, stats):
@@ -342,7 +350,8 @@ class GroupNormTiler:
         return finish_statistics(sums, norm)
 
     def _bands(self, steps: list[Step], x: torch.Tensor, held, stats):
-        """((start, stop), first input row read, output rows start..stop of steps(x) on the device, saved values), for bands
+        """((start, stop), first input row read, output rows start..stop of steps(x) on the device, saved values), for
+        bands
         covering the output in order."""
         heights = layer_heights(steps, x.shape[-2])
         ratio = heights[-1] / heights[0]  # output rows per input row
@@ -363,7 +372,8 @@ class GroupNormTiler:
                 trim_heaps()
 
     def _slice(self, steps: list[Step], x: torch.Tensor, first: int, last: int, held, stats):
-        """steps over input rows first..last of x: (rows, the first row's index, saved values); rows near a cut edge are wrong, for cropping.
+        """steps over input rows first..last of x: (rows, the first row's index, saved values); rows near a cut edge are
+        wrong, for cropping.
 
         stats None probes the shape only: GroupNorms and residuals not at hand are skipped.
         """

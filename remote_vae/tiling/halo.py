@@ -39,7 +39,8 @@ from torch import nn
 from .architectures import Architecture, Call, architecture_of
 from .steps import first_conv
 
-# Frames out per latent frame, for a model that does not say (its `temporal_compression_ratio`): sizes bands, never results.
+# Frames out per latent frame, for a model that does not say (its `temporal_compression_ratio`): sizes bands, never
+# results.
 TEMPORAL_BOUND = 4
 
 
@@ -61,7 +62,8 @@ _REACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def decoder_reach(model: nn.Module, arch: Architecture) -> Reach:
-    """The decoder's halo, from one tiny run of its banded part recording every convolution's kernel, stride and resolution."""
+    """The decoder's halo, from one tiny run of its banded part recording every convolution's kernel, stride and
+    resolution."""
     decoder = model.decoder
     if decoder not in _REACHES:
         parameter = next(decoder.parameters())
@@ -96,7 +98,8 @@ def encoder_reach(model: nn.Module, arch: Architecture) -> Reach:
 
 
 def _fresh(part: nn.Module, first_chunk: bool = False) -> Call:
-    """A call with an empty cache (an entry for every conv) and a timestep, for a run that must not touch the model's own."""
+    """A call with an empty cache (an entry for every conv) and a timestep, for a run that must not touch the model's
+    own."""
     parameter = next(part.parameters())
     return Call(
         [None] * sum(isinstance(m, (nn.Conv2d, nn.Conv3d)) for m in part.modules()),
@@ -114,7 +117,8 @@ def _encoder_channels(encoder: nn.Module) -> int:
 
 def _halo(modules: list[nn.Module], latent_rows: int | None, run: Callable[[], torch.Tensor]) -> tuple[int, int]:
     """(halo in latent rows, output rows) of run(): each conv reaches half its kernel each side (its whole kernel when
-    strided, where padding may be one-sided), divided by its input's rows per latent row. latent_rows None: the output's."""
+    strided, where padding may be one-sided), divided by its input's rows per latent row. latent_rows None: the
+    output's."""
     seen: list[
         tuple[int, int, int]
     ] = []  # (kernel rows spanned, stride, rows at its resolution: output rows times stride,
@@ -209,7 +213,8 @@ class HaloTiler:
         return output
 
     def decoder_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """One call of the model's decode loop, for this pass's band: the whole part (from the first pass), then the band."""
+        """One call of the model's decode loop, for this pass's band: the whole part (from the first pass), then the
+        band."""
         decoder, reach = self.model.decoder, decoder_reach(self.model, self.arch)
         call, number = Call.of(decoder, args, kwargs), self._call
         self._call += 1
@@ -228,14 +233,16 @@ class HaloTiler:
         return rows[..., (start - low) * reach.scale : (stop - low) * reach.scale, :]
 
     def encoder_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """One call of the model's encode loop, for this pass's band: the band's rows gathered; in the last pass the whole
+        """One call of the model's encode loop, for this pass's band: the band's rows gathered; in the last pass the
+        whole
         part on all of them (earlier passes answer zeros of its shape, which the combination drops)."""
         encoder, reach = self.model.encoder, encoder_reach(self.model, self.arch)
         call, number = Call.of(encoder, args, kwargs), self._call
         self._call += 1
         scale = reach.scale
         if self._band == 0 and number == 0:
-            # Input pixels per latent row: a model with causal caches takes one frame, then up to TEMPORAL_BOUND, per call.
+            # Input pixels per latent row: a model with causal caches takes one frame, then up to TEMPORAL_BOUND, per
+            # call.
             frames = x.shape[2] if call.cache is None else TEMPORAL_BOUND
             self._plan = self._bands(x.shape[-2] // scale, scale * x.shape[-1] * frames, reach.halo)
         (start, stop), (low, high) = self._plan[self._band]

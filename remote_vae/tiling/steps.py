@@ -23,7 +23,8 @@ from torch import nn
 
 
 def _classes(module: str, *names: str) -> tuple[type, ...]:
-    """These classes of a diffusers module, or none where the installed diffusers lacks one: its models then have no exact path here."""
+    """These classes of a diffusers module, or none where the installed diffusers lacks one: its models then have no
+    exact path here."""
     try:
         found = importlib.import_module(module)
         return tuple(getattr(found, name) for name in names)
@@ -201,7 +202,8 @@ def finish_statistics(sums, norm: nn.GroupNorm) -> tuple[torch.Tensor, torch.Ten
 
 
 def plain_attention(mid: nn.Module) -> bool:
-    """Whether a mid block is diffusers' UNetMidBlock2D with plain 2-D self-attention, which GroupNormTiler.attention runs by query bands."""
+    """Whether a mid block is diffusers' UNetMidBlock2D with plain 2-D self-attention, which GroupNormTiler.attention
+    runs by query bands."""
     if type(mid) is not UNetMidBlock2D or any(type(resnet) is not ResnetBlock2D for resnet in mid.resnets):
         return False
     for attention in mid.attentions:

@@ -54,7 +54,8 @@ def resolve_dtype(name: str, family: Family, device: torch.device) -> torch.dtyp
 
 
 def model_class(family: Family) -> type[ModelMixin]:
-    """The family's diffusers class; UnsupportedFamily, naming the class and the release it needs, where this diffusers lacks it."""
+    """The family's diffusers class; UnsupportedFamily, naming the class and the release it needs, where this diffusers
+    lacks it."""
     installed = diffusers.__version__
     needed = family.min_diffusers
     too_old = needed is not None and Version(installed) < Version(needed)
@@ -90,7 +91,8 @@ def _has_weights(directory: Path) -> bool:
 
 
 def weights_folder(family: Family, directory: Path) -> Path | None:
-    """The folder under `directory` that holds the family's VAE: itself, or a pipeline's `vae/` (hub_subfolder); None if neither."""
+    """The folder under `directory` that holds the family's VAE: itself, or a pipeline's `vae/` (hub_subfolder); None if
+    neither."""
     if _has_weights(directory):
         return directory
     if family.hub_subfolder and _has_weights(directory / family.hub_subfolder):
@@ -160,7 +162,8 @@ def _pretrained_args(family: Family, source: str) -> tuple[str, dict]:
         if folder is not None:
             return str(path), ({} if folder == path else {"subfolder": family.hub_subfolder})
         raise LoadError(
-            f"{path} has no config.json (expected a diffusers model directory: config.json + diffusion_pytorch_model.safetensors)"
+            f"{path} has no config.json (expected a diffusers model directory: config.json + "
+            "diffusion_pytorch_model.safetensors)"
         )
     parts = source.strip("/").split("/")
     if len(parts) < 2 or source.startswith((".", "/")):
@@ -170,7 +173,8 @@ def _pretrained_args(family: Family, source: str) -> tuple[str, dict]:
 
 
 def weight_stats(family: Family, model: ModelMixin) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(mean, std) per channel from the model's buffers, as the family's pipeline reads them (`latents_stats_in_weights`)."""
+    """(mean, std) per channel from the model's buffers, as the family's pipeline reads them
+    (`latents_stats_in_weights`)."""
     names = family.latents_stats_in_weights
     if names is None:
         return None

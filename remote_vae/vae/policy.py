@@ -74,7 +74,8 @@ class FrameSink(Protocol):
     """Receives a video decoder's output chunk by chunk, while the rest is still being decoded."""
 
     def chunk(self, frames: torch.Tensor) -> None:
-        """[b, 3, f, H, W] finished frames on the device, in order: all rows of the call at once, or one row at a time."""
+        """[b, 3, f, H, W] finished frames on the device, in order: all rows of the call at once, or one row at a
+        time."""
 
     def restart(self) -> None:
         """Forget what came so far: the call failed and runs again."""
@@ -125,7 +126,8 @@ class LoadedVae:
         allows it), else diffusers' 'blend'."""
         if requested == "exact" and not self.exact_tiling:
             raise RequestError(
-                f"{self.family.name} has no exact tiled path (its encoder and decoder are neither GroupNorm, convolutions and plain samplers nor row-local outside the mid block); send tiling=blend"
+                f"{self.family.name} has no exact tiled path (its encoder and decoder are neither GroupNorm, "
+                "convolutions and plain samplers nor row-local outside the mid block); send tiling=blend"
             )
         return requested or ("exact" if self.exact_tiling and self.family.default_tiling == "exact" else "blend")
 
@@ -157,7 +159,8 @@ class LoadedVae:
         timestep: torch.Tensor | None = None,
         tiling: str | None = None,
     ) -> torch.Tensor:
-        """Decode the VAE's latents [B, C, (T,) h, w] (scaled already; on the host) to the decoder's raw output, on the device.
+        """Decode the VAE's latents [B, C, (T,) h, w] (scaled already; on the host) to the decoder's raw output, on the
+        device.
 
         `frames`, for models whose untiled decoder emits finished frames call by call
         (the family's `streams_frames`), receives them as they come. `timestep` ([B])
@@ -175,7 +178,8 @@ class LoadedVae:
         return sample.squeeze(2) if self.layout.frame_axis else sample
 
     def encode(self, images: torch.Tensor, tiling: str | None = None) -> torch.Tensor:
-        """Encode [B, 3, (F,) H, W] pixels in -1..1 (on the host) to the VAE's latent, the distribution's mean (deterministic), on the device."""
+        """Encode [B, 3, (F,) H, W] pixels in -1..1 (on the host) to the VAE's latent, the distribution's mean
+        (deterministic), on the device."""
         if self.layout.frame_axis:
             images = images.unsqueeze(2)
         frame_count = images.shape[2] if self.family.is_video else 1
@@ -195,7 +199,8 @@ class LoadedVae:
         extra: dict[str, torch.Tensor] | None = None,
         exact: Callable | None = None,
     ):
-        """call(inputs) whole, one sample at a time, or tiled (by `exact` where given, else the model's own blended tiling)."""
+        """call(inputs) whole, one sample at a time, or tiled (by `exact` where given, else the model's own blended
+        tiling)."""
         batch = inputs.shape[0]
         with self._lock, torch.inference_mode(), self.compilation.stance(operation, inputs):
             values = to_device(inputs, self.device, self.dtype, self.path)
@@ -248,7 +253,8 @@ class LoadedVae:
     def _attempt(
         self, call: Callable, values: torch.Tensor, sliced: bool, tiled: bool, frames: FrameSink | None, extra: dict
     ):
-        """call(values, **extra) sliced, and with the model's own tiling as asked; _OUT_OF_MEMORY, with the cache freed, if the device ran out.
+        """call(values, **extra) sliced, and with the model's own tiling as asked; _OUT_OF_MEMORY, with the cache freed,
+        if the device ran out.
 
         Sliced runs one sample per call, as diffusers' use_slicing does, but here for every
         model and with per-sample arguments (LTX's slicing drops its timestep).

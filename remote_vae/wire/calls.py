@@ -76,7 +76,8 @@ def inspect(
     operation: str | None = None,
     images_as: OutputForm = OutputForm.IMAGE,
 ) -> Inspected:
-    """Parse and check one request up to the point where it would decode or allocate; shared by the HTTP server and handler.py.
+    """Parse and check one request up to the point where it would decode or allocate; shared by the HTTP server and
+    handler.py.
 
     `images_as` is the form of an image reply: IMAGE (the file's bytes) or PIL (PIL images, for handler.py).
     """
@@ -145,7 +146,8 @@ def render(prepared: Prepared, result: Any) -> HttpReply:
 
 @dataclass
 class Outcome:
-    """A served request before rendering: latents, or a decode result (PIL images for an image reply), and how the reply should look."""
+    """A served request before rendering: latents, or a decode result (PIL images for an image reply), and how the reply
+    should look."""
 
     form: OutputForm
     value: torch.Tensor | list[PIL.Image.Image] | bytes
@@ -161,6 +163,7 @@ def dispatch(
     accept: str = "",
     operation: str | None = None,
 ) -> Outcome:
-    """All of one request at once, without a queue (handler.py: the toolkit runs one request at a time and writes image files itself)."""
+    """All of one request at once, without a queue (handler.py: the toolkit runs one request at a time and writes image
+    files itself)."""
     prepared = prepare(service, params, data, content_type, accept, operation, images_as=OutputForm.PIL)
     return Outcome(prepared.form, service.call(prepared.job), prepared.reply, prepared.headers)

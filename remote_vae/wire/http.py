@@ -79,7 +79,8 @@ def read_payload(call: HttpCall) -> tuple[Params, bytes]:
         return params, call.body
     body = call.body.strip()
     if body.startswith(b"{"):
-        # A request's JSON is one base64 string and a few parameters. Its structure is counted before parsing: json.loads
+        # A request's JSON is one base64 string and a few parameters. Its structure is counted before parsing:
+        # json.loads
         # of 128 MB of "[]," builds tens of millions of objects (3.5 GB, seconds holding the GIL) before any check.
         tokens = sum(body.count(token) for token in (b",", b":", b"[", b"{"))
         if tokens > MAX_JSON_TOKENS:
@@ -120,7 +121,8 @@ def tensor_reply(tensor: torch.Tensor, encoding: str, headers: dict[str, str] | 
 
 
 def failure_reply(exc: Exception) -> HttpReply:
-    """A client's mistake as its 4xx (or 503) JSON; anything else as a 500 that hides the details. Call it in an except block."""
+    """A client's mistake as its 4xx (or 503) JSON; anything else as a 500 that hides the details. Call it in an except
+    block."""
     if isinstance(exc, RequestError):
         return error_reply(exc.status, exc.message, exc.headers)
     log.exception("unexpected error while serving a request")  # a bug, not the client's fault: log it, hide it

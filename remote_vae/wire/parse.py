@@ -64,7 +64,8 @@ class ReplyShape:
 def negotiate_decode(
     params: Params, accept: str, png_compression: int = ImageFile.png_compression
 ) -> tuple[OutputForm, ReplyShape]:
-    """(decode form, reply shape) from output_type, partial_postprocess, image_format, quality, png_compression and Accept."""
+    """(decode form, reply shape) from output_type, partial_postprocess, image_format, quality, png_compression and
+    Accept."""
     output_type = params.choice("output_type")
     reply = ReplyShape(tensor_encoding=accept if accept in JSON_TYPES else "binary")
     wants_tensor = accept.startswith("tensor/") or accept in JSON_TYPES
