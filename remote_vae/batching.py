@@ -165,7 +165,7 @@ class Batcher:
         except Exception as exc:  # service.run answers per job; this is only a safety net
             outcomes = [exc] * len(jobs)
         seconds = time.monotonic() - started
-        for entry, outcome in zip(batch, outcomes):
+        for entry, outcome in zip(batch, outcomes, strict=True):
             self.metrics.stage_seconds.labels(family, "inference").observe(seconds)
             if entry.result.done():
                 continue

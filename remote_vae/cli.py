@@ -88,13 +88,14 @@ def describe(family: Family) -> str:
     # remote_decode sends do_scaling=True by default (a deprecated argument): per-channel families' calls pass nothing.
     scaling = ", ".join(f"{name}={value}" for name, value in family.client_scaling().items() if name != "do_scaling")
     extra = "; optional decode_timestep=, decode_noise_scale=, decode_noise_seed=" if family.decode_timestep else ""
+    sides = ", height=H, width=W" if family.layout.packing != Packing.NONE else ""
     kind = f"video, {frame_step(family)}k+1 frames" if family.is_video else "image"
     return "\n".join(
         [
             f"{family.name} ({kind}): {family.description}",
             f"  weights  {family.hub_id}",
             f"  latents  {family.layout.describe()}",
-            f"  client   remote_decode(url, latents{', ' + scaling if scaling else ''}{', height=H, width=W' if family.layout.packing != Packing.NONE else ''}){extra}",
+            f"  client   remote_decode(url, latents{', ' + scaling if scaling else ''}{sides}){extra}",
             f"  wire     {'&'.join(f'{name}={value}' for name, value in family.client_scaling().items())}",
         ]
     )
@@ -114,7 +115,8 @@ def add_client_commands(commands) -> None:
             "--output",
             required=True,
             metavar="OUT",
-            help="the file to write; with several inputs, a pattern with {name} (the input's name without suffix), or a directory",
+            help="the file to write; with several inputs, a pattern with {name} (the input's name without suffix), or "
+            "a directory",
         )
         command.add_argument(
             "--url",

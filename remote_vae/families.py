@@ -251,7 +251,8 @@ def _check_stats_in_weights(values: dict[str, Any], source: str) -> None:
     if not (isinstance(stats, dict) and set(stats) in forms and all(isinstance(v, str) for v in stats.values())):
         raise FamilyError(
             f"{source}: latents_stats_in_weights names the model's buffers: {{mean, std}} or {{mean, variance, eps}} "
-            '(eps: a model config key), e.g. {"mean": "bn.running_mean", "variance": "bn.running_var", "eps": "batch_norm_eps"}'
+            '(eps: a model config key), e.g. {"mean": "bn.running_mean", "variance": "bn.running_var", "eps": '
+            '"batch_norm_eps"}'
         )
     if values.get("latents_mean") is not None or values.get("shift_factor") is not None:
         raise FamilyError(
@@ -271,7 +272,8 @@ def load_family(name_or_path: str) -> Family:
         path = CONFIG_DIR / f"{name_or_path}.json"
         if not path.is_file():
             raise FamilyError(
-                f"unknown family {name_or_path!r}; known families: {', '.join(available())} (or pass a config file path)"
+                f"unknown family {name_or_path!r}; known families: {', '.join(available())} (or pass a config file "
+                "path)"
             )
     try:
         data = json.loads(path.read_text())

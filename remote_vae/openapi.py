@@ -21,11 +21,14 @@ ERROR = {
     "required": ["error"],
 }
 ERRORS = {
-    "400": "Malformed request: wrong body size for shape and dtype, bad shape for the family, bad parameter, NaN in the tensor.",
+    "400": "Malformed request: wrong body size for shape and dtype, bad shape for the family, bad parameter, NaN in "
+    "the tensor.",
     "401": "A POST without a valid `Authorization: Bearer KEY` (when the server has API keys).",
     "408": "The body did not arrive within the body timeout, or slower than the minimum transfer rate.",
-    "413": "Body, pixels, frames, batch, decode work or host memory over the server's limits; refused before anything is allocated.",
-    "503": "Queue full, memory budget full, the model still loading, or the device out of memory: retry after `Retry-After` seconds.",
+    "413": "Body, pixels, frames, batch, decode work or host memory over the server's limits; refused before anything "
+    "is allocated.",
+    "503": "Queue full, memory budget full, the model still loading, or the device out of memory: retry after "
+    "`Retry-After` seconds.",
     "500": "An internal error; the server log has it under the request's X-Request-Id.",
 }
 TENSOR_HEADERS = {
@@ -76,7 +79,8 @@ def document(routes: list[tuple[str, str, str]], families: dict[str, Family], ap
         "info": {
             "title": "remote-vae",
             "version": __version__,
-            "description": "Decode diffusion latents to images, videos or tensors, and encode images and videos to latents, "
+            "description": "Decode diffusion latents to images, videos or tensors, and encode images and videos to "
+            "latents, "
             "with the same pixels diffusers computes locally. Served families: " + ", ".join(families) + ".",
         },
         "paths": paths,
@@ -111,7 +115,8 @@ def _operation(what: str, family: Family | None, secured: bool) -> dict[str, Any
         return {"summary": summary + (name if what == "health" else ""), "tags": ["status"], "responses": responses}
     operations = {"predict": BOTH, "decode": DECODE, "encode": ENCODE}[what]
     summary = {
-        "predict": "Decode or encode, told apart by the request: a tensor/* or JSON body with a latent shape decodes, an image or a 3-channel tensor encodes",
+        "predict": "Decode or encode, told apart by the request: a tensor/* or JSON body with a latent shape decodes, "
+        "an image or a 3-channel tensor encodes",
         "decode": "Decode latents to an image, video or tensor",
         "encode": "Encode images or a video to latents",
     }[what]

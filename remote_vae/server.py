@@ -200,13 +200,14 @@ def api_description_routes(routes: list[Route], families: dict[str, Family], api
     ]
 
 
-def create_app(registry: Registry, options: Settings = Settings(), connections: ConnectionStats | None = None):
+def create_app(registry: Registry, options: Settings | None = None, connections: ConnectionStats | None = None):
     """The ASGI app: request log and metrics outermost, then CORS, then the API key check, then the routes.
 
     CORS sits outside the key check so that browsers' preflight requests (which carry no key)
     are answered, and a 401 still reaches the page readably. `connections` are the server's
     connection counters (connections.py), for /metrics; None where the app runs behind another server.
     """
+    options = options or Settings()
     queue = WorkQueue(options.queue)
     memory = MemoryBudget(options.memory_budget or auto_budget(), retry_after=queue.retry_after)
     memory.when_idle(release_free_memory)

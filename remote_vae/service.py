@@ -88,7 +88,10 @@ log = logging.getLogger("remote_vae")
 
 # Factors finite on their own can still overflow the latent (scaling_factor=1e-320, shift_factor=1e39): every output
 # NaN.
-SCALED_FINITE = "in {dtype}: choose a scaling_factor and shift_factor that keep the scaled latent finite (e.g. the family's own: GET /families)"
+SCALED_FINITE = (
+    "in {dtype}: choose a scaling_factor and shift_factor that keep the scaled latent finite (e.g. the "
+    "family's own: GET /families)"
+)
 
 
 class VaeService:
@@ -135,7 +138,10 @@ class VaeService:
         latent_ops.check_output_size(plan, self.family, self.max_pixels)
         if request.form not in self.forms:
             if self.family.is_video:
-                hint = "decodes videos: ask for output_type=mp4, pt, or pil with a client-side processor (Accept: tensor/binary), not an image file"
+                hint = (
+                    "decodes videos: ask for output_type=mp4, pt, or pil with a client-side processor (Accept: "
+                    "tensor/binary), not an image file"
+                )
             else:
                 hint = "decodes images: output_type=mp4 is for video families; use output_type=pil or pt"
             raise RequestError(f"{self.family.name} {hint}")
@@ -293,7 +299,7 @@ class VaeService:
             )
             return [self.run([job])[0] for job in jobs]
         results: list[Any] = []
-        for job, output in zip(jobs, outputs):
+        for job, output in zip(jobs, outputs, strict=True):
             try:
                 results.append(job.respond(output))
             except Exception as exc:

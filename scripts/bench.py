@@ -457,13 +457,16 @@ def print_image_tables(args, device, rows, loads) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(
-            f"| {row['family']} | {row['size']}² | {row['operation']} | {row['output']} | {row['batch']} | {1000 * row['plain_s']:.1f} | "
+            f"| {row['family']} | {row['size']}² | {row['operation']} | {row['output']} | {row['batch']} | "
+            f"{1000 * row['plain_s']:.1f} | "
             f"{1000 * row['fast_s']:.1f} | {1000 * row['service_s']:.1f} | {row['service_s'] / row['plain_s']:.2f} | "
-            f"{row['service_s'] / row['fast_s']:.2f} | {mib(row['plain_peak_mib'])} | {mib(row['service_peak_mib'])} | {row['max_diff']} |"
+            f"{row['service_s'] / row['fast_s']:.2f} | {mib(row['plain_peak_mib'])} | {mib(row['service_peak_mib'])} | "
+            f"{row['max_diff']} |"
         )
     for load in loads:
         print(
-            f"\nConcurrent clients, {load['family']} decode {load['size']}² to {load['output']}, one image per request, "
+            f"\nConcurrent clients, {load['family']} decode {load['size']}² to {load['output']}, one image per "
+            "request, "
             f"{args.load_rounds} alternating rounds of {args.load_requests} requests pooled (batching on: the "
             "defaults; off: --max-batch-images 1):\n"
         )
@@ -476,8 +479,10 @@ def print_image_tables(args, device, rows, loads) -> None:
         for level in load["levels"]:
             on, off = level["on"], level["off"]
             print(
-                f"| {level['clients']} | {on['images_per_s']:.1f} | {on['p50_ms']:.0f} | {on['p99_ms']:.0f} | {off['images_per_s']:.1f} | "
-                f"{off['p50_ms']:.0f} | {off['p99_ms']:.0f} | {on['images_per_s'] / off['images_per_s']:.2f} | {on['images_per_s'] / sequential:.2f} |"
+                f"| {level['clients']} | {on['images_per_s']:.1f} | {on['p50_ms']:.0f} | {on['p99_ms']:.0f} | "
+                f"{off['images_per_s']:.1f} | "
+                f"{off['p50_ms']:.0f} | {off['p99_ms']:.0f} | {on['images_per_s'] / off['images_per_s']:.2f} | "
+                f"{on['images_per_s'] / sequential:.2f} |"
             )
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine(device), "rows": rows, "loads": loads}, indent=1))
@@ -533,7 +538,8 @@ def bench_device_path(args: argparse.Namespace) -> None:
     rows = [(label, statistics.median(samples), first) for label, (run, first, samples) in runs.items()]
     weights = "tiny test-suite architecture" if args.tiny else "real architecture"
     print(
-        f"\n{args.family} decode of {args.batch} x {args.size}² to uint8 on the host, {weights}, {str(dtype).removeprefix('torch.')}; "
+        f"\n{args.family} decode of {args.batch} x {args.size}² to uint8 on the host, {weights}, "
+        f"{str(dtype).removeprefix('torch.')}; "
         f"median over {args.rounds} interleaved rounds of the median of {args.repeats}; {machine(device)}\n"
     )
     print("| device path | ms per call | vs diffusers as a user runs it | first call (ms) |")
@@ -801,9 +807,11 @@ def bench_video(args: argparse.Namespace) -> None:
         else "peak RSS above the loaded model"
     )
     print(
-        f"\n{args.family}, {weights} with random weights, {str(resolve_dtype('auto', family, device)).removeprefix('torch.')} on {device.type}; "
+        f"\n{args.family}, {weights} with random weights, "
+        f"{str(resolve_dtype('auto', family, device)).removeprefix('torch.')} on {device.type}; "
         f"tile above {args.tile_above_pixels} pixels; median of {args.repeats}; "
-        f"{time.strftime('%Y-%m-%d')}; CPU: {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads; GPU: {gpu}; "
+        f"{time.strftime('%Y-%m-%d')}; CPU: {platform.processor() or platform.machine()} x{torch.get_num_threads()} "
+        f"threads; GPU: {gpu}; "
         f"torch {torch.__version__}; memory = {memory}\n"
     )
     print(
@@ -813,8 +821,10 @@ def bench_video(args: argparse.Namespace) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for size, frames, served, whole, http_seconds in rows:
         print(
-            f"| {size}² | {frames} | {served['seconds']:.3f} | {served['peak_mib']:.0f} | {'yes' if served['tiled'] else 'no'} | "
-            f"{whole['seconds']:.3f} | {whole['peak_mib']:.0f} | {http_seconds:.3f} | {http_seconds / served['seconds']:.2f} |"
+            f"| {size}² | {frames} | {served['seconds']:.3f} | {served['peak_mib']:.0f} | "
+            f"{'yes' if served['tiled'] else 'no'} | "
+            f"{whole['seconds']:.3f} | {whole['peak_mib']:.0f} | {http_seconds:.3f} | "
+            f"{http_seconds / served['seconds']:.2f} |"
         )
 
 
@@ -881,11 +891,13 @@ def bench_tiling(args: argparse.Namespace) -> None:
     family = load_family(args.family)
     clip = f", {args.frames} frames" if family.is_video else ""
     print(
-        f"# {machine(device)}; {args.family} ({'tiny' if args.tiny else 'real'} architecture, random weights), {args.operation}{clip}"
+        f"# {machine(device)}; {args.family} ({'tiny' if args.tiny else 'real'} architecture, random weights), "
+        f"{args.operation}{clip}"
     )
     within = "share within 1e-4 of peak" if args.operation == "encode" else "share within 1"
     print(
-        f"| size | way | seconds | peak MiB | x untiled time | PSNR vs untiled | max abs diff{'' if args.operation == 'encode' else ' (uint8)'} | {within} |"
+        "| size | way | seconds | peak MiB | x untiled time | PSNR vs untiled | max abs "
+        f"diff{'' if args.operation == 'encode' else ' (uint8)'} | {within} |"
     )
     print("|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as folder:
@@ -928,11 +940,17 @@ def bench_tiling(args: argparse.Namespace) -> None:
                     # Latents: PSNR against the untiled latents' own peak; the share within 1e-4 of it.
                     difference, peak = np.abs(images[way] - untiled), float(np.abs(untiled).max())
                     mse = float(np.mean(difference.astype(np.float64) ** 2))
-                    quality = f"{10 * np.log10(peak**2 / max(mse, 1e-30)):.1f} | {difference.max():.2e} | {np.mean(difference <= 1e-4 * peak):.5f}"
+                    quality = (
+                        f"{10 * np.log10(peak**2 / max(mse, 1e-30)):.1f} | {difference.max():.2e} | "
+                        f"{np.mean(difference <= 1e-4 * peak):.5f}"
+                    )
                 elif untiled is not None and way != "untiled":
                     difference = np.abs(images[way].astype(np.int16) - untiled)
                     mse = float(np.mean(difference.astype(np.float64) ** 2))
-                    quality = f"{10 * np.log10(255**2 / max(mse, 1e-12)):.1f} | {difference.max()} | {np.mean(difference <= 1):.5f}"
+                    quality = (
+                        f"{10 * np.log10(255**2 / max(mse, 1e-12)):.1f} | {difference.max()} | "
+                        f"{np.mean(difference <= 1):.5f}"
+                    )
                     if args.pictures and size == args.sizes[0]:
                         save_difference(difference, Path(args.pictures) / f"{args.family}-{size}-{way}-vs-untiled.png")
                 else:
@@ -1023,7 +1041,7 @@ def bench_ray(args: argparse.Namespace) -> None:
     def measure(url: str) -> dict:
         call(url)()  # warm
         runs = [under_load(call(url), clients, args.requests) for clients in args.clients]
-        return {clients: pooled([run], 1) for clients, run in zip(args.clients, runs)}
+        return {clients: pooled([run], 1) for clients, run in zip(args.clients, runs, strict=True)}
 
     rows = {}
     with tempfile.TemporaryDirectory() as folder:
@@ -1157,7 +1175,8 @@ def main() -> None:
         "--operation",
         choices=["decode", "encode"],
         default="decode",
-        help="encode: noise images to latents, compared as floats (max abs diff; share within 1e-4 of the latents' peak)",
+        help="encode: noise images to latents, compared as floats (max abs diff; share within 1e-4 of the latents' "
+        "peak)",
     )
     tiling.add_argument("--frames", type=int, default=5, help="a video family's clip length in pixel frames")
     tiling_worker_mode = modes.add_parser("tiling-worker", help=argparse.SUPPRESS)

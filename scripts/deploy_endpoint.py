@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument(
         "--repository",
         metavar="REPO_ID",
-        help="model repository mounted at /repository (default for --image: the family's own Hub repository when its VAE is at the root)",
+        help="model repository mounted at /repository (default for --image: the family's own Hub repository when its "
+        "VAE is at the root)",
     )
     deploy.add_argument("--revision", help="commit of --repository to deploy")
     deploy.add_argument("--vendor", default="aws")
@@ -107,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     key.add_argument(
         "--api-key-env",
         metavar="VAR",
-        help=f"the service's API key, read from this environment variable; sent as the endpoint secret {API_KEY_VARIABLE}",
+        help="the service's API key, read from this environment variable; sent as the endpoint secret "
+        f"{API_KEY_VARIABLE}",
     )
     key.add_argument(
         "--generate-api-key", action="store_true", help="make a random API key, send it as a secret and print it once"
@@ -173,7 +175,8 @@ def endpoint_arguments(args: argparse.Namespace, served: list[Family]) -> dict:
     endpoint_type = args.type or ("public" if api_key else "authenticated")
     if api_key and endpoint_type == "authenticated":
         raise DeployError(
-            "an authenticated endpoint takes the caller's Hugging Face token in the same Authorization header as the API key; use --type public (the key guards it) or drop the key"
+            "an authenticated endpoint takes the caller's Hugging Face token in the same Authorization header as the "
+            "API key; use --type public (the key guards it) or drop the key"
         )
     if args.min_replicas < 0 or args.max_replicas < max(1, args.min_replicas):
         raise DeployError("--max-replicas must be at least 1 and at least --min-replicas")
@@ -221,7 +224,8 @@ def default_repository(served: list[Family]) -> str:
     if len(served) == 1 and not family.hub_subfolder:
         return family.hub_repo
     raise DeployError(
-        f"pass --repository: {'these families are' if len(served) > 1 else family.name + ' is'} not one Hub repository holding only a VAE "
+        f"pass --repository: {'these families are' if len(served) > 1 else family.name + ' is'} not one Hub repository "
+        "holding only a VAE "
         f"({family.hub_repo} would be mounted whole). Use one made by `prepare-repo --push`, or any small repository "
         "when the image has baked weights (BAKE_FAMILIES) or may fetch them from the Hub."
     )
@@ -316,8 +320,10 @@ def usage(url: str, served: list[Family], arguments: dict, via_handler: bool) ->
         lines += [f"API key (shown once; the endpoint holds it as the secret {API_KEY_VARIABLE}):", f"  {api_key}", ""]
     if via_handler:
         lines += [
-            'The stock toolkit takes JSON: POST {"inputs": <base64 latent bytes>, "parameters": {"shape": [...], "dtype": ..., ...}}',
-            "with 'Authorization: Bearer <your Hugging Face token>'. diffusers' remote_decode needs the container image (--image).",
+            'The stock toolkit takes JSON: POST {"inputs": <base64 latent bytes>, "parameters": {"shape": [...], '
+            '"dtype": ..., ...}}',
+            "with 'Authorization: Bearer <your Hugging Face token>'. diffusers' remote_decode needs the container "
+            "image (--image).",
         ]
         return "\n".join(lines)
     key_source = f'os.environ["{API_KEY_VARIABLE}"]' if api_key else 'os.environ["HF_TOKEN"]'
@@ -339,13 +345,16 @@ def usage(url: str, served: list[Family], arguments: dict, via_handler: bool) ->
         channels, f = family.latent_channels, family.spatial_compression
         if family.is_video:
             code += [
-                f"latents = torch.randn(1, {channels}, 3, 64 // {f}, 64 // {f})  # {family.name}: your pipeline's output_type='latent'",
-                f'video = remote_decode(endpoint="{endpoint}", tensor=latents, {scaling}, output_type="mp4", return_type="mp4")',
+                f"latents = torch.randn(1, {channels}, 3, 64 // {f}, 64 // {f})  # {family.name}: your pipeline's "
+                "output_type='latent'",
+                f'video = remote_decode(endpoint="{endpoint}", tensor=latents, {scaling}, output_type="mp4", '
+                'return_type="mp4")',
                 f'open("{family.name}.mp4", "wb").write(video)',
             ]
         else:
             code += [
-                f"latents = torch.randn(1, {channels}, 64 // {f}, 64 // {f})  # {family.name}: your pipeline's output_type='latent'",
+                f"latents = torch.randn(1, {channels}, 64 // {f}, 64 // {f})  # {family.name}: your pipeline's "
+                "output_type='latent'",
                 f'image = remote_decode(endpoint="{endpoint}", tensor=latents, {scaling}, image_format="png")',
                 f'image.save("{family.name}.png")',
             ]

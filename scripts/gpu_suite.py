@@ -752,7 +752,8 @@ def summary(record: dict) -> str:
 def markdown(results: dict) -> str:
     lines = [
         f"# GPU suite: {results['stages'].get('environment', {}).get('gpu', results['device'])}",
-        f"budget {results['budget_s']} s, elapsed {results.get('elapsed_s')} s{', tiny models' if results['tiny'] else ''}",
+        f"budget {results['budget_s']} s, elapsed {results.get('elapsed_s')} "
+        f"s{', tiny models' if results['tiny'] else ''}",
     ]
     if results.get("note"):
         lines.append(f"\n**{results['note']}**")

@@ -384,7 +384,7 @@ def progressive_jpeg(side: int, repeats: int) -> bytes:
     data = buffer.getvalue()
     starts = [index for index in range(len(data) - 1) if data[index] == 0xFF and data[index + 1] == 0xDA]
     ends = starts[1:] + [len(data) - 2]
-    start, end = min(zip(starts[1:], ends[1:]), key=lambda scan: scan[1] - scan[0])
+    start, end = min(zip(starts[1:], ends[1:], strict=True), key=lambda scan: scan[1] - scan[0])
     return data[:-2] + data[start:end] * repeats + b"\xff\xd9"
 
 

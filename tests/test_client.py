@@ -49,7 +49,7 @@ def test_the_client_learns_each_familys_scaling_from_the_server(client, secure):
     assert set(families) == {"sd15", "flux", "hunyuanvideo"}
     assert families["sd15"]["scaling"] == {"scaling_factor": SD} and families["sd15"]["path"] == "sd15/"
     assert (
-        families["flux"]["scaling"] == dict(zip(("scaling_factor", "shift_factor"), FLUX))
+        families["flux"]["scaling"] == dict(zip(("scaling_factor", "shift_factor"), FLUX, strict=True))
         and families["flux"]["packed"]
     )
     assert families["hunyuanvideo"]["video"] and families["hunyuanvideo"]["scaling"] == {"scaling_factor": HUNYUAN}
@@ -66,7 +66,7 @@ def test_decode_to_pil_is_diffusers_pixels_with_the_scaling_read_from_the_server
     images = client.decode(latents, "sd15")
     expected = uint8_locally(decode_locally(reference["sd15"], latents, SD))
     assert len(images) == 2
-    for image, pixels in zip(images, expected):
+    for image, pixels in zip(images, expected, strict=True):
         assert_pixels_close(np.asarray(image), pixels)
     single = client.decode(latents[:1], "sd15")
     assert isinstance(single, Image.Image)
@@ -125,7 +125,7 @@ def test_video_as_mp4_and_as_frames(client, reference):
         sample = reference["hunyuanvideo"].decode(latents / HUNYUAN).sample
     expected = ((sample[0].permute(1, 2, 3, 0) / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
     assert len(frames) == 5
-    for frame, pixels in zip(frames, expected):
+    for frame, pixels in zip(frames, expected, strict=True):
         assert_pixels_close(np.asarray(frame), pixels)
 
 

@@ -48,7 +48,8 @@ def server(model_dirs, configs, tmp_path_factory):
 def test_the_error_names_the_family_the_class_and_the_release(configs):
     with pytest.raises(
         UnsupportedFamily,
-        match=rf"family future needs diffusers >= 99.0 for its model class AutoencoderKL; the installed diffusers {diffusers.__version__}",
+        match=r"family future needs diffusers >= 99.0 for its model class AutoencoderKL; the installed diffusers "
+        rf"{diffusers.__version__}",
     ):
         model_class(families.load_family(str(configs["future"])))
     with pytest.raises(UnsupportedFamily, match="renamed.*has no AutoencoderKLNotInThisDiffusers"):
@@ -113,7 +114,8 @@ def test_the_server_handler_cli_and_client_import_no_architecture_code():
     diffusers that lacks or renamed one of them costs that family, not every import."""
     code = (
         "import sys, remote_vae.server, remote_vae.launch, remote_vae.cli, remote_vae.client, handler; "
-        "print(sorted(m for m in sys.modules if m.startswith('diffusers.models.autoencoders.') or m.startswith('remote_vae.tiling.')))"
+        "print(sorted(m for m in sys.modules if m.startswith('diffusers.models.autoencoders.') or "
+        "m.startswith('remote_vae.tiling.')))"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, env=offline_env(), capture_output=True, text=True, timeout=120

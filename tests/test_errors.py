@@ -416,7 +416,8 @@ def test_body_over_limit_is_413_without_reading_it(multi_server):
     # Declare a body far over the limit and send none of it: the answer must not wait for it.
     with socket.create_connection(("127.0.0.1", multi_server.port), timeout=10) as sock:
         sock.sendall(
-            f"POST /sd15/ HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: tensor/binary\r\nContent-Length: {100 * MAX_BODY_BYTES}\r\n\r\n".encode()
+            "POST /sd15/ HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: tensor/binary\r\nContent-Length: "
+            f"{100 * MAX_BODY_BYTES}\r\n\r\n".encode()
         )
         reply = b""
         for _ in range(50):  # headers and body may arrive in separate segments

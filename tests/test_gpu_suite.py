@@ -96,7 +96,8 @@ def fake_wheel(folder: Path) -> Path:
     files = {
         "suite_probe/__init__.py": b"VALUE = 42\n",
         "suite_probe-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: suite-probe\nVersion: 1.0\n",
-        "suite_probe-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        "suite_probe-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: "
+        b"py3-none-any\n",
     }
     record = [
         f"{name},sha256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()},{len(data)}"

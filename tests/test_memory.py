@@ -92,9 +92,12 @@ def test_the_last_release_reports_the_peak_for_the_allocator():
 
 def test_repeated_log_records_are_rate_limited_and_counted():
     filter_ = RateLimitedLog(interval=60)
-    record = lambda: logging.LogRecord(
-        "asyncio", logging.ERROR, __file__, 1, "socket.accept() out of system resource\nsocket: <x>", None, None
-    )
+
+    def record():
+        return logging.LogRecord(
+            "asyncio", logging.ERROR, __file__, 1, "socket.accept() out of system resource\nsocket: <x>", None, None
+        )
+
     passed = [filter_.filter(record()) for _ in range(1000)]
     assert passed.count(True) == 1
     other = logging.LogRecord("asyncio", logging.ERROR, __file__, 1, "another message", None, None)

@@ -309,6 +309,9 @@ def test_the_single_server_does_not_import_ray():
     import subprocess
     import sys
 
-    code = "import sys, remote_vae.cli, remote_vae.launch, remote_vae.server, remote_vae.client; print('ray' in sys.modules)"
+    code = (
+        "import sys, remote_vae.cli, remote_vae.launch, remote_vae.server, remote_vae.client; print('ray' in "
+        "sys.modules)"
+    )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "False", done.stderr

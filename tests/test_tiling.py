@@ -146,7 +146,7 @@ def test_whether_activations_are_held_whole_or_recomputed_the_result_is_untiled(
             (decode_overwritten, encode_overwritten),
         )
     assert recomputed[None] == (0, 0)
-    assert all(0 < some < none for some, none in zip(recomputed[40000], recomputed[0])), recomputed
+    assert all(0 < some < none for some, none in zip(recomputed[40000], recomputed[0], strict=True)), recomputed
     assert overwritten[None][0] > 0 and sum(overwritten[40000]) > 0, overwritten
 
 

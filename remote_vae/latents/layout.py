@@ -85,7 +85,8 @@ def _plan_image(shape, layout: LatentLayout, height, width, expected: str) -> La
     if len(shape) == 4 and p > 1 and shape[1] == layout.channels:
         if shape[2] % p or shape[3] % p:
             raise RequestError(
-                f"latent {list(shape)} is the VAE's own; its sides must be multiples of {p} to fold into the pipeline's {channels} channels"
+                f"latent {list(shape)} is the VAE's own; its sides must be multiples of {p} to fold into the "
+                f"pipeline's {channels} channels"
             )
         return LatentPlan(shape, batch, shape[2], shape[3], Arrangement.UNFOLDED)
     if len(shape) in (4, 5) and shape[1] not in (channels, layout.channels):

@@ -153,7 +153,7 @@ class FrameRouter:
             indices = [
                 next(index for index, count in enumerate(self.received) if count < self.frames_per_row)
             ]  # sliced: the row being decoded
-        for index, clip in zip(indices, frames):
+        for index, clip in zip(indices, frames, strict=False):
             self.received[index] += clip.shape[1]
             if self.rows[index] is not None:
                 stream, number = self.rows[index]

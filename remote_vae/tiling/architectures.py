@@ -32,7 +32,9 @@ class Call:
     def of(cls, part: nn.Module, args: tuple, kwargs: dict) -> Call:
         """The call from the arguments after the input, named as the part's own forward names them."""
         names = list(inspect.signature(type(part).forward).parameters)[2:]  # after self and the input
-        given = {name: value for name, value in (dict(zip(names, args)) | kwargs).items() if value is not None}
+        given = {
+            name: value for name, value in (dict(zip(names, args, strict=False)) | kwargs).items() if value is not None
+        }
         if unknown := set(given) - set(cls._NAMES):
             raise TypeError(
                 f"{type(part).__name__}.forward got {sorted(unknown)}, which the banded path does not pass on"

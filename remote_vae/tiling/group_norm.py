@@ -140,7 +140,7 @@ class GroupNormTiler:
             sample = mid(sample, *([None] if isinstance(decoder, Decoder) else []))  # whole, as diffusers runs it
             return self.run(decoder_tail(decoder), sample).to(self.device)
         sample = self.run(resnet_steps(mid.resnets[0], "mid.0"), sample)
-        for index, (attention, resnet) in enumerate(zip(mid.attentions, mid.resnets[1:]), start=1):
+        for index, (attention, resnet) in enumerate(zip(mid.attentions, mid.resnets[1:], strict=True), start=1):
             sample = self.attention(attention, sample) if attention is not None else sample
             last = index == len(mid.resnets) - 1
             sample = self.run(resnet_steps(resnet, f"mid.{index}") + (decoder_tail(decoder) if last else []), sample)

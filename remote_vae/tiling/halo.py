@@ -26,6 +26,7 @@ pass runs the mid block and head on them, with the model's cache, in order.
 
 from __future__ import annotations
 
+import itertools
 import math
 import weakref
 from collections.abc import Callable, Iterator
@@ -159,7 +160,8 @@ class HaloTiler:
         self._plan: list[tuple[tuple[int, int], tuple[int, int]]] = []  # this clip's bands: (rows, rows read with halo)
         self._band = 0  # the pass running
         self._call = 0  # the model's decoder / encoder calls so far in this pass
-        self._kept: list = []  # per call: the decoder's whole part's output and cache index, or the encoder's gathered rows
+        # Per call: the decoder's whole part's output and cache index, or the encoder's gathered rows.
+        self._kept: list = []
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
@@ -264,5 +266,5 @@ class HaloTiler:
         count = math.ceil(rows / height)
         edges = [rows * band // count for band in range(count + 1)]
         return [
-            ((start, stop), (max(0, start - halo), min(rows, stop + halo))) for start, stop in zip(edges, edges[1:])
+            ((start, stop), (max(0, start - halo), min(rows, stop + halo))) for start, stop in itertools.pairwise(edges)
         ]

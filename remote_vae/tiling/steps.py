@@ -175,7 +175,7 @@ def rows_needed(steps: list[Step], start: int, stop: int, height: int) -> tuple[
     so that each one's slice starts where the whole image's rows do.
     """
     heights = layer_heights(steps, height)
-    for step, rows_in in zip(reversed(steps), reversed(heights[:-1])):
+    for step, rows_in in zip(reversed(steps), reversed(heights[:-1]), strict=True):
         if isinstance(step, Layer):
             start = max(0, math.floor(start / step.scale) - step.halo)
             stop = min(rows_in, math.ceil(stop / step.scale) + step.halo)

@@ -85,7 +85,8 @@ def read_payload(call: HttpCall) -> tuple[Params, bytes]:
         tokens = sum(body.count(token) for token in (b",", b":", b"[", b"{"))
         if tokens > MAX_JSON_TOKENS:
             raise RequestError(
-                f"the JSON body has {tokens} commas, colons and brackets; a request's JSON holds one base64 string and a few "
+                f"the JSON body has {tokens} commas, colons and brackets; a request's JSON holds one base64 string and "
+                "a few "
                 f'parameters (at most {MAX_JSON_TOKENS}): {{"inputs": "<base64>", "parameters": {{...}}}}'
             )
         try:

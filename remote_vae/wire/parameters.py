@@ -20,7 +20,8 @@ BOTH, DECODE, ENCODE = (Operation.DECODE, Operation.ENCODE), (Operation.DECODE,)
 PARAMETERS: dict[str, tuple[dict[str, Any], str, tuple[Operation, ...]]] = {
     "shape": (
         {"type": "array", "items": {"type": "integer", "minimum": 1}},
-        "The body tensor's shape, one repeated key per dimension (shape=1&shape=4&shape=64&shape=64). Decode: the latent, "
+        "The body tensor's shape, one repeated key per dimension (shape=1&shape=4&shape=64&shape=64). Decode: the "
+        "latent, "
         "[B, C, h, w] or [B, C, T, h, w] or packed [B, seq, features]; encode: an image tensor [B, 3, H, W] (video "
         "[B, 3, F, H, W]) in -1..1. Omitted when encoding an image or video file.",
         BOTH,
