@@ -17,11 +17,11 @@ from pathlib import Path
 import uvicorn
 
 from . import families
-from .connections import ConnectionStats, connection_limit, limit_log_floods, protocol_class
 from .decoders import guard_decompression_bombs
 from .device import BatchBudget, DevicePath
 from .families import Family, FamilyError
 from .server import Registry, Slot, create_app, load_in_background
+from .server.connections import ConnectionStats, connection_limit, limit_log_floods, protocol_class
 from .service import VaeService
 from .settings import Settings, model_sources, warmup_sizes_for
 from .vae import default_source, download_weights, load_vae, network_failure, resolve_device, resolve_dtype, unsupported

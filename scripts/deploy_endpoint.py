@@ -40,8 +40,8 @@ from huggingface_hub.errors import HfHubHTTPError, InferenceEndpointError, Infer
 from packaging.version import Version  # noqa: E402
 
 from remote_vae import families  # noqa: E402
-from remote_vae.auth import ApiKeyError, load_api_keys  # noqa: E402
 from remote_vae.families import Family, FamilyError  # noqa: E402
+from remote_vae.server.auth import ApiKeyError, load_api_keys  # noqa: E402
 from remote_vae.vae import WEIGHT_FILES, download_weights, weights_folder  # noqa: E402
 
 CONTAINER_PORT = 8000

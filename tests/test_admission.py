@@ -4,8 +4,8 @@ import asyncio
 
 import pytest
 
-from remote_vae.admission import QueueSettings, WorkQueue
 from remote_vae.errors import RequestError
+from remote_vae.server.admission import QueueSettings, WorkQueue
 
 
 def never():

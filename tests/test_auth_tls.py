@@ -12,7 +12,7 @@ from conftest import LiveServer, offline_env, seeded, self_signed_certificate
 from diffusers.utils import remote_utils
 from test_container import run_cli
 
-from remote_vae.auth import ApiKeyError, load_api_keys, presented_key
+from remote_vae.server.auth import ApiKeyError, load_api_keys, presented_key
 
 KEY = "k3y-0123456789abcdef-for-tests"
 ROTATED = "second-key-0123456789abcdef"

@@ -1,4 +1,4 @@
-"""PROTOCOL §7: every bad request gets a 4xx JSON error that says what was wrong; the server keeps serving."""
+"""docs/protocol.md §7: every bad request gets a 4xx JSON error that says what was wrong; the server keeps serving."""
 
 import base64
 import io

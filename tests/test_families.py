@@ -67,7 +67,7 @@ def test_config_builds_its_architecture(name):
 
 def test_video_frame_arithmetic():
     family = load_family("hunyuanvideo")
-    # PROTOCOL's reference case: [1, 16, 3, 40, 64] decodes to 9 frames.
+    # docs/protocol.md §2's reference case: [1, 16, 3, 40, 64] decodes to 9 frames.
     assert [family.frames_for(t) for t in (1, 2, 3, 33)] == [1, 5, 9, 129]
 
 

@@ -93,7 +93,7 @@ def test_channel_stats_are_per_channel():
 
 
 def test_video_plans():
-    plan = latents.plan_decode((1, 16, 3, 40, 64), HUNYUAN, 7, 7)  # PROTOCOL's reference case
+    plan = latents.plan_decode((1, 16, 3, 40, 64), HUNYUAN, 7, 7)  # docs/protocol.md §2's reference case
     assert plan.output_frames(HUNYUAN) == 9
     assert plan.output_size(HUNYUAN) == (512, 320)
     assert plan.output_pixels(HUNYUAN) == 9 * 512 * 320

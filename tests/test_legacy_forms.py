@@ -1,4 +1,4 @@
-"""PROTOCOL §6: the older request forms, sent with raw `requests`."""
+"""docs/protocol.md §6: the older request forms, sent with raw `requests`."""
 
 import base64
 import io

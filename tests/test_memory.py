@@ -7,9 +7,9 @@ import logging
 
 import pytest
 
-from remote_vae.connections import RateLimitedLog
 from remote_vae.errors import RequestError
 from remote_vae.memory import MemoryBudget, release_free_memory
+from remote_vae.server.connections import RateLimitedLog
 
 
 def run(coroutine):

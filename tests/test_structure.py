@@ -39,7 +39,9 @@ def imported(name: str, path: Path, known: set[str]) -> set[str]:
                 base = ".".join(
                     package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
                 )
-            targets = [base] + [f"{base}.{alias.name}" for alias in node.names]
+            # `from package import module` needs the module, not all of the package; anything else needs `base`.
+            modules_named = [f"{base}.{alias.name}" for alias in node.names if f"{base}.{alias.name}" in known]
+            targets = modules_named if len(modules_named) == len(node.names) else [base, *modules_named]
         else:
             continue
         found |= {target for target in targets if target in known and target != name}
@@ -118,3 +120,12 @@ def _says_why(lines: list[str], index: int) -> bool:
         if lines[index].strip().startswith("# long:"):
             return True
     return False
+
+
+def test_every_package_is_installed():
+    """pyproject.toml lists the packages by name: a new one left out would be missing from the wheel."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(path.parent.relative_to(ROOT).parts) for path in PACKAGE.rglob("__init__.py")}
+    assert found | {"remote_vae.configs"} == listed

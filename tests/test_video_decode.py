@@ -1,4 +1,4 @@
-"""Video decode through the real server with diffusers' remote_decode: every row of PROTOCOL's video table."""
+"""Video decode through the real server with diffusers' remote_decode: every row of docs/protocol.md §2's video table."""
 
 import imageio.v2 as imageio
 import numpy as np

@@ -14,7 +14,7 @@ if TYPE_CHECKING:  # torch is imported where it is used: `remote-vae families` d
 
 @dataclass(frozen=True)
 class ScalarFactors:
-    """Images and HunyuanVideo: one scaling factor and an optional shift (PROTOCOL §5)."""
+    """Images and HunyuanVideo: one scaling factor and an optional shift (docs/protocol.md §5)."""
 
     scaling_factor: float | None = None
     shift_factor: float | None = None

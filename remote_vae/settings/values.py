@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from ..errors import RequestError
 from ..families import Family, FamilyError
 from ..latents import check_frame_count, check_sides
+from .api_keys import ApiKeyError, load_api_keys
 
 ENV_PREFIX = "REMOTE_VAE_"
 
@@ -137,7 +138,6 @@ class Settings:
 
     def checked(self) -> Settings:
         """These settings, API keys read and the memory budget resolved; SettingsError where they do not fit."""
-        from ..auth import ApiKeyError, load_api_keys
         from ..memory import BODY_COST, JSON_BODY_COST, auto_budget, size_text
 
         limits, batching, queue, connections = self.limits, self.batching, self.queue, self.connections

@@ -1,11 +1,6 @@
-"""The wire: HTTP request in, HTTP reply out (PROTOCOL.md).
-
-Parses every request form real clients send (tensor/binary with a query
-string, tensor/base64, the toolkit's JSON, bare image files), tells decode
-from encode, negotiates the body of the reply from output_type and Accept,
-and renders results and errors. It knows nothing of Starlette: server.py
-hands it the parts of a request and sends back what it returns.
-"""
+"""One call through the wire (docs/protocol.md), in the steps the server queues between: inspect (parse and check,
+from the numbers alone) -> prepare (decode the file or build the latents) -> the model (service.run, batched) ->
+render (the reply's bytes). `dispatch` runs all of them at once, for handler.py."""
 
 from __future__ import annotations
 

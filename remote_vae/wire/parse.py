@@ -21,7 +21,7 @@ def is_file_upload(content_type: str, data: bytes) -> bool:
 
 
 def infer_operation(content_type: str, data: bytes, shape: tuple[int, ...] | None) -> str:
-    """Decode or encode on the shared routes (PROTOCOL §3)."""
+    """Decode or encode on the shared routes (docs/protocol.md §1, §3)."""
     if content_type.startswith("tensor/"):
         return "decode"
     if is_file_upload(content_type, data):

@@ -37,10 +37,10 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.datastructures import Headers
 
+from ..memory import MemoryBudget
+from ..vae import LoadedVae
 from .admission import WorkQueue
 from .connections import ConnectionStats
-from .memory import MemoryBudget
-from .vae import LoadedVae
 
 log = logging.getLogger("remote_vae.access")
 disable_created_metrics()  # no *_created series: they double the text and no dashboard reads them

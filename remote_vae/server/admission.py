@@ -25,8 +25,8 @@ from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
-from .errors import RequestError
-from .settings import QueueSettings
+from ..errors import RequestError
+from ..settings import QueueSettings
 
 RATE_WINDOW = 64  # requests the service rate is measured over
 RATE_SECONDS = 60.0

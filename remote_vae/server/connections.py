@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .errors import ERROR_MEDIA_TYPE, error_body
-from .settings import ConnectionSettings
+from ..errors import ERROR_MEDIA_TYPE, error_body
+from ..settings import ConnectionSettings
 
 log = logging.getLogger("remote_vae")
 

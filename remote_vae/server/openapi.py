@@ -11,9 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .families import Family
-from .wire.parameters import BOTH, DECODE, ENCODE, PARAMETERS
+from .. import __version__
+from ..families import Family
+from ..wire.parameters import BOTH, DECODE, ENCODE, PARAMETERS
 
 ERROR = {
     "type": "object",

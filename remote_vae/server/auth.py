@@ -14,37 +14,16 @@ import base64
 import binascii
 import hashlib
 import hmac
-from pathlib import Path
 
 from starlette.datastructures import Headers
 from starlette.responses import Response
 
-from .errors import ERROR_MEDIA_TYPE, error_body
+from ..errors import ERROR_MEDIA_TYPE, error_body
+from ..settings.api_keys import ApiKeyError, load_api_keys
+
+__all__ = ["ApiKeyError", "ApiKeyMiddleware", "load_api_keys", "presented_key"]
 
 OPEN_METHODS = ("GET", "HEAD", "OPTIONS")
-
-
-class ApiKeyError(ValueError):
-    """An API key setting that cannot be used."""
-
-
-def load_api_keys(key: str | None, key_file: str | None) -> tuple[str, ...]:
-    """Keys from --api-key and/or --api-key-file (one per line, '#' comments; several allow rotation)."""
-    keys = [key.strip()] if key and key.strip() else []
-    if key_file:
-        try:
-            lines = Path(key_file).read_text().splitlines()
-        except OSError as exc:
-            raise ApiKeyError(f"cannot read --api-key-file {key_file}: {exc.strerror or exc}") from None
-        keys += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-        if not keys:
-            raise ApiKeyError(f"--api-key-file {key_file} holds no key")
-    for candidate in keys:
-        if len(candidate) < 16 or not candidate.isprintable() or any(char.isspace() for char in candidate):
-            raise ApiKeyError(
-                "an API key must be at least 16 printable characters without spaces (e.g. `openssl rand -hex 32`)"
-            )
-    return tuple(keys)
 
 
 def _digest(value: str | bytes) -> bytes:

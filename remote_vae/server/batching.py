@@ -33,10 +33,10 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
+from ..service import Job, VaeService
+from ..settings import BatchSettings
 from .admission import ClientGone, WorkQueue
 from .observability import Metrics
-from .service import Job, VaeService
-from .settings import BatchSettings
 
 
 @dataclass(eq=False)

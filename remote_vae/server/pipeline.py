@@ -24,14 +24,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from .admission import ClientGone, WorkQueue
-from .batching import Batcher
-from .errors import ERROR_MEDIA_TYPE, RequestError, error_body
-from .memory import BODY_COST, JSON_BODY_COST, MemoryBudget, Reservation
-from .observability import Metrics, StageTimer
-from .service import VaeService
-from .settings import Limits, Settings
-from .wire import (
+from ..errors import ERROR_MEDIA_TYPE, RequestError, error_body
+from ..memory import BODY_COST, JSON_BODY_COST, MemoryBudget, Reservation
+from ..service import VaeService
+from ..settings import Limits, Settings
+from ..wire import (
     JSON_TYPES,
     HttpCall,
     HttpReply,
@@ -44,6 +41,9 @@ from .wire import (
     prepare_inspected,
     render,
 )
+from .admission import ClientGone, WorkQueue
+from .batching import Batcher
+from .observability import Metrics, StageTimer
 
 REPLY_CHUNK = 256 * 1024  # a reply is written this much at a time, so the connection's buffer never holds a whole copy
 

@@ -23,17 +23,17 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from ..families import Family
+from ..memory import MemoryBudget, auto_budget, release_free_memory
+from ..service import VaeService
+from ..settings import Settings
+from ..vocabulary import Packing
 from . import openapi
 from .admission import WorkQueue
 from .auth import ApiKeyMiddleware
 from .connections import ConnectionStats
-from .families import Family
-from .memory import MemoryBudget, auto_budget, release_free_memory
 from .observability import Metrics, RequestLog
 from .pipeline import PostPipeline, json_error
-from .service import VaeService
-from .settings import Settings
-from .vocabulary import Packing
 
 log = logging.getLogger("remote_vae")
 
