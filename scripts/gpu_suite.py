@@ -4,7 +4,7 @@
     python3 scripts/gpu_suite.py --wheels .whl --out "$OUT"             # on the GPU machine (scripts/gpu_carry.py
     prints the call)
     python scripts/gpu_suite.py --device cpu --tiny --out /tmp/suite    # proven here, in under 90 s
-    (tests/test_gpu_suite.py)
+    (tests/deploy/test_gpu_suite.py)
 
 A GPU is lent to a session rarely and for 15 minutes of device time, a few of which go to starting it, so
 everything runs in one command that cannot die of a typo: it installs the carried wheels offline (the GPU image has
@@ -15,7 +15,7 @@ minimum is skipped with a note; each finished stage prints one line and rewrites
 
   environment  GPU, memory, driver, CUDA, torch, cuDNN, diffusers; which fast paths are on (nvJPEG, pinned memory,
                channels-last, cuDNN autotuning)
-  cuda_tests   tests/test_cuda.py (the CUDA-only paths), its summary
+  cuda_tests   tests/live/test_cuda.py (the CUDA-only paths), its summary
   headline     SD1.5, SDXL, Flux: decode at 512² and 1024², encode at 1024²; diffusers in-process as a user runs it
                (vae.decode + VaeImageProcessor.postprocess + the PNG, synchronised, median after warm-up), the
                service's device path in-process, the service end to end over loopback HTTP with diffusers'
@@ -379,7 +379,9 @@ def cuda_tests(suite: Suite, deadline: float) -> dict:
         "-q",
         "-p",
         "no:cacheprovider",
-        "tests/test_cuda.py",
+        "-o",
+        "addopts=",  # one process: the GPU image has no pytest-xdist, and the CUDA tests share one device
+        "tests/live/test_cuda.py",
         f"--junitxml={junit}",
     ]
     try:

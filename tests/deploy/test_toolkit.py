@@ -22,11 +22,13 @@ import requests
 import torch
 from conftest import ROOT, free_port, psnr, seeded
 from diffusers.image_processor import VaeImageProcessor
+from diffusers_reference import SD, assert_pixels_close, decode_locally, uint8_locally
 from packaging.version import Version
 from PIL import Image
-from test_decode import SD, assert_pixels_close, decode_locally, uint8_locally
 
 from remote_vae.media import ImageFile, encode_image
+
+pytestmark = [pytest.mark.deployment]
 
 IN_THE_STACK = os.environ.get("REMOTE_VAE_TOOLKIT_STACK") == "1"
 processor = VaeImageProcessor(vae_scale_factor=8)

@@ -18,14 +18,15 @@ from conftest import ROOT, free_port, seeded
 from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
 from diffusers.utils import remote_utils
 from diffusers.utils.remote_utils import remote_decode, remote_encode
+from diffusers_reference import FLUX, SD, assert_pixels_close, decode_locally, encode_locally, uint8_locally
 from PIL import Image
-from test_decode import FLUX, SD, assert_pixels_close, decode_locally, uint8_locally
-from test_encode import encode_locally
 
 ray = pytest.importorskip("ray", reason="Ray Serve is the 'ray' extra; the test extra installs it")
 from ray import serve  # noqa: E402
 
 from remote_vae.ray_serve import family_app, index_app  # noqa: E402
+
+pytestmark = [pytest.mark.ray, pytest.mark.deployment]
 
 KEY = "ray-test-key-0123456789abcdef"
 CPU = {"ray_actor_options": {"num_cpus": 0}}  # replicas share this machine's two cores with the test

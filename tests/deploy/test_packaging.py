@@ -14,6 +14,8 @@ from conftest import ROOT
 
 from remote_vae import families
 
+pytestmark = [pytest.mark.deployment, pytest.mark.slow]
+
 # What a source distribution of the project holds: the package, its configs and the files pyproject.toml reads.
 SOURCES = [
     "pyproject.toml",

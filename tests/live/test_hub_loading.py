@@ -4,7 +4,7 @@ import requests
 import torch
 from conftest import seeded
 from diffusers.utils.remote_utils import remote_decode, remote_encode
-from test_decode import SD, decode_locally
+from diffusers_reference import SD, decode_locally
 
 
 def test_single_family_served_at_root_from_hub_cache(hub_server, reference):

@@ -14,7 +14,7 @@ import pytest
 import requests
 from conftest import ROOT, LiveServer, offline_env, seeded
 from diffusers.utils.remote_utils import remote_decode
-from test_decode import SD, assert_pixels_close, decode_locally, uint8_locally
+from diffusers_reference import SD, assert_pixels_close, decode_locally, uint8_locally
 
 from remote_vae import families
 from remote_vae.vae import UnsupportedFamily, model_class

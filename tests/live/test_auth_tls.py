@@ -10,7 +10,7 @@ import requests
 import torch
 from conftest import LiveServer, offline_env, seeded, self_signed_certificate
 from diffusers.utils import remote_utils
-from test_container import run_cli
+from diffusers_reference import run_cli
 
 from remote_vae.server.auth import ApiKeyError, load_api_keys, presented_key
 

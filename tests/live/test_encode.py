@@ -6,23 +6,9 @@ import pytest
 import requests
 import torch
 from conftest import seeded
-from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.remote_utils import remote_encode
+from diffusers_reference import FLUX, SD, encode_locally, processor
 from PIL import Image
-
-SD = 0.18215
-FLUX = (0.3611, 0.1159)
-processor = VaeImageProcessor(vae_scale_factor=8)
-
-
-def encode_locally(vae, images: torch.Tensor, scaling_factor=None, shift_factor=None) -> torch.Tensor:
-    with torch.no_grad():
-        z = vae.encode(images.float()).latent_dist.mean
-    if shift_factor is not None:
-        z = z - shift_factor
-    if scaling_factor is not None:
-        z = z * scaling_factor
-    return z
 
 
 def random_image(width=72, height=56, mode="RGB", seed=0) -> Image.Image:

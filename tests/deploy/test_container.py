@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
 from conftest import ROOT, LiveServer, free_port, offline_env, seeded
 from diffusers.utils.remote_utils import remote_decode
-from test_decode import SD, decode_locally
+from diffusers_reference import SD, decode_locally, run_cli
+
+pytestmark = [pytest.mark.deployment]
 
 DOCKERFILE = ROOT / "Dockerfile"
 
@@ -68,12 +69,6 @@ def test_dockerignore_sends_only_what_the_image_copies():
     allowed = {line[1:].rstrip("/") for line in ignored if line.startswith("!")}
     copied = {args.split()[0].rstrip("/") for kind, args in instructions() if kind == "COPY"}
     assert allowed == copied
-
-
-def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "remote_vae", *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120
-    )
 
 
 def test_download_copies_weights_from_the_hub_cache(hf_cache, model_dirs, tmp_path):

@@ -15,10 +15,9 @@ import requests
 import torch
 from conftest import FAULTY_LAUNCHER, ROOT, LiveServer, offline_env, seeded, self_signed_certificate, wait_until
 from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
+from diffusers_reference import assert_pixels_close, decode_locally, encode_locally, uint8_locally
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from test_decode import assert_pixels_close, decode_locally, uint8_locally
-from test_encode import encode_locally
 
 from remote_vae.client import Client, RemoteVaeError, tensor_bytes
 

@@ -7,33 +7,10 @@ import pytest
 import requests
 import torch
 from conftest import psnr, seeded
-from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
 from diffusers.utils.remote_utils import remote_decode
+from diffusers_reference import FLUX, SD, assert_pixels_close, decode_locally, processor, uint8_locally
 from PIL import Image
-
-SD = 0.18215
-FLUX = (0.3611, 0.1159)
-processor = VaeImageProcessor(vae_scale_factor=8)
-
-
-def decode_locally(vae, latents, scaling_factor=None, shift_factor=None) -> torch.Tensor:
-    z = latents.float()
-    if scaling_factor is not None:
-        z = z / scaling_factor
-    if shift_factor is not None:
-        z = z + shift_factor
-    with torch.no_grad():
-        return vae.decode(z).sample
-
-
-def uint8_locally(sample: torch.Tensor) -> np.ndarray:
-    return (processor.postprocess(sample, output_type="np") * 255).round().astype("uint8")
-
-
-def assert_pixels_close(actual: np.ndarray, expected: np.ndarray) -> None:
-    assert actual.shape == expected.shape
-    assert np.abs(actual.astype(int) - expected.astype(int)).max() <= 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])

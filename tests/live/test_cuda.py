@@ -23,7 +23,7 @@ from remote_vae.families import load_family
 from remote_vae.media import jpeg_encoder_for, uint8_images
 from remote_vae.vae import load_vae
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 CUDA = torch.device("cuda")
 
 

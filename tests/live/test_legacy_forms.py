@@ -8,8 +8,8 @@ import requests
 import torch
 from conftest import seeded
 from diffusers.image_processor import VaeImageProcessor
+from diffusers_reference import SD, assert_pixels_close, decode_locally, uint8_locally
 from PIL import Image
-from test_decode import SD, assert_pixels_close, decode_locally, uint8_locally
 
 processor = VaeImageProcessor(vae_scale_factor=8)
 

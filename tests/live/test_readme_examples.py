@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import requests
 from conftest import ROOT, LiveServer, offline_env, seeded, self_signed_certificate
+from diffusers_reference import SD, assert_pixels_close, decode_locally, uint8_locally
 from PIL import Image
-from test_decode import SD, assert_pixels_close, decode_locally, uint8_locally
 
 from remote_vae import families
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, offline_env
 
+pytestmark = [pytest.mark.deployment, pytest.mark.slow]
+
 SUITE = [sys.executable, str(ROOT / "scripts" / "gpu_suite.py")]
 
 

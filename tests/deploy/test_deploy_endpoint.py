@@ -20,8 +20,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 from conftest import ROOT, LiveServer, offline_env, seeded
+from diffusers_reference import SD, assert_pixels_close, decode_locally, uint8_locally
 from huggingface_hub import constants
-from test_decode import SD, assert_pixels_close, decode_locally, uint8_locally
+
+pytestmark = [pytest.mark.deployment]
 
 spec = importlib.util.spec_from_file_location("deploy_endpoint", ROOT / "scripts" / "deploy_endpoint.py")
 deploy_endpoint = importlib.util.module_from_spec(spec)

@@ -1,6 +1,6 @@
-"""Video decode through the real server with diffusers' remote_decode: every row of docs/protocol.md §2's video table."""
+"""Video decode through the real server with diffusers' remote_decode: every row of docs/protocol.md §2's video
+table."""
 
-import imageio.v2 as imageio
 import numpy as np
 import pytest
 import requests
@@ -10,6 +10,7 @@ from diffusers import WanPipeline, WanTransformer3DModel
 from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils.remote_utils import remote_decode
 from diffusers.video_processor import VideoProcessor
+from diffusers_reference import read_mp4
 
 from remote_vae.families import load_family
 
@@ -107,16 +108,6 @@ def test_pil_with_processor_is_unit_frames(video_server, reference, family):
         do_scaling=False,
     )
     assert len(images) == 9
-
-
-def read_mp4(data: bytes, tmp_path) -> tuple[np.ndarray, dict]:
-    path = tmp_path / "out.mp4"
-    path.write_bytes(data)
-    reader = imageio.get_reader(path, format="FFMPEG")
-    try:
-        return np.stack(list(reader.iter_data())), reader.get_meta_data()
-    finally:
-        reader.close()
 
 
 @pytest.mark.parametrize(

@@ -300,7 +300,7 @@ def test_decode_timestep_for_a_family_without_one_is_refused(families_server):
 @pytest.mark.parametrize("family", VIDEO_FAMILIES)
 def test_video_families_answer_mp4_with_every_frame(families_server, pipeline_outputs, family, tmp_path):
     """The pipeline's latent, as an MP4: every frame its pipeline makes, in order (H.264 is lossy: compared by PSNR)."""
-    from test_video_decode import read_mp4
+    from diffusers_reference import read_mp4
 
     latents, pixels = pipeline_outputs(family)
     data = remote_decode(
