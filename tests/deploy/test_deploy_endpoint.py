@@ -17,6 +17,7 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT, LiveServer, offline_env, seeded
@@ -237,7 +238,7 @@ def test_deploy_creates_waits_and_prints_diffusers_code_that_works(fake_api, cap
     image = namespace["image"]
     expected = uint8_locally(decode_locally(reference["sd15"], namespace["latents"], SD))[0]
     assert image.size == (64, 64)
-    assert_pixels_close(torch.tensor(list(image.getdata()), dtype=torch.uint8).reshape(64, 64, 3).numpy(), expected)
+    assert_pixels_close(np.asarray(image.convert("RGB")), expected)
 
 
 def test_second_deploy_updates_the_endpoint(fake_api, capsys, monkeypatch):

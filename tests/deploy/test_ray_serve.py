@@ -126,7 +126,7 @@ def test_decode_and_encode_through_ray_are_diffusers_pixels(cluster, reference, 
         (seeded(48, 64, 3, seed=203).clamp(-1, 1) * 127.5 + 127.5).round().to(torch.uint8).numpy()
     )
     encoded = remote_encode(endpoint=cluster + "/sd15/", image=picture, scaling_factor=SD)
-    as_tensor = torch.from_numpy(np.asarray(picture)).float().div(255).permute(2, 0, 1)[None] * 2 - 1
+    as_tensor = torch.from_numpy(np.array(picture)).float().div(255).permute(2, 0, 1)[None] * 2 - 1
     torch.testing.assert_close(encoded, encode_locally(reference["sd15"], as_tensor, SD), atol=1e-4, rtol=1e-4)
 
 
@@ -213,6 +213,9 @@ def test_autoscaling_adds_a_replica_under_load_and_says_so_in_the_log(cluster, m
         "target_ongoing_requests": 1,
         "upscale_delay_s": 1,
         "downscale_delay_s": 600,
+        # Averaged over 2 s, measured every 0.5 s (defaults: 30 s and 10 s): the load shows at once.
+        "look_back_period_s": 2,
+        "metrics_interval_s": 0.5,
     }
     serve.run(
         family_app(
