@@ -8,7 +8,7 @@ Every switch is a measured choice (docs/benchmarks.md, "The device path, one swi
   compile         torch.compile of the encoder and decoder (off unless --compile). Shapes are
                   compiled at start-up (warm-up); afterwards torch runs any other shape
                   eagerly instead of compiling inside a request, and the log says so.
-Postprocessing on the device (only uint8 copied back) is in media.py.
+Postprocessing on the device (only uint8 copied back) is in media/postprocess.py.
 
 It also decides when a batch runs whole: `BatchBudget`.
 """
@@ -115,7 +115,7 @@ DEFAULT_CUDA_BYTES_PER_PIXEL = 4096
 class BatchBudget:
     """How many output (decode) or input (encode) pixels one model call may take whole.
 
-    A batch over the budget runs one sample per model call (vae.py slices it), as
+    A batch over the budget runs one sample per model call (vae/policy.py slices it), as
     diffusers' `enable_slicing()` does; under it, the whole batch goes in one call.
     `pixels` fixed (--batch-pixel-budget) or None: found per call from the device.
     """

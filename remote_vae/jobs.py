@@ -25,7 +25,8 @@ from .vocabulary import OutputForm, PackedMemory, Tiling
 
 # -- what a request holds on the host ------------------------------------------------
 # Reserved from the memory budget (memory.py) before it is allocated, from the sizes alone. Measured against the code
-# below; each is an upper bound of the copies alive at once. A request's body is reserved as it arrives (server.py).
+# below; each is an upper bound of the copies alive at once. A request's body is reserved as it arrives
+# (server/pipeline.py).
 LATENT_COPIES = 6  # from the bytes, canonical, in the model's dtype, scaled, unfolded, noised: 4 bytes a value each
 
 

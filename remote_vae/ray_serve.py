@@ -25,7 +25,7 @@ In a Serve config file (deploy/ray/serve.yaml):
         import_path: remote_vae.ray_serve:index_app
         args: {families: [sd15]}
 
-Batching stays the project's own (batching.py) inside each replica, not Ray's
+Batching stays the project's own (server/batching.py) inside each replica, not Ray's
 `@serve.batch`: it groups requests by family, operation and shape under a pixel budget
 and keeps every request's exact answer; `@serve.batch` batches by count alone.
 Ray is an optional dependency (`pip install 'remote-vae[ray]'`); nothing else imports this module.

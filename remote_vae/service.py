@@ -1,6 +1,6 @@
 """The inference core: requests in, results out, for any front end.
 
-The HTTP server (server.py via wire.py) and the Inference Endpoints adapter
+The HTTP server (server/ via wire/) and the Inference Endpoints adapter
 (handler.py) both build a DecodeRequest or EncodeRequest and call a
 VaeService, so there is one path from request to pixels. Stages in order:
 latents (check, unpack, scale) -> vae (decode / encode) -> media (postprocess).
@@ -9,7 +9,7 @@ Image and video families share the path; the family's data says which.
 A request becomes a Job, so a server can queue only the part that needs the
 device and run several requests in one model call:
   prepare_*    checks the request and builds the model's input (CPU, no model);
-  run(jobs)    one model call for jobs that share a batch key (batching.py
+  run(jobs)    one model call for jobs that share a batch key (server/batching.py
                coalesces them); each job's `respond` turns its rows of the output
                into its result on the device and copies only that back;
   Job.finish   the CPU-only media work (image files, MP4) after the device is free.

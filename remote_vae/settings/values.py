@@ -35,7 +35,7 @@ GPU_MAX_PIXELS = 8192 * 8192
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may ask for; more gets 413 before any work (service.py, latents.py)."""
+    """What one request may ask for; more gets 413 before any work (service.py, latents/)."""
 
     max_body_bytes: int = 256 * 1024 * 1024
     # Pixels over the whole batch, of a decode's output or an encode's input (on CPU; a GPU's is GPU_MAX_PIXELS).
@@ -56,7 +56,7 @@ class Limits:
 
 @dataclass(frozen=True)
 class QueueSettings:
-    """The bounded queue in front of the device (admission.py)."""
+    """The bounded queue in front of the device (server/admission.py)."""
 
     max_waiting: int = 32  # admitted requests beyond the one on the device: decoding, waiting or rendering
     wait_timeout: float = 120.0  # seconds a request may wait for the device
@@ -64,7 +64,7 @@ class QueueSettings:
 
 @dataclass(frozen=True)
 class BatchSettings:
-    """Coalescing concurrent requests into one model call (batching.py)."""
+    """Coalescing concurrent requests into one model call (server/batching.py)."""
 
     max_images: int = 8  # images or videos per model call; 1 turns batching off
     wait: float = 0.002  # seconds the oldest job may wait for more to join
@@ -72,7 +72,7 @@ class BatchSettings:
 
 @dataclass(frozen=True)
 class ConnectionSettings:
-    """The rules every connection lives by (connections.py)."""
+    """The rules every connection lives by (server/connections.py)."""
 
     max_connections: int = 1000
     header_timeout: float = 10.0  # seconds for a request's head to arrive

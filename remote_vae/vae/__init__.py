@@ -3,7 +3,7 @@ warmed up where asked (warmup.py).
 
 Models are diffusers classes named by the family config, set up by the device
 path (device.py: layout, cuDNN, pinned transfers, optional compile). A batch
-(one request's, or several requests' coalesced by batching.py) runs in one
+(one request's, or several requests' coalesced by server/batching.py) runs in one
 call when it fits the family's pixel budget on this device, else one sample
 at a time (as diffusers' slicing does). Both give the same results to float rounding:
 every layer of these VAEs treats samples independently.

@@ -2,11 +2,11 @@
 
 Parses every request form real clients send (tensor/binary with a query string, tensor/base64, the toolkit's JSON,
 bare image files), tells decode from encode, negotiates the body of the reply from output_type and Accept, and renders
-results and errors. It knows nothing of Starlette: server.py hands it the parts of a request and sends back what it
+results and errors. It knows nothing of Starlette: server/ hands it the parts of a request and sends back what it
 returns. In order:
 
 - http.py: the request's parts (HttpCall), its body read into parameters and bytes, replies and errors;
-- parameters.py: the query parameters, declared once (read here, described by openapi.py);
+- parameters.py: the query parameters, declared once (read here, described by server/openapi.py);
 - parse.py: the requests themselves, and the reply a decode negotiates;
 - calls.py: one call's steps, inspect -> prepare -> (the model) -> render, and dispatch for handler.py.
 """

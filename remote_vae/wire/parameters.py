@@ -1,8 +1,8 @@
 """The query parameters: each declared once, with its JSON schema, what it does and the operations that read it.
 
 The wire's parser reads a parameter only by its declaration (`Params` refuses a name not declared here, and takes a
-choice's values and an integer's bounds from its schema), and the OpenAPI document (openapi.py) describes the same
-table, so the two cannot drift apart.
+choice's values and an integer's bounds from its schema), and the OpenAPI document (server/openapi.py) describes the
+same table, so the two cannot drift apart.
 """
 
 from __future__ import annotations
