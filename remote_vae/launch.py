@@ -6,10 +6,10 @@ commands and --help answer without loading torch.
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -38,7 +38,7 @@ def load_service(family: Family, source: str, settings: Settings) -> VaeService:
     dtype = resolve_dtype(model.dtype, family, device)
     path = DevicePath.default(device, compile=model.compile, channels_last=model.channels_last)
     # Compiled, a batch of one and a batch of several are two graphs: warm both when requests may be batched.
-    batches = (1, 2) if model.compile and settings.batching.max_images > 1 else (1,)
+    batches = (1, 2) if model.compile and settings.batching.max_images_per_call > 1 else (1,)
     vae = load_vae(
         family,
         source,
@@ -112,7 +112,7 @@ def serve(settings: Settings) -> int:
         ssl_certfile=settings.ssl_certfile,
         ssl_keyfile=settings.ssl_keyfile,
     )
-    server = GracefulServer(config)
+    server = uvicorn.Server(config)
     log.info(
         "API key %s; %s",
         "required on POST" if options.api_keys else "not required",
@@ -129,7 +129,15 @@ def serve(settings: Settings) -> int:
         server.should_exit = True
 
     load_in_background(registry, load, on_failure)
-    server.run()
+    # uvicorn re-raises the SIGTERM / SIGINT that stopped it, once its graceful shutdown is done, to the handlers in
+    # place before it ran: these let that clean shutdown end the process with 0, which orchestrators do not read as
+    # a crash (the default handler's 143 they do).
+    previous = {signum: signal.signal(signum, _after_graceful_shutdown) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.run()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     failed = [slot for slot in registry.slots.values() if slot.status == "failed"]
     return 1 if failed else 0
 
@@ -160,15 +168,5 @@ def download(names: list[str], target: Path) -> int:
     return 0
 
 
-class GracefulServer(uvicorn.Server):
-    """uvicorn, but a SIGTERM / SIGINT that shut the server down cleanly ends the process with 0.
-
-    uvicorn re-raises the signal after its graceful shutdown, which makes the exit status 143;
-    orchestrators read that as a crash.
-    """
-
-    @contextlib.contextmanager
-    def capture_signals(self):
-        with super().capture_signals():
-            yield
-            self._captured_signals.clear()
+def _after_graceful_shutdown(signum: int, frame) -> None:
+    log.info("stopped by signal %d after a graceful shutdown", signum)

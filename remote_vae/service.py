@@ -134,7 +134,7 @@ class VaeService:
         self._require("decode")
         raw = request.latent
         plan = latent_ops.plan_decode(raw.shape, self.family, request.height, request.width, request.packed_memory)
-        latent_ops.check_batch(plan.batch, self.limits.max_batch)
+        latent_ops.check_batch(plan.batch, self.limits.max_images_per_request)
         latent_ops.check_output_size(plan, self.family, self.max_pixels)
         if request.form not in self.forms:
             if self.family.is_video:
@@ -350,7 +350,7 @@ class VaeService:
         )
         if len(raw.shape) != (5 if video else 4) or raw.shape[1] != 3:
             raise RequestError(f"{kind} tensor has shape {list(raw.shape)}; expected {layout}")
-        latent_ops.check_batch(raw.shape[0], self.limits.max_batch)
+        latent_ops.check_batch(raw.shape[0], self.limits.max_images_per_request)
         if video:
             batch, _, frames, height, width = raw.shape
             latent_ops.check_video_size(batch, frames, height, width, self.family, self.max_pixels)

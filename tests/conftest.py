@@ -606,3 +606,20 @@ def set_faults(faults_file):
 
     yield write
     faults_file.write_text("{}")
+
+
+# The two heaviest files (each keeps both cores busy for a minute) share one worker, one after the other, so neither
+# slows the other past its budget; every other file goes to whichever worker is free, as --dist=loadfile does.
+HEAVY_FILES = ("tests/deploy/test_ray_serve.py", "tests/deploy/test_gpu_suite.py")
+
+
+@pytest.hookimpl(optionalhook=True)  # only with pytest-xdist (the GPU image runs without it)
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadFileScheduling
+
+    class HeavyFilesTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            return "heavy" if scope in HEAVY_FILES else scope
+
+    return HeavyFilesTogether(config, log)

@@ -3,7 +3,7 @@
 Each family served has a Batcher. A checked request's job waits in it for the
 device. Jobs with the same batch key (operation, one sample's input shape and
 dtype) are coalesced: when the device is free, the oldest waiting job leads,
-and the waiting jobs with its key join it, oldest first, up to `max_images`
+and the waiting jobs with its key join it, oldest first, up to `max_images_per_call`
 images or videos per call, and no more than run whole within the pixel budget
 (beyond it a call runs one sample at a time, and sharing it would only make
 requests wait for each other). A request larger than that runs alone. Output
@@ -124,7 +124,7 @@ class Batcher:
         """The oldest job and those that join it, once the batch is full or waiting more cannot pay."""
         while self.pending:
             head = self.pending[0]
-            room = min(self.settings.max_images, self.service.images_per_call(head.job))
+            room = min(self.settings.max_images_per_call, self.service.images_per_call(head.job))
             batch = self._joining(head, room)
             left = head.arrived + self.settings.wait - time.monotonic()
             if sum(entry.job.count for entry in batch) >= room or left <= 0 or not self.arriving:

@@ -194,7 +194,7 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "--max-batch",
-        "limits.max_batch",
+        "limits.max_images_per_request",
         "most images or videos in one request; more gets 413 (default {default})",
         parse=int,
     ),
@@ -290,7 +290,7 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "--max-batch-images",
-        "batching.max_images",
+        "batching.max_images_per_call",
         "coalesce concurrent requests of the same shape into one "
         "model call of up to N images or videos; 1 turns batching off (default {default})",
         parse=int,

@@ -43,7 +43,7 @@ class Limits:
     # The same over every frame of a video batch: 2^27 holds 129 frames of 1280x720.
     max_video_pixels: int = 1 << 27
     # Images or videos in one request.
-    max_batch: int = 64
+    max_images_per_request: int = 64
     # CPU seconds any one image or video file may take to decode (each gets 1 s plus 250 ns a pixel, up to this).
     decode_cpu_seconds: float = 10.0
 
@@ -66,7 +66,7 @@ class QueueSettings:
 class BatchSettings:
     """Coalescing concurrent requests into one model call (server/batching.py)."""
 
-    max_images: int = 8  # images or videos per model call; 1 turns batching off
+    max_images_per_call: int = 8  # images or videos per model call; 1 turns batching off
     wait: float = 0.002  # seconds the oldest job may wait for more to join
 
 
@@ -144,11 +144,11 @@ class Settings:
         for flag, value in (
             ("--max-body-bytes", limits.max_body_bytes),
             ("--max-video-pixels", limits.max_video_pixels),
-            ("--max-batch", limits.max_batch),
+            ("--max-batch", limits.max_images_per_request),
         ):
             if value < 1:
                 raise SettingsError(f"{flag} must be at least 1")
-        if batching.max_images < 1 or not 0 <= batching.wait <= 10:
+        if batching.max_images_per_call < 1 or not 0 <= batching.wait <= 10:
             raise SettingsError("--max-batch-images must be at least 1 and --batch-wait-ms from 0 to 10000")
         if queue.max_waiting < 0 or self.graceful_timeout < 0:
             raise SettingsError("--max-queue and --graceful-timeout must be 0 or more")

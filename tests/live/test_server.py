@@ -141,7 +141,7 @@ def test_serve_options_that_cannot_work_exit_2_before_loading(options, words, mo
     def started(*args):
         raise AssertionError(f"serve {options} went on to load or listen")
 
-    monkeypatch.setattr(launch.GracefulServer, "run", started)
+    monkeypatch.setattr(launch.uvicorn.Server, "run", started)
     monkeypatch.setattr(launch, "load_in_background", started)
     try:
         code = main(["serve", "sd15", "--random-weights", "--host", "127.0.0.1", *options])
@@ -190,7 +190,7 @@ def test_serving_beyond_loopback_without_a_key_warns_at_start(monkeypatch, caplo
     from remote_vae import launch
     from remote_vae.settings import read_settings
 
-    monkeypatch.setattr(launch.GracefulServer, "run", lambda self: None)
+    monkeypatch.setattr(launch.uvicorn.Server, "run", lambda self: None)
     monkeypatch.setattr(launch, "load_in_background", lambda *args: None)
     with caplog.at_level("WARNING", logger="remote_vae"):
         launch.serve(read_settings(["sd15", "--random-weights", "--host", host]))
