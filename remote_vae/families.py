@@ -73,7 +73,7 @@ class Family:
     shift_factor: float | None = None
     hub_subfolder: str | None = None
     compute_dtype: dict[str, str] = field(default_factory=lambda: {"cuda": "float16", "cpu": "float32"})
-    operations: tuple[str, ...] = OPERATIONS
+    operations: tuple[Operation, ...] = tuple(Operation)
     description: str = ""
     temporal_compression: int | None = None
     latents_mean: tuple[float, ...] | None = None
@@ -83,7 +83,7 @@ class Family:
     streams_frames: bool = False
     latent_layout: dict[str, Any] = field(default_factory=dict)
     latents_stats_in_weights: dict[str, str] | None = None
-    model_latents: str = "raw"
+    model_latents: ModelLatents = ModelLatents.RAW
     decode_timestep: str | None = None
     samples_per_call: int | None = None
     latent_frames_odd: bool = False
@@ -150,6 +150,7 @@ def _family_from_dict(data: dict[str, Any], source: str) -> Family:
     bad_ops = [op for op in values["operations"] if op not in OPERATIONS]
     if bad_ops:
         raise FamilyError(f"{source}: unknown operations {bad_ops}; expected a subset of {list(OPERATIONS)}")
+    values["operations"] = tuple(Operation(op) for op in values["operations"])
     for device_type, dtype in values.get("compute_dtype", {}).items():
         if dtype not in DTYPES:
             raise FamilyError(f"{source}: compute_dtype[{device_type!r}] = {dtype!r}; expected one of {list(DTYPES)}")
@@ -206,7 +207,8 @@ def _check_normalisation(values: dict[str, Any], source: str) -> None:
         raise FamilyError(f"{source}: give either scaling_factor/shift_factor or latents_mean/latents_std, not both")
     if values.get("model_latents", "raw") not in MODEL_LATENTS:
         raise FamilyError(f"{source}: model_latents must be one of {list(MODEL_LATENTS)}")
-    if values.get("model_latents") == "normalised" and values.get("scaling_factor") is None:
+    values["model_latents"] = ModelLatents(values.get("model_latents", "raw"))
+    if values.get("model_latents") == ModelLatents.NORMALISED and values.get("scaling_factor") is None:
         raise FamilyError(
             f"{source}: model_latents 'normalised' needs the full family's scaling_factor (the space "
             "the model works in)"

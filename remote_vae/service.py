@@ -73,7 +73,7 @@ from .media import (
 )
 from .settings import Limits
 from .vae import LoadedVae
-from .vocabulary import IMAGE_FORMS, VIDEO_FORMS, OutputForm
+from .vocabulary import IMAGE_FORMS, VIDEO_FORMS, ModelLatents, OutputForm
 
 log = logging.getLogger("remote_vae")
 
@@ -265,14 +265,14 @@ class VaeService:
         """Undo the client's normalisation; a preview decoder (model_latents 'normalised') then takes the family's own
         again."""
         own = self.vae.normalisation
-        if self.family.model_latents != "normalised":
+        if self.family.model_latents != ModelLatents.NORMALISED:
             return normalisation.unscale(latents)
         return latents if normalisation == own else own.scale(normalisation.unscale(latents))
 
     def _from_model_space(self, normalisation: latent_ops.Normalisation, latents: torch.Tensor) -> torch.Tensor:
         """The inverse of _to_model_space, for an encoder's latent."""
         own = self.vae.normalisation
-        if self.family.model_latents != "normalised":
+        if self.family.model_latents != ModelLatents.NORMALISED:
             return normalisation.scale(latents)
         return latents if normalisation == own else normalisation.scale(own.unscale(latents))
 

@@ -20,7 +20,7 @@ from packaging.version import Version
 
 from ..families import Family, config_latent_channels
 from ..media import TENSOR_DTYPES
-from ..vocabulary import COMPUTE_DTYPES
+from ..vocabulary import COMPUTE_DTYPES, ModelLatents
 
 log = logging.getLogger("remote_vae")
 
@@ -191,7 +191,7 @@ def weight_stats(family: Family, model: ModelMixin) -> tuple[torch.Tensor, torch
 
 def _warn_on_other_normalisation(family: Family, config, source: str) -> None:
     """do_scaling=True uses the family's factors; say so when the weights' own config disagrees."""
-    if family.model_latents == "normalised":
+    if family.model_latents == ModelLatents.NORMALISED:
         return  # a preview decoder's config holds 1.0 / 0.0: its latents are the full family's, normalised
     pairs = [
         ("scaling_factor", family.scaling_factor),
