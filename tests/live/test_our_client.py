@@ -3,17 +3,17 @@ each result compared with diffusers in-process on the same weights."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import subprocess
-import sys
 import threading
 
 import numpy as np
 import pytest
 import requests
 import torch
-from conftest import FAULTY_LAUNCHER, ROOT, LiveServer, offline_env, seeded, self_signed_certificate, wait_until
+from conftest import FAULTY_LAUNCHER, LiveServer, offline_env, seeded, self_signed_certificate, wait_until
 from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
 from diffusers_reference import assert_pixels_close, decode_locally, encode_locally, uint8_locally
 from PIL import Image
@@ -215,14 +215,25 @@ def test_an_unreachable_server_raises_after_its_retries(tmp_path):
 
 
 def remote_vae(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "remote_vae", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**offline_env(), **(env or {})},
-    )
+    """`remote-vae ARGS` run in this process (its exit status, stdout and stderr), with only `env`'s REMOTE_VAE_*
+    variables set: the same main() the console script runs (tests/deploy/test_packaging.py runs that one), without
+    a torch import per call."""
+    from remote_vae.cli import main
+
+    saved = {name: os.environ.pop(name) for name in list(os.environ) if name.startswith("REMOTE_VAE_")}
+    os.environ.update(env or {})
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as exit:  # argparse's own refusals
+                code = exit.code
+    finally:
+        for name in [name for name in os.environ if name.startswith("REMOTE_VAE_")]:
+            del os.environ[name]
+        os.environ.update(saved)
+    return subprocess.CompletedProcess(["remote-vae", *args], code, out.getvalue(), err.getvalue())
 
 
 def test_decode_command_writes_each_latent_file_as_diffusers_pixels(secure, reference, tmp_path):
