@@ -30,7 +30,7 @@ frame batches) run around it unchanged. It applies to diffusers' 2-D
 SD3, Flux, Flux.2) and to HunyuanVideo's causal 3-D ones, spatially;
 `GroupNormTiler.supports` checks the structure, not a name. The VAEs that normalise
 each pixel on its own (Wan, Qwen-Image, HunyuanVideo 1.5, LTX-Video) tile more simply, in
-halo_tiling.py.
+halo.py.
 """
 
 from __future__ import annotations

@@ -213,8 +213,6 @@ def test_autoscaling_adds_a_replica_under_load_and_says_so_in_the_log(cluster, m
         "target_ongoing_requests": 1,
         "upscale_delay_s": 1,
         "downscale_delay_s": 600,
-        # Load averaged over the last 2 s (default 30 s): it shows at once.
-        "look_back_period_s": 2,
     }
     serve.run(
         family_app(
