@@ -103,7 +103,7 @@ def latents_body(latents: torch.Tensor, **parameters) -> dict:
 
 
 def pixels_of(file: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(file)).convert("RGB"))[None]
+    return np.array(Image.open(io.BytesIO(file)).convert("RGB"))[None]  # a copy: writable, as torch.from_numpy wants
 
 
 def test_the_toolkit_stack():
