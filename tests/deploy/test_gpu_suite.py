@@ -19,8 +19,9 @@ from conftest import ROOT, offline_env
 pytestmark = [pytest.mark.deployment, pytest.mark.slow]
 
 SUITE = [sys.executable, str(ROOT / "scripts" / "gpu_suite.py")]
-# The tiny run's budget: about 65 s of stages alone on two cores, up to half again beside another test worker.
-TINY_BUDGET = 120
+# The tiny run's budget: its stages take about 65 s alone on two cores, but beside another test worker
+# torch.compile's start-up alone has taken 57 s (past a 120 s budget). The run ends when its stages do.
+TINY_BUDGET = 240
 
 
 def run(*args: str, timeout: float) -> subprocess.CompletedProcess:
