@@ -20,7 +20,7 @@ from pathlib import Path
 from . import families
 from .families import Family, FamilyError
 from .latents import frame_step
-from .settings import SettingsError, add_arguments, env, settings_from
+from .settings import Settings, SettingsError, add_arguments, env, option, settings_from
 from .vocabulary import Packing
 
 log = logging.getLogger("remote_vae")
@@ -52,11 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     health = commands.add_parser(
         "health", help="exit 0 if the server on this machine answers /health with 200 (a container HEALTHCHECK)"
     )
+    port = option("--port")  # the port `serve` listens on, from the same variables
     health.add_argument(
         "--port",
         type=int,
-        default=int(env("PORT", os.environ.get("PORT", "8000"))),
-        help="[env REMOTE_VAE_PORT or PORT] (default 8000)",
+        default=port.default(),
+        help=f"[env {port.variable} or {port.also_read}] (default {Settings.port})",
     )
     health.add_argument("--timeout", type=float, default=5.0)
 
@@ -261,11 +262,15 @@ def main(argv: list[str] | None = None) -> int:
             return check_health(args.port, args.timeout)
         if args.command in ("decode", "encode"):
             return run_client(args)
+        if args.command == "download":
+            from . import launch
+
+            return launch.download(args.families, Path(args.to))
+        settings = settings_from(args)
+        settings.served  # noqa: B018  (the families, checked before torch is imported: a typo fails at once)
         from . import launch
 
-        if args.command == "download":
-            return launch.download(args.families, Path(args.to))
-        return launch.serve(settings_from(args))
+        return launch.serve(settings)
     except (FamilyError, SettingsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -23,7 +23,7 @@ from .families import Family, FamilyError
 from .server import Registry, Slot, create_app, load_in_background
 from .server.connections import ConnectionStats, connection_limit, limit_log_floods, protocol_class
 from .service import VaeService
-from .settings import Settings, model_sources, warmup_sizes_for
+from .settings import Settings, warmup_sizes_for
 from .vae import default_source, download_weights, load_vae, network_failure, resolve_device, resolve_dtype, unsupported
 
 log = logging.getLogger("remote_vae")
@@ -61,13 +61,8 @@ def plan(settings: Settings) -> tuple[Registry, Callable[[Family], VaeService]]:
 
     `serve` loads in the background behind uvicorn; a Ray Serve replica (ray_serve.py) loads before it answers.
     """
-    names = settings.families
-    if not names:
-        raise FamilyError(f"name at least one family to serve: {', '.join(families.available())}")
-    loaded: list[Family] = [families.load_family(name) for name in names]
-    if len({family.name for family in loaded}) != len(loaded):
-        raise FamilyError(f"a family is named twice in {names}")
-    sources = model_sources([family.name for family in loaded], settings.models)
+    served = settings.served
+    loaded = served.families
     # A family the installed diffusers cannot build is unavailable, by name, from the start; the others still serve.
     registry = Registry(
         {
@@ -80,13 +75,10 @@ def plan(settings: Settings) -> tuple[Registry, Callable[[Family], VaeService]]:
     for slot in registry.slots.values():
         if slot.unavailable:
             log.error("cannot serve %s: %s", slot.family.name, slot.error)
-    for family in loaded:
-        warmup_sizes_for(family, settings.model.warmup_sizes)  # refused now, not after the first model has loaded
-
     model_dirs = [os.environ.get("HF_MODEL_DIR"), settings.weights_dir]
 
     def load(family: Family) -> VaeService:
-        source = sources.get(family.name) or default_source(family, model_dirs, several=len(loaded) > 1)
+        source = served.sources.get(family.name) or default_source(family, model_dirs, several=len(loaded) > 1)
         return load_service(family, source, settings)
 
     return registry, load

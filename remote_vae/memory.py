@@ -259,7 +259,9 @@ def trim_heaps() -> None:
 
 
 _trimming = threading.Lock()
-TRIM_DELAYS = (0.2, 1.0)  # seconds: soon after the last release, and once more when the stragglers are surely gone
+# Seconds after the last release: soon, again when the stragglers (a reply's bytes, a job's tensors) are surely gone,
+# and once more after a cut connection's buffers are (unread replies left 42-48 MiB after 1 s, of a 64 MiB margin).
+TRIM_DELAYS = (0.2, 1.0, 4.0)
 TRIM_AFTER_BYTES = 16 * MIB  # after smaller requests trimming would only cost time: their memory is reused at once
 
 

@@ -7,6 +7,7 @@ temporary cache with HF_HUB_OFFLINE=1.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import resource
@@ -15,6 +16,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import zlib
@@ -320,9 +322,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# Under pytest-xdist, each worker and the servers it starts share the cores with the other workers: torch's threads
+# are the cores' share (one each on two cores), since more threads than cores make every torch op spin and wait (the
+# halo-tiling tests ran 3.5x slower so).
+CPU_THREADS = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+torch.set_num_threads(CPU_THREADS)
+
+
 def offline_env(**extra: str) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("REMOTE_VAE_")}
-    env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", **extra)
+    env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(CPU_THREADS))
+    env.update(extra)
     return env
 
 
@@ -610,7 +620,49 @@ def set_faults(faults_file):
 
 # The two heaviest files (each keeps both cores busy for a minute) share one worker, one after the other, so neither
 # slows the other past its budget; every other file goes to whichever worker is free, as --dist=loadfile does.
-HEAVY_FILES = ("tests/deploy/test_ray_serve.py", "tests/deploy/test_gpu_suite.py")
+# test_compile.py follows the GPU suite there: both compile the same graph, and the second finds it in torch's cache.
+HEAVY_FILES = ("tests/deploy/test_gpu_suite.py", "tests/deploy/test_ray_serve.py", "tests/live/test_compile.py")
+
+
+def pytest_collection_modifyitems(items):
+    """The heavy files first: on their worker they take longest, so they start at once instead of ending the run."""
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in HEAVY_FILES)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """A test marked `exclusive` (memory peaks and deadlines calibrated on a quiet machine) runs, fixtures and all,
+    while no other xdist worker runs a test: the others wait at their next one. Two file locks make a turnstile, so a
+    stream of ordinary tests cannot starve it: every test passes the gate; an exclusive one holds it while it waits
+    for the running ones to end, then runs alone."""
+    folder = item.config.workerinput.get("remote_vae_locks") if hasattr(item.config, "workerinput") else None
+    if folder is None:  # one process: nothing runs beside it
+        yield
+        return
+    exclusive = item.get_closest_marker("exclusive") is not None
+    with open(Path(folder) / "gate", "a") as gate, open(Path(folder) / "running", "a") as running:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        fcntl.flock(running, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        if not exclusive:
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(running, fcntl.LOCK_UN)
+            fcntl.flock(gate, fcntl.LOCK_UN)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    """The controller names each worker the folder of the locks above (one per run)."""
+    node.workerinput["remote_vae_locks"] = str(_lock_folder(node.config))
+
+
+def _lock_folder(config) -> Path:
+    if not hasattr(config, "_remote_vae_locks"):
+        config._remote_vae_locks = Path(tempfile.mkdtemp(prefix="remote-vae-test-locks-"))
+        config.add_cleanup(lambda: shutil.rmtree(config._remote_vae_locks, ignore_errors=True))
+    return config._remote_vae_locks
 
 
 @pytest.hookimpl(optionalhook=True)  # only with pytest-xdist (the GPU image runs without it)

@@ -10,8 +10,9 @@ others), gives up with a 503 after `wait_timeout` seconds, and has its work
 dropped unrun if the client disconnects while it waits. One model call runs at
 a time.
 
-Retry-After is the measured time between requests leaving the device: when a
-place is likely to be free again.
+Retry-After is the measured device time per request: when a place is likely to
+be free again. Idle time between calls is not counted, or a lull before a burst
+would tell the burst to wait as long as the lull.
 
 Everything here runs on the event loop, so the counters need no lock.
 """
@@ -28,7 +29,7 @@ from contextlib import asynccontextmanager, contextmanager
 from ..errors import RequestError
 from ..settings import QueueSettings
 
-RATE_WINDOW = 64  # requests the service rate is measured over
+RATE_WINDOW = 64  # model calls the service rate is measured over
 RATE_SECONDS = 60.0
 
 
@@ -45,7 +46,8 @@ class WorkQueue:
         self.waiting = 0  # waiting for the device (batching.py counts them)
         self.running = 0  # requests in the model calls now on the device
         self.current_batch = 0  # images or videos in those requests
-        self._finished: deque[float] = deque(maxlen=RATE_WINDOW)  # when requests last left the device, for Retry-After
+        # The last model calls, for Retry-After: when each ended, the seconds it took, the requests it answered
+        self._calls: deque[tuple[float, float, int]] = deque(maxlen=RATE_WINDOW)
         self._call_started: float | None = None
         self._device = asyncio.Semaphore(1)  # one model call at a time; binds to the running loop on first use
 
@@ -54,12 +56,12 @@ class WorkQueue:
         return 1 + self.settings.max_waiting
 
     def service_interval(self) -> float | None:
-        """Seconds between requests leaving the device, measured over the last RATE_WINDOW of them (at most a minute
-        back, up to now); before any has, the time the call now running has taken; None when idle from the start."""
+        """Device seconds per request over the last RATE_WINDOW model calls (those of the last minute); before any,
+        the time the call now running has taken; None when idle from the start."""
         now = time.monotonic()
-        recent = [moment for moment in self._finished if now - moment <= RATE_SECONDS]
+        recent = [(seconds, requests) for ended, seconds, requests in self._calls if now - ended <= RATE_SECONDS]
         if recent:
-            return (now - recent[0]) / len(recent)
+            return sum(seconds for seconds, _ in recent) / max(1, sum(requests for _, requests in recent))
         return now - self._call_started if self._call_started is not None else None
 
     def retry_after(self) -> int:
@@ -101,8 +103,9 @@ class WorkQueue:
         try:
             yield
         finally:
+            ended = time.monotonic()
+            self._calls.append((ended, ended - self._call_started, requests))
             self._call_started = None
-            self._finished.extend([time.monotonic()] * requests)
             self.running -= requests
             self.current_batch -= images
 

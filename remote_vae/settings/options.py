@@ -81,6 +81,8 @@ class Option:
     metavar: str | None = None
     choices: tuple | None = None
     many: bool = False  # several values: space-separated in the variable
+    per_unit: float = 1  # the flag's units per unit of the setting (--batch-wait-ms: 1000, the setting is in seconds)
+    also_read: str | None = None  # a variable read after its own (--port: PORT, which Cloud Run and Spaces set)
 
     @property
     def name(self) -> str:
@@ -92,12 +94,12 @@ class Option:
 
     def default(self) -> Any:
         """The value when the flag is not given: its variable's, else the Settings default."""
-        text = os.environ.get(self.variable)
-        if text is None and self.flag == "--port":
-            text = os.environ.get("PORT")  # the port platforms such as Cloud Run and Spaces give
+        text = os.environ.get(self.variable, os.environ.get(self.also_read) if self.also_read else None)
         if text is None:
             value = _default_of(self.target)
-            return value * 1000 if self.target == "batching.wait" else list(value) if self.many else value
+            if self.many:
+                return list(value)
+            return value if self.per_unit == 1 else value * self.per_unit
         if self.parse is bool:
             return env_flag(self.name.upper())
         if self.many:
@@ -131,6 +133,11 @@ class Option:
             )
 
 
+def option(flag: str) -> Option:
+    """The serve option of this flag (the `health` command reads --port's)."""
+    return next(option for option in OPTIONS if option.flag == flag)
+
+
 def _default_of(target: str) -> Any:
     value: Any = Settings()
     for part in target.split("."):
@@ -158,7 +165,7 @@ OPTIONS: tuple[Option, ...] = (
         metavar="DIR",
     ),
     Option("--host", "host", "address to listen on (default {default})"),
-    Option("--port", "port", "port, or the PORT variable (default {default})", parse=int),
+    Option("--port", "port", "port, or the PORT variable (default {default})", parse=int, also_read="PORT"),
     Option("--device", "model.device", "auto, cuda, cuda:N or cpu (default {default})"),
     Option(
         "--dtype",
@@ -303,6 +310,7 @@ OPTIONS: tuple[Option, ...] = (
         "while more are arriving (default {default:g})",
         parse=float,
         metavar="MS",
+        per_unit=1000,
     ),
     Option(
         "--batch-pixel-budget",
@@ -396,8 +404,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         value = getattr(args, option.name)
         if option.many:
             value = tuple(value or ())
-        if option.target == "batching.wait":
-            value = value / 1000  # --batch-wait-ms
+        if option.per_unit != 1:
+            value = value / option.per_unit
         group, _, name = option.target.rpartition(".")
         (values.setdefault(group, {}) if group else values)[name] = value
     if values["models"] == () and args.model is None:

@@ -6,9 +6,10 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 from ..errors import RequestError
-from ..families import Family, FamilyError
+from ..families import Family, FamilyError, available, load_family
 from ..latents import check_frame_count, check_sides
 from .api_keys import ApiKeyError, load_api_keys
 
@@ -176,6 +177,28 @@ class Settings:
         except ApiKeyError as exc:
             raise SettingsError(str(exc)) from None
         return replace(self, api_keys=keys, memory_budget=budget)
+
+    @cached_property
+    def served(self) -> ServedFamilies:
+        """The families to serve, read and checked against the other settings (FamilyError, SettingsError): before
+        torch is imported, so a mistyped command fails in a fraction of a second, not after loading."""
+        names = self.families
+        if not names:
+            raise FamilyError(f"name at least one family to serve: {', '.join(available())}")
+        loaded = tuple(load_family(name) for name in names)
+        if len({family.name for family in loaded}) != len(loaded):
+            raise FamilyError(f"a family is named twice in {names}")
+        for family in loaded:
+            warmup_sizes_for(family, self.model.warmup_sizes)  # refused now, not after the first model has loaded
+        return ServedFamilies(loaded, model_sources([family.name for family in loaded], self.models))
+
+
+@dataclass(frozen=True)
+class ServedFamilies:
+    """`Settings.served`: each family, and the --model source given for it (if any)."""
+
+    families: tuple[Family, ...]
+    sources: dict[str, str]
 
 
 GROUPS = {

@@ -19,9 +19,10 @@ from conftest import ROOT, offline_env
 pytestmark = [pytest.mark.deployment, pytest.mark.slow]
 
 SUITE = [sys.executable, str(ROOT / "scripts" / "gpu_suite.py")]
-# The tiny run's budget: its stages take about 65 s alone on two cores, but beside another test worker
-# torch.compile's start-up alone has taken 57 s (past a 120 s budget). The run ends when its stages do.
-TINY_BUDGET = 240
+# The tiny run's budget: its stages take about 65 s alone on two cores with torch.compile's cache warm, but beside
+# another test worker, on one core and compiling cold (a fresh CI machine: about 60 s more), it has taken 252 s. The
+# run ends when its stages do.
+TINY_BUDGET = 300
 
 
 def run(*args: str, timeout: float) -> subprocess.CompletedProcess:

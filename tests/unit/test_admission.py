@@ -53,3 +53,18 @@ def test_a_timeout_is_503_with_retry_after():
     queue = WorkQueue(QueueSettings(wait_timeout=0.2))
     error = queue.timed_out()
     assert error.status == 503 and "waited 0.2 s" in error.message and 1 <= int(error.headers["Retry-After"]) <= 60
+
+
+def test_retry_after_is_device_time_per_request_not_the_idle_time_between_calls(monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr("remote_vae.server.admission.time.monotonic", lambda: clock[0])
+    queue = WorkQueue()
+    for calls, requests, seconds, idle in ((1, 2, 1.5, 40.0), (3, 1, 1.5, 0.0)):
+        for _ in range(calls):
+            with queue.running_batch(requests, requests):
+                clock[0] += seconds
+            clock[0] += idle  # a lull after the first call: the device waits for work, it is not slow
+    # four calls, five requests, 6 s on the device: 1.2 s a request, rounded up (the 40 s lull would have made it 10)
+    assert queue.service_interval() == pytest.approx(1.2) and queue.retry_after() == 2
+    clock[0] += 61  # a minute later those calls no longer count: idle from then on
+    assert queue.service_interval() is None and queue.retry_after() == 1

@@ -1,11 +1,13 @@
-"""The shape of the code, checked: no import cycle, a torch-free settings stage, small modules and functions.
+"""The shape of the code, checked: no import cycle, a torch-free settings stage, entry points that import neither
+diffusers' architecture code nor Ray, small modules and functions.
 
-These read the source (ast); nothing is imported but in the torch check, which runs a fresh interpreter.
+These read the source (ast); what imports what at run time is asked of fresh interpreters.
 """
 
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -90,12 +92,40 @@ def test_the_cycle_check_finds_a_cycle():
 
 
 def test_settings_and_the_command_line_import_no_torch():
+    # `serve` with a family it does not know, or --model ambiguous, fails (exit 2) before torch is imported
     code = (
         "import sys; import remote_vae.settings, remote_vae.cli; remote_vae.settings.read_settings(['sd15']); "
-        "remote_vae.cli.build_parser(); print(sorted(m for m in ('torch', 'diffusers') if m in sys.modules))"
+        "remote_vae.cli.build_parser(); "
+        "codes = [remote_vae.cli.main(['serve', *args]) for args in (['nope'], ['sd15', 'flux', '--model', 'x'])]; "
+        "print(codes, sorted(m for m in ('torch', 'diffusers') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
-    assert result.stdout.strip() == "[]"
+    assert result.stdout.strip() == "[2, 2] []", result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def entry_point_imports() -> set[str]:
+    """What importing the server, the launcher, the command line, the client and handler.py loads (one process)."""
+    code = (
+        "import sys, remote_vae.server, remote_vae.launch, remote_vae.cli, remote_vae.client, handler; "
+        "print(' '.join(sorted(sys.modules)))"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stderr
+    return set(result.stdout.split())
+
+
+def test_the_entry_points_import_no_architecture_code(entry_point_imports):
+    """diffusers' architecture modules and the tilers that reach into them are imported when a model is loaded, so a
+    diffusers that lacks or renamed one of them costs that family, not every import."""
+    prefixes = ("diffusers.models.autoencoders.", "remote_vae.tiling.")
+    assert sorted(name for name in entry_point_imports if name.startswith(prefixes)) == []
+
+
+def test_the_single_server_imports_no_ray(entry_point_imports):
+    """Ray Serve is an extra: the server, the client and handler.py run without it (ray_serve.py alone imports it)."""
+    assert "ray" not in entry_point_imports and "remote_vae.ray_serve" not in entry_point_imports
 
 
 @pytest.mark.parametrize("name", sorted(modules()))
