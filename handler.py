@@ -31,7 +31,7 @@ from remote_vae.media import ImageFile, dtype_name, encode_image, save_options, 
 from remote_vae.settings import read_settings
 from remote_vae.vae import default_source
 from remote_vae.vocabulary import OutputForm
-from remote_vae.wire import Params, dispatch, first_accepted
+from remote_vae.wire import Params, WireRequest, dispatch, first_accepted
 
 
 def _family_for(path: str, names: list[str]) -> families.Family:
@@ -59,7 +59,7 @@ class EndpointHandler:
         payload, content_type = self._payload(inputs, parameters)
         params = Params()
         params.overlay_json(parameters)
-        outcome = dispatch(self.service, params, payload, content_type, accept, operation)
+        outcome = dispatch(self.service, WireRequest(params, payload, content_type, accept, operation))
         if outcome.form == OutputForm.PIL:
             image = stack_vertically(outcome.value)
             # The toolkit writes the image itself (save(format=...) for an image/* Accept, PNG inside JSON), with

@@ -5,7 +5,7 @@ render (the reply's bytes). `dispatch` runs all of them at once, for handler.py.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import PIL.Image
@@ -18,9 +18,6 @@ from .parameters import Params
 from .parse import ReplyShape, infer_operation, mp4_options, negotiate_decode, parse_decode, parse_encode
 
 log = logging.getLogger("remote_vae")
-
-
-# -- parsing -----------------------------------------------------------------
 
 
 # -- rendering ---------------------------------------------------------------
@@ -62,28 +59,35 @@ class Inspected:
         self.checked.close()
 
 
-def inspect(
-    service: VaeService,
-    params: Params,
-    data: bytes,
-    content_type: str = "",
-    accept: str = "",
-    operation: str | None = None,
-    images_as: OutputForm = OutputForm.IMAGE,
-) -> Inspected:
-    """Parse and check one request up to the point where it would decode or allocate; shared by the HTTP server and
-    handler.py.
+@dataclass
+class WireRequest:
+    """One request as the wire reads it, whoever received it: the HTTP server (`WireRequest.of`) or handler.py."""
 
-    `images_as` is the form of an image reply: IMAGE (the file's bytes) or PIL (PIL images, for handler.py).
-    """
-    operation = operation or infer_operation(content_type, data, params.shape())
+    params: Params
+    data: bytes
+    content_type: str = ""
+    accept: str = ""
+    operation: str | None = None  # "decode" / "encode" for explicit routes, None to infer
+    images_as: OutputForm = OutputForm.IMAGE  # an image reply's form: IMAGE (the file's bytes) or PIL (handler.py)
+
+    @classmethod
+    def of(cls, call: HttpCall) -> WireRequest:
+        params, data = read_payload(call)
+        return cls(params, data, media_type(call.content_type), first_accepted(call.accept), call.operation)
+
+
+def inspect(service: VaeService, wire: WireRequest) -> Inspected:
+    """Parse and check one request up to the point where it would decode or allocate; shared by the HTTP server and
+    handler.py."""
+    params, data, accept = wire.params, wire.data, wire.accept
+    operation = wire.operation or infer_operation(wire.content_type, data, params.shape())
     if operation == Operation.ENCODE:
         reply = ReplyShape(tensor_encoding=accept if accept in JSON_TYPES else "binary")
-        request = parse_encode(content_type, params, data)
+        request = parse_encode(wire.content_type, params, data)
         return Inspected(Operation.ENCODE, request, service.check_encode(request, reply.tensor_encoding), reply)
     form, reply = negotiate_decode(params, accept, service.png_compression)
     request = parse_decode(params, data)
-    request.form = images_as if form == OutputForm.IMAGE else form
+    request.form = wire.images_as if form == OutputForm.IMAGE else form
     if form == OutputForm.MP4:
         request.mp4 = mp4_options(params)
     request.image = reply.image
@@ -99,17 +103,9 @@ def prepare_inspected(service: VaeService, inspected: Inspected) -> Prepared:
     return Prepared(job, inspected.request.form, inspected.reply, count_headers(job))
 
 
-def prepare(
-    service: VaeService,
-    params: Params,
-    data: bytes,
-    content_type: str = "",
-    accept: str = "",
-    operation: str | None = None,
-    images_as: OutputForm = OutputForm.IMAGE,
-) -> Prepared:
+def prepare(service: VaeService, wire: WireRequest) -> Prepared:
     """Parse, check and prepare one request at once, up to the point where it needs the model."""
-    inspected = inspect(service, params, data, content_type, accept, operation, images_as)
+    inspected = inspect(service, wire)
     try:
         return prepare_inspected(service, inspected)
     finally:
@@ -117,16 +113,11 @@ def prepare(
 
 
 def inspect_call(service: VaeService, call: HttpCall) -> Inspected:
-    params, data = read_payload(call)
-    return inspect(service, params, data, media_type(call.content_type), first_accepted(call.accept), call.operation)
+    return inspect(service, WireRequest.of(call))
 
 
 def prepare_call(service: VaeService, call: HttpCall) -> Prepared:
-    inspected = inspect_call(service, call)
-    try:
-        return prepare_inspected(service, inspected)
-    finally:
-        inspected.close()
+    return prepare(service, WireRequest.of(call))
 
 
 def render(prepared: Prepared, result: Any) -> HttpReply:
@@ -150,15 +141,8 @@ class Outcome:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-def dispatch(
-    service: VaeService,
-    params: Params,
-    data: bytes,
-    content_type: str = "",
-    accept: str = "",
-    operation: str | None = None,
-) -> Outcome:
+def dispatch(service: VaeService, wire: WireRequest) -> Outcome:
     """All of one request at once, without a queue (handler.py: the toolkit runs one request at a time and writes image
-    files itself)."""
-    prepared = prepare(service, params, data, content_type, accept, operation, images_as=OutputForm.PIL)
+    files itself, so images come back as PIL images)."""
+    prepared = prepare(service, replace(wire, images_as=OutputForm.PIL))
     return Outcome(prepared.form, service.call(prepared.job), prepared.reply, prepared.headers)
