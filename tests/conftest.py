@@ -618,9 +618,10 @@ def set_faults(faults_file):
     faults_file.write_text("{}")
 
 
-# The two heaviest files (each keeps both cores busy for a minute) share one worker, one after the other, so neither
-# slows the other past its budget; every other file goes to whichever worker is free, as --dist=loadfile does.
-# test_compile.py follows the GPU suite there: both compile the same graph, and the second finds it in torch's cache.
+# The heaviest files (the GPU suite and Ray each keep both cores busy for a minute) share one worker, one after the
+# other, so neither slows the other past its budget; every other file goes to whichever worker is free, as
+# --dist=loadfile does. test_compile.py follows the GPU suite there: both compile the same graph, and the second finds
+# it in torch's cache.
 HEAVY_FILES = ("tests/deploy/test_gpu_suite.py", "tests/deploy/test_ray_serve.py", "tests/live/test_compile.py")
 
 
