@@ -678,11 +678,9 @@ def pytest_xdist_make_scheduler(config, log):
     return HeavyFilesTogether(config, log)
 
 
-@pytest.hookimpl(wrapper=True, optionalhook=True)
+@pytest.hookimpl(optionalhook=True)
 def pytest_xdist_auto_num_workers(config):
-    """`-n auto`: a worker more than the cores xdist counts (pytest.ini caps it at four), unless
-    PYTEST_XDIST_AUTO_NUM_WORKERS names a count. Much of a live test is waiting (a server starting, a deadline, a slow
-    client), which the extra worker fills: the suite took 342 s on three workers against 376 s on two and 350 s on
-    four, on two cores, measured one after another here."""
-    cores = yield
-    return cores if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS") else cores + 1
+    """`-n auto`: a worker more than the cores (pytest.ini caps it at four). Much of a live test is waiting (a server
+    starting, a deadline, a slow client), which the extra worker fills: the suite took 342 s on three workers against
+    376 s on two and 350 s on four, on two cores, measured one after another here."""
+    return (os.cpu_count() or 1) + 1
