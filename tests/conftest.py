@@ -323,7 +323,7 @@ def free_port() -> int:
 
 
 # Under pytest-xdist, each worker and the servers it starts share the cores with the other workers: torch's threads
-# are the cores' share (at least one), since more threads than cores make every torch op spin and wait (the
+# are the cores' share (one each on two cores), since more threads than cores make every torch op spin and wait (the
 # halo-tiling tests ran 3.5x slower so).
 CPU_THREADS = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
 torch.set_num_threads(CPU_THREADS)
@@ -676,11 +676,3 @@ def pytest_xdist_make_scheduler(config, log):
             return "heavy" if scope in HEAVY_FILES else scope
 
     return HeavyFilesTogether(config, log)
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_xdist_auto_num_workers(config):
-    """`-n auto`: a worker more than the cores (pytest.ini caps it at four). Much of a live test is waiting (a server
-    starting, a deadline, a slow client), which the extra worker fills: the suite took 342 s on three workers against
-    376 s on two and 350 s on four, on two cores, measured one after another here."""
-    return (os.cpu_count() or 1) + 1
