@@ -123,13 +123,14 @@ class VideoPostprocessor(Postprocessor):
 
     def preprocess_frames(self, videos: torch.Tensor) -> torch.Tensor:
         """[B, 3, F, H, W] in -1..1 from uint8 [B, F, H, W, 3], as VideoProcessor.preprocess_video prepares x / 255,
-        a few frames at a time: no float copies of the whole clip."""
+        about PREPROCESS_PIXELS at a time: no float copies of the whole clip."""
         batch, frames, height, width, _ = videos.shape
         out = torch.empty((batch, 3, frames, height, width), dtype=torch.float32)
+        step = max(1, PREPROCESS_PIXELS // max(1, height * width))  # the processor's float copies stay small
         for index in range(batch):
-            for start in range(0, frames, self.FRAMES_AT_ONCE):
-                chunk = videos[index, start : start + self.FRAMES_AT_ONCE].numpy()
-                out[index : index + 1, :, start : start + self.FRAMES_AT_ONCE] = self.processor.preprocess_video(
+            for start in range(0, frames, step):
+                chunk = videos[index, start : start + step].numpy()
+                out[index : index + 1, :, start : start + step] = self.processor.preprocess_video(
                     chunk.astype(np.float32) / 255.0
                 )
         return out

@@ -25,6 +25,7 @@ from diffusers.utils.remote_utils import remote_decode
 from PIL import Image
 
 from remote_vae.media import Mp4Options, write_mp4
+from remote_vae.memory import TRIM_DELAYS
 
 # The memory peaks and deadlines below hold on a machine doing nothing else: beside another test worker, the video
 # bombs' peak went 19 MiB past its bound (1 run in 5).
@@ -115,6 +116,13 @@ def legitimate_request_is_answered(server: LiveServer, reference, set_faults) ->
     with torch.no_grad():
         torch.testing.assert_close(out, reference["sd15"].decode(latent).sample, atol=1e-4, rtol=1e-4)
     return took
+
+
+def settled_resident(server: LiveServer) -> float:
+    """The resident set once the server's trims after its last request have run (memory.py): what a request freed is
+    no longer counted in the baseline, nor reused by the next one unseen."""
+    time.sleep(sum(TRIM_DELAYS[:2]) + 0.3)
+    return server.memory()["resident"]
 
 
 def back_near_baseline(server: LiveServer, baseline: float, margin: float = 64) -> None:
@@ -232,11 +240,12 @@ def test_concurrent_image_bombs_stay_within_the_memory_budget(attacked, fast, re
         return requests.post(attacked.url + "/sd15/", data=png, headers={"Content-Type": "image/png"}, timeout=120)
 
     assert encode().status_code == 200  # once first: the baseline has what such a request leaves (code paths, caches)
-    baseline = attacked.memory()["resident"]
+    baseline = settled_resident(attacked)
     attacked.reset_peak()
     assert encode().status_code == 200
     lone = attacked.memory()["peak"] - baseline  # one request's memory and one model call's
     back_near_baseline(attacked, baseline)
+    settled_resident(attacked)
     attacked.reset_peak()
     responses = in_parallel(MAX_QUEUE, encode, stagger=0)
     peak = attacked.memory()["peak"] - baseline
@@ -274,11 +283,12 @@ def test_concurrent_video_bombs_stay_within_the_memory_budget(attacked, fast, re
         return requests.post(attacked.url + "/wan21/", data=video, headers={"Content-Type": "video/mp4"}, timeout=120)
 
     assert encode().status_code == 200  # once first: the baseline has what such a request leaves (code paths, caches)
-    baseline = attacked.memory()["resident"]
+    baseline = settled_resident(attacked)
     attacked.reset_peak()
     assert encode().status_code == 200
     lone = attacked.memory()["peak"] - baseline
     back_near_baseline(attacked, baseline)
+    settled_resident(attacked)
     attacked.reset_peak()
     responses = in_parallel(8, encode, stagger=0)
     peak = attacked.memory()["peak"] - baseline
