@@ -12,6 +12,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -325,7 +326,11 @@ def free_port() -> int:
 # Under pytest-xdist, each worker and the servers it starts share the cores with the other workers: torch's threads
 # are the cores' share (one each on two cores), since more threads than cores make every torch op spin and wait (the
 # halo-tiling tests ran 3.5x slower so).
-CPU_THREADS = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+# REMOTE_VAE_TEST_THREADS sets it where another run shares the cores too (.ci/run).
+CPU_THREADS = int(
+    os.environ.get("REMOTE_VAE_TEST_THREADS")
+    or max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+)
 torch.set_num_threads(CPU_THREADS)
 
 
@@ -334,6 +339,103 @@ def offline_env(**extra: str) -> dict[str, str]:
     env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(CPU_THREADS))
     env.update(extra)
     return env
+
+
+class ForkedServer:
+    """A server process forked by tests/forkserver.py, with the part of subprocess.Popen's interface the tests use."""
+
+    def __init__(self, pid: int, status: Path, command: list[str]):
+        self.pid, self.status, self.args = pid, status, command
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None and self.status.exists():
+            self.returncode = int(self.status.read_text())
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            time.sleep(0.02)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+class ServerForker:
+    """This test process's tests/forkserver.py, started at its first server; None from start() where it cannot run
+    (then servers are started as commands). REMOTE_VAE_TEST_FORK=0 turns it off."""
+
+    def __init__(self):
+        self.parent: subprocess.Popen | None = None
+        self.folder: Path | None = None
+        self.usable = sys.platform == "linux" and os.environ.get("REMOTE_VAE_TEST_FORK", "1") != "0"
+        self.count = 0
+        self.lock = threading.Lock()
+
+    def _launch(self) -> bool:
+        self.folder = Path(tempfile.mkdtemp(prefix="remote-vae-forkserver-"))
+        self.parent = subprocess.Popen(
+            [sys.executable, "-u", str(ROOT / "tests" / "forkserver.py")],
+            cwd=ROOT,
+            env=offline_env(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=open(self.folder / "forkserver.log", "wb"),
+        )
+        if json.loads(self.parent.stdout.readline() or "{}").get("ready") is not True:
+            self.usable = False  # servers start as commands, as they would without it
+            print(f"tests/forkserver.py: {(self.folder / 'forkserver.log').read_text()[-2000:]}", file=sys.stderr)
+        return self.usable
+
+    def start(self, command: list[str], env: dict[str, str], log_path: Path, open_files: int | None):
+        """`command` (sys.executable, then -m remote_vae or a script, then its arguments) as a forked child."""
+        if command[1] == "-m" and command[2] == "remote_vae":
+            script, args = None, command[3:]
+        elif command[1].endswith(".py"):
+            script, args = command[1], command[2:]
+        else:
+            return None
+        with self.lock:
+            if not self.usable:
+                return None
+            if (self.parent is None or self.parent.poll() is not None) and not self._launch():
+                return None
+            self.count += 1
+            status = self.folder / f"{self.count}.status"
+            request = dict(
+                script=script, args=args, env=env, cwd=str(ROOT), log=str(log_path), status=str(status),
+                open_files=open_files,
+            )  # fmt: skip
+            self.parent.stdin.write(json.dumps(request).encode() + b"\n")
+            self.parent.stdin.flush()
+            return ForkedServer(json.loads(self.parent.stdout.readline())["pid"], status, command)
+
+    def close(self) -> None:
+        if self.parent is not None:
+            self.parent.stdin.close()
+            try:
+                self.parent.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.parent.kill()
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+FORKER = ServerForker()
+
+
+def pytest_unconfigure(config):
+    FORKER.close()
 
 
 class LiveServer:
@@ -374,7 +476,7 @@ class LiveServer:
         self.log = open(log_path, "wb")
         # open_files: the server's RLIMIT_NOFILE, soft and hard (as `ulimit -n` sets it), to test the open-file limit
         limit = (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))) if open_files else None
-        self.process = subprocess.Popen(
+        self.process = FORKER.start(command, env, log_path, open_files) or subprocess.Popen(
             command, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=limit
         )
         self.wait_healthy()
@@ -660,6 +762,9 @@ def pytest_configure_node(node):
 
 
 def _lock_folder(config) -> Path:
+    if shared := os.environ.get("REMOTE_VAE_TEST_LOCKS"):  # shared with another run on the same cores (.ci/run)
+        Path(shared).mkdir(parents=True, exist_ok=True)
+        return Path(shared)
     if not hasattr(config, "_remote_vae_locks"):
         config._remote_vae_locks = Path(tempfile.mkdtemp(prefix="remote-vae-test-locks-"))
         config.add_cleanup(lambda: shutil.rmtree(config._remote_vae_locks, ignore_errors=True))
