@@ -1,5 +1,6 @@
 """The HTTP layer: health while loading, the multi-family index, 500s, and start-up failures."""
 
+import os
 import subprocess
 import sys
 import threading
@@ -9,7 +10,7 @@ import pytest
 import requests
 import torch
 import uvicorn
-from conftest import ROOT, free_port, offline_env
+from conftest import ROOT, ForkedServer, free_port, offline_env
 
 from remote_vae.families import load_family
 from remote_vae.server import Registry, Slot, create_app
@@ -41,6 +42,16 @@ def test_loading_answers_503_json(unloaded_server):
     assert response.status_code == 503 and "loading" in response.json()["error"] and response.headers["Retry-After"]
     registry.slots["sd15"].error = "boom"
     assert requests.get(url + "/health").json()["families"] == {"sd15": "failed"}
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux" or os.environ.get("REMOTE_VAE_TEST_FORK") == "0", reason="servers start as commands here"
+)
+def test_the_test_servers_are_forked_from_the_warm_parent(multi_server):
+    """tests/forkserver.py, which falls back to commands quietly: its fallback would only cost time, so this says when
+    it happens. That each child has its own environment is shown by the Hub-cache servers (test_hub_loading.py)."""
+    assert isinstance(multi_server.process, ForkedServer)
+    assert multi_server.healthy()
 
 
 def test_multi_family_index(multi_server):
