@@ -379,20 +379,22 @@ class ServerForker:
     def __init__(self):
         self.parent: subprocess.Popen | None = None
         self.folder: Path | None = None
-        self.usable = sys.platform == "linux" and os.environ.get("REMOTE_VAE_TEST_FORK", "1") != "0"
+        self.wanted = sys.platform == "linux" and os.environ.get("REMOTE_VAE_TEST_FORK", "1") != "0"
+        self.usable = self.wanted  # until the parent fails to start
         self.count = 0
         self.lock = threading.Lock()
 
     def _launch(self) -> bool:
         self.folder = Path(tempfile.mkdtemp(prefix="remote-vae-forkserver-"))
-        self.parent = subprocess.Popen(
-            [sys.executable, "-u", str(ROOT / "tests" / "forkserver.py")],
-            cwd=ROOT,
-            env=offline_env(),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=open(self.folder / "forkserver.log", "wb"),
-        )
+        with open(self.folder / "forkserver.log", "wb") as log:
+            self.parent = subprocess.Popen(
+                [sys.executable, "-u", str(ROOT / "tests" / "forkserver.py")],
+                cwd=ROOT,
+                env=offline_env(),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+            )
         if json.loads(self.parent.stdout.readline() or "{}").get("ready") is not True:
             self.usable = False  # servers start as commands, as they would without it
             print(f"tests/forkserver.py: {(self.folder / 'forkserver.log').read_text()[-2000:]}", file=sys.stderr)

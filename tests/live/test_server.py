@@ -1,6 +1,5 @@
 """The HTTP layer: health while loading, the multi-family index, 500s, and start-up failures."""
 
-import os
 import subprocess
 import sys
 import threading
@@ -10,7 +9,7 @@ import pytest
 import requests
 import torch
 import uvicorn
-from conftest import ROOT, ForkedServer, free_port, offline_env
+from conftest import FORKER, ROOT, ForkedServer, free_port, offline_env
 
 from remote_vae.families import load_family
 from remote_vae.server import Registry, Slot, create_app
@@ -44,9 +43,7 @@ def test_loading_answers_503_json(unloaded_server):
     assert requests.get(url + "/health").json()["families"] == {"sd15": "failed"}
 
 
-@pytest.mark.skipif(
-    sys.platform != "linux" or os.environ.get("REMOTE_VAE_TEST_FORK") == "0", reason="servers start as commands here"
-)
+@pytest.mark.skipif(not FORKER.wanted, reason="servers start as commands here")
 def test_the_test_servers_are_forked_from_the_warm_parent(multi_server):
     """tests/forkserver.py, which falls back to commands quietly: its fallback would only cost time, so this says when
     it happens. That each child has its own environment is shown by the Hub-cache servers (test_hub_loading.py)."""
