@@ -12,7 +12,6 @@ import json
 import os
 import resource
 import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -37,6 +36,7 @@ from diffusers import (
     AutoencoderKLWan,
     AutoencoderTiny,
 )
+from forkserver import ServerForker
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_SECONDS = 120
@@ -341,99 +341,7 @@ def offline_env(**extra: str) -> dict[str, str]:
     return env
 
 
-class ForkedServer:
-    """A server process forked by tests/forkserver.py, with the part of subprocess.Popen's interface the tests use."""
-
-    def __init__(self, pid: int, status: Path, command: list[str]):
-        self.pid, self.status, self.args = pid, status, command
-        self.returncode: int | None = None
-
-    def poll(self) -> int | None:
-        if self.returncode is None and self.status.exists():
-            self.returncode = int(self.status.read_text())
-        return self.returncode
-
-    def wait(self, timeout: float | None = None) -> int:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.poll() is None:
-            if deadline is not None and time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(self.args, timeout)
-            time.sleep(0.02)
-        return self.returncode
-
-    def send_signal(self, sig: int) -> None:
-        if self.poll() is None:
-            os.kill(self.pid, sig)
-
-    def terminate(self) -> None:
-        self.send_signal(signal.SIGTERM)
-
-    def kill(self) -> None:
-        self.send_signal(signal.SIGKILL)
-
-
-class ServerForker:
-    """This test process's tests/forkserver.py, started at its first server; None from start() where it cannot run
-    (then servers are started as commands). REMOTE_VAE_TEST_FORK=0 turns it off."""
-
-    def __init__(self):
-        self.parent: subprocess.Popen | None = None
-        self.folder: Path | None = None
-        self.wanted = sys.platform == "linux" and os.environ.get("REMOTE_VAE_TEST_FORK", "1") != "0"
-        self.usable = self.wanted  # until the parent fails to start
-        self.count = 0
-        self.lock = threading.Lock()
-
-    def _launch(self) -> bool:
-        self.folder = Path(tempfile.mkdtemp(prefix="remote-vae-forkserver-"))
-        with open(self.folder / "forkserver.log", "wb") as log:
-            self.parent = subprocess.Popen(
-                [sys.executable, "-u", str(ROOT / "tests" / "forkserver.py")],
-                cwd=ROOT,
-                env=offline_env(),
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=log,
-            )
-        if json.loads(self.parent.stdout.readline() or "{}").get("ready") is not True:
-            self.usable = False  # servers start as commands, as they would without it
-            print(f"tests/forkserver.py: {(self.folder / 'forkserver.log').read_text()[-2000:]}", file=sys.stderr)
-        return self.usable
-
-    def start(self, command: list[str], env: dict[str, str], log_path: Path, open_files: int | None):
-        """`command` (sys.executable, then -m remote_vae or a script, then its arguments) as a forked child."""
-        if command[1] == "-m" and command[2] == "remote_vae":
-            script, args = None, command[3:]
-        elif command[1].endswith(".py"):
-            script, args = command[1], command[2:]
-        else:
-            return None
-        with self.lock:
-            if not self.usable:
-                return None
-            if (self.parent is None or self.parent.poll() is not None) and not self._launch():
-                return None
-            self.count += 1
-            status = self.folder / f"{self.count}.status"
-            request = dict(
-                script=script, args=args, env=env, cwd=str(ROOT), log=str(log_path), status=str(status),
-                open_files=open_files,
-            )  # fmt: skip
-            self.parent.stdin.write(json.dumps(request).encode() + b"\n")
-            self.parent.stdin.flush()
-            return ForkedServer(json.loads(self.parent.stdout.readline())["pid"], status, command)
-
-    def close(self) -> None:
-        if self.parent is not None:
-            self.parent.stdin.close()
-            try:
-                self.parent.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.parent.kill()
-            shutil.rmtree(self.folder, ignore_errors=True)
-
-
-FORKER = ServerForker()
+FORKER = ServerForker(ROOT, offline_env)
 
 
 def pytest_unconfigure(config):

@@ -45,6 +45,8 @@ def test_every_stage_runs_on_the_cpu_within_its_budget(tiny_run):
         ["environment", "cuda_tests", "headline", "throughput", "profile", "large", "compile"], "done"
     ), results
     assert results["elapsed_s"] < TINY_BUDGET + 5
+    # Its servers fork from a warm parent, as the test suite's do (REMOTE_VAE_TEST_FORK=0 would start commands)
+    assert results["servers"]["started"] == results["servers"]["forked"] > 0, results["servers"]
     assert [line.split("]")[0] + "]" for line in done.stdout.splitlines() if line.startswith("[")][:7] == [
         f"[{name}]" for name in statuses
     ]  # one line per stage as it ends, for a run that is cut off

@@ -9,7 +9,8 @@ import pytest
 import requests
 import torch
 import uvicorn
-from conftest import FORKER, ROOT, ForkedServer, free_port, offline_env
+from conftest import FORKER, ROOT, free_port, offline_env
+from forkserver import ForkedServer
 
 from remote_vae.families import load_family
 from remote_vae.server import Registry, Slot, create_app
@@ -45,7 +46,7 @@ def test_loading_answers_503_json(unloaded_server):
 
 @pytest.mark.skipif(not FORKER.wanted, reason="servers start as commands here")
 def test_the_test_servers_are_forked_from_the_warm_parent(multi_server):
-    """tests/forkserver.py, which falls back to commands quietly: its fallback would only cost time, so this says when
+    """scripts/forkserver.py, which falls back to commands quietly: its fallback would only cost time, so this says when
     it happens. That each child has its own environment is shown by the Hub-cache servers (test_hub_loading.py)."""
     assert isinstance(multi_server.process, ForkedServer)
     assert multi_server.healthy()
