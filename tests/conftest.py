@@ -7,6 +7,7 @@ temporary cache with HF_HUB_OFFLINE=1.
 
 from __future__ import annotations
 
+import collections
 import fcntl
 import json
 import os
@@ -631,15 +632,30 @@ def set_faults(faults_file):
 
 
 # The heaviest files (the GPU suite and Ray each keep both cores busy for a minute) share one worker, one after the
-# other, so neither slows the other past its budget; every other file goes to whichever worker is free, as
-# --dist=loadfile does. test_compile.py follows the GPU suite there: both compile the same graph, and the second finds
-# it in torch's cache.
-HEAVY_FILES = ("tests/deploy/test_gpu_suite.py", "tests/deploy/test_ray_serve.py", "tests/live/test_compile.py")
+# other, in this order, so neither slows the other past its budget; every other file goes to whichever worker is free,
+# as --dist=loadfile does, the files with the most tests first. test_attacks.py (exclusive: the others wait while it
+# runs) comes right after the GPU suite, so its tests never wait for the suite's 100-s tiny run, nor for Ray's tests,
+# to end: where they did, both cores idled 28 s and the attacks took 76 s instead of 45. test_compile.py comes last:
+# it compiles the GPU suite's graph, which it finds in torch's cache.
+HEAVY_FILES = (
+    "tests/deploy/test_gpu_suite.py",
+    "tests/live/test_attacks.py",
+    "tests/deploy/test_ray_serve.py",
+    "tests/live/test_compile.py",
+)
 
 
 def pytest_collection_modifyitems(items):
-    """The heavy files first: on their worker they take longest, so they start at once instead of ending the run."""
-    items.sort(key=lambda item: item.nodeid.split("::")[0] not in HEAVY_FILES)
+    """The heavy files first, in their order: on their worker they take longest, so they start at once instead of
+    ending the run; then the others, the most tests first (what xdist's own reordering does, which
+    pytest_xdist_make_scheduler turns off so that this order holds)."""
+    counts = collections.Counter(item.nodeid.split("::")[0] for item in items)
+
+    def rank(item) -> tuple[int, int]:
+        path = item.nodeid.split("::")[0]
+        return (HEAVY_FILES.index(path), 0) if path in HEAVY_FILES else (len(HEAVY_FILES), -counts[path])
+
+    items.sort(key=rank)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -684,6 +700,8 @@ def _lock_folder(config) -> Path:
 @pytest.hookimpl(optionalhook=True)  # only with pytest-xdist (the GPU image runs without it)
 def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadFileScheduling
+
+    config.option.loadscopereorder = False  # the order pytest_collection_modifyitems gives
 
     class HeavyFilesTogether(LoadFileScheduling):
         def _split_scope(self, nodeid: str) -> str:
