@@ -405,7 +405,8 @@ def cuda_tests(suite: Suite, deadline: float) -> dict:
             capture_output=True,
             text=True,
             timeout=max(5.0, deadline - time.monotonic()),
-            env=child_environment(),
+            # its own options only: a PYTEST_ADDOPTS meant for the caller's run (a plugin, say) is not this run's
+            env={key: value for key, value in child_environment().items() if key != "PYTEST_ADDOPTS"},
         )
     except subprocess.TimeoutExpired as exc:
         # Bytes even with text=True
