@@ -273,9 +273,10 @@ class Server:
         ]
         began = time.monotonic()
         until = began + max(30.0, suite.left())
+        env = child_environment()
         with open(self.log, "wb") as log:
-            self.process = suite.forker.start(command, child_environment(), self.log) or subprocess.Popen(
-                command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=child_environment()
+            self.process = suite.forker.start(command, env, self.log) or subprocess.Popen(
+                command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env
             )
         while time.monotonic() < until:
             if self.process.poll() is not None:
