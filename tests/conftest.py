@@ -601,10 +601,11 @@ def in_parallel(count: int, call, stagger: float = 0.05) -> list:
     return results
 
 
-def wait_until(condition, seconds: float = 10) -> None:
+def wait_until(condition, seconds: float = 10, what=lambda: "condition not reached") -> None:
+    """Polls `condition` for up to `seconds`; `what()` is the failure's message (say, the value it last saw)."""
     deadline = time.monotonic() + seconds
     while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
+        assert time.monotonic() < deadline, what()
         time.sleep(0.05)
 
 

@@ -127,7 +127,11 @@ def settled_resident(server: LiveServer) -> float:
 
 def back_near_baseline(server: LiveServer, baseline: float, margin: float = 64) -> None:
     """Resident memory returns to within `margin` MiB of where it was (the allocator hands freed memory back)."""
-    wait_until(lambda: server.memory()["resident"] < baseline + margin, 10)
+    wait_until(
+        lambda: server.memory()["resident"] < baseline + margin,
+        10,
+        lambda: f"resident {server.memory()['resident']:.0f} MiB, not below {baseline:.0f} + {margin:.0f} MiB",
+    )
 
 
 def raw_request(server: LiveServer, head: str, body: bytes = b"") -> socket.socket:
