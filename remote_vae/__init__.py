@@ -7,3 +7,14 @@ stages for both front ends: server/ (HTTP) and handler.py (Inference Endpoints).
 """
 
 __version__ = "0.1.0"
+
+__all__ = ["RemoteVae"]
+
+
+def __getattr__(name: str):
+    # `from remote_vae import RemoteVae` imports diffusers only when asked: the server's modules do not need it here
+    if name == "RemoteVae":
+        from .diffusers_vae import RemoteVae
+
+        return RemoteVae
+    raise AttributeError(f"module 'remote_vae' has no attribute {name!r}")

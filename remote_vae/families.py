@@ -34,6 +34,12 @@ What each family's pipeline does between its denoiser and `vae.decode` is data t
                         its attention mask breaks on batches);
   latent_frames_odd     a video model whose latent frame count must be odd (CogVideoX:
                         an even count decodes to 4T frames, and its pipelines never make one).
+And what ComfyUI's own VAE code does (comfy/latent_formats.py and its VAE classes):
+  comfyui               {"latents": "raw"} (the default: a LATENT holds the VAE's own latent) or
+                        "normalised" (the family's normalisation: Flux.2's patchified batch-norm
+                        space, LTX's per-channel statistics), and "decode": the query parameters
+                        its decode implies (LTX: timestep 0.05 with 0.025 noise); our ComfyUI
+                        nodes send what GET /families says.
 """
 
 from __future__ import annotations
@@ -90,6 +96,7 @@ class Family:
     # The tiling a call uses when it tiles and the request names none ("exact" where the model has it)
     default_tiling: str = "exact"
     min_diffusers: str | None = None  # the oldest diffusers release that builds this family's model as configured
+    comfyui: dict[str, Any] = field(default_factory=dict)
     # `latent_layout` parsed, once, when the family is made.
     layout: LatentLayout = field(init=False, repr=False, compare=False)
 
@@ -134,6 +141,20 @@ class Family:
         factors = {"scaling_factor": self.scaling_factor, "shift_factor": self.shift_factor}
         return {name: value for name, value in factors.items() if value is not None}
 
+    def comfyui_parameters(self) -> dict[str, dict[str, Any]]:
+        """How ComfyUI holds this family's LATENT (its channels and spatial compression) and the query parameters a
+        ComfyUI node sends with one, by operation."""
+        normalised = self.comfyui.get("latents") == "normalised"
+        scaling = self.client_scaling() if normalised else {"do_scaling": False}
+        return {
+            "latent_channels": self.layout.pipeline_channels if normalised else self.latent_channels,
+            "spatial_compression": self.encode_step if normalised else self.spatial_compression,
+            # an encode's latent comes back as the pipeline holds it, [B, T, C, h, w]; ComfyUI's is [B, C, T, h, w]
+            "frames_first": self.layout.frames_first,
+            "decode": {**scaling, **self.comfyui.get("decode", {})},
+            "encode": scaling,
+        }
+
 
 def _family_from_dict(data: dict[str, Any], source: str) -> Family:
     """A family from its config's keys, each checked; FamilyError naming the file, the key and what was expected."""
@@ -158,6 +179,14 @@ def _family_from_dict(data: dict[str, Any], source: str) -> Family:
     _check_normalisation(values, source)
     _check_layout(values, source)
     _check_stats_in_weights(values, source)
+    comfyui = values.get("comfyui", {})
+    if not (isinstance(comfyui, dict) and set(comfyui) <= {"latents", "decode"}) or comfyui.get(
+        "latents", "raw"
+    ) not in (
+        "raw",
+        "normalised",
+    ):
+        raise FamilyError(f'{source}: comfyui is {{"latents": "raw" or "normalised", "decode": {{parameters}}}}')
     return Family(**values)
 
 

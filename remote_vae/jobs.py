@@ -21,7 +21,7 @@ from .media import (
     Mp4Options,
     Mp4Stream,
 )
-from .vocabulary import OutputForm, PackedMemory, Tiling
+from .vocabulary import LatentDist, OutputForm, PackedMemory, Tiling
 
 # -- what a request holds on the host ------------------------------------------------
 # Reserved from the memory budget (memory.py) before it is allocated, from the sizes alone. Measured against the code
@@ -148,6 +148,7 @@ class Job:
     timestep: torch.Tensor | None = None  # [count]: a decode timestep per sample (LTX)
     tiling: str = "blend"  # how the call tiles, if it does: "exact" or "blend"
     expand: Callable[[torch.Tensor], torch.Tensor] = unchanged  # held inputs -> the model's input, in the model call
+    latent_dist: LatentDist = LatentDist.MEAN  # what an encode returns of the encoder's distribution
 
     def model_inputs(self) -> torch.Tensor:
         return self.expand(self.inputs)
@@ -155,8 +156,9 @@ class Job:
     @property
     def batch_key(self) -> tuple:
         """What jobs must share to go through the model in one call: the operation, one sample's shape and dtype,
-        conditioning and tiling."""
-        return (self.operation, tuple(self.inputs.shape[1:]), self.inputs.dtype, self.timestep is not None, self.tiling)
+        conditioning, tiling and what an encode returns."""
+        shape = tuple(self.inputs.shape[1:])
+        return (self.operation, shape, self.inputs.dtype, self.timestep is not None, self.tiling, self.latent_dist)
 
 
 @dataclass
@@ -165,6 +167,7 @@ class EncodeRequest:
     tensor: RawTensor | None = None  # or [B, 3, H, W] / [B, 3, F, H, W] in -1..1
     scaling: latent_ops.Scaling = field(default_factory=latent_ops.Scaling)
     tiling: str | None = None
+    latent_dist: LatentDist = LatentDist.MEAN
 
 
 def expand_to(

@@ -73,7 +73,7 @@ from .media import (
 )
 from .settings import Limits
 from .vae import LoadedVae
-from .vocabulary import IMAGE_FORMS, VIDEO_FORMS, ModelLatents, OutputForm
+from .vocabulary import IMAGE_FORMS, VIDEO_FORMS, LatentDist, ModelLatents, OutputForm
 
 log = logging.getLogger("remote_vae")
 
@@ -240,15 +240,29 @@ class VaeService:
         normalisation = request.scaling.normalisation(self.vae.normalisation)
         layout = self.vae.layout
         tiling = self.vae.tiling_for(request.tiling)
+        if request.latent_dist == LatentDist.PARAMETERS and normalisation != self._model_space:
+            raise RequestError("latent_dist=parameters returns the VAE's own mean and log-variance; send no scaling")
 
         def respond(latents: torch.Tensor) -> torch.Tensor:
+            if request.latent_dist == LatentDist.PARAMETERS:  # the VAE's own, in the layout its encoder returns
+                return self.to_host(latents)
             scaled = self._from_model_space(normalisation, layout.fold(latents))
             latent_ops.check_finite(
                 scaled, "latent after scaling", SCALED_FINITE.format(dtype=dtype_name(scaled.dtype))
             )
             return self.to_host(layout.as_pipeline_holds(scaled))
 
-        return Job("encode", inputs, respond, count, inputs.numel() // 3, frames, tiling=tiling, expand=expand)
+        return Job(
+            "encode",
+            inputs,
+            respond,
+            count,
+            inputs.numel() // 3,
+            frames,
+            tiling=tiling,
+            expand=expand,
+            latent_dist=request.latent_dist,
+        )
 
     def _decode_timestep(self, request: DecodeRequest) -> DecodeTimestep | None:
         """The request's decode timestep where the model takes one; refused where the family has none."""
@@ -268,6 +282,15 @@ class VaeService:
         if self.family.model_latents != ModelLatents.NORMALISED:
             return normalisation.unscale(latents)
         return latents if normalisation == own else own.scale(normalisation.unscale(latents))
+
+    @property
+    def _model_space(self) -> latent_ops.Normalisation:
+        """The normalisation that leaves the model's own latents as they are: none, or a preview decoder's own."""
+        return (
+            self.vae.normalisation
+            if self.family.model_latents == ModelLatents.NORMALISED
+            else latent_ops.ScalarFactors()
+        )
 
     def _from_model_space(self, normalisation: latent_ops.Normalisation, latents: torch.Tensor) -> torch.Tensor:
         """The inverse of _to_model_space, for an encoder's latent."""
@@ -312,7 +335,7 @@ class VaeService:
         """The model's output for all jobs at once, split back into each job's rows."""
         inputs = jobs[0].model_inputs() if len(jobs) == 1 else torch.cat([job.model_inputs() for job in jobs])
         if jobs[0].operation == "encode":
-            outputs = self.vae.encode(inputs, jobs[0].tiling)
+            outputs = self.vae.encode(inputs, jobs[0].tiling, jobs[0].latent_dist)
         else:
             timestep = None if jobs[0].timestep is None else torch.cat([job.timestep for job in jobs])
             outputs = self.vae.decode(inputs, self.frame_router(jobs), timestep, jobs[0].tiling)
@@ -342,23 +365,11 @@ class VaeService:
     def _check_pixel_tensor(self, raw: RawTensor) -> tuple[int, int, int, int]:
         """(count, frames, height, width) of images [B, 3, H, W] or videos [B, 3, F, H, W], checked from the shape."""
         latent_ops.check_dims(raw.shape)
-        video = self.family.is_video
-        kind, layout = (
-            ("video", "[B, 3, F, H, W] in -1..1 (F = 1 for a single image)")
-            if video
-            else ("image", "[B, 3, H, W] in -1..1")
+        sizes = latent_ops.check_pixel_shape(
+            raw.shape, self.family, self.limits.max_images_per_request, self.max_pixels
         )
-        if len(raw.shape) != (5 if video else 4) or raw.shape[1] != 3:
-            raise RequestError(f"{kind} tensor has shape {list(raw.shape)}; expected {layout}")
-        latent_ops.check_batch(raw.shape[0], self.limits.max_images_per_request)
-        if video:
-            batch, _, frames, height, width = raw.shape
-            latent_ops.check_video_size(batch, frames, height, width, self.family, self.max_pixels)
-        else:
-            (batch, _, height, width), frames = raw.shape, 1
-            latent_ops.check_image_size(batch, height, width, self.family, self.max_pixels)
         check_byte_count(raw.data, raw.shape, parse_dtype(raw.dtype))
-        return batch, frames, height, width
+        return sizes
 
     def _pixel_tensor(self, raw: RawTensor) -> torch.Tensor:
         """Images [B, 3, H, W] or videos [B, 3, F, H, W] in -1..1, from a tensor `_check_pixel_tensor` has checked."""

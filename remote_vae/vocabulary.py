@@ -41,6 +41,15 @@ IMAGE_FORMS = (OutputForm.RAW, OutputForm.UINT8, OutputForm.UNIT, OutputForm.IMA
 VIDEO_FORMS = (OutputForm.RAW, OutputForm.UINT8, OutputForm.UNIT, OutputForm.MP4)
 
 
+class LatentDist(Word):
+    """What an encode returns of the encoder's distribution (diffusers' `latent_dist`)."""
+
+    MEAN = "mean"  # its mean, normalised as the client asks: what diffusers' remote_encode expects
+    # Mean and log-variance concatenated on the channel axis, the VAE's own (diffusers' DiagonalGaussianDistribution
+    # parameters): a client samples from it with its own generator, as a local pipeline does.
+    PARAMETERS = "parameters"
+
+
 class Tiling(Word):
     EXACT = "exact"  # tiles whose result equals the untiled one (tiling/)
     BLEND = "blend"  # diffusers' enable_tiling(): overlapping tiles, seams blended

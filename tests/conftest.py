@@ -39,6 +39,8 @@ from diffusers import (
 )
 from forkserver import ServerForker
 
+from remote_vae.families import available as available_families
+
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_SECONDS = 120
 
@@ -529,6 +531,22 @@ def families_server(model_dirs, tmp_path_factory):
         option for name in NEW_FAMILIES for option in ("--model", f"{name}={model_dirs[name]}")
     ]
     server = LiveServer(args, offline_env(), tmp_path_factory.mktemp("logs") / "families.log")
+    yield server
+    server.stop()
+
+
+# Shipped families served with another's tiny weights (their pipelines only need a VAE of that shape).
+SHARED_WEIGHTS = {"sdxl": "sd15"}
+
+
+@pytest.fixture(scope="session")
+def every_family_server(model_dirs, tmp_path_factory):
+    """Every shipped family on one server, each under /<family>/ (the drop-in VAE's and the ComfyUI nodes' tests)."""
+    names = available_families()
+    weights = [
+        option for name in names for option in ("--model", f"{name}={model_dirs[SHARED_WEIGHTS.get(name, name)]}")
+    ]
+    server = LiveServer([*names, *weights], offline_env(), tmp_path_factory.mktemp("logs") / "every_family.log")
     yield server
     server.stop()
 

@@ -109,6 +109,33 @@ def _sd_unet(**extra):
     )
 
 
+def tiny_clip(folder):
+    """A tiny CLIP text encoder and a tokenizer of a few words (written to `folder`): a pipeline that takes a prompt,
+    with no download."""
+    import json
+
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    words = ["<|startoftext|>", "<|endoftext|>", "a</w>", "photo</w>", "of</w>", "cat</w>"]
+    (folder / "vocab.json").write_text(json.dumps({word: index for index, word in enumerate(words)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=8)
+    config = CLIPTextConfig(
+        vocab_size=len(words),
+        hidden_size=16,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=8,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    torch.manual_seed(4)
+    return CLIPTextModel(config).eval(), tokenizer
+
+
 def taesd(vae):
     pipe = d.StableDiffusionPipeline(
         vae=vae,
@@ -173,13 +200,13 @@ def taef1(vae):
     )
 
 
-def wan22(vae):
-    transformer = d.WanTransformer3DModel(
+def _wan_transformer(in_channels: int, out_channels: int, **extra):
+    return d.WanTransformer3DModel(
         patch_size=(1, 2, 2),
         num_attention_heads=2,
         attention_head_dim=8,
-        in_channels=48,
-        out_channels=48,
+        in_channels=in_channels,
+        out_channels=out_channels,
         text_dim=16,
         freq_dim=32,
         ffn_dim=16,
@@ -187,17 +214,56 @@ def wan22(vae):
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",
         rope_max_seq_len=32,
+        **extra,
     )
-    # TI2V-5B runs WanPipeline with expand_timesteps, as its model_index.json says.
+
+
+def wan22(vae):
+    # TI2V-5B runs WanPipeline with expand_timesteps, as its model_index.json says; Wan 2.1 without.
+    channels = vae.config.z_dim
     pipe = d.WanPipeline(
         tokenizer=None,
         text_encoder=None,
+        transformer=_wan_transformer(channels, channels),
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        expand_timesteps=channels == 48,
+    )
+    return pipe, dict(prompt_embeds=seeded(1, 8, 16, seed=1), guidance_scale=1.0, **_size(9))
+
+
+def hunyuanvideo(vae):
+    transformer = d.HunyuanVideoTransformer3DModel(
+        in_channels=16,
+        out_channels=16,
+        num_attention_heads=2,
+        attention_head_dim=10,
+        num_layers=1,
+        num_single_layers=1,
+        num_refiner_layers=1,
+        patch_size=1,
+        patch_size_t=1,
+        guidance_embeds=True,
+        text_embed_dim=16,
+        pooled_projection_dim=8,
+        rope_axes_dim=(2, 4, 4),
+    )
+    pipe = d.HunyuanVideoPipeline(
+        text_encoder=None,
+        tokenizer=None,
         transformer=transformer,
         vae=vae,
         scheduler=FlowMatchEulerDiscreteScheduler(),
-        expand_timesteps=True,
+        text_encoder_2=None,
+        tokenizer_2=None,
     )
-    return pipe, dict(prompt_embeds=seeded(1, 8, 16, seed=1), guidance_scale=1.0, **_size(9))
+    return pipe, dict(
+        prompt_embeds=seeded(1, 8, 16, seed=1),
+        pooled_prompt_embeds=seeded(1, 8, seed=2),
+        prompt_attention_mask=torch.ones(1, 8, dtype=torch.long),
+        guidance_scale=1.0,
+        **_size(9),
+    )
 
 
 def hunyuanvideo15(vae):
@@ -282,6 +348,11 @@ def cogvideox(vae):
 
 
 PIPELINES = {
+    "sd15": taesd,  # taesd is SD1.5's preview decoder: the same pipeline
+    "sdxl": taesdxl,
+    "flux": taef1,
+    "wan21": wan22,
+    "hunyuanvideo": hunyuanvideo,
     "sd3": sd3,
     "flux2": flux2,
     "qwenimage": qwenimage,
@@ -295,14 +366,105 @@ PIPELINES = {
 }
 
 
-def run(family: str, vae, output_type: str) -> torch.Tensor:
-    """The family's pipeline run once with `output_type`, the same seed every time: images, or videos [B, F, 3, H,
-    W]."""
+def run(family: str, vae, output_type: str, **extra) -> torch.Tensor:
+    """The family's pipeline run once with `output_type` (and `extra` arguments), the same seed every time: images, or
+    videos [B, F, 3, H, W]."""
     torch.manual_seed(0)
     pipe, arguments = PIPELINES[family](vae)
     pipe.transformer.eval() if hasattr(pipe, "transformer") else pipe.unet.eval()
     pipe.set_progress_bar_config(disable=True)
     output = pipe(
-        **arguments, num_inference_steps=1, output_type=output_type, generator=torch.Generator().manual_seed(3)
+        **arguments, **extra, num_inference_steps=1, output_type=output_type, generator=torch.Generator().manual_seed(3)
+    )
+    return output.frames if hasattr(output, "frames") else output.images
+
+
+# -- image to image, image to video: the pipelines that encode, and sample the encoder's distribution -----------
+
+
+def _image():
+    """A seeded HEIGHT x WIDTH RGB image, the input of the image-to-image pipelines."""
+    import numpy as np
+    import PIL.Image
+
+    pixels = (np.random.default_rng(5).random((HEIGHT, WIDTH, 3)) * 255).astype(np.uint8)
+    return PIL.Image.fromarray(pixels)
+
+
+def sd15_img2img(vae):
+    pipe = d.StableDiffusionImg2ImgPipeline(
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+        unet=_sd_unet(),
+        scheduler=d.DDIMScheduler(steps_offset=1, clip_sample=False),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    return pipe, dict(image=_image(), strength=0.5, prompt_embeds=seeded(1, 8, 16, seed=1), guidance_scale=1.0)
+
+
+def sdxl_img2img(vae):
+    unet = _sd_unet(
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 16
+    )
+    pipe = d.StableDiffusionXLImg2ImgPipeline(
+        vae=vae,
+        text_encoder=None,
+        text_encoder_2=None,
+        tokenizer=None,
+        tokenizer_2=None,
+        unet=unet,
+        scheduler=d.EulerDiscreteScheduler(),
+        requires_aesthetics_score=False,
+    )
+    return pipe, dict(
+        image=_image(),
+        strength=0.5,
+        prompt_embeds=seeded(1, 8, 16, seed=1),
+        pooled_prompt_embeds=seeded(1, 16, seed=2),
+        guidance_scale=1.0,
+    )
+
+
+def flux_img2img(vae):
+    text_to_image, arguments = taef1(vae)
+    pipe = d.FluxImg2ImgPipeline(**text_to_image.components)
+    return pipe, dict(arguments, image=_image(), strength=0.5)
+
+
+def wan21_image_to_video(vae):
+    # Wan 2.2 I2V-A14B (the Wan 2.1 VAE): the image's latent (the encoder's mode) joins the noise; two experts, no
+    # CLIP image encoder
+    pipe = d.WanImageToVideoPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        image_processor=None,
+        image_encoder=None,
+        transformer=_wan_transformer(16 + 4 + 16, 16),
+        transformer_2=_wan_transformer(16 + 4 + 16, 16),
+        boundary_ratio=0.9,
+    )
+    return pipe, dict(image=_image(), prompt_embeds=seeded(1, 8, 16, seed=1), guidance_scale=1.0, **_size(9))
+
+
+IMAGE_PIPELINES = {
+    "sd15": sd15_img2img,
+    "sdxl": sdxl_img2img,
+    "flux": flux_img2img,
+    "wan21": wan21_image_to_video,
+}
+
+
+def run_from_image(family: str, vae, output_type: str):
+    """The family's image-to-image (or image-to-video) pipeline run once, the same seeds every time."""
+    torch.manual_seed(0)
+    pipe, arguments = IMAGE_PIPELINES[family](vae)
+    pipe.set_progress_bar_config(disable=True)
+    output = pipe(
+        **arguments, num_inference_steps=2, output_type=output_type, generator=torch.Generator().manual_seed(3)
     )
     return output.frames if hasattr(output, "frames") else output.images

@@ -83,3 +83,24 @@ def check_video_size(batch: int, frames: int, height: int, width: int, family: F
             status=413,
         )
     check_frame_count(frames, family)
+
+
+def check_pixel_shape(shape: tuple[int, ...], family: Family, max_batch: int, max_pixels: int) -> tuple[int, ...]:
+    """(count, frames, height, width) of an encode's images [B, 3, H, W] (a video family: videos [B, 3, F, H, W]),
+    checked from the shape alone."""
+    video = family.is_video
+    kind, layout = (
+        ("video", "[B, 3, F, H, W] in -1..1 (F = 1 for a single image)")
+        if video
+        else ("image", "[B, 3, H, W] in -1..1")
+    )
+    if len(shape) != (5 if video else 4) or shape[1] != 3:
+        raise RequestError(f"{kind} tensor has shape {list(shape)}; expected {layout}")
+    check_batch(shape[0], max_batch)
+    if video:
+        batch, _, frames, height, width = shape
+        check_video_size(batch, frames, height, width, family, max_pixels)
+    else:
+        (batch, _, height, width), frames = shape, 1
+        check_image_size(batch, height, width, family, max_pixels)
+    return batch, frames, height, width

@@ -27,6 +27,7 @@ from ..families import Family
 from ..memory import MemoryBudget, auto_budget, release_free_memory
 from ..service import VaeService
 from ..settings import Settings
+from ..vae import model_description
 from ..vocabulary import Packing
 from . import openapi
 from .admission import WorkQueue
@@ -124,6 +125,9 @@ def family_document(slot: Slot, path: str) -> dict:
         "temporal_compression": family.temporal_compression,
         "packed": layout.packing != Packing.NONE,
         "scaling": family.client_scaling(),
+        "comfyui": family.comfyui_parameters(),  # what a ComfyUI LATENT needs sent (families.py, `comfyui`)
+        # Once loaded: the model's class, config and normalisation buffers, for a drop-in VAE in a pipeline
+        **({"model": model_description(family, slot.service.vae.model)} if slot.service else {}),
     }
 
 

@@ -3,12 +3,14 @@ diffusers class and dtype, and the model itself, checked against the family."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import socket
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import diffusers
 import numpy as np
@@ -248,3 +250,22 @@ def _load_failure(family: Family, source: str, exc: Exception) -> LoadError:
         )
     cached = " (HF_HUB_OFFLINE is set: the model must already be in the Hugging Face cache)" if offline else ""
     return LoadError(f"cannot load {family.name} from {source}{cached}: {exc}{hint}")
+
+
+def model_description(family: Family, model: ModelMixin) -> dict[str, Any]:
+    """What a drop-in VAE (remote_vae.diffusers_vae) needs to stand in for this model in a pipeline: its class, its
+    config as diffusers holds it, and the buffers the family's pipeline reads from the weights
+    (`latents_stats_in_weights`: LTX's latents_mean, Flux.2's batch-norm statistics)."""
+    config = {name: value for name, value in model.config.items() if not name.startswith("_")}
+    names = family.latents_stats_in_weights or {}
+    buffers = {
+        name: model.get_buffer(name).detach().float().cpu().tolist() for key, name in names.items() if key != "eps"
+    }
+    return {
+        "class": type(model).__name__,
+        "config": json.loads(json.dumps(config, default=str)),
+        "buffers": buffers,
+        "frame_axis": family.layout.frame_axis,  # the model takes images as one-frame videos [B, C, 1, h, w]
+        # what the model reads and writes: its own latent, or (a preview decoder) the full family's normalised one
+        "latents": str(family.model_latents),
+    }

@@ -24,6 +24,7 @@ from ..errors import RequestError
 from ..families import Family
 from ..latents import Normalisation, own_normalisation
 from ..tiling import Tiler, tiler_for
+from ..vocabulary import LatentDist
 from .loading import weight_stats
 
 log = logging.getLogger("remote_vae")
@@ -177,14 +178,16 @@ class LoadedVae:
         sample = self._run("decode", latents, frame_pixels, frame_count, call, streams, extra, exact)
         return sample.squeeze(2) if self.layout.frame_axis else sample
 
-    def encode(self, images: torch.Tensor, tiling: str | None = None) -> torch.Tensor:
+    def encode(
+        self, images: torch.Tensor, tiling: str | None = None, latent_dist: LatentDist = LatentDist.MEAN
+    ) -> torch.Tensor:
         """Encode [B, 3, (F,) H, W] pixels in -1..1 (on the host) to the VAE's latent, the distribution's mean
-        (deterministic), on the device."""
+        (deterministic) or its parameters (`latent_dist`), on the device."""
         if self.layout.frame_axis:
             images = images.unsqueeze(2)
         frame_count = images.shape[2] if self.family.is_video else 1
         frame_pixels = images.shape[-2] * images.shape[-1]
-        call = lambda x: latent_of(self.model.encode(x))  # noqa: E731
+        call = lambda x: latent_of(self.model.encode(x), latent_dist)  # noqa: E731
         exact = self._exactly(call, frame_pixels * frame_count) if self.tiling_for(tiling) == "exact" else None
         return self._run("encode", images, frame_pixels, frame_count, call, exact=exact)
 
@@ -277,11 +280,15 @@ class LoadedVae:
         return _OUT_OF_MEMORY
 
 
-def latent_of(encoded) -> torch.Tensor:
-    """An encoder's latent: the distribution's mean (deterministic), or the latent itself where the model has no
-    distribution (taesd)."""
+def latent_of(encoded, latent_dist: LatentDist = LatentDist.MEAN) -> torch.Tensor:
+    """An encoder's latent: the distribution's mean (deterministic) or its parameters (mean and log-variance), or the
+    latent itself where the model has no distribution (taesd)."""
     distribution = getattr(encoded, "latent_dist", None)
-    return distribution.mean if distribution is not None else encoded.latents
+    if distribution is None:
+        if latent_dist == LatentDist.PARAMETERS:
+            raise RequestError("this VAE's encoder returns a latent, not a distribution; send latent_dist=mean")
+        return encoded.latents
+    return distribution.parameters if latent_dist == LatentDist.PARAMETERS else distribution.mean
 
 
 def free_device_memory(device: torch.device) -> None:

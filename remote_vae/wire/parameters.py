@@ -12,7 +12,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from ..errors import RequestError
-from ..vocabulary import COMPUTE_DTYPES, IMAGE_FORMATS, Operation, PackedMemory, Tiling, Word
+from ..vocabulary import COMPUTE_DTYPES, IMAGE_FORMATS, LatentDist, Operation, PackedMemory, Tiling, Word
 
 BOTH, DECODE, ENCODE = (Operation.DECODE, Operation.ENCODE), (Operation.DECODE,), (Operation.ENCODE,)
 
@@ -97,6 +97,13 @@ PARAMETERS: dict[str, tuple[dict[str, Any], str, tuple[Operation, ...]]] = {
         DECODE,
     ),
     "decode_noise_seed": ({"type": "integer", "minimum": 0}, "LTX-Video: the seed of that noise.", DECODE),
+    "latent_dist": (
+        {"type": "string", "enum": list(LatentDist.words()), "default": "mean"},
+        "mean: the encoder distribution's mean, scaled as asked. parameters: its mean and log-variance concatenated on "
+        "the channel axis ([B, 2C, ...], diffusers' DiagonalGaussianDistribution(parameters)), the VAE's own (send no "
+        "scaling), so that a sample drawn with the client's generator is a local pipeline's.",
+        ENCODE,
+    ),
     "tiling": (
         {"type": "string", "enum": list(Tiling.words())},
         "exact: tiles equal to the untiled result; blend: diffusers' blended tiles. "

@@ -10,7 +10,7 @@ from ..errors import RequestError
 from ..latents import Scaling
 from ..media import ImageFile, Mp4Options
 from ..service import DecodeRequest, DecodeTimestep, EncodeRequest, RawTensor
-from ..vocabulary import IMAGE_FORMATS, OutputForm, PackedMemory, Tiling
+from ..vocabulary import IMAGE_FORMATS, LatentDist, OutputForm, PackedMemory, Tiling
 from .http import FORMATS_BY_MEDIA_TYPE, JSON_TYPES
 from .parameters import Params
 
@@ -134,7 +134,11 @@ def decode_timestep(params: Params) -> DecodeTimestep | None:
 
 
 def parse_encode(content_type: str, params: Params, data: bytes) -> EncodeRequest:
-    request = EncodeRequest(scaling=scaling(params), tiling=params.choice("tiling", Tiling))
+    request = EncodeRequest(
+        scaling=scaling(params),
+        tiling=params.choice("tiling", Tiling),
+        latent_dist=params.choice("latent_dist", LatentDist) or LatentDist.MEAN,
+    )
     if is_file_upload(content_type, data) or params.shape() is None:
         request.image = data
     else:

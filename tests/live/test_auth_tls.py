@@ -101,6 +101,24 @@ def test_diffusers_remote_decode_with_a_session_that_carries_the_key(secure, ref
         torch.testing.assert_close(out, reference["sd15"].decode(latent).sample, atol=1e-4, rtol=1e-4)
 
 
+def test_the_key_in_a_netrc_file_reaches_clients_with_hard_coded_urls(secure, reference, monkeypatch, tmp_path):
+    """docs/clients.md: a client that sends no key (SD.Next, kijai's and Visionatrix's nodes, diffusers) gets one from
+    ~/.netrc (here NETRC names the file): requests sends it as Basic credentials, which the server takes."""
+    netrc = tmp_path / "netrc"
+    netrc.write_text(f"machine 127.0.0.1 login remote-vae password {KEY}\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", secure.verify)
+    latent = seeded(1, 4, 8, 8)
+    out = remote_utils.remote_decode(
+        secure.url + "/", tensor=latent, output_type="pt", return_type="pt", do_scaling=False
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(out, reference["sd15"].decode(latent).sample, atol=1e-4, rtol=1e-4)
+    monkeypatch.setenv("NETRC", str(tmp_path / "absent"))
+    assert post(secure).status_code == 401  # without it, refused: the file is what carried the key
+
+
 def test_tls_is_real(secure):
     with pytest.raises(requests.exceptions.SSLError):  # not trusted without the certificate
         requests.get(secure.url + "/health", timeout=10)

@@ -1,0 +1,252 @@
+"""A drop-in VAE for diffusers pipelines: offloading the VAE is one line.
+
+    from remote_vae import RemoteVae
+
+    vae = RemoteVae("https://vae.example.com/flux/", api_key=os.environ["REMOTE_VAE_API_KEY"])
+    pipe = FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-schnell", vae=vae, torch_dtype=torch.bfloat16)
+    image = pipe(prompt).images[0]
+
+`RemoteVae` is a diffusers `ModelMixin` holding no weights: the server's model
+config (`vae.config.scaling_factor`, `block_out_channels`, `latents_mean`, ...),
+the plain attributes its class sets (`temperal_downsample`,
+`spatial_compression_ratio`, ...: read from the real class built on the meta
+device, so nothing is allocated), and the few buffers pipelines read from the
+weights (LTX's `latents_mean`, Flux.2's `bn.running_var`). A zero-element
+buffer carries its device and dtype through `.to()` and model offloading.
+
+`decode` sends the latents the pipeline hands its VAE (already denormalised) and
+returns what the local VAE would, on the caller's device and dtype. By default
+the reply is the server's uint8 pixels, made float again (p / 127.5 - 1): a
+pipeline's postprocess turns them back into those very pixels, at a quarter of
+float32's bytes (`pixels="raw"`: the server's float output, for float outputs).
+`encode` returns the encoder's distribution (the server's mean and
+log-variance, `latent_dist=parameters`), so `latent_dist.sample(generator)` draws
+what the local VAE would with the same generator.
+"""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from diffusers.configuration_utils import ConfigMixin
+from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
+from diffusers.models.modeling_outputs import AutoencoderKLOutput
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils.accelerate_utils import apply_forward_hook
+from torch import nn
+
+from .client import Client, RemoteVaeError
+
+__all__ = ["PIXEL_REPLIES", "RemoteVae"]
+
+log = logging.getLogger("remote_vae")
+
+PIXEL_REPLIES = ("uint8", "raw")  # what a decode asks the server for
+PLAIN_TYPES = (bool, int, float, str, type(None))
+NO_DISTRIBUTION = "not a distribution"  # the server's words for an encoder that returns a latent (taesd)
+
+
+class RemoteVae(ModelMixin, ConfigMixin):
+    """The VAE at `url` (a family's path, or a server's root with `family=`), as a pipeline's `vae`.
+
+    pixels: "uint8" (default: exact after the pipeline's postprocess, 1 byte a channel) or "raw"
+    (the server's float output, in its compute dtype). Other keyword arguments (timeout, retries,
+    headers, verify) go to `remote_vae.client.Client`.
+    """
+
+    config_name = "config.json"
+
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None = None,
+        family: str | None = None,
+        *,
+        pixels: str = "uint8",
+        client: Client | None = None,
+        **client_options: Any,
+    ):
+        super().__init__()
+        if pixels not in PIXEL_REPLIES:
+            raise ValueError(f"pixels={pixels!r}; expected one of {', '.join(PIXEL_REPLIES)}")
+        self.client = client or Client(url, api_key=api_key, **client_options)
+        described = self.client.family(family)
+        if "model" not in described:
+            raise RemoteVaeError(503, f"{described.get('status', 'not ready')}: retry when it is ready", url)
+        self.family, self.pixels, self.video = family or _only_name(self.client), pixels, bool(described["video"])
+        self.remote_class, self.frame_axis = described["model"]["class"], described["model"]["frame_axis"]
+        # The server passes the model's own latents through untouched: sent as raw, or for a preview decoder (taesd),
+        # whose latents are the full family's normalised ones, with the family's own scaling
+        self.wire_scaling = {"normalised": described["model"]["latents"] == "normalised"}
+        self.register_to_config(**described["model"]["config"])
+        self.__dict__.update(_class_attributes(self.remote_class, described["model"]["config"]))
+        self.use_tiling = self.use_slicing = False
+        self.has_distribution = True  # until the server says its encoder returns a latent
+        self.register_buffer("anchor", torch.empty(0), persistent=False)  # the device and dtype, moved by .to()
+        for name, values in described["model"]["buffers"].items():
+            _holder(self, name).register_buffer(name.rpartition(".")[2], torch.tensor(values), persistent=False)
+        if "post_quant_conv" in self.__dict__.pop("_submodules", ()):
+            # SDXL's pipelines cast latents to `next(vae.post_quant_conv.parameters()).dtype` after upcasting
+            self.post_quant_conv = _DtypeCarrier()
+
+    # -- what pipelines switch ------------------------------------------------------------
+
+    def enable_tiling(self, *args, **kwargs) -> None:
+        """The server tiles with diffusers' blended tiles (`tiling=blend`) when it tiles: a local enable_tiling()'s
+        output."""
+        self.use_tiling = True
+
+    def disable_tiling(self) -> None:
+        self.use_tiling = False
+
+    def enable_slicing(self) -> None:
+        """Recorded only: the server batches or slices as its memory allows, with the same result."""
+        self.use_slicing = True
+
+    def disable_slicing(self) -> None:
+        self.use_slicing = False
+
+    def forward(self, *args, **kwargs):
+        raise NotImplementedError("RemoteVae decodes and encodes remotely: call decode() or encode()")
+
+    # -- decode / encode ------------------------------------------------------------------
+
+    @apply_forward_hook
+    def decode(self, z: torch.Tensor, *args: Any, return_dict: bool = True, **kwargs: Any):
+        """The local VAE's decode of `z`: DecoderOutput(sample=[B, 3, (F,) H, W]) on z's device in this VAE's dtype.
+        A timestep (LTX's `temb`, positional or by name) is sent as the decode timestep."""
+        timestep = kwargs.pop("temb", None)
+        for arg in args:  # decode(z, temb), decode(z, False)
+            if isinstance(arg, bool):
+                return_dict = arg
+            elif isinstance(arg, torch.Tensor):
+                timestep = arg
+        self._check_latents(z)
+        samples = [self._decode(part, step) for part, step in _by_timestep(z, timestep)]
+        sample = (samples[0] if len(samples) == 1 else torch.cat(samples)).to(z.device, self.dtype)
+        return DecoderOutput(sample=sample) if return_dict else (sample,)
+
+    @apply_forward_hook
+    def encode(self, x: torch.Tensor, return_dict: bool = True):
+        """The local VAE's encode of `x` ([B, 3, (F,) H, W] in -1..1): the encoder's distribution, on x's device in
+        this VAE's dtype (or, for an encoder without one, its latent as `.latents`)."""
+        images = x.squeeze(2) if self.frame_axis and x.ndim == 5 else x
+        options = {**self.wire_scaling, **self._tiling()}
+        if self.has_distribution:
+            try:
+                parameters = self.client.encode(images, self.family, latent_dist="parameters", **options)
+            except RemoteVaeError as exc:
+                if exc.status != 400 or NO_DISTRIBUTION not in exc.message:
+                    raise
+                self.has_distribution = False
+            else:
+                distribution = DiagonalGaussianDistribution(self._placed(parameters, x.device))
+                return AutoencoderKLOutput(latent_dist=distribution) if return_dict else (distribution,)
+        latents = self._placed(self.client.encode(images, self.family, **options), x.device)
+        return SimpleNamespace(latents=latents) if return_dict else (latents,)
+
+    def _decode(self, z: torch.Tensor, timestep: float | None) -> torch.Tensor:
+        latents = z.squeeze(2) if self.frame_axis and z.ndim == 5 else z
+        options = {**self.wire_scaling, **self._tiling()}
+        if timestep is not None:  # the pipeline has mixed its own noise in already: the server adds none
+            options.update(decode_timestep=timestep, decode_noise_scale=0)
+        if self.pixels == "raw":
+            sample = self.client.decode(latents, self.family, "pt", **options)
+        else:
+            sample = _unit_range(self.client.decode(latents, self.family, "uint8", **options), latents, self.video)
+        return sample.unsqueeze(2) if self.frame_axis else sample
+
+    def _tiling(self) -> dict[str, str]:
+        return {"tiling": "blend"} if self.use_tiling else {}
+
+    def _placed(self, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+        return tensor.to(device, self.dtype)
+
+    def _check_latents(self, z: torch.Tensor) -> None:
+        channels = self.config.get("latent_channels") or self.config.get("z_dim")
+        if channels and z.ndim >= 4 and z.shape[1] != channels and not (z.ndim == 5 and z.shape[2] == channels):
+            raise ValueError(
+                f"this RemoteVae serves {self.family} ({self.remote_class}, {channels} latent channels); the pipeline "
+                f"sent latents {list(z.shape)}: point it at the server path of the pipeline's own VAE"
+            )
+
+
+def _only_name(client: Client) -> str:
+    return next(iter(client.families()))
+
+
+def _unit_range(pixels: torch.Tensor, latents: torch.Tensor, video: bool) -> torch.Tensor:
+    """uint8 pixels [B, H, W, 3] (a video: [B*F, H, W, 3]) as the decoder's float output [B, 3, (F,) H, W]: p / 127.5
+    - 1, which a pipeline's postprocess ((x / 2 + 0.5) * 255, rounded) returns to p exactly."""
+    values = pixels.to(torch.float32) / 127.5 - 1.0
+    if not video:
+        return values.permute(0, 3, 1, 2)
+    return values.reshape(latents.shape[0], -1, *values.shape[1:]).permute(0, 4, 1, 2, 3)
+
+
+def _by_timestep(z: torch.Tensor, timestep: torch.Tensor | None):
+    """(latents, timestep) pairs: the whole batch at one timestep, or each sample at its own."""
+    if timestep is None:
+        yield z, None
+        return
+    steps = timestep.detach().float().cpu().reshape(-1)
+    if steps.numel() == 1 or bool((steps == steps[0]).all()):
+        yield z, float(steps[0])
+        return
+    for index in range(z.shape[0]):
+        yield z[index : index + 1], float(steps[index])
+
+
+class _DtypeCarrier(nn.Module):
+    """A submodule with one zero-element parameter, for pipelines that read a VAE layer's dtype."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(0), requires_grad=False)
+
+
+def _holder(root: nn.Module, dotted: str) -> nn.Module:
+    """The (new, empty) submodule at `dotted`'s parent path: "bn.running_var" -> root.bn."""
+    module = root
+    for part in dotted.split(".")[:-1]:
+        if not hasattr(module, part):
+            module.add_module(part, nn.Module())
+        module = getattr(module, part)
+    return module
+
+
+def _class_attributes(class_name: str, config: dict[str, Any]) -> dict[str, Any]:
+    """The plain attributes (numbers, strings, lists of them) an instance of diffusers' `class_name` sets from
+    `config`, built on the meta device (nothing allocated); `_submodules` names its child modules. Empty where this
+    diffusers has no such class."""
+    import diffusers
+
+    cls = getattr(diffusers, class_name, None)
+    if cls is None:
+        return {}
+    quiet = logging.getLogger("diffusers")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # config keys this diffusers does not know are dropped, not warned about
+    try:
+        with torch.device("meta"):
+            model = cls.from_config(config)
+    except Exception as exc:  # an older diffusers that cannot build this config: the config alone must do
+        log.debug("%s could not be built on the meta device (%s); its config alone stands in", class_name, exc)
+        return {}
+    finally:
+        quiet.setLevel(level)
+    plain = {
+        name: value
+        for name, value in vars(model).items()
+        if not name.startswith("_") and name != "training" and _is_plain(value)
+    }
+    return {**plain, "_submodules": set(model._modules)}
+
+
+def _is_plain(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(item) for item in value)
+    return isinstance(value, PLAIN_TYPES)
