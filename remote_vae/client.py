@@ -95,10 +95,10 @@ class Client:
 
     # -- what the server serves -----------------------------------------------------------
 
-    def families(self) -> dict[str, dict[str, Any]]:
+    def families(self, refresh: bool = False) -> dict[str, dict[str, Any]]:
         """The families served at this URL, by name: path, kind, latent forms and the scaling a client sends (GET
-        families)."""
-        if self._families is None:
+        families; asked once, or again with `refresh`)."""
+        if self._families is None or refresh:
             self._families = self._request("GET", "families").json()["families"]
         return self._families
 

@@ -27,6 +27,7 @@ what the local VAE would with the same generator.
 from __future__ import annotations
 
 import logging
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -73,9 +74,7 @@ class RemoteVae(ModelMixin, ConfigMixin):
         if pixels not in PIXEL_REPLIES:
             raise ValueError(f"pixels={pixels!r}; expected one of {', '.join(PIXEL_REPLIES)}")
         self.client = client or Client(url, api_key=api_key, **client_options)
-        described = self.client.family(family)
-        if "model" not in described:
-            raise RemoteVaeError(503, f"{described.get('status', 'not ready')}: retry when it is ready", url)
+        described = _loaded(self.client, family)
         self.family, self.pixels, self.video = family or _only_name(self.client), pixels, bool(described["video"])
         self.remote_class, self.frame_axis = described["model"]["class"], described["model"]["frame_axis"]
         # The server passes the model's own latents through untouched: sent as raw, or for a preview decoder (taesd),
@@ -172,6 +171,20 @@ class RemoteVae(ModelMixin, ConfigMixin):
                 f"this RemoteVae serves {self.family} ({self.remote_class}, {channels} latent channels); the pipeline "
                 f"sent latents {list(z.shape)}: point it at the server path of the pipeline's own VAE"
             )
+
+
+def _loaded(client: Client, family: str | None) -> dict[str, Any]:
+    """The family's description once its model is loaded (a server still loading it is asked again, as the client
+    retries a 503: `retries` times, waiting 1, 2, 4, ... s up to `max_retry_wait`)."""
+    for attempt in range(client.retries + 1):
+        if attempt:
+            time.sleep(min(client.max_retry_wait, 2.0 ** (attempt - 1)))
+            client.families(refresh=True)
+        described = client.family(family)
+        if "model" in described:
+            return described
+    status = described.get("status", "not ready")
+    raise RemoteVaeError(503, f"the family is {status}; retry when the server has loaded it", client.url)
 
 
 def _only_name(client: Client) -> str:

@@ -7,19 +7,23 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+import time
 
 import numpy as np
 import pytest
 import requests
 import tiny_pipelines
 import torch
-from conftest import ROOT, SHARED_WEIGHTS, TINY_MODELS, seeded
+import uvicorn
+from conftest import ROOT, SHARED_WEIGHTS, TINY_MODELS, free_port, seeded, wait_until
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from remote_vae import RemoteVae
 from remote_vae.client import RemoteVaeError
 from remote_vae.families import available, load_family
+from remote_vae.server import Registry, Slot, create_app
 
 FAMILIES = available()
 
@@ -212,3 +216,36 @@ def test_the_documented_example_runs_as_written(server, reference, tmp_path, mon
     local.set_progress_bar_config(disable=True)
     expected = local("a photo of a cat", num_inference_steps=25).images[0]
     assert_same_pixels(np.asarray(Image.open(tmp_path / "cat.png")) / 255, np.asarray(expected) / 255)
+
+
+def test_a_family_still_loading_is_asked_again_a_bounded_number_of_times():
+    registry = Registry({"sd15": Slot(load_family("sd15"))})  # never loads
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(registry), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started, 30, lambda: "the in-process server did not start")
+        started = time.monotonic()
+        with pytest.raises(RemoteVaeError, match="loading; retry when the server has loaded it"):
+            RemoteVae(f"http://127.0.0.1:{port}/", retries=2, max_retry_wait=0.2)
+        assert 0.3 <= time.monotonic() - started < 10  # two waits of 0.2 s, then the error
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_uint8_replies_come_back_through_a_pipelines_postprocess_as_the_same_pixels():
+    """Why the drop-in asks for uint8 pixels: made float again (p / 127.5 - 1), VaeImageProcessor's postprocess returns
+    them to the server's very integers, for every value a decoder can give; float16 would not always."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    from remote_vae.diffusers_vae import _unit_range
+    from remote_vae.media.pixels import uint8_images
+
+    decoded = torch.linspace(-1.2, 1.2, 3 * 64 * 64 * 4).reshape(4, 3, 64, 64)  # every uint8 level, and clipped ones
+    server = uint8_images(decoded)  # [B, H, W, 3], as the server replies
+    local = VaeImageProcessor().postprocess(_unit_range(server, decoded, video=False), output_type="np")
+    assert np.array_equal((local * 255).round().astype(np.uint8), server.numpy())
+    halved = VaeImageProcessor().postprocess(decoded.half().float(), output_type="np")
+    assert not np.array_equal((halved * 255).round().astype(np.uint8), server.numpy())
