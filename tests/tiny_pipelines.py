@@ -14,6 +14,7 @@ from conftest import seeded
 from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
 
 HEIGHT, WIDTH = 64, 32  # sides every family's compression (up to 32) divides
+NO_TEXT_ENCODERS = dict(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)  # embeddings given
 
 
 def _size(frames: int | None = None) -> dict:
@@ -249,13 +250,10 @@ def hunyuanvideo(vae):
         rope_axes_dim=(2, 4, 4),
     )
     pipe = d.HunyuanVideoPipeline(
-        text_encoder=None,
-        tokenizer=None,
         transformer=transformer,
         vae=vae,
         scheduler=FlowMatchEulerDiscreteScheduler(),
-        text_encoder_2=None,
-        tokenizer_2=None,
+        **NO_TEXT_ENCODERS,
     )
     return pipe, dict(
         prompt_embeds=seeded(1, 8, 16, seed=1),
@@ -283,13 +281,10 @@ def hunyuanvideo15(vae):
         rope_axes_dim=(2, 2, 4),
     )
     pipe = d.HunyuanVideo15Pipeline(
-        text_encoder=None,
-        tokenizer=None,
         transformer=transformer,
         vae=vae,
         scheduler=FlowMatchEulerDiscreteScheduler(),
-        text_encoder_2=None,
-        tokenizer_2=None,
+        **NO_TEXT_ENCODERS,
         guider=d.ClassifierFreeGuidance(guidance_scale=1.0, enabled=False),
     )
     mask = torch.ones(1, 8, dtype=torch.long)
@@ -391,47 +386,23 @@ def _image():
     return PIL.Image.fromarray(pixels)
 
 
+def _from_image(text_to_image, pipeline_class, **config):
+    """The image-to-image pipeline over a text-to-image one's components, with its arguments and an image."""
+    pipe, arguments = text_to_image
+    arguments = {name: value for name, value in arguments.items() if name not in ("height", "width")}
+    return pipeline_class(**pipe.components, **config), dict(arguments, image=_image(), strength=0.5)
+
+
 def sd15_img2img(vae):
-    pipe = d.StableDiffusionImg2ImgPipeline(
-        vae=vae,
-        text_encoder=None,
-        tokenizer=None,
-        unet=_sd_unet(),
-        scheduler=d.DDIMScheduler(steps_offset=1, clip_sample=False),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    return pipe, dict(image=_image(), strength=0.5, prompt_embeds=seeded(1, 8, 16, seed=1), guidance_scale=1.0)
+    return _from_image(taesd(vae), d.StableDiffusionImg2ImgPipeline)
 
 
 def sdxl_img2img(vae):
-    unet = _sd_unet(
-        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 16
-    )
-    pipe = d.StableDiffusionXLImg2ImgPipeline(
-        vae=vae,
-        text_encoder=None,
-        text_encoder_2=None,
-        tokenizer=None,
-        tokenizer_2=None,
-        unet=unet,
-        scheduler=d.EulerDiscreteScheduler(),
-        requires_aesthetics_score=False,
-    )
-    return pipe, dict(
-        image=_image(),
-        strength=0.5,
-        prompt_embeds=seeded(1, 8, 16, seed=1),
-        pooled_prompt_embeds=seeded(1, 16, seed=2),
-        guidance_scale=1.0,
-    )
+    return _from_image(taesdxl(vae), d.StableDiffusionXLImg2ImgPipeline, requires_aesthetics_score=False)
 
 
 def flux_img2img(vae):
-    text_to_image, arguments = taef1(vae)
-    pipe = d.FluxImg2ImgPipeline(**text_to_image.components)
-    return pipe, dict(arguments, image=_image(), strength=0.5)
+    return _from_image(taef1(vae), d.FluxImg2ImgPipeline)
 
 
 def wan21_image_to_video(vae):
