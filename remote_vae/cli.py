@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(commands.add_parser("serve", help="serve one or more VAE families"))
 
-    commands.add_parser("families", help="list the families in configs/")
+    listing = commands.add_parser("families", help="list the families in configs/")
+    listing.add_argument("--markdown", action="store_true", help="the client calls as docs/families.md's table")
 
     download = commands.add_parser(
         "download", help="copy families' VAE weights from the Hub into DIR/<family>/ (to bake them into an image)"
@@ -83,20 +84,38 @@ def check_health(port: int, timeout: float) -> int:
         return 1
 
 
+def client_call(family: Family) -> str:
+    """The diffusers call that decodes the latents the family's pipeline hands out (output_type="latent") to that
+    pipeline's pixels exactly: a PNG for an image (diffusers' default reply is a JPEG), uint8 frames [F, H, W, 3] for a
+    video (an MP4 is lossy). docs/families.md shows these; a test runs each."""
+    # remote_decode sends do_scaling=True by default (a deprecated argument): per-channel families' calls pass nothing.
+    arguments = [f"{name}={value}" for name, value in family.client_scaling().items() if name != "do_scaling"]
+    if family.layout.packing != Packing.NONE:
+        arguments += ["height=H", "width=W"]
+    if family.is_video:
+        arguments += ['output_type="pt"', "partial_postprocess=True", 'return_type="pt"']
+    else:
+        arguments += ['image_format="png"']
+    return f"remote_decode(url, latents, {', '.join(arguments)})"
+
+
+def client_table(shipped: list[Family]) -> str:
+    """docs/families.md's table of client calls (`remote-vae families --markdown`; a test keeps the two equal)."""
+    rows = [f"| `{family.name}` | `{client_call(family)}` |" for family in shipped]
+    return "\n".join(["| family | the pipeline's pixels, exactly |", "|---|---|", *rows])
+
+
 def describe(family: Family) -> str:
     """A family for `families`: what it is, its weights, the latents it takes, and what a client passes to decode
     them."""
-    # remote_decode sends do_scaling=True by default (a deprecated argument): per-channel families' calls pass nothing.
-    scaling = ", ".join(f"{name}={value}" for name, value in family.client_scaling().items() if name != "do_scaling")
     extra = "; optional decode_timestep=, decode_noise_scale=, decode_noise_seed=" if family.decode_timestep else ""
-    sides = ", height=H, width=W" if family.layout.packing != Packing.NONE else ""
     kind = f"video, {frame_step(family)}k+1 frames" if family.is_video else "image"
     return "\n".join(
         [
             f"{family.name} ({kind}): {family.description}",
             f"  weights  {family.hub_id}",
             f"  latents  {family.layout.describe()}",
-            f"  client   remote_decode(url, latents{', ' + scaling if scaling else ''}{sides}){extra}",
+            f"  client   {client_call(family)}{extra}",
             f"  wire     {'&'.join(f'{name}={value}' for name, value in family.client_scaling().items())}",
         ]
     )
@@ -256,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         if args.command == "families":
-            print("\n\n".join(describe(families.load_family(name)) for name in families.available()))
+            shipped = [families.load_family(name) for name in families.available()]
+            print(client_table(shipped) if args.markdown else "\n\n".join(describe(family) for family in shipped))
             return 0
         if args.command == "health":
             return check_health(args.port, args.timeout)

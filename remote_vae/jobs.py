@@ -146,7 +146,7 @@ class Job:
     finish: Callable[[Any], Any] = unchanged
     stream: Mp4Stream | None = None
     timestep: torch.Tensor | None = None  # [count]: a decode timestep per sample (LTX)
-    tiling: str = "blend"  # how the call tiles, if it does: "exact" or "blend"
+    tiling: str | None = None  # the tiling asked for ("exact", "blend"); None: the family's default
     expand: Callable[[torch.Tensor], torch.Tensor] = unchanged  # held inputs -> the model's input, in the model call
     latent_dist: LatentDist = LatentDist.MEAN  # what an encode returns of the encoder's distribution
 

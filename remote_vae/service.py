@@ -163,7 +163,7 @@ class VaeService:
         plan = (checked or self.check_decode(request)).plan
         raw = request.latent
         timestep = self._decode_timestep(request)
-        tiling = self.vae.tiling_for(request.tiling)
+        tiling = self.vae.checked_tiling(request.tiling)
         latents = tensor_from_bytes(raw.data, raw.shape, parse_dtype(raw.dtype))
         latent_ops.check_finite(latents, "latent")
         latents = latent_ops.to_canonical(latents, plan, self.vae.layout)
@@ -239,7 +239,7 @@ class VaeService:
             checked.close()
         normalisation = request.scaling.normalisation(self.vae.normalisation)
         layout = self.vae.layout
-        tiling = self.vae.tiling_for(request.tiling)
+        tiling = self.vae.checked_tiling(request.tiling)
         if request.latent_dist == LatentDist.PARAMETERS and normalisation != self._model_space:
             raise RequestError("latent_dist=parameters returns the VAE's own mean and log-variance; send no scaling")
 

@@ -62,6 +62,11 @@ def tiny_sd_vae() -> AutoencoderKL:
     return AutoencoderKL(latent_channels=4, **TINY_BLOCKS, **SD_FACTORS).eval()
 
 
+def tiny_sdxl_vae() -> AutoencoderKL:
+    torch.manual_seed(15)
+    return AutoencoderKL(latent_channels=4, **TINY_BLOCKS, scaling_factor=0.13025).eval()
+
+
 def tiny_flux_vae() -> AutoencoderKL:
     torch.manual_seed(1)
     return AutoencoderKL(
@@ -215,6 +220,7 @@ def tiny_taesd(latent_channels: int, seed: int):
 
 TINY_MODELS = {
     "sd15": tiny_sd_vae,
+    "sdxl": tiny_sdxl_vae,
     "flux": tiny_flux_vae,
     "hunyuanvideo": tiny_hunyuan_vae,
     "wan21": tiny_wan_vae,
@@ -231,6 +237,7 @@ TINY_MODELS = {
 }
 MODEL_CLASSES = {
     "sd15": AutoencoderKL,
+    "sdxl": AutoencoderKL,
     "flux": AutoencoderKL,
     "hunyuanvideo": AutoencoderKLHunyuanVideo,
     "wan21": AutoencoderKLWan,
@@ -535,17 +542,11 @@ def families_server(model_dirs, tmp_path_factory):
     server.stop()
 
 
-# Shipped families served with another's tiny weights (their pipelines only need a VAE of that shape).
-SHARED_WEIGHTS = {"sdxl": "sd15"}
-
-
 @pytest.fixture(scope="session")
 def every_family_server(model_dirs, tmp_path_factory):
     """Every shipped family on one server, each under /<family>/ (the drop-in VAE's and the ComfyUI nodes' tests)."""
     names = available_families()
-    weights = [
-        option for name in names for option in ("--model", f"{name}={model_dirs[SHARED_WEIGHTS.get(name, name)]}")
-    ]
+    weights = [option for name in names for option in ("--model", f"{name}={model_dirs[name]}")]
     server = LiveServer([*names, *weights], offline_env(), tmp_path_factory.mktemp("logs") / "every_family.log")
     yield server
     server.stop()

@@ -24,7 +24,7 @@ from ..errors import RequestError
 from ..families import Family
 from ..latents import Normalisation, own_normalisation
 from ..tiling import Tiler, tiler_for
-from ..vocabulary import LatentDist
+from ..vocabulary import LatentDist, Tiling
 from .loading import weight_stats
 
 log = logging.getLogger("remote_vae")
@@ -122,6 +122,11 @@ class LoadedVae:
         """Whether an image or frame of this many pixels is decoded / encoded in tiles."""
         return self.can_tile and self.tile_above_pixels is not None and frame_pixels > self.tile_above_pixels
 
+    def checked_tiling(self, requested: str | None) -> str | None:
+        """The tiling a request asks for, refused where the model has no such path."""
+        self.tiling_for(requested)
+        return requested
+
     def tiling_for(self, requested: str | None) -> str:
         """The tiling a call uses when it tiles: the requested one, else the family's default ('exact' where the model
         allows it), else diffusers' 'blend'."""
@@ -175,7 +180,7 @@ class LoadedVae:
         extra = {self.timestep_argument: timestep} if self.timestep_argument and timestep is not None else {}
         call = lambda z, **kw: self.model.decode(z, **kw).sample  # noqa: E731
         exact = self._exactly(call, frame_pixels * frame_count) if self.tiling_for(tiling) == "exact" else None
-        sample = self._run("decode", latents, frame_pixels, frame_count, call, streams, extra, exact)
+        sample = self._run("decode", latents, frame_pixels, frame_count, call, streams, extra, exact, tiling)
         return sample.squeeze(2) if self.layout.frame_axis else sample
 
     def encode(
@@ -189,7 +194,7 @@ class LoadedVae:
         frame_pixels = images.shape[-2] * images.shape[-1]
         call = lambda x: latent_of(self.model.encode(x), latent_dist)  # noqa: E731
         exact = self._exactly(call, frame_pixels * frame_count) if self.tiling_for(tiling) == "exact" else None
-        return self._run("encode", images, frame_pixels, frame_count, call, exact=exact)
+        return self._run("encode", images, frame_pixels, frame_count, call, exact=exact, asked=tiling)
 
     def _run(
         self,
@@ -201,14 +206,16 @@ class LoadedVae:
         frames: FrameSink | None = None,
         extra: dict[str, torch.Tensor] | None = None,
         exact: Callable | None = None,
+        asked: str | None = None,
     ):
         """call(inputs) whole, one sample at a time, or tiled (by `exact` where given, else the model's own blended
-        tiling)."""
+        tiling). Blended tiles `asked` for are switched on whatever the size: the model then tiles where a local
+        enable_tiling() would (diffusers' own rule, a side past its tile size), so the pixels are that pipeline's."""
         batch = inputs.shape[0]
         with self._lock, torch.inference_mode(), self.compilation.stance(operation, inputs):
             values = to_device(inputs, self.device, self.dtype, self.path)
             extra = {name: value.to(self.device, self.dtype) for name, value in (extra or {}).items()}
-            tiled = self.tiles(frame_pixels)
+            tiled = self.tiles(frame_pixels) or (asked == Tiling.BLEND and hasattr(self.model, "use_tiling"))
             sliced = batch > self.samples_per_call or (
                 batch > 1 and not self.budget.allows(batch * frame_count * frame_pixels, self.device)
             )

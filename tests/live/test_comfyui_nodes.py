@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, SHARED_WEIGHTS, seeded
+from conftest import ROOT, seeded
 from diffusers import Flux2Pipeline, LTXPipeline
 
 from remote_vae.families import available, load_family
@@ -61,7 +61,7 @@ def loaded(nodes, server, family: str):
 
 
 def model(reference, family: str):
-    return reference[SHARED_WEIGHTS.get(family, family)]
+    return reference[family]
 
 
 def comfyui_latent(family: str) -> torch.Tensor:

@@ -16,7 +16,7 @@ import requests
 import tiny_pipelines
 import torch
 import uvicorn
-from conftest import ROOT, SHARED_WEIGHTS, TINY_MODELS, free_port, seeded, wait_until
+from conftest import ROOT, TINY_MODELS, free_port, seeded, wait_until
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
@@ -34,7 +34,7 @@ def server(every_family_server):
 
 
 def local_vae(reference, family: str):
-    return reference[SHARED_WEIGHTS.get(family, family)]
+    return reference[family]
 
 
 def as_uint8(images) -> np.ndarray:
@@ -48,7 +48,7 @@ def assert_same_pixels(remote, local) -> None:
 
 
 def test_every_shipped_family_has_a_pipeline_here():
-    assert set(FAMILIES) == set(TINY_MODELS) | set(SHARED_WEIGHTS) == set(tiny_pipelines.PIPELINES)
+    assert set(FAMILIES) == set(TINY_MODELS) == set(tiny_pipelines.PIPELINES)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

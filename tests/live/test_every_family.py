@@ -8,11 +8,12 @@ import pytest
 import requests
 import tiny_pipelines
 import torch
-from conftest import NEW_FAMILIES, seeded, tensor_of
+from conftest import NEW_FAMILIES, ROOT, seeded, tensor_of
 from diffusers import Flux2Pipeline, LTXPipeline
 from diffusers.utils.remote_utils import remote_decode, remote_encode
 
-from remote_vae.families import load_family
+from remote_vae.cli import client_call, client_table
+from remote_vae.families import available, load_family
 
 IMAGE_FAMILIES = [name for name in NEW_FAMILIES if not load_family(name).is_video]
 VIDEO_FAMILIES = [name for name in NEW_FAMILIES if load_family(name).is_video]
@@ -317,3 +318,55 @@ def test_video_families_answer_mp4_with_every_frame(families_server, pipeline_ou
     assert frames.shape == expected.shape
     error = np.mean((frames.astype(np.float64) - expected) ** 2)
     assert 10 * np.log10(255**2 / max(error, 1e-12)) >= 25
+
+
+@pytest.mark.parametrize("family", available())
+def test_the_printed_client_call_gives_the_pipelines_pixels_exactly(every_family_server, reference, family):
+    """`remote-vae families` (and docs/families.md) print a call per family: run as printed on the latent the family's
+    pipeline hands out, it gives that pipeline's own pixels (a JPEG or an MP4 would not)."""
+    vae = reference[family]
+    latents, pixels = tiny_pipelines.run(family, vae, "latent"), tiny_pipelines.run(family, vae, "pt")
+    names = {"remote_decode": remote_decode, "url": url(every_family_server, family), "latents": latents}
+    out = eval(client_call(load_family(family)), names | {"H": tiny_pipelines.HEIGHT, "W": tiny_pipelines.WIDTH})
+    local = (pixels * 255).round().to(torch.int16)
+    if load_family(family).is_video:  # uint8 frames [F, H, W, 3]; the pipeline's [B, F, 3, H, W]
+        got, local = out.to(torch.int16), local[0].permute(0, 2, 3, 1)
+    else:  # a PNG: the PIL image
+        got, local = torch.from_numpy(np.asarray(out)).to(torch.int16), local[0].permute(1, 2, 0)
+    assert got.shape == local.shape and (got - local).abs().max() <= 1
+
+
+def test_docs_show_the_client_calls_the_command_prints():
+    text = (ROOT / "docs" / "families.md").read_text()
+    assert client_table([load_family(name) for name in available()]) in text
+
+
+def test_hunyuanvideo15_decodes_as_its_pipeline_tiled_or_not(every_family_server, reference):
+    """Its pipeline does not tile: a clip past the 256² threshold decodes in exact bands, to the untiled pixels (blended
+    tiles were 60 levels off at 288²). Asked for blended tiles, the server tiles where a local enable_tiling() would
+    (a side past 256), not by pixel count (320×128 is under 256² but tiles locally)."""
+    model = reference["hunyuanvideo15"]
+    square = seeded(1, 32, 2, 18, 18, seed=51)  # 288×288, 5 frames
+    untiled = uint8_frames(vae_decode(model, square))
+    assert (
+        uint8_frames(raw_decode(every_family_server, "hunyuanvideo15", square, do_scaling=False)) - untiled
+    ).abs().max() <= 1
+    wide = seeded(1, 32, 2, 8, 20, seed=52)  # 128×320
+    model.enable_tiling()
+    try:
+        tiled_locally = vae_decode(model, wide)
+    finally:
+        model.disable_tiling()
+    assert (tiled_locally - vae_decode(model, wide)).abs().max() > 1e-3  # diffusers does tile it
+    reply = requests.post(
+        url(every_family_server, "hunyuanvideo15"),
+        params={"shape": list(wide.shape), "dtype": "float32", "output_type": "pt", "tiling": "blend"},
+        data=wide.numpy().tobytes(),
+        headers={"Content-Type": "tensor/binary", "Accept": "tensor/binary"},
+        timeout=120,
+    )
+    torch.testing.assert_close(tensor_of(reply), tiled_locally, **TOLERANCE)
+
+
+def uint8_frames(decoded: torch.Tensor) -> torch.Tensor:
+    return ((decoded / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.int16)

@@ -4,9 +4,12 @@ and the log filter that keeps a connection flood from flooding the log."""
 
 import asyncio
 import logging
+import time
 
 import pytest
+from conftest import wait_until
 
+from remote_vae import memory
 from remote_vae.errors import RequestError
 from remote_vae.memory import MemoryBudget, release_free_memory
 from remote_vae.server.connections import RateLimitedLog
@@ -88,6 +91,23 @@ def test_the_last_release_reports_the_peak_for_the_allocator():
 
     run(scenario())
     release_free_memory(1 << 40)
+
+
+def test_a_release_while_trimming_has_the_trims_run_again_after_it(monkeypatch):
+    """Each release is followed by every trim of the schedule, even one that comes while a trim thread runs."""
+    if memory._LIBC is None:
+        pytest.skip("no glibc malloc_trim here: nothing is trimmed")
+    trims = []
+    monkeypatch.setattr(memory, "TRIM_DELAYS", (0.05, 0.05, 0.05))
+    monkeypatch.setattr(memory, "trim_heaps", lambda: trims.append(time.monotonic()))
+    wait_until(lambda: not memory._trimming, 10, lambda: "an earlier trim thread still runs")
+    trims.clear()  # an earlier thread's, made while it finished
+    release_free_memory(1 << 30)
+    time.sleep(0.08)  # during the first schedule
+    released = time.monotonic()
+    release_free_memory(1 << 30)
+    wait_until(lambda: not memory._trimming, 10, lambda: f"trims still running: {len(trims)} so far")
+    assert len(trims) == 6 and sum(at > released + 0.04 for at in trims) >= 3
 
 
 def test_repeated_log_records_are_rate_limited_and_counted():
