@@ -27,6 +27,7 @@ import pytest
 import requests
 import torch
 from diffusers import (
+    AutoencoderDC,
     AutoencoderKL,
     AutoencoderKLCogVideoX,
     AutoencoderKLFlux2,
@@ -204,6 +205,25 @@ def tiny_cogvideox_vae() -> AutoencoderKLCogVideoX:
     return model.eval()
 
 
+def tiny_sana_vae() -> AutoencoderDC:
+    torch.manual_seed(16)  # six stages: the real 32x compression and 32 channels
+    return AutoencoderDC(
+        latent_channels=32,
+        attention_head_dim=2,
+        encoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
+        decoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
+        encoder_block_out_channels=(8, 8, 8, 16, 16, 32),  # the last as wide as the latent: the shortcuts average it
+        decoder_block_out_channels=(8, 8, 8, 16, 16, 32),
+        encoder_layers_per_block=(1,) * 6,
+        decoder_layers_per_block=(1,) * 6,
+        encoder_qkv_multiscales=((),) * 3 + ((5,),) * 3,
+        decoder_qkv_multiscales=((),) * 3 + ((5,),) * 3,
+        upsample_block_type="interpolate",
+        downsample_block_type="Conv",
+        scaling_factor=0.41407,
+    ).eval()
+
+
 def tiny_taesd(latent_channels: int, seed: int):
     def build() -> AutoencoderTiny:
         torch.manual_seed(seed)
@@ -231,6 +251,7 @@ TINY_MODELS = {
     "hunyuanvideo15": tiny_hunyuanvideo15_vae,
     "ltxvideo": tiny_ltxvideo_vae,
     "cogvideox": tiny_cogvideox_vae,
+    "sana": tiny_sana_vae,
     "taesd": tiny_taesd(4, 12),
     "taesdxl": tiny_taesd(4, 13),
     "taef1": tiny_taesd(16, 14),
@@ -248,6 +269,7 @@ MODEL_CLASSES = {
     "hunyuanvideo15": AutoencoderKLHunyuanVideo15,
     "ltxvideo": AutoencoderKLLTXVideo,
     "cogvideox": AutoencoderKLCogVideoX,
+    "sana": AutoencoderDC,
     "taesd": AutoencoderTiny,
     "taesdxl": AutoencoderTiny,
     "taef1": AutoencoderTiny,
@@ -263,6 +285,7 @@ NEW_FAMILIES = (
     "taesd",
     "taesdxl",
     "taef1",
+    "sana",
 )
 
 

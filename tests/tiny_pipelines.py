@@ -342,6 +342,32 @@ def cogvideox(vae):
     return pipe, dict(prompt_embeds=seeded(1, 8, 32, seed=1), guidance_scale=1.0, **_size(9))
 
 
+def sana(vae):
+    transformer = d.SanaTransformer2DModel(
+        patch_size=1,
+        in_channels=32,
+        out_channels=32,
+        num_layers=1,
+        num_attention_heads=2,
+        attention_head_dim=4,
+        num_cross_attention_heads=2,
+        cross_attention_head_dim=4,
+        cross_attention_dim=8,
+        caption_channels=8,
+        sample_size=32,
+    )
+    pipe = d.SanaPipeline(
+        tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler()
+    )
+    return pipe, dict(
+        prompt_embeds=seeded(1, 8, 8, seed=1),
+        prompt_attention_mask=torch.ones(1, 8, dtype=torch.long),
+        guidance_scale=1.0,
+        use_resolution_binning=False,
+        **_size(),
+    )
+
+
 PIPELINES = {
     "sd15": taesd,  # taesd is SD1.5's preview decoder: the same pipeline
     "sdxl": taesdxl,
@@ -358,6 +384,7 @@ PIPELINES = {
     "hunyuanvideo15": hunyuanvideo15,
     "ltxvideo": ltxvideo,
     "cogvideox": cogvideox,
+    "sana": sana,
 }
 
 

@@ -289,12 +289,12 @@ class LoadedVae:
 
 def latent_of(encoded, latent_dist: LatentDist = LatentDist.MEAN) -> torch.Tensor:
     """An encoder's latent: the distribution's mean (deterministic) or its parameters (mean and log-variance), or the
-    latent itself where the model has no distribution (taesd)."""
+    latent itself where the model has no distribution (taesd's `latents`, DC-AE's `latent`)."""
     distribution = getattr(encoded, "latent_dist", None)
     if distribution is None:
         if latent_dist == LatentDist.PARAMETERS:
             raise RequestError("this VAE's encoder returns a latent, not a distribution; send latent_dist=mean")
-        return encoded.latents
+        return encoded.latents if hasattr(encoded, "latents") else encoded.latent
     return distribution.parameters if latent_dist == LatentDist.PARAMETERS else distribution.mean
 
 

@@ -15,6 +15,7 @@ from conftest import ROOT, seeded
 from diffusers import Flux2Pipeline, LTXPipeline
 
 from remote_vae.families import available, load_family
+from remote_vae.vae import latent_of
 
 FAMILIES = available()
 PIXEL = 1 / 255 + 1e-6  # uint8 pixels: one step
@@ -134,10 +135,9 @@ def test_encode_node_gives_diffusers_latents_in_comfyuis_conventions(nodes, ever
     local = model(reference, family)
     with torch.no_grad():
         encoded = local.encode(x)
+    expected = latent_of(encoded)  # the distribution's mean, or the latent (taesd, DC-AE)
     if spec.model_latents == "normalised":
-        expected = encoded.latents / spec.scaling_factor + (spec.shift_factor or 0.0)
-    else:
-        expected = encoded.latent_dist.mean
+        expected = expected / spec.scaling_factor + (spec.shift_factor or 0.0)
     if family == "flux2":
         folded = Flux2Pipeline._patchify_latents(expected)
         mean, std = local.bn.running_mean.view(1, -1, 1, 1), torch.sqrt(local.bn.running_var.view(1, -1, 1, 1) + 1e-4)

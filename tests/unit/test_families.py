@@ -32,6 +32,7 @@ EXPECTED_FACTORS = {
     "taesd": (0.18215, None),
     "taesdxl": (0.13025, None),
     "taef1": (0.3611, 0.1159),  # the full family's
+    "sana": (0.41407, None),
 }
 VIDEO_FAMILIES = ("hunyuanvideo", "wan21", "wan22", "hunyuanvideo15", "ltxvideo", "cogvideox")
 
@@ -233,7 +234,7 @@ EXACT_TILER = {
     "qwenimage": HaloTiler,
     "hunyuanvideo15": HaloTiler,
     "ltxvideo": HaloTiler,
-}  # the rest (CogVideoX, the preview decoders) tile with diffusers' blend only
+}  # the rest (CogVideoX, the preview decoders, Sana's DC-AE: attention across the whole image) tile with blend only
 
 
 @pytest.mark.parametrize("name", families.available())
