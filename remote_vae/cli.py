@@ -114,6 +114,7 @@ def describe(family: Family) -> str:
         [
             f"{family.name} ({kind}): {family.description}",
             f"  weights  {family.hub_id}",
+            f"  serves   {', '.join(family.pipelines) or '(its own pipelines)'}",
             f"  latents  {family.layout.describe()}",
             f"  client   {client_call(family)}{extra}",
             f"  wire     {'&'.join(f'{name}={value}' for name, value in family.client_scaling().items())}",

@@ -103,15 +103,26 @@ class Client:
         return self._families
 
     def family(self, name: str | None = None) -> dict[str, Any]:
-        """One family's description: the one named, or the only one served at this URL."""
+        """One family's description: the one named (a family, a diffusers pipeline class such as "FluxPipeline", or a
+        Hub repository such as "black-forest-labs/FLUX.1-dev"), or the only one served at this URL."""
         served = self.families()
         if name is None:
             if len(served) != 1:
                 raise ValueError(f"{self.url} serves {', '.join(served)}; name one with family=")
             return next(iter(served.values()))
-        if name not in served:
-            raise ValueError(f"{self.url} does not serve {name!r}; it serves {', '.join(served)}")
-        return served[name]
+        if name in served:
+            return served[name]
+        # A pipeline or a repository: several families may list a pipeline (WanPipeline runs Wan 2.1 and 2.2)
+        found = [family for family, doc in served.items() if name in doc.get("hub_repos", [])] or [
+            family for family, doc in served.items() if name in doc.get("pipelines", [])
+        ]
+        if len(found) == 1:
+            return served[found[0]]
+        if found:
+            raise ValueError(f"{name} uses the VAE of {' or '.join(found)}; name the family or the Hub repository")
+        raise ValueError(
+            f"{self.url} does not serve {name!r} (a family, pipeline or repo); it serves {', '.join(served)}"
+        )
 
     # -- decode ---------------------------------------------------------------------------
 

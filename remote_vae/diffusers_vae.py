@@ -51,7 +51,8 @@ NO_DISTRIBUTION = "not a distribution"  # the server's words for an encoder that
 
 
 class RemoteVae(ModelMixin, ConfigMixin):
-    """The VAE at `url` (a family's path, or a server's root with `family=`), as a pipeline's `vae`.
+    """The VAE at `url` (a family's path, or a server's root with `family=`: a family, a pipeline class such as
+    "FluxPipeline", or a Hub repository), as a pipeline's `vae`.
 
     pixels: "uint8" (default: exact after the pipeline's postprocess, 1 byte a channel) or "raw"
     (the server's float output, in its compute dtype). Other keyword arguments (timeout, retries,
@@ -75,7 +76,9 @@ class RemoteVae(ModelMixin, ConfigMixin):
             raise ValueError(f"pixels={pixels!r}; expected one of {', '.join(PIXEL_REPLIES)}")
         self.client = client or Client(url, api_key=api_key, **client_options)
         described = _loaded(self.client, family)
-        self.family, self.pixels, self.video = family or _only_name(self.client), pixels, bool(described["video"])
+        # The family's own name (`family` may name a pipeline class or a Hub repo instead)
+        self.family = next(name for name, document in self.client.families().items() if document is described)
+        self.pixels, self.video = pixels, bool(described["video"])
         self.remote_class, self.frame_axis = described["model"]["class"], described["model"]["frame_axis"]
         # The server passes the model's own latents through untouched: sent as raw, or for a preview decoder (taesd),
         # whose latents are the full family's normalised ones, with the family's own scaling
@@ -185,10 +188,6 @@ def _loaded(client: Client, family: str | None) -> dict[str, Any]:
             return described
     status = described.get("status", "not ready")
     raise RemoteVaeError(503, f"the family is {status}; retry when the server has loaded it", client.url)
-
-
-def _only_name(client: Client) -> str:
-    return next(iter(client.families()))
 
 
 def _unit_range(pixels: torch.Tensor, latents: torch.Tensor, video: bool) -> torch.Tensor:

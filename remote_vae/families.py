@@ -34,6 +34,9 @@ What each family's pipeline does between its denoiser and `vae.decode` is data t
                         its attention mask breaks on batches);
   latent_frames_odd     a video model whose latent frame count must be odd (CogVideoX:
                         an even count decodes to 4T frames, and its pipelines never make one).
+`pipelines` names the diffusers pipeline classes that use this VAE as it is (weights and normalisation; read from each
+pipeline's decode path and its example repository), `hub_repos` the repositories beside `hub_repo` that ship it: a
+client finds the family from either (docs/families.md lists what was checked).
 And what ComfyUI's own VAE code does (comfy/latent_formats.py and its VAE classes):
   comfyui               {"latents": "raw"} (the default: a LATENT holds the VAE's own latent) or
                         "normalised" (the family's normalisation: Flux.2's patchified batch-norm
@@ -97,6 +100,9 @@ class Family:
     default_tiling: str = "exact"
     min_diffusers: str | None = None  # the oldest diffusers release that builds this family's model as configured
     comfyui: dict[str, Any] = field(default_factory=dict)
+    # The diffusers pipelines whose VAE (weights and normalisation) this is, and Hub repos beside hub_repo that ship it
+    pipelines: tuple[str, ...] = ()
+    hub_repos: tuple[str, ...] = ()
     # `latent_layout` parsed, once, when the family is made.
     layout: LatentLayout = field(init=False, repr=False, compare=False)
 
@@ -179,6 +185,10 @@ def _family_from_dict(data: dict[str, Any], source: str) -> Family:
     _check_normalisation(values, source)
     _check_layout(values, source)
     _check_stats_in_weights(values, source)
+    for key in ("pipelines", "hub_repos"):
+        if not (isinstance(values.get(key, []), list) and all(isinstance(name, str) for name in values.get(key, []))):
+            raise FamilyError(f"{source}: {key} is a list of names")
+        values[key] = tuple(values.get(key, ()))
     comfyui = values.get("comfyui", {})
     if not (isinstance(comfyui, dict) and set(comfyui) <= {"latents", "decode"}) or comfyui.get(
         "latents", "raw"

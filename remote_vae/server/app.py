@@ -126,6 +126,8 @@ def family_document(slot: Slot, path: str) -> dict:
         "packed": layout.packing != Packing.NONE,
         "scaling": family.client_scaling(),
         "comfyui": family.comfyui_parameters(),  # what a ComfyUI LATENT needs sent (families.py, `comfyui`)
+        "pipelines": list(family.pipelines),
+        "hub_repos": [family.hub_repo, *family.hub_repos],
         # Once loaded: the model's class, config and normalisation buffers, for a drop-in VAE in a pipeline
         **({"model": model_description(family, slot.service.vae.model)} if slot.service else {}),
     }

@@ -249,3 +249,15 @@ def test_uint8_replies_come_back_through_a_pipelines_postprocess_as_the_same_pix
     assert np.array_equal((local * 255).round().astype(np.uint8), server.numpy())
     halved = VaeImageProcessor().postprocess(decoded.half().float(), output_type="np")
     assert not np.array_equal((halved * 255).round().astype(np.uint8), server.numpy())
+
+
+def test_a_pipeline_class_or_a_hub_repo_finds_its_family(server):
+    """GET /families lists each family's pipelines and repos: the client (and so the CLI's --family and the drop-in)
+    takes either where it takes a family's name."""
+    assert RemoteVae(server.url, family="FluxImg2ImgPipeline").family == "flux"
+    assert RemoteVae(server.url, family="stabilityai/stable-diffusion-xl-base-1.0").family == "sdxl"
+    assert RemoteVae(server.url, family="Wan-AI/Wan2.2-TI2V-5B-Diffusers").family == "wan22"
+    with pytest.raises(ValueError, match="WanPipeline uses the VAE of wan21 or wan22"):
+        RemoteVae(server.url, family="WanPipeline")
+    with pytest.raises(ValueError, match="does not serve 'NoSuchPipeline'"):
+        RemoteVae(server.url, family="NoSuchPipeline")
