@@ -34,6 +34,7 @@ from diffusers import (
     AutoencoderKLHunyuanVideo,
     AutoencoderKLHunyuanVideo15,
     AutoencoderKLLTXVideo,
+    AutoencoderKLMochi,
     AutoencoderKLQwenImage,
     AutoencoderKLWan,
     AutoencoderTiny,
@@ -224,6 +225,19 @@ def tiny_sana_vae() -> AutoencoderDC:
     ).eval()
 
 
+def tiny_mochi_vae() -> AutoencoderKLMochi:
+    torch.manual_seed(17)
+    model = AutoencoderKLMochi(
+        encoder_block_out_channels=(32, 32, 32, 32),
+        decoder_block_out_channels=(32, 32, 32, 32),
+        latent_channels=12,
+        layers_per_block=(1, 1, 1, 1, 1),
+        add_attention_block=(False, True, False, False, False),
+    )
+    _mostly_grey(model.decoder.proj_out)
+    return model.eval()
+
+
 def tiny_taesd(latent_channels: int, seed: int):
     def build() -> AutoencoderTiny:
         torch.manual_seed(seed)
@@ -252,6 +266,7 @@ TINY_MODELS = {
     "ltxvideo": tiny_ltxvideo_vae,
     "cogvideox": tiny_cogvideox_vae,
     "sana": tiny_sana_vae,
+    "mochi": tiny_mochi_vae,
     "taesd": tiny_taesd(4, 12),
     "taesdxl": tiny_taesd(4, 13),
     "taef1": tiny_taesd(16, 14),
@@ -270,6 +285,7 @@ MODEL_CLASSES = {
     "ltxvideo": AutoencoderKLLTXVideo,
     "cogvideox": AutoencoderKLCogVideoX,
     "sana": AutoencoderDC,
+    "mochi": AutoencoderKLMochi,
     "taesd": AutoencoderTiny,
     "taesdxl": AutoencoderTiny,
     "taef1": AutoencoderTiny,
@@ -286,6 +302,7 @@ NEW_FAMILIES = (
     "taesdxl",
     "taef1",
     "sana",
+    "mochi",
 )
 
 

@@ -368,6 +368,30 @@ def sana(vae):
     )
 
 
+def mochi(vae):
+    transformer = d.MochiTransformer3DModel(
+        patch_size=2,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=1,
+        pooled_projection_dim=16,
+        in_channels=12,
+        text_embed_dim=32,
+        time_embed_dim=4,
+        max_sequence_length=8,
+    )
+    pipe = d.MochiPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None, transformer=transformer
+    )
+    return pipe, dict(
+        prompt_embeds=seeded(1, 8, 32, seed=1),
+        prompt_attention_mask=torch.ones(1, 8, dtype=torch.long),
+        guidance_scale=1.0,
+        num_inference_steps=2,  # its linear-quadratic schedule divides by the step count less one
+        **_size(7),
+    )
+
+
 PIPELINES = {
     "sd15": taesd,  # taesd is SD1.5's preview decoder: the same pipeline
     "sdxl": taesdxl,
@@ -385,6 +409,7 @@ PIPELINES = {
     "ltxvideo": ltxvideo,
     "cogvideox": cogvideox,
     "sana": sana,
+    "mochi": mochi,
 }
 
 
@@ -395,8 +420,13 @@ def run(family: str, vae, output_type: str, **extra) -> torch.Tensor:
     pipe, arguments = PIPELINES[family](vae)
     pipe.transformer.eval() if hasattr(pipe, "transformer") else pipe.unet.eval()
     pipe.set_progress_bar_config(disable=True)
+    steps = arguments.pop("num_inference_steps", 1)
     output = pipe(
-        **arguments, **extra, num_inference_steps=1, output_type=output_type, generator=torch.Generator().manual_seed(3)
+        **arguments,
+        **extra,
+        num_inference_steps=steps,
+        output_type=output_type,
+        generator=torch.Generator().manual_seed(3),
     )
     return output.frames if hasattr(output, "frames") else output.images
 

@@ -36,8 +36,9 @@ EXPECTED_FACTORS = {
     "taesdxl": (0.13025, None),
     "taef1": (0.3611, 0.1159),  # the full family's
     "sana": (0.41407, None),
+    "mochi": (None, None),  # per channel, in its config
 }
-VIDEO_FAMILIES = ("hunyuanvideo", "wan21", "wan22", "hunyuanvideo15", "ltxvideo", "cogvideox")
+VIDEO_FAMILIES = ("hunyuanvideo", "wan21", "wan22", "hunyuanvideo15", "ltxvideo", "cogvideox", "mochi")
 
 
 def test_shipped_families():
@@ -53,9 +54,12 @@ def test_config_builds_its_architecture(name):
     assert families.config_latent_channels(config) == family.latent_channels
     spatial = getattr(model, "spatial_compression_ratio", None) or 2 ** (len(config.block_out_channels) - 1)
     assert spatial == family.spatial_compression
-    assert config.get("temporal_compression_ratio", config.get("scale_factor_temporal")) == family.temporal_compression
+    temporal = config.get("temporal_compression_ratio", config.get("scale_factor_temporal"))
+    assert (temporal or getattr(model, "temporal_compression_ratio", None)) == family.temporal_compression
     if family.model_latents == "normalised":  # a preview decoder reads the full family's normalised latents
         assert (config.get("scaling_factor"), config.get("shift_factor")) == (1.0, 0.0)
+    elif family.latents_mean is not None:  # statistics in the family's config: any scaling there must be 1 (Mochi's)
+        assert config.get("scaling_factor", 1.0) == 1.0
     else:
         assert config.get("scaling_factor") == family.scaling_factor
     # One statistic per channel where the pipeline normalises
@@ -253,7 +257,6 @@ NOT_SERVED_YET = {
     "AutoencoderKLQwenImage21": "Qwen-Image 2.1",
     "AutoencoderKLHunyuanImage": "HunyuanImage 2.1 (32x)",
     "AutoencoderKLHunyuanImageRefiner": "HunyuanImage 2.1's refiner",
-    "AutoencoderKLMochi": "Mochi (per-channel statistics, 6x temporal)",
     "AutoencoderKLTemporalDecoder": "Stable Video Diffusion (decode takes the frame count)",
     "AutoencoderKLCosmos": "Cosmos",
     "AutoencoderKLAllegro": "Allegro",
