@@ -34,6 +34,7 @@ from diffusers import (
     AutoencoderKLHunyuanVideo,
     AutoencoderKLHunyuanVideo15,
     AutoencoderKLLTXVideo,
+    AutoencoderKLMagvit,
     AutoencoderKLMochi,
     AutoencoderKLQwenImage,
     AutoencoderKLWan,
@@ -238,6 +239,15 @@ def tiny_mochi_vae() -> AutoencoderKLMochi:
     return model.eval()
 
 
+def tiny_easyanimate_vae() -> AutoencoderKLMagvit:
+    torch.manual_seed(18)
+    model = AutoencoderKLMagvit(
+        block_out_channels=[8, 8, 8, 8], latent_channels=16, layers_per_block=1, norm_num_groups=8
+    )
+    _mostly_grey(model.decoder.conv_out)
+    return model.eval()
+
+
 def tiny_taesd(latent_channels: int, seed: int):
     def build() -> AutoencoderTiny:
         torch.manual_seed(seed)
@@ -267,6 +277,7 @@ TINY_MODELS = {
     "cogvideox": tiny_cogvideox_vae,
     "sana": tiny_sana_vae,
     "mochi": tiny_mochi_vae,
+    "easyanimate": tiny_easyanimate_vae,
     "taesd": tiny_taesd(4, 12),
     "taesdxl": tiny_taesd(4, 13),
     "taef1": tiny_taesd(16, 14),
@@ -286,6 +297,7 @@ MODEL_CLASSES = {
     "cogvideox": AutoencoderKLCogVideoX,
     "sana": AutoencoderDC,
     "mochi": AutoencoderKLMochi,
+    "easyanimate": AutoencoderKLMagvit,
     "taesd": AutoencoderTiny,
     "taesdxl": AutoencoderTiny,
     "taef1": AutoencoderTiny,
@@ -303,6 +315,7 @@ NEW_FAMILIES = (
     "taef1",
     "sana",
     "mochi",
+    "easyanimate",
 )
 
 

@@ -392,6 +392,30 @@ def mochi(vae):
     )
 
 
+def easyanimate(vae):
+    transformer = d.EasyAnimateTransformer3DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=16,
+        out_channels=16,
+        time_embed_dim=2,
+        text_embed_dim=16,
+        num_layers=1,
+        sample_width=16,
+        sample_height=16,
+        patch_size=2,
+    )
+    pipe = d.EasyAnimatePipeline(
+        vae=vae, text_encoder=None, tokenizer=None, transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler()
+    )
+    return pipe, dict(
+        prompt_embeds=seeded(1, 8, 16, seed=1),
+        prompt_attention_mask=torch.ones(1, 8, dtype=torch.long),
+        guidance_scale=1.0,
+        **_size(9),
+    )
+
+
 PIPELINES = {
     "sd15": taesd,  # taesd is SD1.5's preview decoder: the same pipeline
     "sdxl": taesdxl,
@@ -410,6 +434,7 @@ PIPELINES = {
     "cogvideox": cogvideox,
     "sana": sana,
     "mochi": mochi,
+    "easyanimate": easyanimate,
 }
 
 
