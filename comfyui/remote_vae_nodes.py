@@ -17,6 +17,7 @@ Depends only on what ComfyUI has: torch, numpy and the standard library.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import time
@@ -47,27 +48,28 @@ class Connection:
     """A remote-vae server (or one family's path of it) over urllib: an API key, a timeout, retries on 503 and dropped
     connections."""
 
-    def __init__(self, url: str, api_key: str = "", timeout: float = 600.0):
+    def __init__(self, url: str, api_key: str = "", timeout: float = 600.0, retries: int = RETRIES):
         self.url = url if url.endswith("/") else url + "/"
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.timeout = timeout
+        self.timeout, self.retries = timeout, retries
 
     def call(self, method, path, params=None, body=None, headers=None, progress=None) -> tuple[dict, bytes]:
         """(reply headers, reply body); RemoteVaeError with the server's message on a non-2xx answer."""
         query = urllib.parse.urlencode(params or {}, doseq=True)
         url = self.url + path.lstrip("/") + (f"?{query}" if query else "")
-        for attempt in range(RETRIES + 1):
+        for attempt in range(self.retries + 1):
             request = urllib.request.Request(url, data=body, method=method, headers={**self.headers, **(headers or {})})
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as reply:
                     return dict(reply.headers.items()), _read(reply, progress)
             except urllib.error.HTTPError as exc:
-                if exc.code == 503 and attempt < RETRIES:
-                    time.sleep(min(30.0, float(exc.headers.get("Retry-After") or 1)))
-                    continue
-                raise RemoteVaeError(f"{exc.code} from {url.split('?')[0]}: {_message(exc)}") from None
-            except (urllib.error.URLError, ConnectionError) as exc:
-                if attempt == RETRIES:
+                with exc:  # its socket closes here, retried or not
+                    if exc.code == 503 and attempt < self.retries:
+                        time.sleep(_retry_after(exc.headers.get("Retry-After")))
+                        continue
+                    raise RemoteVaeError(f"{exc.code} from {url.split('?')[0]}: {_message(exc)}") from None
+            except (OSError, http.client.HTTPException) as exc:  # refused, reset, timed out, cut short
+                if attempt == self.retries:
                     raise RemoteVaeError(f"cannot reach {self.url}: {getattr(exc, 'reason', exc)}") from None
                 time.sleep(2.0**attempt)
         raise AssertionError("unreachable")
@@ -86,6 +88,13 @@ def _read(reply, progress) -> bytes:
         if bar is not None:
             bar.update_absolute(done, total)
     return b"".join(chunks)
+
+
+def _retry_after(value: str | None) -> float:
+    try:
+        return min(30.0, max(0.0, float(value or 1)))
+    except ValueError:  # an HTTP date: wait a second
+        return 1.0
 
 
 def _message(error: urllib.error.HTTPError) -> str:
@@ -165,13 +174,18 @@ class RemoteVAE:
         return images
 
     def decode_tiled(self, samples, tile_x=None, tile_y=None, overlap=None, tile_t=None, overlap_t=None):
-        """Tiled for memory on the server, with tiles whose result is the untiled one: the tile sizes are its own."""
-        return self.decode(samples, tiling="exact")
+        """Tiled for memory on the server, with tiles whose result is the untiled one where the model has them (else its
+        default): the tile sizes are the server's own."""
+        return self.decode(samples, tiling=self._exact_or_default)
 
     def encode(self, pixel_samples: torch.Tensor, tiling: str = "auto", progress: bool = False) -> torch.Tensor:
         """A LATENT's samples for IMAGE pixels [B, H, W, C] (a video family: the batch is one video's frames, or
         [B, F, H, W, C] videos), cropped to whole latent cells at the centre as ComfyUI does."""
         pixels = self._cropped(pixel_samples)[..., :3].to(torch.float32) * 2.0 - 1.0
+        if self.video:  # as ComfyUI's own video VAEs, the frames past the last whole k * step + 1 are not encoded
+            step = self.document["comfyui"]["frame_step"]
+            frames = pixels.shape[-4]
+            pixels = pixels[..., : (frames - 1) // step * step + 1, :, :, :]
         if self.video:
             pixels = pixels.unsqueeze(0) if pixels.ndim == 4 else pixels
             pixels = pixels.movedim(-1, 1)  # [B, F, H, W, 3] -> [B, 3, F, H, W]
@@ -187,7 +201,11 @@ class RemoteVAE:
         return latents.transpose(1, 2) if self.document["comfyui"].get("frames_first") else latents
 
     def encode_tiled(self, pixel_samples, tile_x=None, tile_y=None, overlap=None, tile_t=None, overlap_t=None):
-        return self.encode(pixel_samples, tiling="exact")
+        return self.encode(pixel_samples, tiling=self._exact_or_default)
+
+    @property
+    def _exact_or_default(self) -> str:
+        return "exact" if self.document.get("exact_tiling") else "auto"
 
     def get_sd(self):
         raise RemoteVaeError("a remote VAE holds no weights to save; its weights are on the server")
@@ -208,7 +226,7 @@ def _listed_families() -> list[str]:
     if now - _listed_families.at > 1.0:
         _listed_families.at = now
         try:
-            _listed_families.names = sorted(Connection(DEFAULT_URL, timeout=2.0).families())
+            _listed_families.names = sorted(Connection(DEFAULT_URL, timeout=2.0, retries=0).families())
         except Exception:  # no server there (yet): any name is accepted, and checked when the loader runs
             pass
     return ["auto", *_listed_families.names]

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
-from types import SimpleNamespace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,6 +36,7 @@ from diffusers.configuration_utils import ConfigMixin
 from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
 from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput
 from diffusers.utils.accelerate_utils import apply_forward_hook
 from torch import nn
 
@@ -86,7 +87,9 @@ class RemoteVae(ModelMixin, ConfigMixin):
         self.register_to_config(**described["model"]["config"])
         self.__dict__.update(_class_attributes(self.remote_class, described["model"]["config"]))
         self.use_tiling = self.use_slicing = False
-        self.has_distribution = True  # until the server says its encoder returns a latent
+        # The field the real encode output holds its result in: a distribution, or taesd's `latents`, DC-AE's `latent`
+        self.encoder_output = described["model"].get("encoder_output", "latent_dist")
+        self.has_distribution = self.encoder_output == "latent_dist"
         self.register_buffer("anchor", torch.empty(0), persistent=False)  # the device and dtype, moved by .to()
         for name, values in described["model"]["buffers"].items():
             _holder(self, name).register_buffer(name.rpartition(".")[2], torch.tensor(values), persistent=False)
@@ -97,8 +100,10 @@ class RemoteVae(ModelMixin, ConfigMixin):
     # -- what pipelines switch ------------------------------------------------------------
 
     def enable_tiling(self, *args, **kwargs) -> None:
-        """The server tiles with diffusers' blended tiles (`tiling=blend`) when it tiles: a local enable_tiling()'s
-        output."""
+        """The server tiles with diffusers' blended tiles (`tiling=blend`) where a local enable_tiling() would: that
+        call's output, with the server's tile sizes (the model's own defaults)."""
+        if args or kwargs:
+            log.warning("RemoteVae.enable_tiling: tile sizes are the server's; %s %s not sent", args, kwargs)
         self.use_tiling = True
 
     def disable_tiling(self) -> None:
@@ -124,7 +129,7 @@ class RemoteVae(ModelMixin, ConfigMixin):
         for arg in args:  # decode(z, temb), decode(z, False)
             if isinstance(arg, bool):
                 return_dict = arg
-            elif isinstance(arg, torch.Tensor):
+            elif isinstance(arg, (torch.Tensor, float, int)):
                 timestep = arg
         self._check_latents(z)
         samples = [self._decode(part, step) for part, step in _by_timestep(z, timestep)]
@@ -143,12 +148,12 @@ class RemoteVae(ModelMixin, ConfigMixin):
             except RemoteVaeError as exc:
                 if exc.status != 400 or NO_DISTRIBUTION not in exc.message:
                     raise
-                self.has_distribution = False
+                self.has_distribution, self.encoder_output = False, "latents"
             else:
                 distribution = DiagonalGaussianDistribution(self._placed(parameters, x.device))
                 return AutoencoderKLOutput(latent_dist=distribution) if return_dict else (distribution,)
         latents = self._placed(self.client.encode(images, self.family, **options), x.device)
-        return SimpleNamespace(latents=latents) if return_dict else (latents,)
+        return LatentOutput(**{self.encoder_output: latents}) if return_dict else (latents,)
 
     def _decode(self, z: torch.Tensor, timestep: float | None) -> torch.Tensor:
         latents = z.squeeze(2) if self.frame_axis and z.ndim == 5 else z
@@ -186,6 +191,10 @@ def _loaded(client: Client, family: str | None) -> dict[str, Any]:
         described = client.family(family)
         if "model" in described:
             return described
+        if described.get("status") == "ready":  # loaded, and no model described: a server from before the drop-in
+            raise RemoteVaeError(
+                501, "this server does not describe its models (GET /families has no 'model')", client.url
+            )
     status = described.get("status", "not ready")
     raise RemoteVaeError(503, f"the family is {status}; retry when the server has loaded it", client.url)
 
@@ -204,12 +213,21 @@ def _by_timestep(z: torch.Tensor, timestep: torch.Tensor | None):
     if timestep is None:
         yield z, None
         return
-    steps = timestep.detach().float().cpu().reshape(-1)
+    steps = torch.as_tensor(timestep).detach().float().cpu().reshape(-1)
     if steps.numel() == 1 or bool((steps == steps[0]).all()):
         yield z, float(steps[0])
         return
     for index in range(z.shape[0]):
         yield z[index : index + 1], float(steps[index])
+
+
+@dataclass
+class LatentOutput(BaseOutput):
+    """An encoder's latent (no distribution), under the name its real output class gives it: taesd's `latents`,
+    DC-AE's `latent`."""
+
+    latents: torch.Tensor | None = None
+    latent: torch.Tensor | None = None
 
 
 class _DtypeCarrier(nn.Module):

@@ -157,6 +157,8 @@ class Family:
             "spatial_compression": self.encode_step if normalised else self.spatial_compression,
             # an encode's latent comes back as the pipeline holds it, [B, T, C, h, w]; ComfyUI's is [B, C, T, h, w]
             "frames_first": self.layout.frames_first,
+            # a video to encode has k * frame_step + 1 frames (latents.frame_step)
+            "frame_step": (self.temporal_compression or 1) * (2 if self.latent_frames_odd else 1),
             "decode": {**scaling, **self.comfyui.get("decode", {})},
             "encode": scaling,
         }

@@ -300,4 +300,8 @@ def release_free_memory(reserved: int = TRIM_AFTER_BYTES) -> None:
                 with _trims:
                     _trimming = False
 
-    threading.Thread(target=trim, name="malloc-trim", daemon=True).start()
+    try:
+        threading.Thread(target=trim, name="malloc-trim", daemon=True).start()
+    except RuntimeError:  # no thread to be had now: the next release tries again
+        with _trims:
+            _trimming = False

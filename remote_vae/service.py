@@ -215,7 +215,7 @@ class VaeService:
         s, t = self.family.spatial_compression, self.family.temporal_compression or 1
         latent_values = (
             count * ((frames - 1) // t + 1) * math.ceil(height / s) * math.ceil(width / s) * self.family.latent_channels
-        )
+        ) * (2 if request.latent_dist == LatentDist.PARAMETERS else 1)  # parameters: a mean and a log-variance
         held += tensor_reply_bytes(latent_values, 4, reply_encoding) + latent_values * 4
         what = (
             f"{frames} frames of {width}x{height}" if self.family.is_video else f"{count} image(s) of {width}x{height}"

@@ -27,7 +27,6 @@ from ..families import Family
 from ..memory import MemoryBudget, auto_budget, release_free_memory
 from ..service import VaeService
 from ..settings import Settings
-from ..vae import model_description
 from ..vocabulary import Packing
 from . import openapi
 from .admission import WorkQueue
@@ -129,7 +128,9 @@ def family_document(slot: Slot, path: str) -> dict:
         "pipelines": list(family.pipelines),
         "hub_repos": [family.hub_repo, *family.hub_repos],
         # Once loaded: the model's class, config and normalisation buffers, for a drop-in VAE in a pipeline
-        **({"model": model_description(family, slot.service.vae.model)} if slot.service else {}),
+        **({"model": slot.service.vae.description} if slot.service else {}),
+        # Whether tiling=exact is there to ask for (known once loaded: it is the model's)
+        "exact_tiling": slot.service.vae.exact_tiling if slot.service else None,
     }
 
 

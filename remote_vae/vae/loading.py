@@ -3,9 +3,12 @@ diffusers class and dtype, and the model itself, checked against the family."""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 from collections.abc import Sequence
@@ -268,4 +271,16 @@ def model_description(family: Family, model: ModelMixin) -> dict[str, Any]:
         "frame_axis": family.layout.frame_axis,  # the model takes images as one-frame videos [B, C, 1, h, w]
         # what the model reads and writes: its own latent, or (a preview decoder) the full family's normalised one
         "latents": str(family.model_latents),
+        "encoder_output": encoder_output(model),
     }
+
+
+def encoder_output(model: ModelMixin) -> str:
+    """The field of the model's encode output that holds its result: "latent_dist" (a distribution), or the latent
+    itself ("latents": taesd's; "latent": DC-AE's), read from the output class its encode is annotated to return."""
+    encode = inspect.unwrap(type(model).encode)
+    for name in re.findall(r"\w+Output", str(inspect.signature(encode).return_annotation)):
+        output = encode.__globals__.get(name)
+        if dataclasses.is_dataclass(output):
+            return dataclasses.fields(output)[0].name
+    return "latent_dist"

@@ -25,7 +25,7 @@ from ..families import Family
 from ..latents import Normalisation, own_normalisation
 from ..tiling import Tiler, tiler_for
 from ..vocabulary import LatentDist, Tiling
-from .loading import weight_stats
+from .loading import model_description, weight_stats
 
 log = logging.getLogger("remote_vae")
 
@@ -110,6 +110,8 @@ class LoadedVae:
         self.samples_per_call = self.family.samples_per_call or 1 << 30
         # What do_scaling=True undoes: the family's factors or statistics, or those in the weights.
         self.normalisation: Normalisation = own_normalisation(self.family, weight_stats(self.family, self.model))
+        # What a drop-in VAE needs (GET /families), read once: it copies buffers from the device
+        self.description = model_description(self.family, self.model)
         # The decode keyword for a decode timestep, where the model is conditioned on one (LTX 0.9.1+).
         timestep = self.family.decode_timestep
         self.timestep_argument = timestep if timestep and self.model.config.get("timestep_conditioning", True) else None

@@ -106,9 +106,9 @@ PARAMETERS: dict[str, tuple[dict[str, Any], str, tuple[Operation, ...]]] = {
     ),
     "tiling": (
         {"type": "string", "enum": list(Tiling.words())},
-        "exact: when the call tiles, tiles equal to the untiled result; blend: diffusers' blended tiles wherever a local "
-        "enable_tiling() would use them. Missing: the family's default (exact where it has an exact path, unless its "
-        "config says blend).",
+        "exact: when the call tiles, tiles equal to the untiled result; blend: diffusers' blended tiles wherever a "
+        "local enable_tiling() would use them. Missing: the family's default (exact where it has an exact path, unless "
+        "its config says blend).",
         BOTH,
     ),
 }

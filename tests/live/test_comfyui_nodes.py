@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import time
 
 import pytest
 import torch
-from conftest import ROOT, seeded
+from conftest import ROOT, free_port, seeded
 from diffusers import Flux2Pipeline, LTXPipeline
 
 from remote_vae.families import available, load_family
@@ -185,3 +186,27 @@ def test_errors_carry_the_servers_message(nodes, every_family_server):
         nodes, "RemoteVAELoader", url=every_family_server.url, family="sd3", api_key="", api_key_variable="NO_SUCH"
     )
     assert vae.latent_channels == 16
+
+
+def test_tiled_nodes_tile_exactly_only_where_the_model_can_and_videos_encode_whole_frame_counts(
+    nodes, every_family_server, reference
+):
+    """VAE Decode (Tiled) on CogVideoX (no exact path) gets its default, not a 400; a video family encodes an IMAGE
+    batch of any length, as ComfyUI's own VAE does, from its last whole k * step + 1 frames."""
+    cogvideox = loaded(nodes, every_family_server, "cogvideox")
+    samples = comfyui_latent("cogvideox")
+    expected = as_image(diffusers_decode(reference["cogvideox"], "cogvideox", samples))
+    assert (cogvideox.decode_tiled(samples).reshape(expected.shape) - expected).abs().max() <= PIXEL
+    wan = loaded(nodes, every_family_server, "wan21")
+    pixels = torch.rand(11, 64, 32, 3, generator=torch.Generator().manual_seed(44))
+    assert torch.equal(wan.encode(pixels), wan.encode(pixels[:9]))
+
+
+def test_the_family_list_does_not_wait_for_a_server_that_is_not_there(monkeypatch):
+    module = load_custom_nodes("remote-vae-offline")
+    module = sys.modules["remote-vae-offline.remote_vae_nodes"]
+    monkeypatch.setattr(module, "DEFAULT_URL", f"http://127.0.0.1:{free_port()}/")
+    module._listed_families.at = -10.0
+    started = time.monotonic()
+    assert module.RemoteVAELoader.INPUT_TYPES()["required"]["family"][0][0] == "auto"
+    assert time.monotonic() - started < 3  # one short try, no retries: ComfyUI's UI asks this on every load

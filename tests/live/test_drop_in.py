@@ -166,8 +166,12 @@ def test_encode_distribution_parameters_on_the_wire(server, reference):
     # taesd's model reads and writes sd15's normalised latents: its own space is the family's scaling
     no_distribution = post("taesd", latent_dist="parameters", **load_family("taesd").client_scaling())
     assert no_distribution.status_code == 400 and "not a distribution" in no_distribution.json()["error"]
-    # the drop-in falls back to the latent itself for such an encoder
-    assert RemoteVae(f"{server.url}/taesd/").encode(image).latents.shape == (1, 4, 8, 4)
+    # the drop-in answers the latent itself for such an encoder, under its real output's name, indexable as diffusers'
+    taesd = RemoteVae(f"{server.url}/taesd/").encode(image)
+    assert taesd.latents.shape == (1, 4, 8, 4) and taesd[0] is taesd.latents
+    sana = RemoteVae(f"{server.url}/sana/").encode(image)  # DC-AE: Sana's img2img pipelines read `.latent`
+    with torch.no_grad():
+        torch.testing.assert_close(sana.latent, reference["sana"].encode(image).latent, atol=1e-4, rtol=1e-4)
 
 
 def test_a_pipeline_of_another_family_gets_a_clear_error(server):

@@ -110,6 +110,25 @@ def test_a_release_while_trimming_has_the_trims_run_again_after_it(monkeypatch):
     assert len(trims) == 6 and sum(at > released + 0.04 for at in trims) >= 3
 
 
+def test_a_trim_thread_that_cannot_start_does_not_stop_later_trims(monkeypatch):
+    if memory._LIBC is None:
+        pytest.skip("no glibc malloc_trim here: nothing is trimmed")
+    wait_until(lambda: not memory._trimming, 10, lambda: "an earlier trim thread still runs")
+
+    def refuse(self):
+        raise RuntimeError("can't start new thread")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(memory.threading.Thread, "start", refuse)
+        release_free_memory(1 << 30)
+    assert not memory._trimming  # so the next release starts a thread again
+    trims = []
+    monkeypatch.setattr(memory, "TRIM_DELAYS", (0.01,))
+    monkeypatch.setattr(memory, "trim_heaps", lambda: trims.append(1))
+    release_free_memory(1 << 30)
+    wait_until(lambda: trims, 10, lambda: "no trim after the failed start")
+
+
 def test_repeated_log_records_are_rate_limited_and_counted():
     filter_ = RateLimitedLog(interval=60)
 
