@@ -16,7 +16,7 @@ import requests
 import tiny_pipelines
 import torch
 import uvicorn
-from conftest import ROOT, TINY_MODELS, free_port, seeded, wait_until
+from conftest import ROOT, TINY_MODELS, free_port, offline_env, seeded, wait_until
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
@@ -265,3 +265,23 @@ def test_a_pipeline_class_or_a_hub_repo_finds_its_family(server):
         RemoteVae(server.url, family="WanPipeline")
     with pytest.raises(ValueError, match="does not serve 'NoSuchPipeline'"):
         RemoteVae(server.url, family="NoSuchPipeline")
+
+
+def test_the_cli_takes_a_hub_repo_for_the_family(server, reference, tmp_path):
+    """`remote-vae decode --family` goes through the same lookup: a pipeline's repo names the family, and the PNG is
+    the local VAE's decode of the pipeline's latent."""
+    from diffusers_reference import run_cli
+    from safetensors.torch import save_file
+
+    latents = seeded(1, 4, 8, 4, seed=12)
+    save_file({"latents": latents}, tmp_path / "a.safetensors")
+    out = tmp_path / "a.png"
+    done = run_cli(
+        "decode", str(tmp_path / "a.safetensors"), "-o", str(out), "--url", server.url,
+        "--family", "stabilityai/stable-diffusion-xl-base-1.0", env=offline_env(),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    with torch.no_grad():
+        local = reference["sdxl"].decode(latents / reference["sdxl"].config.scaling_factor).sample
+    expected = ((local / 2 + 0.5).clamp(0, 1) * 255).round()[0].permute(1, 2, 0).numpy() / 255
+    assert_same_pixels(np.asarray(Image.open(out)) / 255, expected)
