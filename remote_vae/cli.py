@@ -19,7 +19,6 @@ from pathlib import Path
 
 from . import families
 from .families import Family, FamilyError
-from .latents import frame_step
 from .settings import Settings, SettingsError, add_arguments, env, option, settings_from
 from .vocabulary import Packing
 
@@ -109,7 +108,7 @@ def describe(family: Family) -> str:
     """A family for `families`: what it is, its weights, the latents it takes, and what a client passes to decode
     them."""
     extra = "; optional decode_timestep=, decode_noise_scale=, decode_noise_seed=" if family.decode_timestep else ""
-    kind = f"video, {frame_step(family)}k+1 frames" if family.is_video else "image"
+    kind = f"video, {family.frame_step}k+1 frames" if family.is_video else "image"
     return "\n".join(
         [
             f"{family.name} ({kind}): {family.description}",

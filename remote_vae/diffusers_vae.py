@@ -48,7 +48,6 @@ log = logging.getLogger("remote_vae")
 
 PIXEL_REPLIES = ("uint8", "raw")  # what a decode asks the server for
 PLAIN_TYPES = (bool, int, float, str, type(None))
-NO_DISTRIBUTION = "not a distribution"  # the server's words for an encoder that returns a latent (taesd)
 
 
 class RemoteVae(ModelMixin, ConfigMixin):
@@ -88,8 +87,7 @@ class RemoteVae(ModelMixin, ConfigMixin):
         self.__dict__.update(_class_attributes(self.remote_class, described["model"]["config"]))
         self.use_tiling = self.use_slicing = False
         # The field the real encode output holds its result in: a distribution, or taesd's `latents`, DC-AE's `latent`
-        self.encoder_output = described["model"].get("encoder_output", "latent_dist")
-        self.has_distribution = self.encoder_output == "latent_dist"
+        self.encoder_output = described["model"]["encoder_output"]
         self.register_buffer("anchor", torch.empty(0), persistent=False)  # the device and dtype, moved by .to()
         for name, values in described["model"]["buffers"].items():
             _holder(self, name).register_buffer(name.rpartition(".")[2], torch.tensor(values), persistent=False)
@@ -139,19 +137,13 @@ class RemoteVae(ModelMixin, ConfigMixin):
     @apply_forward_hook
     def encode(self, x: torch.Tensor, return_dict: bool = True):
         """The local VAE's encode of `x` ([B, 3, (F,) H, W] in -1..1): the encoder's distribution, on x's device in
-        this VAE's dtype (or, for an encoder without one, its latent as `.latents`)."""
+        this VAE's dtype (or, for an encoder without one, its latent under its real name: `.latents`, `.latent`)."""
         images = x.squeeze(2) if self.frame_axis and x.ndim == 5 else x
         options = {**self.wire_scaling, **self._tiling()}
-        if self.has_distribution:
-            try:
-                parameters = self.client.encode(images, self.family, latent_dist="parameters", **options)
-            except RemoteVaeError as exc:
-                if exc.status != 400 or NO_DISTRIBUTION not in exc.message:
-                    raise
-                self.has_distribution, self.encoder_output = False, "latents"
-            else:
-                distribution = DiagonalGaussianDistribution(self._placed(parameters, x.device))
-                return AutoencoderKLOutput(latent_dist=distribution) if return_dict else (distribution,)
+        if self.encoder_output == "latent_dist":
+            parameters = self.client.encode(images, self.family, latent_dist="parameters", **options)
+            distribution = DiagonalGaussianDistribution(self._placed(parameters, x.device))
+            return AutoencoderKLOutput(latent_dist=distribution) if return_dict else (distribution,)
         latents = self._placed(self.client.encode(images, self.family, **options), x.device)
         return LatentOutput(**{self.encoder_output: latents}) if return_dict else (latents,)
 

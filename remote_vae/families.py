@@ -34,15 +34,10 @@ What each family's pipeline does between its denoiser and `vae.decode` is data t
                         its attention mask breaks on batches);
   latent_frames_odd     a video model whose latent frame count must be odd (CogVideoX:
                         an even count decodes to 4T frames, and its pipelines never make one).
-`pipelines` names the diffusers pipeline classes that use this VAE as it is (weights and normalisation; read from each
-pipeline's decode path and its example repository), `hub_repos` the repositories beside `hub_repo` that ship it: a
-client finds the family from either (docs/families.md lists what was checked).
-And what ComfyUI's own VAE code does (comfy/latent_formats.py and its VAE classes):
-  comfyui               {"latents": "raw"} (the default: a LATENT holds the VAE's own latent) or
-                        "normalised" (the family's normalisation: Flux.2's patchified batch-norm
-                        space, LTX's per-channel statistics), and "decode": the query parameters
-                        its decode implies (LTX: timestep 0.05 with 0.025 noise); our ComfyUI
-                        nodes send what GET /families says.
+`pipelines` and `hub_repos` name the diffusers pipelines that use this VAE as it is and the repos that ship it (a
+client finds the family from either; docs/families.md). `comfyui` says how ComfyUI holds its LATENT: "latents": "raw"
+(the default) or "normalised" (Flux.2's, LTX's), and "decode": the parameters its decode implies (LTX: timestep 0.05,
+noise 0.025); our ComfyUI nodes send what GET /families says.
 """
 
 from __future__ import annotations
@@ -118,6 +113,11 @@ class Family:
     def is_video(self) -> bool:
         return self.temporal_compression is not None
 
+    @property
+    def frame_step(self) -> int:
+        """A video has k * frame_step + 1 frames: the temporal compression, twice it where latent frames are odd."""
+        return (self.temporal_compression or 1) * (2 if self.latent_frames_odd else 1)
+
     def frames_for(self, latent_frames: int) -> int:
         """Decoded frames for T latent frames: the first latent frame is one frame, each further one is several."""
         return self.temporal_compression * (latent_frames - 1) + 1
@@ -148,8 +148,7 @@ class Family:
         return {name: value for name, value in factors.items() if value is not None}
 
     def comfyui_parameters(self) -> dict[str, dict[str, Any]]:
-        """How ComfyUI holds this family's LATENT (its channels and spatial compression) and the query parameters a
-        ComfyUI node sends with one, by operation."""
+        """How ComfyUI holds this family's LATENT, and the query parameters a ComfyUI node sends with one."""
         normalised = self.comfyui.get("latents") == "normalised"
         scaling = self.client_scaling() if normalised else {"do_scaling": False}
         return {
@@ -157,8 +156,7 @@ class Family:
             "spatial_compression": self.encode_step if normalised else self.spatial_compression,
             # an encode's latent comes back as the pipeline holds it, [B, T, C, h, w]; ComfyUI's is [B, C, T, h, w]
             "frames_first": self.layout.frames_first,
-            # a video to encode has k * frame_step + 1 frames (latents.frame_step)
-            "frame_step": (self.temporal_compression or 1) * (2 if self.latent_frames_odd else 1),
+            "frame_step": self.frame_step,
             "decode": {**scaling, **self.comfyui.get("decode", {})},
             "encode": scaling,
         }
@@ -187,19 +185,21 @@ def _family_from_dict(data: dict[str, Any], source: str) -> Family:
     _check_normalisation(values, source)
     _check_layout(values, source)
     _check_stats_in_weights(values, source)
-    for key in ("pipelines", "hub_repos"):
-        if not (isinstance(values.get(key, []), list) and all(isinstance(name, str) for name in values.get(key, []))):
-            raise FamilyError(f"{source}: {key} is a list of names")
-        values[key] = tuple(values.get(key, ()))
-    comfyui = values.get("comfyui", {})
-    if not (isinstance(comfyui, dict) and set(comfyui) <= {"latents", "decode"}) or comfyui.get(
-        "latents", "raw"
-    ) not in (
-        "raw",
-        "normalised",
-    ):
-        raise FamilyError(f'{source}: comfyui is {{"latents": "raw" or "normalised", "decode": {{parameters}}}}')
+    _check_clients(values, source)
     return Family(**values)
+
+
+def _check_clients(values: dict[str, Any], source: str) -> None:
+    """The pipelines and repos a family serves (lists of names, kept as tuples) and how ComfyUI holds its latents."""
+    for key in ("pipelines", "hub_repos"):
+        names = values.get(key, [])
+        if not (isinstance(names, list) and all(isinstance(name, str) for name in names)):
+            raise FamilyError(f"{source}: {key} is a list of names")
+        values[key] = tuple(names)
+    comfyui = values.get("comfyui", {})
+    latents = comfyui.get("latents", "raw") if isinstance(comfyui, dict) else None
+    if latents not in ("raw", "normalised") or set(comfyui) - {"latents", "decode"}:
+        raise FamilyError(f'{source}: comfyui is {{"latents": "raw" or "normalised", "decode": {{parameters}}}}')
 
 
 def _check_counts(values: dict[str, Any], source: str) -> None:

@@ -240,8 +240,8 @@ class VaeService:
         normalisation = request.scaling.normalisation(self.vae.normalisation)
         layout = self.vae.layout
         tiling = self.vae.checked_tiling(request.tiling)
-        if request.latent_dist == LatentDist.PARAMETERS and normalisation != self._model_space:
-            raise RequestError("latent_dist=parameters returns the VAE's own mean and log-variance; send no scaling")
+        if request.latent_dist == LatentDist.PARAMETERS:
+            self.vae.check_distribution(normalisation)  # before the model runs
 
         def respond(latents: torch.Tensor) -> torch.Tensor:
             if request.latent_dist == LatentDist.PARAMETERS:  # the VAE's own, in the layout its encoder returns
@@ -282,15 +282,6 @@ class VaeService:
         if self.family.model_latents != ModelLatents.NORMALISED:
             return normalisation.unscale(latents)
         return latents if normalisation == own else own.scale(normalisation.unscale(latents))
-
-    @property
-    def _model_space(self) -> latent_ops.Normalisation:
-        """The normalisation that leaves the model's own latents as they are: none, or a preview decoder's own."""
-        return (
-            self.vae.normalisation
-            if self.family.model_latents == ModelLatents.NORMALISED
-            else latent_ops.ScalarFactors()
-        )
 
     def _from_model_space(self, normalisation: latent_ops.Normalisation, latents: torch.Tensor) -> torch.Tensor:
         """The inverse of _to_model_space, for an encoder's latent."""

@@ -22,7 +22,6 @@ from .checks import (
     check_pixel_shape,
     check_sides,
     check_video_size,
-    frame_step,
     nearest_frame_counts,
 )
 from .layout import LatentPlan, check_dims, check_output_size, plan_decode, to_canonical
@@ -45,7 +44,6 @@ __all__ = [
     "check_pixel_shape",
     "check_sides",
     "check_video_size",
-    "frame_step",
     "nearest_frame_counts",
     "own_normalisation",
     "plan_decode",

@@ -48,22 +48,16 @@ def check_image_size(batch: int, height: int, width: int, family: Family, max_pi
         )
 
 
-def frame_step(family: Family) -> int:
-    """A video to encode has k * frame_step + 1 frames: the temporal compression (twice it where latent frames must be
-    odd)."""
-    return family.temporal_compression * (2 if family.latent_frames_odd else 1)
-
-
 def nearest_frame_counts(frames: int, family: Family) -> tuple[int, int]:
     """The valid frame counts (k * frame_step + 1) either side of `frames` (at least 1)."""
-    step = frame_step(family)
+    step = family.frame_step
     below = (frames - 1) // step * step + 1
     return below, below + step
 
 
 def check_frame_count(frames: int, family: Family) -> None:
     """A video to encode has k * frame_step + 1 frames: one latent frame for the first, one per further group."""
-    step = frame_step(family)
+    step = family.frame_step
     if frames < 1 or (frames - 1) % step:
         nearest = " or ".join(str(count) for count in nearest_frame_counts(max(frames, 1), family))
         raise RequestError(

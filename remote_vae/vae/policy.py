@@ -22,9 +22,9 @@ from diffusers.models.modeling_utils import ModelMixin
 from ..device import BatchBudget, DevicePath, available_memory, compiled_calls, to_device
 from ..errors import RequestError
 from ..families import Family
-from ..latents import Normalisation, own_normalisation
+from ..latents import Normalisation, ScalarFactors, own_normalisation
 from ..tiling import Tiler, tiler_for
-from ..vocabulary import LatentDist, Tiling
+from ..vocabulary import LatentDist, ModelLatents, Tiling
 from .loading import model_description, weight_stats
 
 log = logging.getLogger("remote_vae")
@@ -128,6 +128,15 @@ class LoadedVae:
         """The tiling a request asks for, refused where the model has no such path."""
         self.tiling_for(requested)
         return requested
+
+    def check_distribution(self, normalisation: Normalisation) -> None:
+        """For latent_dist=parameters: refused where the encoder returns a latent, not a distribution (its description
+        says which), or where `normalisation` would change the model's own latents (none, or a preview decoder's)."""
+        if self.description["encoder_output"] != "latent_dist":
+            raise RequestError("this VAE's encoder returns a latent, not a distribution; send latent_dist=mean")
+        own = self.normalisation if self.family.model_latents == ModelLatents.NORMALISED else ScalarFactors()
+        if normalisation != own:
+            raise RequestError("latent_dist=parameters returns the VAE's own mean and log-variance; send no scaling")
 
     def tiling_for(self, requested: str | None) -> str:
         """The tiling a call uses when it tiles: the requested one, else the family's default ('exact' where the model
@@ -293,9 +302,7 @@ def latent_of(encoded, latent_dist: LatentDist = LatentDist.MEAN) -> torch.Tenso
     """An encoder's latent: the distribution's mean (deterministic) or its parameters (mean and log-variance), or the
     latent itself where the model has no distribution (taesd's `latents`, DC-AE's `latent`)."""
     distribution = getattr(encoded, "latent_dist", None)
-    if distribution is None:
-        if latent_dist == LatentDist.PARAMETERS:
-            raise RequestError("this VAE's encoder returns a latent, not a distribution; send latent_dist=mean")
+    if distribution is None:  # latent_dist=parameters is refused for such a model before it runs (service.py)
         return encoded.latents if hasattr(encoded, "latents") else encoded.latent
     return distribution.parameters if latent_dist == LatentDist.PARAMETERS else distribution.mean
 

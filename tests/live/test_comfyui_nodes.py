@@ -16,7 +16,6 @@ from conftest import ROOT, free_port, seeded
 from diffusers import Flux2Pipeline, LTXPipeline
 
 from remote_vae.families import available, load_family
-from remote_vae.latents import frame_step
 from remote_vae.vae import latent_of
 
 FAMILIES = available()
@@ -129,7 +128,7 @@ def test_decode_node_gives_diffusers_pixels_in_comfyuis_conventions(nodes, every
 def test_encode_node_gives_diffusers_latents_in_comfyuis_conventions(nodes, every_family_server, reference, family):
     spec = load_family(family)
     vae = loaded(nodes, every_family_server, family)
-    frames = 2 * frame_step(spec) + 1 if spec.is_video else 2  # a video family encodes the IMAGE batch as one video
+    frames = 2 * spec.frame_step + 1 if spec.is_video else 2  # a video family encodes the IMAGE batch as one video
     pixels = torch.rand(frames, 64, 32, 3, generator=torch.Generator().manual_seed(42))
     (latent,) = run_node(nodes, "RemoteVAEEncode", pixels=pixels, vae=vae)
     x = pixels.movedim(-1, 1) * 2 - 1
