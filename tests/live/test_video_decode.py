@@ -4,10 +4,9 @@ table."""
 import numpy as np
 import pytest
 import requests
+import tiny_pipelines
 import torch
 from conftest import MODEL_CLASSES, TEST_TILING, psnr, seeded, tensor_of
-from diffusers import WanPipeline, WanTransformer3DModel
-from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils.remote_utils import remote_decode
 from diffusers.video_processor import VideoProcessor
 from diffusers_reference import read_mp4
@@ -197,29 +196,12 @@ def test_hunyuan_scaling_factor(video_server, reference):
 
 @pytest.fixture(scope="module")
 def wan_pipeline(reference):
-    """diffusers' WanPipeline around the tiny Wan VAE, with a tiny transformer and no text encoder."""
+    """diffusers' WanPipeline around the tiny Wan VAE, with a tiny transformer and no text encoder
+    (tests/tiny_pipelines.py)."""
     torch.manual_seed(4)
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=16,
-        out_channels=16,
-        text_dim=16,
-        freq_dim=32,
-        ffn_dim=16,
-        num_layers=1,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-    ).eval()
-    return WanPipeline(
-        tokenizer=None,
-        text_encoder=None,
-        transformer=transformer,
-        vae=reference["wan21"],
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-    )
+    pipe, _ = tiny_pipelines.wan22(reference["wan21"])  # 16 channels: Wan 2.1's WanPipeline
+    pipe.transformer.eval()
+    return pipe
 
 
 def test_wan_do_scaling_is_the_pipelines_per_channel_normalisation(video_server, wan_pipeline):
