@@ -10,6 +10,7 @@
     python scripts/bench.py tiling --family sd15 --tiny --sizes 1024 2048 4096 [--device cuda] [--pictures docs/tiling]
     [--operation encode]
     python scripts/bench.py tiling --family wan21 --tiny --sizes 512 1024 --frames 5
+    python scripts/bench.py tiling --family hunyuanvideo15 --tiny --sizes 512 768 --frames 9
     python scripts/bench.py ray --family sd15 --tiny --size 256 --clients 1 4 [--device cuda]
     python scripts/bench.py preview --family taesd [--preview-model DIR --full-model DIR] --size 512 [--device cuda]
 
@@ -73,6 +74,7 @@ TINY_ARCHITECTURES = {
     "AutoencoderKL": dict(block_out_channels=[8, 16, 16, 16], layers_per_block=1, norm_num_groups=8),
     "AutoencoderKLHunyuanVideo": dict(block_out_channels=[8, 16, 16, 16], layers_per_block=1, norm_num_groups=8),
     "AutoencoderKLWan": dict(base_dim=8, dim_mult=[1, 2, 2, 2], num_res_blocks=1),
+    "AutoencoderKLHunyuanVideo15": dict(block_out_channels=[8, 16, 16, 64, 64], layers_per_block=1),
 }
 
 
