@@ -6,7 +6,8 @@ torch tensor, raw bytes, a base64 string or a PIL image. Tensor results come
 back as `{"inputs": "<base64>", "parameters": {"shape": [...], "dtype": "..."}}`,
 image results as a PIL image carrying the server's JPEG/PNG/WebP settings (the toolkit encodes it for an
 image/* Accept, or as base64 PNG inside JSON),
-MP4 results as `{"inputs": "<base64 of the MP4>", "parameters": {"media_type": "video/mp4", ...}}`.
+MP4 and audio results as `{"inputs": "<base64 of the file>", "parameters": {"media_type": "video/mp4", ...}}`
+(audio/wav, audio/flac).
 
 The stock toolkit passes only JSON and image bodies; serving `tensor/binary`
 needs the package's own HTTP server (`python -m remote_vae serve`).
@@ -30,7 +31,7 @@ from remote_vae.launch import load_service
 from remote_vae.media import ImageFile, dtype_name, encode_image, save_options, stack_vertically, tensor_to_bytes
 from remote_vae.settings import read_settings
 from remote_vae.vae import default_source
-from remote_vae.vocabulary import OutputForm
+from remote_vae.vocabulary import AUDIO_FORMATS, OutputForm
 from remote_vae.wire import Params, WireRequest, dispatch, first_accepted
 
 
@@ -71,10 +72,11 @@ class EndpointHandler:
             }
             return image
         counts = {name.replace("-", "_"): int(value) for name, value in outcome.headers.items()}
-        if outcome.form == OutputForm.MP4:
+        files = {OutputForm.MP4: "video/mp4", OutputForm.AUDIO: AUDIO_FORMATS.get(outcome.reply.audio.format)}
+        if outcome.form in files:
             return {
                 "inputs": base64.b64encode(outcome.value).decode(),
-                "parameters": {"media_type": "video/mp4", **counts},
+                "parameters": {"media_type": files[outcome.form], **counts},
             }
         tensor = outcome.value
         return {
@@ -88,7 +90,7 @@ class EndpointHandler:
         if isinstance(inputs, torch.Tensor):
             parameters.setdefault("shape", list(inputs.shape))
             parameters.setdefault("dtype", dtype_name(inputs.dtype))
-            return tensor_to_bytes(inputs), "tensor/binary" if inputs.shape[1:2] != (3,) else ""
+            return tensor_to_bytes(inputs), ""  # latent or pixels (or a waveform): the wire tells them by the shape
         if isinstance(inputs, PIL.Image.Image):
             return encode_image(inputs, ImageFile("PNG", png_compression=0)), "image/png"
         if isinstance(inputs, (bytes, bytearray)):

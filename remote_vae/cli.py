@@ -91,11 +91,18 @@ def client_call(family: Family) -> str:
     arguments = [f"{name}={value}" for name, value in family.client_scaling().items() if name != "do_scaling"]
     if family.layout.packing != Packing.NONE:
         arguments += ["height=H", "width=W"]
-    if family.is_video:
+    if family.is_audio:  # the waveform as its pipeline's vae.decode returns it; remote_decode wants sizes for a 3-D one
+        arguments += ['output_type="pt"', "partial_postprocess=False", 'return_type="pt"', "height=1", "width=1"]
+    elif family.is_video:
         arguments += ['output_type="pt"', "partial_postprocess=True", 'return_type="pt"']
     else:
         arguments += ['image_format="png"']
     return f"remote_decode(url, latents, {', '.join(arguments)})"
+
+
+def _sound(family: Family) -> str:
+    audio = family.audio
+    return f"audio, {audio.sampling_rate} Hz, {audio.channels} channels, {audio.hop_length} samples per latent step"
 
 
 def client_table(shipped: list[Family]) -> str:
@@ -108,7 +115,10 @@ def describe(family: Family) -> str:
     """A family for `families`: what it is, its weights, the latents it takes, and what a client passes to decode
     them."""
     extra = "; optional decode_timestep=, decode_noise_scale=, decode_noise_seed=" if family.decode_timestep else ""
-    kind = f"video, {family.frame_step}k+1 frames" if family.is_video else "image"
+    kind = (
+        _sound(family) if family.is_audio else f"video, {family.frame_step}k+1 frames" if family.is_video else "image"
+    )
+    wire = "&".join(f"{name}={value}" for name, value in family.client_scaling().items())
     return "\n".join(
         [
             f"{family.name} ({kind}): {family.description}",
@@ -116,13 +126,13 @@ def describe(family: Family) -> str:
             f"  serves   {', '.join(family.pipelines) or '(its own pipelines)'}",
             f"  latents  {family.layout.describe()}",
             f"  client   {client_call(family)}{extra}",
-            f"  wire     {'&'.join(f'{name}={value}' for name, value in family.client_scaling().items())}",
+            f"  wire     {wire or '(no scaling)'}",
         ]
     )
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-OUTPUT_SUFFIXES = IMAGE_SUFFIXES + (".mp4", ".safetensors")
+OUTPUT_SUFFIXES = IMAGE_SUFFIXES + (".mp4", ".wav", ".flac", ".safetensors")
 
 
 # long: one declaration per option of the two client commands, in the order --help lists them
@@ -180,15 +190,18 @@ def add_client_commands(commands) -> None:
     decode.add_argument(
         "--format",
         choices=[suffix[1:] for suffix in OUTPUT_SUFFIXES],
-        help="output format when OUT is a directory (default png, mp4 for video families)",
+        help="output format when OUT is a directory (default png, mp4 for video families, wav for audio families)",
     )
     decode.add_argument("--fps", type=float, help="frame rate of an MP4")
     common(decode)
     encode = commands.add_parser(
-        "encode", help="encode images or videos on a server to latents (.safetensors, key 'latents')"
+        "encode", help="encode images, videos or audio on a server to latents (.safetensors, key 'latents')"
     )
     encode.add_argument(
-        "inputs", nargs="+", metavar="IMAGE_OR_VIDEO", help="a .png, .jpg, .webp, .mp4, .webm or .gif file"
+        "inputs",
+        nargs="+",
+        metavar="IMAGE_VIDEO_OR_AUDIO",
+        help="a .png, .jpg, .webp, .mp4, .webm, .gif, .wav or .flac file",
     )
     common(encode)
 
@@ -210,7 +223,7 @@ def run_client(args: argparse.Namespace) -> int:
     bad arguments."""
     from tqdm import tqdm
 
-    from .client import Client, RemoteVaeError
+    from .client import Client, RemoteVaeError, family_kind
 
     api_key = os.environ.get(args.api_key_env)
     if args.api_key_env != "REMOTE_VAE_API_KEY" and not api_key:
@@ -226,7 +239,7 @@ def run_client(args: argparse.Namespace) -> int:
         except (ValueError, RemoteVaeError, OSError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1 if isinstance(exc, (RemoteVaeError, OSError)) else 2
-        targets = output_paths(args.output, args.inputs, default_suffix(args, family["video"]))
+        targets = output_paths(args.output, args.inputs, default_suffix(args, family_kind(family)))
         for target in targets:
             if args.command == "decode" and target.suffix.lower() not in OUTPUT_SUFFIXES:
                 raise SettingsError(f"{target}: expected an output ending in {', '.join(OUTPUT_SUFFIXES)}")
@@ -241,11 +254,11 @@ def run_client(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def default_suffix(args: argparse.Namespace, video: bool) -> str:
+def default_suffix(args: argparse.Namespace, kind: str) -> str:
     """What an output is written as when -o names a directory or a pattern."""
     if args.command == "encode":
         return ".safetensors"
-    return f".{args.format}" if args.format else ".mp4" if video else ".png"
+    return f".{args.format}" if args.format else {"video": ".mp4", "audio": ".wav"}.get(kind, ".png")
 
 
 def run_one(client, args: argparse.Namespace, source: str, target: Path) -> list[Path]:
@@ -254,7 +267,8 @@ def run_one(client, args: argparse.Namespace, source: str, target: Path) -> list
 
     if args.command == "decode":
         suffix = target.suffix.lower()
-        output = "mp4" if suffix == ".mp4" else "pt" if suffix == ".safetensors" else "pil"
+        files = {".mp4": "mp4", ".wav": "wav", ".flac": "flac", ".safetensors": "pt"}
+        output = files.get(suffix, "pil")
         options = {"fps": args.fps} if args.fps else {}
         latents = load_latents(source, args.key)
         result = client.decode(

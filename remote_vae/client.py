@@ -44,8 +44,12 @@ FILE_TYPES = {
     ".mp4": "video/mp4",
     ".webm": "video/webm",
     ".gif": "image/gif",
+    ".wav": "audio/wav",
+    ".flac": "audio/flac",
 }
-OUTPUTS = ("pil", "uint8", "pt", "mp4")
+OUTPUTS = ("pil", "uint8", "pt", "mp4", *vocabulary.AUDIO_FORMATS)
+FILE_OUTPUTS = {"mp4": "video/mp4", **vocabulary.AUDIO_FORMATS}  # outputs that are a file's bytes, by media type
+DEFAULT_OUTPUTS = {"image": "pil", "video": "mp4", "audio": "pt"}  # by the family's kind
 
 
 class RemoteVaeError(Exception):
@@ -144,31 +148,27 @@ class Client:
         Packed latents (Flux, Flux.2, Qwen-Image, LTX) need the pixel `height` and `width`.
         output: "pil" (a PIL image, or a list for a batch; a video's frames as a list), "uint8"
         (a uint8 tensor [B, H, W, 3], or [F, H, W, 3] for a video), "pt" (the VAE's output,
-        float, about -1..1), "mp4" (bytes); default "mp4" for video families, else "pil".
+        float, about -1..1; an audio family's waveform [B, channels, samples]), "mp4" (bytes), "wav" or
+        "flac" (an audio file's bytes); default "mp4" for video families, "pt" for audio families, else "pil".
         options: further query parameters (fps, crf, tiling, decode_timestep, ...), see docs/api.md.
         """
         described = self.family(family)
-        output = output or ("mp4" if described["video"] else "pil")
+        output = output or DEFAULT_OUTPUTS[family_kind(described)]
         if output not in OUTPUTS:
             raise ValueError(f"output={output!r}; expected one of {', '.join(OUTPUTS)}")
         params: dict[str, Any] = {**(described["scaling"] if normalised else {}), **options}
         if height is not None and width is not None:
             params.update(height=height, width=width)
-        if output == "mp4":
-            params["output_type"], accept = "mp4", "video/mp4"
+        if output in FILE_OUTPUTS:
+            params["output_type"], accept = output, FILE_OUTPUTS[output]
         else:
             params.update(output_type="pt", partial_postprocess=output != "pt")
             accept = "tensor/binary"
         body, shape, dtype = tensor_bytes(latents)
         params.update(shape=list(shape), dtype=dtype)
-        reply = self._request(
-            "POST",
-            described["path"],
-            params=params,
-            data=body,
-            headers={"Content-Type": "tensor/binary", "Accept": accept},
-        )
-        if output == "mp4":
+        headers = {"Content-Type": "tensor/binary", "Accept": accept}
+        reply = self._request("POST", described["path"], params=params, data=body, headers=headers)
+        if output in FILE_OUTPUTS:
             return reply.content
         tensor = reply_tensor(reply)
         if output != "pil":
@@ -182,8 +182,8 @@ class Client:
         """Encode to latents, normalised as the family's pipeline holds them (normalised=False: the VAE's own).
 
         images: a PIL image or a list of them (same size), a float tensor [B, 3, H, W] (a video:
-        [B, 3, F, H, W]) in -1..1, or an image or video file (a path, or bytes with a
-        `content_type=` option).
+        [B, 3, F, H, W]; an audio family's waveform [B, channels, samples]) in -1..1, or an image, video or audio
+        file (a path, or bytes with a `content_type=` option).
         """
         described = self.family(family)
         params: dict[str, Any] = dict(described["scaling"] if normalised else {})
@@ -234,6 +234,11 @@ class Client:
                 raise RemoteVaeError(reply.status_code, error_message(reply), url, reply.headers.get("x-request-id"))
             return reply
         raise AssertionError("unreachable")
+
+
+def family_kind(described: dict[str, Any]) -> str:
+    """A family document's kind: "image", "video" or "audio" (servers before audio said only whether it was video)."""
+    return described.get("kind") or ("video" if described["video"] else "image")
 
 
 def tensor_bytes(tensor: torch.Tensor) -> tuple[bytes, tuple[int, ...], str]:

@@ -26,6 +26,7 @@ what the local VAE would with the same generator.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.accelerate_utils import apply_forward_hook
 from torch import nn
 
-from .client import Client, RemoteVaeError
+from .client import Client, RemoteVaeError, family_kind
 
 __all__ = ["PIXEL_REPLIES", "RemoteVae"]
 
@@ -78,7 +79,9 @@ class RemoteVae(ModelMixin, ConfigMixin):
         described = _loaded(self.client, family)
         # The family's own name (`family` may name a pipeline class or a Hub repo instead)
         self.family = next(name for name, document in self.client.families().items() if document is described)
-        self.pixels, self.video = pixels, bool(described["video"])
+        kind = family_kind(described)
+        # An audio family's reply is its waveform, float: no pixels to send as uint8
+        self.pixels, self.video = ("raw" if kind == "audio" else pixels), kind == "video"
         self.remote_class, self.frame_axis = described["model"]["class"], described["model"]["frame_axis"]
         # The server passes the model's own latents through untouched: sent as raw, or for a preview decoder (taesd),
         # whose latents are the full family's normalised ones, with the family's own scaling
@@ -88,6 +91,7 @@ class RemoteVae(ModelMixin, ConfigMixin):
         self.use_tiling = self.use_slicing = False
         # The field the real encode output holds its result in: a distribution, or taesd's `latents`, DC-AE's `latent`
         self.encoder_output = described["model"]["encoder_output"]
+        self.distribution = _distribution(described["model"].get("distribution"))
         self.register_buffer("anchor", torch.empty(0), persistent=False)  # the device and dtype, moved by .to()
         for name, values in described["model"]["buffers"].items():
             _holder(self, name).register_buffer(name.rpartition(".")[2], torch.tensor(values), persistent=False)
@@ -121,7 +125,8 @@ class RemoteVae(ModelMixin, ConfigMixin):
 
     @apply_forward_hook
     def decode(self, z: torch.Tensor, *args: Any, return_dict: bool = True, **kwargs: Any):
-        """The local VAE's decode of `z`: DecoderOutput(sample=[B, 3, (F,) H, W]) on z's device in this VAE's dtype.
+        """The local VAE's decode of `z`: DecoderOutput(sample=[B, 3, (F,) H, W], an audio family's waveform
+        [B, channels, N]) on z's device in this VAE's dtype.
         A timestep (LTX's `temb`, positional or by name) is sent as the decode timestep."""
         timestep = kwargs.pop("temb", None)
         for arg in args:  # decode(z, temb), decode(z, False)
@@ -136,13 +141,14 @@ class RemoteVae(ModelMixin, ConfigMixin):
 
     @apply_forward_hook
     def encode(self, x: torch.Tensor, return_dict: bool = True):
-        """The local VAE's encode of `x` ([B, 3, (F,) H, W] in -1..1): the encoder's distribution, on x's device in
+        """The local VAE's encode of `x` ([B, 3, (F,) H, W] or a waveform [B, channels, N], in -1..1): the encoder's
+        distribution (the model's own class of it), on x's device in
         this VAE's dtype (or, for an encoder without one, its latent under its real name: `.latents`, `.latent`)."""
         images = x.squeeze(2) if self.frame_axis and x.ndim == 5 else x
         options = {**self.wire_scaling, **self._tiling()}
         if self.encoder_output == "latent_dist":
             parameters = self.client.encode(images, self.family, latent_dist="parameters", **options)
-            distribution = DiagonalGaussianDistribution(self._placed(parameters, x.device))
+            distribution = self.distribution(self._placed(parameters, x.device))
             return AutoencoderKLOutput(latent_dist=distribution) if return_dict else (distribution,)
         latents = self._placed(self.client.encode(images, self.family, **options), x.device)
         return LatentOutput(**{self.encoder_output: latents}) if return_dict else (latents,)
@@ -189,6 +195,17 @@ def _loaded(client: Client, family: str | None) -> dict[str, Any]:
             )
     status = described.get("status", "not ready")
     raise RemoteVaeError(503, f"the family is {status}; retry when the server has loaded it", client.url)
+
+
+def _distribution(named: str | None) -> type:
+    """The distribution class the server's model returns ("module:Class", a diffusers module's), built here from the
+    parameters it sends; diffusers' DiagonalGaussianDistribution where it names none."""
+    if not named:
+        return DiagonalGaussianDistribution
+    module, _, name = named.partition(":")
+    if module.split(".")[0] != "diffusers":  # a server names a diffusers class; nothing else is imported on its word
+        raise RemoteVaeError(502, f"the server names the distribution {named!r}, not a diffusers class", "")
+    return getattr(importlib.import_module(module), name)
 
 
 def _unit_range(pixels: torch.Tensor, latents: torch.Tensor, video: bool) -> torch.Tensor:

@@ -22,3 +22,7 @@ class RequestError(Exception):
         self.message = message
         self.status = status
         self.headers = headers or {}  # e.g. Retry-After on a 503
+
+
+class FamilyError(ValueError):
+    """A family name or config file that cannot be used (not a request's fault: it is raised at start-up)."""

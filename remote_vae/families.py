@@ -43,12 +43,13 @@ noise 0.025); our ComfyUI nodes send what GET /families says.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .vocabulary import COMPUTE_DTYPES, ModelLatents, Operation, Packing, Tiling
+from .errors import FamilyError  # noqa: F401  (raised here; callers import it from families)
+from .family_checks import check_values
+from .vocabulary import ModelLatents, Operation, Packing
 
 if TYPE_CHECKING:  # torch is imported where it is used: `remote-vae families` describes layouts without it
     import torch
@@ -57,12 +58,17 @@ _PACKAGE = Path(__file__).resolve().parent
 # Installed, the configs are the package's own remote_vae/configs/ (see pyproject.toml); in a clone, configs/ beside it.
 CONFIG_DIR = _PACKAGE / "configs" if (_PACKAGE / "configs").is_dir() else _PACKAGE.parent / "configs"
 
-OPERATIONS = Operation.words()
-DTYPES = COMPUTE_DTYPES
 
+@dataclass(frozen=True)
+class AudioSpec:
+    """An audio family's sound, as its VAE's config says it (a test holds the two equal)."""
 
-class FamilyError(ValueError):
-    """A family name or config file that cannot be used."""
+    sampling_rate: int  # samples per second, per channel
+    channels: int  # audio channels (2: stereo)
+    hop_length: int  # samples per latent step: the VAE's downsampling
+
+    def samples_for(self, latent_steps: int) -> int:
+        return latent_steps * self.hop_length
 
 
 @dataclass(frozen=True)
@@ -72,7 +78,7 @@ class Family:
     model_class: str
     architecture: dict[str, Any]
     latent_channels: int
-    spatial_compression: int
+    spatial_compression: int = 1  # pixels per latent cell along a side; audio families have none
     scaling_factor: float | None = None
     shift_factor: float | None = None
     hub_subfolder: str | None = None
@@ -98,6 +104,8 @@ class Family:
     # The diffusers pipelines whose VAE (weights and normalisation) this is, and Hub repos beside hub_repo that ship it
     pipelines: tuple[str, ...] = ()
     hub_repos: tuple[str, ...] = ()
+    # An audio family's sound: its latent is [B, C, T], each step `hop_length` samples of every channel
+    audio: AudioSpec | None = None
     # `latent_layout` parsed, once, when the family is made.
     layout: LatentLayout = field(init=False, repr=False, compare=False)
 
@@ -112,6 +120,15 @@ class Family:
     @property
     def is_video(self) -> bool:
         return self.temporal_compression is not None
+
+    @property
+    def is_audio(self) -> bool:
+        return self.audio is not None
+
+    @property
+    def kind(self) -> str:
+        """What the family decodes to: "image", "video" or "audio"."""
+        return "audio" if self.is_audio else "video" if self.is_video else "image"
 
     @property
     def frame_step(self) -> int:
@@ -164,7 +181,8 @@ class Family:
 
 def _family_from_dict(data: dict[str, Any], source: str) -> Family:
     """A family from its config's keys, each checked; FamilyError naming the file, the key and what was expected."""
-    required = ("name", "hub_repo", "model_class", "architecture", "latent_channels", "spatial_compression")
+    required = ("name", "hub_repo", "model_class", "architecture", "latent_channels")
+    required += () if "audio" in data else ("spatial_compression",)
     missing = [key for key in required if key not in data]
     if missing:
         raise FamilyError(f"{source}: missing keys {missing}")
@@ -173,134 +191,10 @@ def _family_from_dict(data: dict[str, Any], source: str) -> Family:
     if unknown:
         raise FamilyError(f"{source}: unknown keys {unknown}; known keys are {sorted(known)}")
     values = dict(data)
-    values["operations"] = tuple(values.get("operations", OPERATIONS))
-    bad_ops = [op for op in values["operations"] if op not in OPERATIONS]
-    if bad_ops:
-        raise FamilyError(f"{source}: unknown operations {bad_ops}; expected a subset of {list(OPERATIONS)}")
-    values["operations"] = tuple(Operation(op) for op in values["operations"])
-    for device_type, dtype in values.get("compute_dtype", {}).items():
-        if dtype not in DTYPES:
-            raise FamilyError(f"{source}: compute_dtype[{device_type!r}] = {dtype!r}; expected one of {list(DTYPES)}")
-    _check_counts(values, source)
-    _check_normalisation(values, source)
-    _check_layout(values, source)
-    _check_stats_in_weights(values, source)
-    _check_clients(values, source)
+    check_values(values, source)
+    if values.get("audio") is not None:
+        values["audio"] = AudioSpec(**values["audio"])
     return Family(**values)
-
-
-def _check_clients(values: dict[str, Any], source: str) -> None:
-    """The pipelines and repos a family serves (lists of names, kept as tuples) and how ComfyUI holds its latents."""
-    for key in ("pipelines", "hub_repos"):
-        names = values.get(key, [])
-        if not (isinstance(names, list) and all(isinstance(name, str) for name in names)):
-            raise FamilyError(f"{source}: {key} is a list of names")
-        values[key] = tuple(names)
-    comfyui = values.get("comfyui", {})
-    latents = comfyui.get("latents", "raw") if isinstance(comfyui, dict) else None
-    if latents not in ("raw", "normalised") or set(comfyui) - {"latents", "decode"}:
-        raise FamilyError(f'{source}: comfyui is {{"latents": "raw" or "normalised", "decode": {{parameters}}}}')
-
-
-def _check_counts(values: dict[str, Any], source: str) -> None:
-    """The keys that are counts, switches, names and release numbers."""
-    temporal = values.get("temporal_compression")
-    if temporal is not None and not (isinstance(temporal, int) and temporal >= 1):
-        raise FamilyError(f"{source}: temporal_compression must be a positive integer or null")
-    tile_above = values.get("tile_above_pixels")
-    if tile_above is not None and not (isinstance(tile_above, int) and tile_above >= 0):
-        raise FamilyError(f"{source}: tile_above_pixels must be a non-negative integer or null (never tile)")
-    for key in ("streams_frames", "latent_frames_odd"):
-        if not isinstance(values.get(key, False), bool):
-            raise FamilyError(f"{source}: {key} must be true or false")
-    if values.get("default_tiling", "exact") not in TILINGS:
-        raise FamilyError(f"{source}: default_tiling must be one of {list(TILINGS)}")
-    minimum = values.get("min_diffusers")
-    if minimum is not None and not (isinstance(minimum, str) and re.fullmatch(r"\d+(\.\d+)*", minimum)):
-        raise FamilyError(f'{source}: min_diffusers must be a release number like "0.36.0", or null')
-    per_call = values.get("samples_per_call")
-    if per_call is not None and not (isinstance(per_call, int) and per_call >= 1):
-        raise FamilyError(f"{source}: samples_per_call must be a positive integer or null (any batch)")
-    if not isinstance(values.get("decode_timestep") or "", str):
-        raise FamilyError(
-            f"{source}: decode_timestep is the name of the decode argument that takes the timestep "
-            "(e.g. 'temb'), or null"
-        )
-
-
-def _check_normalisation(values: dict[str, Any], source: str) -> None:
-    """Scalar factors or per-channel statistics, not both; and what a preview decoder's latents need."""
-    if values.get("scaling_factor") == 0:
-        raise FamilyError(f"{source}: scaling_factor must not be 0")
-    for key in ("latents_mean", "latents_std"):
-        stats = values.get(key)
-        if stats is None:
-            continue
-        channels = values["latent_channels"]
-        if not (isinstance(stats, list) and len(stats) == channels and all(isinstance(v, (int, float)) for v in stats)):
-            raise FamilyError(f"{source}: {key} must be a list of {channels} numbers (one per latent channel)")
-        values[key] = tuple(float(v) for v in stats)
-    if (values.get("latents_mean") is None) != (values.get("latents_std") is None):
-        raise FamilyError(f"{source}: latents_mean and latents_std come together")
-    if values.get("latents_std") and 0 in values["latents_std"]:
-        raise FamilyError(f"{source}: latents_std must not contain 0")
-    if values.get("latents_mean") and values.get("scaling_factor") is not None:
-        raise FamilyError(f"{source}: give either scaling_factor/shift_factor or latents_mean/latents_std, not both")
-    if values.get("model_latents", "raw") not in MODEL_LATENTS:
-        raise FamilyError(f"{source}: model_latents must be one of {list(MODEL_LATENTS)}")
-    values["model_latents"] = ModelLatents(values.get("model_latents", "raw"))
-    if values.get("model_latents") == ModelLatents.NORMALISED and values.get("scaling_factor") is None:
-        raise FamilyError(
-            f"{source}: model_latents 'normalised' needs the full family's scaling_factor (the space "
-            "the model works in)"
-        )
-
-
-MODEL_LATENTS = ModelLatents.words()
-TILINGS = Tiling.words()
-LAYOUT_KEYS = {"patch": int, "frames_first": bool, "frame_axis": bool, "packing": str}
-PACKINGS = Packing.words()
-
-
-def _check_layout(values: dict[str, Any], source: str) -> None:
-    layout = values.get("latent_layout", {})
-    if not isinstance(layout, dict):
-        raise FamilyError(f"{source}: latent_layout must be an object with keys among {sorted(LAYOUT_KEYS)}")
-    for key, value in layout.items():
-        kind = LAYOUT_KEYS.get(key)
-        if kind is None or not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
-            raise FamilyError(
-                f"{source}: latent_layout.{key} = {value!r}; expected keys {sorted(LAYOUT_KEYS)} (patch: int, "
-                "packing: str, others: true/false)"
-            )
-    if layout.get("patch", 1) < 1:
-        raise FamilyError(f"{source}: latent_layout.patch must be at least 1")
-    if layout.get("packing", "none") not in PACKINGS:
-        raise FamilyError(f"{source}: latent_layout.packing must be one of {list(PACKINGS)}")
-    video = values.get("temporal_compression") is not None
-    if video and (layout.get("frame_axis") or layout.get("patch", 1) > 1):
-        raise FamilyError(f"{source}: frame_axis and patch are for image families")
-    if not video and layout.get("frames_first"):
-        raise FamilyError(f"{source}: frames_first is for video families")
-    if video and layout.get("packing") == "patches":
-        raise FamilyError(f"{source}: a video family packs 'tokens' or 'none'")
-
-
-def _check_stats_in_weights(values: dict[str, Any], source: str) -> None:
-    stats = values.get("latents_stats_in_weights")
-    if stats is None:
-        return
-    forms = ({"mean", "std"}, {"mean", "variance", "eps"})
-    if not (isinstance(stats, dict) and set(stats) in forms and all(isinstance(v, str) for v in stats.values())):
-        raise FamilyError(
-            f"{source}: latents_stats_in_weights names the model's buffers: {{mean, std}} or {{mean, variance, eps}} "
-            '(eps: a model config key), e.g. {"mean": "bn.running_mean", "variance": "bn.running_var", "eps": '
-            '"batch_norm_eps"}'
-        )
-    if values.get("latents_mean") is not None or values.get("shift_factor") is not None:
-        raise FamilyError(
-            f"{source}: latents_stats_in_weights takes an optional scaling_factor, not latents_mean or shift_factor"
-        )
 
 
 def available() -> list[str]:
@@ -346,8 +240,12 @@ def match_model_config(config: dict[str, Any]) -> Family:
 
 
 def config_latent_channels(config: dict[str, Any]) -> int | None:
-    """Latent channels from a diffusers model config (Wan calls them z_dim)."""
-    return config.get("latent_channels", config.get("z_dim"))
+    """Latent channels from a diffusers model config (Wan calls them z_dim; Oobleck decoder_input_channels, SAME
+    latent_dim)."""
+    for key in ("latent_channels", "z_dim", "decoder_input_channels", "latent_dim"):
+        if key in config:
+            return config[key]
+    return None
 
 
 @dataclass(frozen=True)
@@ -361,15 +259,17 @@ class LatentLayout:
     frames_first: bool = False  # the pipeline's video latent is [B, T, C, h, w] (CogVideoX)
     frame_axis: bool = False  # the VAE takes images as one-frame videos [B, C, 1, h, w] (Qwen-Image)
     packing: Packing = Packing.NONE  # the pipeline's token sequence
+    audio: bool = False  # [B, C, T]: channels, then latent steps in time
 
     @classmethod
     def of(cls, family: Family) -> LatentLayout:
-        packing = family.latent_layout.get("packing", "none" if family.is_video else "patches")
+        packing = family.latent_layout.get("packing", "patches" if family.kind == "image" else "none")
         return cls(
             family.latent_channels,
             family.spatial_compression,
             family.is_video,
             **{**family.latent_layout, "packing": Packing(packing)},
+            audio=family.is_audio,
         )
 
     @property
@@ -379,6 +279,8 @@ class LatentLayout:
     def describe(self) -> str:
         """The accepted latent forms, for error messages."""
         c = self.pipeline_channels
+        if self.audio:
+            return f"[B, {c}, T] (T latent steps)"
         if self.video:
             forms = [
                 f"[B, T, {c}, h, w] (as the pipeline holds it) or [B, {c}, T, h, w]"

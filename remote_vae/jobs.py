@@ -17,6 +17,7 @@ from .decoders import (
     VideoFile,
 )
 from .media import (
+    AudioFile,
     ImageFile,
     Mp4Options,
     Mp4Stream,
@@ -82,6 +83,7 @@ class DecodeRequest:
     width: int | None = None
     mp4: Mp4Options = field(default_factory=Mp4Options)
     image: ImageFile = field(default_factory=ImageFile)
+    audio: AudioFile = field(default_factory=AudioFile)
     decode_timestep: DecodeTimestep | None = None
     packed_memory: PackedMemory | None = None  # token sequences; None: channels first, the pipelines' memory
     tiling: Tiling | None = None  # when the call tiles; None: exact where the model allows
@@ -149,6 +151,7 @@ class Job:
     tiling: str | None = None  # the tiling asked for ("exact", "blend"); None: the family's default
     expand: Callable[[torch.Tensor], torch.Tensor] = unchanged  # held inputs -> the model's input, in the model call
     latent_dist: LatentDist = LatentDist.MEAN  # what an encode returns of the encoder's distribution
+    sampling_rate: int | None = None  # audio: `count` clips of `pixels // count` samples per channel at this rate
 
     def model_inputs(self) -> torch.Tensor:
         return self.expand(self.inputs)
@@ -163,8 +166,8 @@ class Job:
 
 @dataclass
 class EncodeRequest:
-    image: PIL.Image.Image | bytes | None = None  # an image, or an image or video file's bytes
-    tensor: RawTensor | None = None  # or [B, 3, H, W] / [B, 3, F, H, W] in -1..1
+    image: PIL.Image.Image | bytes | None = None  # an image, or an image, video or audio file's bytes
+    tensor: RawTensor | None = None  # or [B, 3, H, W] / [B, 3, F, H, W] / a waveform [B, channels, N] in -1..1
     scaling: latent_ops.Scaling = field(default_factory=latent_ops.Scaling)
     tiling: str | None = None
     latent_dist: LatentDist = LatentDist.MEAN

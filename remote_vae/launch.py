@@ -17,6 +17,7 @@ from pathlib import Path
 import uvicorn
 
 from . import families
+from .audio_service import AudioService
 from .decoders import guard_decompression_bombs
 from .device import BatchBudget, DevicePath
 from .families import Family, FamilyError
@@ -53,7 +54,8 @@ def load_service(family: Family, source: str, settings: Settings) -> VaeService:
         band_pixels=model.tile_band_pixels,
         store_bytes=model.tile_store_bytes,
     )
-    return VaeService(vae, limits, png_compression=settings.png_compression)
+    service = AudioService if family.is_audio else VaeService
+    return service(vae, limits, png_compression=settings.png_compression)
 
 
 def plan(settings: Settings) -> tuple[Registry, Callable[[Family], VaeService]]:

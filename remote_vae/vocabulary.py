@@ -34,11 +34,13 @@ class OutputForm(Word):
     IMAGE = "image"  # an image file's bytes (output_type=pil)
     PIL = "pil"  # PIL images (handler.py, whose toolkit writes the file)
     MP4 = "mp4"  # an H.264 video's bytes (output_type=mp4)
+    AUDIO = "audio"  # an audio file's bytes (output_type=wav or flac)
     LATENTS = "latents"  # an encode's result
 
 
 IMAGE_FORMS = (OutputForm.RAW, OutputForm.UINT8, OutputForm.UNIT, OutputForm.IMAGE, OutputForm.PIL)
 VIDEO_FORMS = (OutputForm.RAW, OutputForm.UINT8, OutputForm.UNIT, OutputForm.MP4)
+AUDIO_FORMS = (OutputForm.RAW, OutputForm.AUDIO)
 
 
 class LatentDist(Word):
@@ -96,3 +98,6 @@ WIRE_DTYPES = (*COMPUTE_DTYPES, "uint8")
 # Image files: Pillow's format names by the names clients use (`image_format`, Accept), and their media types.
 IMAGE_FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
 MEDIA_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
+# Audio files by output_type, and their media types (Accept may name any of them).
+AUDIO_FORMATS = {"wav": "audio/wav", "flac": "audio/flac"}
+AUDIO_MEDIA_TYPES = {"audio/wav": "wav", "audio/x-wav": "wav", "audio/wave": "wav", "audio/flac": "flac"}

@@ -38,6 +38,7 @@ from diffusers import (
     AutoencoderKLMochi,
     AutoencoderKLQwenImage,
     AutoencoderKLWan,
+    AutoencoderOobleck,
     AutoencoderTiny,
 )
 from forkserver import ServerForker
@@ -248,6 +249,15 @@ def tiny_easyanimate_vae() -> AutoencoderKLMagvit:
     return model.eval()
 
 
+def tiny_stableaudio_vae() -> AutoencoderOobleck:
+    """The real strides (2048 samples per latent step) and latent (64 channels: the encoder's 128 are its mean and
+    scale), narrow everywhere else."""
+    torch.manual_seed(19)
+    return AutoencoderOobleck(
+        encoder_hidden_size=128, channel_multiples=[1, 1, 1, 1, 1], decoder_channels=8, decoder_input_channels=64
+    ).eval()
+
+
 def tiny_taesd(latent_channels: int, seed: int):
     def build() -> AutoencoderTiny:
         torch.manual_seed(seed)
@@ -278,6 +288,7 @@ TINY_MODELS = {
     "sana": tiny_sana_vae,
     "mochi": tiny_mochi_vae,
     "easyanimate": tiny_easyanimate_vae,
+    "stableaudio": tiny_stableaudio_vae,
     "taesd": tiny_taesd(4, 12),
     "taesdxl": tiny_taesd(4, 13),
     "taef1": tiny_taesd(16, 14),
@@ -298,6 +309,7 @@ MODEL_CLASSES = {
     "sana": AutoencoderDC,
     "mochi": AutoencoderKLMochi,
     "easyanimate": AutoencoderKLMagvit,
+    "stableaudio": AutoencoderOobleck,
     "taesd": AutoencoderTiny,
     "taesdxl": AutoencoderTiny,
     "taef1": AutoencoderTiny,

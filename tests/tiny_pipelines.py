@@ -416,6 +416,33 @@ def easyanimate(vae):
     )
 
 
+def stableaudio(vae):
+    """StableAudioPipeline as its own tests build it, four latent steps long (8192 samples), no text encoder."""
+    transformer = d.StableAudioDiTModel(
+        sample_size=4,
+        in_channels=64,
+        num_layers=1,
+        attention_head_dim=4,
+        num_attention_heads=2,
+        num_key_value_attention_heads=2,
+        out_channels=64,
+        cross_attention_dim=4,
+        time_proj_dim=8,
+        global_states_input_dim=8,
+        cross_attention_input_dim=4,
+    )
+    projection = d.StableAudioProjectionModel(text_encoder_dim=4, conditioning_dim=4, min_value=0, max_value=32)
+    pipe = d.StableAudioPipeline(
+        vae=vae,
+        text_encoder=None,
+        projection_model=projection,
+        tokenizer=None,
+        transformer=transformer,
+        scheduler=d.EDMDPMSolverMultistepScheduler(),  # the cosine one needs torchsde
+    )
+    return pipe, dict(prompt_embeds=seeded(1, 3, 4, seed=1), guidance_scale=1.0, audio_end_in_s=0.15)
+
+
 PIPELINES = {
     "sd15": taesd,  # taesd is SD1.5's preview decoder: the same pipeline
     "sdxl": taesdxl,
@@ -435,6 +462,7 @@ PIPELINES = {
     "sana": sana,
     "mochi": mochi,
     "easyanimate": easyanimate,
+    "stableaudio": stableaudio,
 }
 
 
@@ -453,7 +481,7 @@ def run(family: str, vae, output_type: str, **extra) -> torch.Tensor:
         output_type=output_type,
         generator=torch.Generator().manual_seed(3),
     )
-    return output.frames if hasattr(output, "frames") else output.images
+    return output.frames if hasattr(output, "frames") else output.audios if hasattr(output, "audios") else output.images
 
 
 # -- image to image, image to video: the pipelines that encode, and sample the encoder's distribution -----------
@@ -520,4 +548,4 @@ def run_from_image(family: str, vae, output_type: str):
     output = pipe(
         **arguments, num_inference_steps=2, output_type=output_type, generator=torch.Generator().manual_seed(3)
     )
-    return output.frames if hasattr(output, "frames") else output.images
+    return output.frames if hasattr(output, "frames") else output.audios if hasattr(output, "audios") else output.images

@@ -1,5 +1,5 @@
-"""Media in: the image and video files an encode may carry, read within limits set before any pixel is decoded
-(images.py, video.py, each under deadline.py's CPU deadline).
+"""Media in: the image, video and audio files an encode may carry, read within limits set before any pixel or sample
+is decoded (images.py, video.py, audio.py, each under deadline.py's CPU deadline).
 
 Decoders are the code a request reaches most directly, so each is allowed in
 on purpose and bounded three ways:
@@ -21,6 +21,7 @@ on purpose and bounded three ways:
 Frames are decoded by ffmpeg straight into one array: no frame is held twice.
 """
 
+from .audio import AUDIO_TYPES, AudioHeader, audio_format, is_audio_file
 from .deadline import (
     DECODE_FLOOR_SECONDS,
     DECODE_SECONDS_PER_PIXEL,
@@ -62,6 +63,10 @@ from .video import (
 )
 
 __all__ = [
+    "AUDIO_TYPES",
+    "AudioHeader",
+    "audio_format",
+    "is_audio_file",
     "DECODE_FLOOR_SECONDS",
     "DECODE_SECONDS_PER_PIXEL",
     "DEFAULT_DECODE_CPU_SECONDS",

@@ -51,9 +51,9 @@ def plan_decode(
 ) -> LatentPlan:
     check_dims(shape)
     layout = family.layout
-    kind = "video" if family.is_video else "image"
-    expected = f"this family ({family.name}) decodes {kind} latents {layout.describe()}"
-    plan = (_plan_video if family.is_video else _plan_image)(shape, layout, height, width, expected)
+    expected = f"this family ({family.name}) decodes {family.kind} latents {layout.describe()}"
+    planner = {"audio": _plan_audio, "video": _plan_video, "image": _plan_image}[family.kind]
+    plan = planner(shape, layout, height, width, expected)
     if packed_memory == PackedMemory.TOKENS_FIRST:
         plan = replace(plan, tokens_first=True)
     if plan.latent_frames is not None and family.latent_frames_odd and plan.latent_frames % 2 == 0:
@@ -109,6 +109,15 @@ def _plan_video(shape, layout: LatentLayout, height, width, expected: str) -> La
     if first == channels:
         return LatentPlan(shape, batch, h, w, latent_frames=second)
     raise RequestError(f"latent {list(shape)} has no axis of {channels} channels, but {expected}")
+
+
+def _plan_audio(shape, layout: LatentLayout, height, width, expected: str) -> LatentPlan:
+    """[B, C, T]: held as `height` 1 and `width` T latent steps."""
+    if len(shape) == 3 and shape[1] == layout.channels:
+        return LatentPlan(shape, shape[0], 1, shape[2])
+    if len(shape) == 3:
+        raise RequestError(f"latent has {shape[1]} channels, but {expected}")
+    raise RequestError(f"got a {len(shape)}-D latent {list(shape)}, but {expected}")
 
 
 def _plan_packed(shape, layout: LatentLayout, height, width, expected: str) -> LatentPlan:

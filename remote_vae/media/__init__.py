@@ -3,11 +3,13 @@
 - tensors.py: tensors to and from the wire's raw bytes, by dtype name;
 - images.py: image files out (JPEG / PNG / WebP, on the device where it can);
 - pixels.py, postprocess.py: decoder output to pixels, and pixels to encoder input, as diffusers' processors do;
-- video.py: MP4 out, written while the decoder still runs.
+- video.py: MP4 out, written while the decoder still runs;
+- audio.py: WAV and FLAC out.
 
 Image and video files coming in are decoders/ (bounded decoding of untrusted files).
 """
 
+from .audio import AudioFile, write_audio
 from .images import (
     PNG_COMPRESSION,
     ImageFile,
@@ -36,6 +38,7 @@ from .tensors import (
 from .video import FrameRouter, Mp4Options, Mp4Stream, write_mp4
 
 __all__ = [
+    "AudioFile",
     "FrameRouter",
     "HostCopy",
     "INPUT_DTYPES",
@@ -63,5 +66,6 @@ __all__ = [
     "tensor_from_bytes",
     "tensor_to_bytes",
     "uint8_images",
+    "write_audio",
     "write_mp4",
 ]

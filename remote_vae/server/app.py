@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from starlette.applications import Starlette
@@ -116,6 +116,9 @@ def family_document(slot: Slot, path: str) -> dict:
         **({"error": slot.error} if slot.error else {}),
         "operations": list(family.operations),
         "video": family.is_video,
+        "kind": family.kind,  # image, video or audio
+        # An audio family's sound: sampling_rate (Hz), channels, hop_length (samples per latent step)
+        **({"audio": asdict(family.audio)} if family.audio else {}),
         "description": family.description,
         "weights": slot.service.vae.source if slot.service else family.hub_id,
         "latents": layout.describe(),

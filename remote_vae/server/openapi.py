@@ -13,6 +13,7 @@ from typing import Any
 
 from .. import __version__
 from ..families import Family
+from ..vocabulary import AUDIO_FORMATS
 from ..wire.parameters import BOTH, DECODE, ENCODE, PARAMETERS
 
 ERROR = {
@@ -49,12 +50,14 @@ DECODE_BODIES = {"tensor/binary": BINARY, "tensor/base64": JSON_FORM, "applicati
 ENCODE_BODIES = {
     "tensor/binary": BINARY,
     **{kind: BINARY for kind in ("image/png", "image/jpeg", "image/webp", "video/mp4", "video/webm", "image/gif")},
+    **{kind: BINARY for kind in AUDIO_FORMATS.values()},
 }
 DECODE_REPLIES = {
     "image/jpeg": BINARY,
     "image/png": BINARY,
     "image/webp": BINARY,
     "video/mp4": BINARY,
+    **{kind: BINARY for kind in AUDIO_FORMATS.values()},
     "tensor/binary": BINARY,
     "application/json": JSON_FORM,
 }

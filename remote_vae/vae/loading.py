@@ -272,15 +272,36 @@ def model_description(family: Family, model: ModelMixin) -> dict[str, Any]:
         # what the model reads and writes: its own latent, or (a preview decoder) the full family's normalised one
         "latents": str(family.model_latents),
         "encoder_output": encoder_output(model),
+        # the class of that distribution, where it is not diffusers' DiagonalGaussianDistribution (Oobleck's)
+        "distribution": distribution_class(model),
     }
 
 
-def encoder_output(model: ModelMixin) -> str:
-    """The field of the model's encode output that holds its result: "latent_dist" (a distribution), or the latent
-    itself ("latents": taesd's; "latent": DC-AE's), read from the output class its encode is annotated to return."""
+def _encode_output_field(model: ModelMixin) -> tuple[str, Any]:
+    """(name, annotation) of the first field of the output class the model's encode is annotated to return."""
     encode = inspect.unwrap(type(model).encode)
     for name in re.findall(r"\w+Output", str(inspect.signature(encode).return_annotation)):
         output = encode.__globals__.get(name)
         if dataclasses.is_dataclass(output):
-            return dataclasses.fields(output)[0].name
-    return "latent_dist"
+            first = dataclasses.fields(output)[0]
+            return first.name, first.type
+    return "latent_dist", None
+
+
+def encoder_output(model: ModelMixin) -> str:
+    """The field of the model's encode output that holds its result: "latent_dist" (a distribution), or the latent
+    itself ("latents": taesd's, SAME's; "latent": DC-AE's), read from the output class its encode is annotated to
+    return."""
+    return _encode_output_field(model)[0]
+
+
+def distribution_class(model: ModelMixin) -> str | None:
+    """ "module:Class" of the distribution the model's encode returns, where it is a class of its own
+    (OobleckDiagonalGaussianDistribution, built from the encoder's mean and scale); None: diffusers'
+    DiagonalGaussianDistribution, or no distribution."""
+    name, annotation = _encode_output_field(model)
+    named = re.findall(r"\w+Distribution", str(annotation)) if name == "latent_dist" else []
+    if not named or named[0] == "DiagonalGaussianDistribution":
+        return None
+    module = inspect.getmodule(type(model))
+    return f"{module.__name__}:{named[0]}" if hasattr(module, named[0]) else None

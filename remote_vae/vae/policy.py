@@ -184,8 +184,10 @@ class LoadedVae:
         goes to models conditioned on a decode timestep. Images decoded as one-frame
         videos (`frame_axis`) come back as images [B, 3, H, W].
         """
-        compression = self.family.spatial_compression
+        compression, audio = self.family.spatial_compression, self.family.audio
         frame_pixels = latents.shape[-2] * latents.shape[-1] * compression**2
+        if audio is not None:  # a waveform's samples, every channel: what sizes its memory
+            frame_pixels = audio.channels * audio.samples_for(latents.shape[-1])
         frame_count = self.family.frames_for(latents.shape[2]) if self.family.is_video else 1
         streams = frames if self.family.streams_frames else None
         extra = {self.timestep_argument: timestep} if self.timestep_argument and timestep is not None else {}
@@ -197,8 +199,9 @@ class LoadedVae:
     def encode(
         self, images: torch.Tensor, tiling: str | None = None, latent_dist: LatentDist = LatentDist.MEAN
     ) -> torch.Tensor:
-        """Encode [B, 3, (F,) H, W] pixels in -1..1 (on the host) to the VAE's latent, the distribution's mean
-        (deterministic) or its parameters (`latent_dist`), on the device."""
+        """Encode [B, 3, (F,) H, W] pixels in -1..1 (an audio family's waveform [B, channels, N], whose H x W is its
+        samples; on the host) to the VAE's latent, the distribution's mean (deterministic) or its parameters
+        (`latent_dist`), on the device."""
         if self.layout.frame_axis:
             images = images.unsqueeze(2)
         frame_count = images.shape[2] if self.family.is_video else 1

@@ -12,7 +12,7 @@ import PIL.Image
 import torch
 
 from ..service import Checked, DecodeRequest, EncodeRequest, Job, VaeService
-from ..vocabulary import MEDIA_TYPES, Operation, OutputForm
+from ..vocabulary import AUDIO_FORMATS, MEDIA_TYPES, Operation, OutputForm
 from .http import JSON_TYPES, HttpCall, HttpReply, first_accepted, media_type, read_payload, tensor_reply
 from .parameters import Params
 from .parse import ReplyShape, infer_operation, mp4_options, negotiate_decode, parse_decode, parse_encode
@@ -24,7 +24,10 @@ log = logging.getLogger("remote_vae")
 
 
 def count_headers(job: Job) -> dict[str, str]:
-    """How many images, or videos and frames per video, a decode reply holds."""
+    """How many images, videos and frames per video, or audio clips and samples per clip, a decode reply holds."""
+    if job.sampling_rate is not None:
+        samples = str(job.pixels // job.count)
+        return {"audio-count": str(job.count), "sample-count": samples, "sample-rate": str(job.sampling_rate)}
     if job.frames is None:
         return {"image-count": str(job.count)}
     return {"video-count": str(job.count), "frame-count": str(job.frames)}
@@ -80,17 +83,21 @@ def inspect(service: VaeService, wire: WireRequest) -> Inspected:
     """Parse and check one request up to the point where it would decode or allocate; shared by the HTTP server and
     handler.py."""
     params, data, accept = wire.params, wire.data, wire.accept
-    operation = wire.operation or infer_operation(wire.content_type, data, params.shape())
+    audio = service.family.audio
+    operation = wire.operation or infer_operation(
+        wire.content_type, data, params.shape(), audio.channels if audio else None
+    )
     if operation == Operation.ENCODE:
         reply = ReplyShape(tensor_encoding=accept if accept in JSON_TYPES else "binary")
         request = parse_encode(wire.content_type, params, data)
         return Inspected(Operation.ENCODE, request, service.check_encode(request, reply.tensor_encoding), reply)
-    form, reply = negotiate_decode(params, accept, service.png_compression)
+    form, reply = negotiate_decode(params, accept, service.png_compression, audio is not None)
     request = parse_decode(params, data)
     request.form = wire.images_as if form == OutputForm.IMAGE else form
     if form == OutputForm.MP4:
         request.mp4 = mp4_options(params)
     request.image = reply.image
+    request.audio = reply.audio
     return Inspected(Operation.DECODE, request, service.check_decode(request, reply.tensor_encoding), reply)
 
 
@@ -127,6 +134,8 @@ def render(prepared: Prepared, result: Any) -> HttpReply:
         return HttpReply(200, value, MEDIA_TYPES[prepared.reply.image.format], prepared.headers)
     if prepared.form == OutputForm.MP4:
         return HttpReply(200, value, "video/mp4", prepared.headers)
+    if prepared.form == OutputForm.AUDIO:
+        return HttpReply(200, value, AUDIO_FORMATS[prepared.reply.audio.format], prepared.headers)
     return tensor_reply(value, prepared.reply.tensor_encoding, prepared.headers)
 
 

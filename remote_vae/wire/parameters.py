@@ -12,7 +12,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from ..errors import RequestError
-from ..vocabulary import COMPUTE_DTYPES, IMAGE_FORMATS, LatentDist, Operation, PackedMemory, Tiling, Word
+from ..vocabulary import AUDIO_FORMATS, COMPUTE_DTYPES, IMAGE_FORMATS, LatentDist, Operation, PackedMemory, Tiling, Word
 
 BOTH, DECODE, ENCODE = (Operation.DECODE, Operation.ENCODE), (Operation.DECODE,), (Operation.ENCODE,)
 
@@ -22,8 +22,9 @@ PARAMETERS: dict[str, tuple[dict[str, Any], str, tuple[Operation, ...]]] = {
         {"type": "array", "items": {"type": "integer", "minimum": 1}},
         "The body tensor's shape, one repeated key per dimension (shape=1&shape=4&shape=64&shape=64). Decode: the "
         "latent, "
-        "[B, C, h, w] or [B, C, T, h, w] or packed [B, seq, features]; encode: an image tensor [B, 3, H, W] (video "
-        "[B, 3, F, H, W]) in -1..1. Omitted when encoding an image or video file.",
+        "[B, C, h, w] or [B, C, T, h, w] or packed [B, seq, features] (audio: [B, C, T]); encode: an image tensor "
+        "[B, 3, H, W] (video [B, 3, F, H, W], audio a waveform [B, channels, samples]) in -1..1. Omitted when "
+        "encoding a file.",
         BOTH,
     ),
     "dtype": (
@@ -48,9 +49,10 @@ PARAMETERS: dict[str, tuple[dict[str, Any], str, tuple[Operation, ...]]] = {
         BOTH,
     ),
     "output_type": (
-        {"type": "string", "enum": ["pil", "pt", "mp4"]},
-        "pil: an image file (or, with Accept: tensor/binary, float pixels 0..1); pt: a tensor; mp4: an H.264 video. "
-        "Missing: inferred from Accept.",
+        {"type": "string", "enum": ["pil", "pt", "mp4", *AUDIO_FORMATS]},
+        "pil: an image file (or, with Accept: tensor/binary, float pixels 0..1); pt: a tensor; mp4: an H.264 video; "
+        "wav / flac (audio families): a 32-bit float WAV or a 24-bit FLAC. Missing: inferred from Accept (an audio "
+        "family's default is wav).",
         DECODE,
     ),
     "partial_postprocess": (

@@ -5,34 +5,44 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..decoders import is_image_file, is_video_file
+from ..decoders import is_audio_file, is_image_file, is_video_file
 from ..errors import RequestError
 from ..latents import Scaling
-from ..media import ImageFile, Mp4Options
+from ..media import AudioFile, ImageFile, Mp4Options
 from ..service import DecodeRequest, DecodeTimestep, EncodeRequest, RawTensor
-from ..vocabulary import IMAGE_FORMATS, LatentDist, OutputForm, PackedMemory, Tiling
+from ..vocabulary import AUDIO_FORMATS, AUDIO_MEDIA_TYPES, IMAGE_FORMATS, LatentDist, OutputForm, PackedMemory, Tiling
 from .http import FORMATS_BY_MEDIA_TYPE, JSON_TYPES
 from .parameters import Params
 
 
 def is_file_upload(content_type: str, data: bytes) -> bool:
-    """An image or video file, by its Content-Type or its magic bytes."""
-    return content_type.startswith(("image/", "video/")) or is_image_file(data) or is_video_file(data)
+    """An image, video or audio file, by its Content-Type or its magic bytes."""
+    return (
+        content_type.startswith(("image/", "video/", "audio/"))
+        or is_image_file(data)
+        or is_video_file(data)
+        or is_audio_file(data)
+    )
 
 
-def infer_operation(content_type: str, data: bytes, shape: tuple[int, ...] | None) -> str:
-    """Decode or encode on the shared routes (docs/protocol.md §1, §3)."""
+def infer_operation(
+    content_type: str, data: bytes, shape: tuple[int, ...] | None, audio_channels: int | None = None
+) -> str:
+    """Decode or encode on the shared routes (docs/protocol.md §1, §3); `audio_channels` for an audio family."""
     if content_type.startswith("tensor/"):
         return "decode"
     if is_file_upload(content_type, data):
         return "encode"
     if shape is not None:
-        # An image tensor has 3 channels; no latent does.
+        # An image tensor has 3 channels, a waveform the family's audio channels; no latent does.
+        if audio_channels is not None:
+            return "encode" if len(shape) == 3 and shape[1] == audio_channels else "decode"
         return "encode" if len(shape) >= 4 and shape[1] == 3 else "decode"
     raise RequestError(
         "cannot tell what to do with this request: to decode, send Content-Type: tensor/binary with "
-        "shape and dtype; to encode, send an image file (PNG, JPEG, WebP), a video file (MP4, WebM, GIF) "
-        "or a [B, 3, H, W] / [B, 3, F, H, W] tensor with shape and dtype"
+        "shape and dtype; to encode, send an image file (PNG, JPEG, WebP), a video file (MP4, WebM, GIF), "
+        "an audio file (WAV, FLAC) or a [B, 3, H, W] / [B, 3, F, H, W] / [B, channels, samples] tensor with shape "
+        "and dtype"
     )
 
 
@@ -55,23 +65,35 @@ def scaling(params: Params) -> Scaling:
 
 @dataclass
 class ReplyShape:
-    """What the reply body will be: a tensor (binary or base64 JSON), an image file or an MP4."""
+    """What the reply body will be: a tensor (binary or base64 JSON), an image file, an MP4 or an audio file."""
 
     tensor_encoding: str = "binary"  # or the base64 media type
     image: ImageFile = field(default_factory=ImageFile)
+    audio: AudioFile = field(default_factory=AudioFile)
 
 
 def negotiate_decode(
-    params: Params, accept: str, png_compression: int = ImageFile.png_compression
+    params: Params, accept: str, png_compression: int = ImageFile.png_compression, audio: bool = False
 ) -> tuple[OutputForm, ReplyShape]:
     """(decode form, reply shape) from output_type, partial_postprocess, image_format, quality, png_compression and
-    Accept."""
+    Accept; `audio` for an audio family, whose file replies are audio files (WAV unless asked otherwise)."""
     output_type = params.choice("output_type")
     reply = ReplyShape(tensor_encoding=accept if accept in JSON_TYPES else "binary")
     wants_tensor = accept.startswith("tensor/") or accept in JSON_TYPES
     if output_type is None:
         # Old clients send no output_type: Accept says what they want.
-        output_type = "mp4" if accept == "video/mp4" else "pt" if wants_tensor else "pil"
+        output_type = (
+            "mp4"
+            if accept == "video/mp4"
+            else "pt"
+            if wants_tensor
+            else AUDIO_MEDIA_TYPES.get(accept, "wav")
+            if audio
+            else "pil"
+        )
+    if output_type in AUDIO_FORMATS:
+        reply.audio = AudioFile(format=output_type)
+        return OutputForm.AUDIO, reply
     if output_type == "mp4":
         return OutputForm.MP4, reply
     if output_type == "pt":

@@ -18,7 +18,7 @@ from diffusers import Flux2Pipeline, LTXPipeline
 from remote_vae.families import available, load_family
 from remote_vae.vae import latent_of
 
-FAMILIES = available()
+FAMILIES = [name for name in available() if not load_family(name).is_audio]  # ComfyUI's audio VAEs: not yet
 PIXEL = 1 / 255 + 1e-6  # uint8 pixels: one step
 
 

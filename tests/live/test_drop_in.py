@@ -56,6 +56,9 @@ def test_a_pipeline_with_the_drop_in_makes_the_local_pixels(server, reference, f
     local = tiny_pipelines.run(family, local_vae(reference, family), "np")
     remote = tiny_pipelines.run(family, RemoteVae(f"{server.url}/{family}/"), "np")
     assert np.asarray(remote).shape == np.asarray(local).shape
+    if load_family(family).is_audio:  # a waveform: the same samples
+        np.testing.assert_allclose(remote, local, atol=1e-5)
+        return
     assert_same_pixels(remote, local)
 
 

@@ -38,6 +38,7 @@ EXPECTED_FACTORS = {
     "sana": (0.41407, None),
     "mochi": (None, None),  # per channel, in its config
     "easyanimate": (0.7125, None),
+    "stableaudio": (None, None),
 }
 VIDEO_FAMILIES = ("hunyuanvideo", "wan21", "wan22", "hunyuanvideo15", "ltxvideo", "cogvideox", "mochi", "easyanimate")
 
@@ -53,6 +54,16 @@ def test_config_builds_its_architecture(name):
         model = model_class(family).from_config(family.architecture)
     config = model.config
     assert families.config_latent_channels(config) == family.latent_channels
+    assert (family.scaling_factor, family.shift_factor) == EXPECTED_FACTORS[name]
+    if family.is_audio:  # the sound the family says is the model's: rate, channels, samples per latent step
+        hop = getattr(model, "hop_length", None) or model.downsampling_ratio
+        audio = family.audio
+        assert (config.sampling_rate, config.audio_channels, hop) == (
+            audio.sampling_rate,
+            audio.channels,
+            audio.hop_length,
+        )
+        return
     spatial = getattr(model, "spatial_compression_ratio", None) or 2 ** (len(config.block_out_channels) - 1)
     assert spatial == family.spatial_compression
     temporal = config.get("temporal_compression_ratio", config.get("scale_factor_temporal"))
@@ -263,7 +274,6 @@ NOT_SERVED_YET = {
     "AutoencoderKLTemporalDecoder": "Stable Video Diffusion (decode takes the frame count)",
     "AutoencoderKLCosmos": "Cosmos",
     "AutoencoderKLAllegro": "Allegro",
-    "AutoencoderOobleck": "Stable Audio Open, ACE-Step: audio, an output kind of its own (WAV, FLAC)",
     "AutoencoderSAME": "Stable Audio 3: audio",
     "AsymmetricAutoencoderKL": "the asymmetric inpainting VAE (its decode takes the image and mask)",
     "Kandinsky6SRVAE": "Kandinsky 6 super-resolution",
@@ -322,3 +332,23 @@ def test_every_pipeline_of_a_served_vae_class_is_mapped_or_said_to_have_its_own(
         pipeline for pipeline, classes in pipelines.items() if set(classes) & served and pipeline not in mapped | own
     }
     assert not unaccounted, sorted(unaccounted)
+
+
+def test_bad_audio_configs_are_refused(tmp_path):
+    audio = json.loads((families.CONFIG_DIR / "stableaudio.json").read_text())
+    path = tmp_path / "audio.json"
+    for change, message in [
+        ({"audio": {"sampling_rate": 44100, "channels": 2}}, "hop_length"),
+        ({"audio": {"sampling_rate": 0, "channels": 2, "hop_length": 2048}}, "positive integer"),
+        ({"audio": {"sampling_rate": 44100, "channels": True, "hop_length": 2048}}, "positive integer"),
+        ({"temporal_compression": 4}, "an audio family has no"),
+        ({"spatial_compression": 8}, "an audio family has no"),
+    ]:
+        path.write_text(json.dumps({**audio, **change}))
+        with pytest.raises(FamilyError, match=message):
+            load_family(str(path))
+    no_audio = {key: value for key, value in audio.items() if key != "audio"}
+    path.write_text(json.dumps(no_audio))
+    with pytest.raises(FamilyError, match="spatial_compression"):  # not audio, so an image family needs it
+        load_family(str(path))
+    assert load_family("stableaudio").layout.describe() == "[B, 64, T] (T latent steps)"
