@@ -75,7 +75,9 @@ class Connection:
         raise AssertionError("unreachable")
 
     def families(self) -> dict:
-        return json.loads(self.call("GET", "families")[1])["families"]
+        """The server's image and video families (its audio ones are not for these nodes yet: docs/comfyui.md)."""
+        served = json.loads(self.call("GET", "families")[1])["families"]
+        return {name: document for name, document in served.items() if document.get("kind") != "audio"}
 
 
 def _read(reply, progress) -> bytes:

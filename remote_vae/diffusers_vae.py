@@ -92,7 +92,8 @@ class RemoteVae(ModelMixin, ConfigMixin):
         # The field the real encode output holds its result in: a distribution, or taesd's `latents`, DC-AE's `latent`
         self.encoder_output = described["model"]["encoder_output"]
         self.distribution = _distribution(described["model"].get("distribution"))
-        self.register_buffer("anchor", torch.empty(0), persistent=False)  # the device and dtype, moved by .to()
+        # The device and dtype, moved by .to(); a parameter, as pipelines read `next(vae.parameters()).dtype` (SA3's)
+        self.anchor = nn.Parameter(torch.empty(0), requires_grad=False)
         for name, values in described["model"]["buffers"].items():
             _holder(self, name).register_buffer(name.rpartition(".")[2], torch.tensor(values), persistent=False)
         if "post_quant_conv" in self.__dict__.pop("_submodules", ()):

@@ -31,6 +31,7 @@ from diffusers import (
     AutoencoderKL,
     AutoencoderKLCogVideoX,
     AutoencoderKLFlux2,
+    AutoencoderKLHunyuanImage,
     AutoencoderKLHunyuanVideo,
     AutoencoderKLHunyuanVideo15,
     AutoencoderKLLTXVideo,
@@ -39,6 +40,7 @@ from diffusers import (
     AutoencoderKLQwenImage,
     AutoencoderKLWan,
     AutoencoderOobleck,
+    AutoencoderSAME,
     AutoencoderTiny,
 )
 from forkserver import ServerForker
@@ -258,6 +260,36 @@ def tiny_stableaudio_vae() -> AutoencoderOobleck:
     ).eval()
 
 
+def tiny_stableaudio3_vae() -> AutoencoderSAME:
+    """SAME's real patch and stride (4096 samples per latent step) and 256-channel latent, one narrow transformer."""
+    torch.manual_seed(20)
+    return AutoencoderSAME(
+        encoder_channels=16,
+        encoder_c_mults=[2],
+        encoder_transformer_depths=[1],
+        dim_heads=8,
+        decoder_sinusoidal_blocks=[1],
+    ).eval()
+
+
+def tiny_hunyuanimage21_vae() -> AutoencoderKLHunyuanImage:
+    """The real 32x compression and 64-channel latent; 32 channels a block (its GroupNorm has 32 groups), the last
+    two 128 (it must be divisible by twice the latent channels)."""
+    torch.manual_seed(21)
+    model = AutoencoderKLHunyuanImage(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=64,
+        block_out_channels=(32, 32, 32, 32, 128, 128),
+        layers_per_block=1,
+        spatial_compression_ratio=32,
+        sample_size=64,
+        scaling_factor=0.75289,
+    )
+    _mostly_grey(model.decoder.conv_out)
+    return model.eval()
+
+
 def tiny_taesd(latent_channels: int, seed: int):
     def build() -> AutoencoderTiny:
         torch.manual_seed(seed)
@@ -289,6 +321,8 @@ TINY_MODELS = {
     "mochi": tiny_mochi_vae,
     "easyanimate": tiny_easyanimate_vae,
     "stableaudio": tiny_stableaudio_vae,
+    "hunyuanimage21": tiny_hunyuanimage21_vae,
+    "stableaudio3": tiny_stableaudio3_vae,
     "taesd": tiny_taesd(4, 12),
     "taesdxl": tiny_taesd(4, 13),
     "taef1": tiny_taesd(16, 14),
@@ -310,6 +344,8 @@ MODEL_CLASSES = {
     "mochi": AutoencoderKLMochi,
     "easyanimate": AutoencoderKLMagvit,
     "stableaudio": AutoencoderOobleck,
+    "hunyuanimage21": AutoencoderKLHunyuanImage,
+    "stableaudio3": AutoencoderSAME,
     "taesd": AutoencoderTiny,
     "taesdxl": AutoencoderTiny,
     "taef1": AutoencoderTiny,
@@ -328,6 +364,7 @@ NEW_FAMILIES = (
     "sana",
     "mochi",
     "easyanimate",
+    "hunyuanimage21",
 )
 
 

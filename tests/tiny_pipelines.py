@@ -443,6 +443,71 @@ def stableaudio(vae):
     return pipe, dict(prompt_embeds=seeded(1, 3, 4, seed=1), guidance_scale=1.0, audio_end_in_s=0.15)
 
 
+def stableaudio3(vae):
+    """StableAudio3Pipeline, three latent steps of 4096 samples, a quarter second kept; no text encoder."""
+    from diffusers.pipelines.stable_audio_3.modeling_stable_audio_3 import StableAudio3DurationEmbedder
+
+    transformer = d.StableAudio3DiTModel(
+        io_channels=256,
+        embed_dim=16,
+        depth=1,
+        num_heads=2,
+        cond_token_dim=8,
+        global_cond_dim=8,
+        local_add_cond_dim=257,
+        timestep_features_dim=8,
+        num_memory_tokens=2,
+    )
+    pipe = d.StableAudio3Pipeline(
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+        duration_embedder=StableAudio3DurationEmbedder(output_dim=8, fourier_dim=8),
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+    )
+    embeds = dict(prompt_embeds=seeded(1, 3, 8, seed=1), encoder_attention_mask=torch.ones(1, 3, dtype=torch.long))
+    return pipe, dict(**embeds, duration=0.25, num_inference_steps=2)
+
+
+def hunyuanimage21(vae):
+    """HunyuanImagePipeline as its own tests build it (distilled: no guider), embeddings for both text encoders."""
+    transformer = d.HunyuanImageTransformer2DModel(
+        in_channels=64,
+        out_channels=64,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=1,
+        num_single_layers=1,
+        num_refiner_layers=1,
+        patch_size=(1, 1),
+        guidance_embeds=False,
+        text_embed_dim=8,
+        text_embed_2_dim=8,
+        rope_axes_dim=(4, 4),
+    )
+    pipe = d.HunyuanImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        vae=vae,
+        transformer=transformer,
+        **NO_TEXT_ENCODERS,
+    )
+    embeds = dict(
+        prompt_embeds=seeded(1, 3, 8, seed=1),
+        prompt_embeds_mask=torch.ones(1, 3, dtype=torch.long),
+        prompt_embeds_2=seeded(1, 3, 8, seed=2),
+        prompt_embeds_mask_2=torch.ones(1, 3, dtype=torch.long),
+    )
+    return pipe, dict(**embeds, distilled_guidance_scale=None, **_size())
+
+
+# What an audio pipeline does to `vae.decode(latents).sample` before it returns (`samples`: the length it keeps)
+AUDIO_AFTER_DECODE = {
+    "stableaudio": lambda audio, samples: audio[:, :, :samples],  # cropped to audio_end_in_s
+    "stableaudio3": lambda audio, samples: audio[:, :, :samples].clamp(-1.0, 1.0),  # cropped to duration, clipped
+}
+
+
 PIPELINES = {
     "sd15": taesd,  # taesd is SD1.5's preview decoder: the same pipeline
     "sdxl": taesdxl,
@@ -462,7 +527,9 @@ PIPELINES = {
     "sana": sana,
     "mochi": mochi,
     "easyanimate": easyanimate,
+    "hunyuanimage21": hunyuanimage21,
     "stableaudio": stableaudio,
+    "stableaudio3": stableaudio3,
 }
 
 

@@ -1,7 +1,7 @@
-"""Audio families through the live server: Stable Audio Open's Oobleck VAE decodes latents [B, 64, T] to the waveform
-diffusers makes in-process (as a tensor, a float WAV holding the very samples, a 24-bit FLAC within 2^-23), encodes
-waveform tensors and WAV / FLAC files to the encoder's own latent, and StableAudioPipeline's latent decodes to that
-pipeline's audio; bad latents and bad files get 4xx JSON."""
+"""Audio families through the live server: Stable Audio Open's Oobleck VAE and Stable Audio 3's SAME decode latents
+[B, C, T] to the waveform diffusers makes in-process (as a tensor, a float WAV holding the very samples, a 24-bit FLAC
+within 2^-23), encode waveform tensors and WAV / FLAC files to the encoder's own latent, and each pipeline's latent
+decodes to that pipeline's audio; bad latents and bad files get 4xx JSON."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from remote_vae.media import AudioFile, write_audio
 
 FAMILY = "stableaudio"
 RATE, CHANNELS, HOP = 44100, 2, 2048
+AUDIO_FAMILIES = {"stableaudio": (64, 2048), "stableaudio3": (256, 4096)}  # latent channels, samples per step
 FLAC_STEP = 2.0**-23  # one step of a 24-bit sample
 
 
@@ -44,8 +45,10 @@ def local_decode(model, latents: torch.Tensor) -> torch.Tensor:
 
 
 def local_mean(model, waveform: torch.Tensor) -> torch.Tensor:
+    """The encoder's deterministic latent: a distribution's mean, or SAME's latent."""
     with torch.no_grad():
-        return model.encode(waveform).latent_dist.mean
+        encoded = model.encode(waveform)
+    return encoded.latent_dist.mean if hasattr(encoded, "latent_dist") else encoded.latents
 
 
 def post(url: str, path: str, body: bytes, **params) -> requests.Response:
@@ -65,16 +68,35 @@ def pcm16_wav(waveform: np.ndarray, rate: int = RATE) -> bytes:
     return b"RIFF" + struct.pack("<I", 4 + len(body)) + b"WAVE" + body
 
 
-@pytest.mark.parametrize("shape", [(1, 64, 3), (2, 64, 1), (3, 64, 5)])
-def test_decode_is_the_waveform_diffusers_makes(url, model, shape):
-    latents = seeded(*shape, seed=41)
-    family = load_family(FAMILY)
-    out = eval(client_call(family), {"remote_decode": remote_decode, "url": url, "latents": latents})
-    expected = local_decode(model, latents)
-    assert out.shape == expected.shape == (shape[0], CHANNELS, shape[2] * HOP)
+@pytest.mark.parametrize("family", AUDIO_FAMILIES)
+@pytest.mark.parametrize("batch, steps", [(1, 3), (2, 1), (3, 5)])
+def test_decode_is_the_waveform_diffusers_makes(every_family_server, reference, family, batch, steps):
+    channels, hop = AUDIO_FAMILIES[family]
+    url = f"{every_family_server.url}/{family}/"
+    latents = seeded(batch, channels, steps, seed=41)
+    out = eval(client_call(load_family(family)), {"remote_decode": remote_decode, "url": url, "latents": latents})
+    expected = local_decode(reference[family], latents)
+    assert out.shape == expected.shape == (batch, CHANNELS, steps * hop)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     with Client(url) as client:
         torch.testing.assert_close(client.decode(latents), expected, atol=1e-5, rtol=1e-5)
+        wav = AudioHeader.read(client.decode(latents, output="wav"))
+        clips = expected.permute(1, 0, 2).reshape(CHANNELS, -1).numpy()
+        np.testing.assert_allclose(wav.samples(RATE, CHANNELS), clips, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", AUDIO_FAMILIES)
+def test_encode_is_the_encoders_latent(every_family_server, reference, family):
+    channels, hop = AUDIO_FAMILIES[family]
+    url = f"{every_family_server.url}/{family}/"
+    waveform = local_decode(reference[family], seeded(2, channels, 2, seed=47)).clamp(-1, 1)
+    expected = local_mean(reference[family], waveform)
+    torch.testing.assert_close(remote_encode(url, waveform), expected, atol=1e-5, rtol=1e-5)
+    drop_in = RemoteVae(url)
+    assert next(drop_in.parameters()).dtype == torch.float32  # SA3's pipelines read the VAE's dtype this way
+    encoded = drop_in.encode(waveform)
+    got = encoded.latent_dist.mean if hasattr(encoded, "latent_dist") else encoded.latents
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_wav_holds_the_decoders_samples_and_flac_them_within_a_24_bit_step(url, model):

@@ -63,6 +63,7 @@ def test_multi_family_index(multi_server):
 def test_unexpected_errors_are_500_json_without_details():
     class Broken:
         png_compression = 1
+        family = load_family("sd15")
 
         def check_decode(self, request, reply_encoding="binary"):
             raise ZeroDivisionError("secret internals")

@@ -39,6 +39,8 @@ EXPECTED_FACTORS = {
     "mochi": (None, None),  # per channel, in its config
     "easyanimate": (0.7125, None),
     "stableaudio": (None, None),
+    "stableaudio3": (None, None),
+    "hunyuanimage21": (0.75289, None),
 }
 VIDEO_FAMILIES = ("hunyuanvideo", "wan21", "wan22", "hunyuanvideo15", "ltxvideo", "cogvideox", "mochi", "easyanimate")
 
@@ -269,12 +271,10 @@ def test_the_real_architecture_has_the_exact_tiler_its_tiny_model_is_tested_with
 NOT_SERVED_YET = {
     "AutoencoderKLLTX2Video": "LTX-2: video with its audio VAE and vocoder in one reply",
     "AutoencoderKLQwenImage21": "Qwen-Image 2.1",
-    "AutoencoderKLHunyuanImage": "HunyuanImage 2.1 (32x)",
     "AutoencoderKLHunyuanImageRefiner": "HunyuanImage 2.1's refiner",
     "AutoencoderKLTemporalDecoder": "Stable Video Diffusion (decode takes the frame count)",
     "AutoencoderKLCosmos": "Cosmos",
     "AutoencoderKLAllegro": "Allegro",
-    "AutoencoderSAME": "Stable Audio 3: audio",
     "AsymmetricAutoencoderKL": "the asymmetric inpainting VAE (its decode takes the image and mask)",
     "Kandinsky6SRVAE": "Kandinsky 6 super-resolution",
     "LongCatAudioDiTVae": "LongCat audio",
