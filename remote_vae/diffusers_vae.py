@@ -83,6 +83,8 @@ class RemoteVae(ModelMixin, ConfigMixin):
         # An audio family's reply is its waveform, float: no pixels to send as uint8
         self.pixels, self.video = ("raw" if kind == "audio" else pixels), kind == "video"
         self.remote_class, self.frame_axis = described["model"]["class"], described["model"]["frame_axis"]
+        # The model takes a clip's frames as a batch of images (SVD): sent to the server as the clips they are
+        self.frames_as_batch = described["model"].get("frames_as_batch", False)
         # The server passes the model's own latents through untouched: sent as raw, or for a preview decoder (taesd),
         # whose latents are the full family's normalised ones, with the family's own scaling
         self.wire_scaling = {"normalised": described["model"]["latents"] == "normalised"}
@@ -129,13 +131,20 @@ class RemoteVae(ModelMixin, ConfigMixin):
         """The local VAE's decode of `z`: DecoderOutput(sample=[B, 3, (F,) H, W], an audio family's waveform
         [B, channels, N]) on z's device in this VAE's dtype.
         A timestep (LTX's `temb`, positional or by name) is sent as the decode timestep."""
-        timestep = kwargs.pop("temb", None)
+        timestep, num_frames = kwargs.pop("temb", None), kwargs.pop("num_frames", None)
         for arg in args:  # decode(z, temb), decode(z, False)
             if isinstance(arg, bool):
                 return_dict = arg
             elif isinstance(arg, (torch.Tensor, float, int)):
                 timestep = arg
         self._check_latents(z)
+        if self.frames_as_batch and z.ndim == 4:  # [k*n, C, h, w]: k clips of n frames, as SVD's decode_latents
+            frames = num_frames or z.shape[0]
+            clips = self._decode(z.reshape(-1, frames, *z.shape[1:]), None)  # sent frames first, the pipeline's form
+            sample = (
+                clips.permute(0, 2, 1, 3, 4).reshape(-1, *clips.shape[1:2], *clips.shape[3:]).to(z.device, self.dtype)
+            )
+            return DecoderOutput(sample=sample) if return_dict else (sample,)
         samples = [self._decode(part, step) for part, step in _by_timestep(z, timestep)]
         sample = (samples[0] if len(samples) == 1 else torch.cat(samples)).to(z.device, self.dtype)
         return DecoderOutput(sample=sample) if return_dict else (sample,)
@@ -147,8 +156,12 @@ class RemoteVae(ModelMixin, ConfigMixin):
         this VAE's dtype (or, for an encoder without one, its latent under its real name: `.latents`, `.latent`)."""
         images = x.squeeze(2) if self.frame_axis and x.ndim == 5 else x
         options = {**self.wire_scaling, **self._tiling()}
+        if self.frames_as_batch and x.ndim == 4:  # images to a model that encodes frames as a batch: one clip of them
+            images = x.permute(1, 0, 2, 3)[None]
         if self.encoder_output == "latent_dist":
             parameters = self.client.encode(images, self.family, latent_dist="parameters", **options)
+            if self.frames_as_batch and x.ndim == 4:
+                parameters = parameters[0].permute(1, 0, 2, 3)
             distribution = self.distribution(self._placed(parameters, x.device))
             return AutoencoderKLOutput(latent_dist=distribution) if return_dict else (distribution,)
         latents = self._placed(self.client.encode(images, self.family, **options), x.device)

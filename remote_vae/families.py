@@ -33,7 +33,9 @@ What each family's pipeline does between its denoiser and `vae.decode` is data t
   samples_per_call      a model that must see one sample at a time (HunyuanVideo 1.5:
                         its attention mask breaks on batches);
   latent_frames_odd     a video model whose latent frame count must be odd (CogVideoX:
-                        an even count decodes to 4T frames, and its pipelines never make one).
+                        an even count decodes to 4T frames, and its pipelines never make one);
+  frames_as_batch       a video model that takes a clip's frames as a batch of images and the frame count
+                        (SVD: `decode(z, num_frames)`; temporal_compression 1).
 `pipelines` and `hub_repos` name the diffusers pipelines that use this VAE as it is and the repos that ship it (a
 client finds the family from either; docs/families.md). `comfyui` says how ComfyUI holds its LATENT: "latents": "raw"
 (the default) or "normalised" (Flux.2's, LTX's), and "decode": the parameters its decode implies (LTX: timestep 0.05,
@@ -97,6 +99,9 @@ class Family:
     decode_timestep: str | None = None
     samples_per_call: int | None = None
     latent_frames_odd: bool = False
+    # The VAE takes a clip's frames as a batch of images [B*F, C, h, w], its decode the frame count (SVD's temporal
+    # decoder, `decode(z, num_frames)`), and compresses no frames
+    frames_as_batch: bool = False
     # The tiling a call uses when it tiles and the request names none ("exact" where the model has it)
     default_tiling: str = "exact"
     min_diffusers: str | None = None  # the oldest diffusers release that builds this family's model as configured

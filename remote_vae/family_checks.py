@@ -53,7 +53,7 @@ def _check_counts(values: dict[str, Any], source: str) -> None:
     tile_above = values.get("tile_above_pixels")
     if tile_above is not None and not (isinstance(tile_above, int) and tile_above >= 0):
         raise FamilyError(f"{source}: tile_above_pixels must be a non-negative integer or null (never tile)")
-    for key in ("streams_frames", "latent_frames_odd"):
+    for key in ("streams_frames", "latent_frames_odd", "frames_as_batch"):
         if not isinstance(values.get(key, False), bool):
             raise FamilyError(f"{source}: {key} must be true or false")
     if values.get("default_tiling", "exact") not in TILINGS:
@@ -61,6 +61,8 @@ def _check_counts(values: dict[str, Any], source: str) -> None:
     minimum = values.get("min_diffusers")
     if minimum is not None and not (isinstance(minimum, str) and re.fullmatch(r"\d+(\.\d+)*", minimum)):
         raise FamilyError(f'{source}: min_diffusers must be a release number like "0.36.0", or null')
+    if values.get("frames_as_batch") and temporal != 1:
+        raise FamilyError(f"{source}: frames_as_batch is for a video family whose temporal_compression is 1")
     per_call = values.get("samples_per_call")
     if per_call is not None and not (isinstance(per_call, int) and per_call >= 1):
         raise FamilyError(f"{source}: samples_per_call must be a positive integer or null (any batch)")

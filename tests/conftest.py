@@ -38,6 +38,7 @@ from diffusers import (
     AutoencoderKLMagvit,
     AutoencoderKLMochi,
     AutoencoderKLQwenImage,
+    AutoencoderKLTemporalDecoder,
     AutoencoderKLWan,
     AutoencoderOobleck,
     AutoencoderSAME,
@@ -290,6 +291,16 @@ def tiny_hunyuanimage21_vae() -> AutoencoderKLHunyuanImage:
     return model.eval()
 
 
+def tiny_svd_vae() -> AutoencoderKLTemporalDecoder:
+    """SD's 8x encoder and SVD's temporal decoder, 32 channels a block (the GroupNorms' 32 groups)."""
+    torch.manual_seed(22)
+    model = AutoencoderKLTemporalDecoder(
+        down_block_types=("DownEncoderBlock2D",) * 4, block_out_channels=(32, 32, 32, 32), layers_per_block=1
+    )
+    _mostly_grey(model.decoder.conv_out)
+    return model.eval()
+
+
 def tiny_taesd(latent_channels: int, seed: int):
     def build() -> AutoencoderTiny:
         torch.manual_seed(seed)
@@ -322,6 +333,7 @@ TINY_MODELS = {
     "easyanimate": tiny_easyanimate_vae,
     "stableaudio": tiny_stableaudio_vae,
     "hunyuanimage21": tiny_hunyuanimage21_vae,
+    "svd": tiny_svd_vae,
     "stableaudio3": tiny_stableaudio3_vae,
     "taesd": tiny_taesd(4, 12),
     "taesdxl": tiny_taesd(4, 13),
@@ -345,6 +357,7 @@ MODEL_CLASSES = {
     "easyanimate": AutoencoderKLMagvit,
     "stableaudio": AutoencoderOobleck,
     "hunyuanimage21": AutoencoderKLHunyuanImage,
+    "svd": AutoencoderKLTemporalDecoder,
     "stableaudio3": AutoencoderSAME,
     "taesd": AutoencoderTiny,
     "taesdxl": AutoencoderTiny,
@@ -365,6 +378,7 @@ NEW_FAMILIES = (
     "mochi",
     "easyanimate",
     "hunyuanimage21",
+    "svd",
 )
 
 

@@ -62,3 +62,30 @@ def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "remote_vae", *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120
     )
+
+
+def decode_as_family(family: str, vae, latents: torch.Tensor, **kwargs) -> torch.Tensor:
+    """vae.decode(latents).sample on canonical latents [B, C, (T,) h, w], as the family's model takes them: a clip's
+    frames as a batch, with their count, for SVD's temporal decoder (`frames_as_batch`)."""
+    from remote_vae.families import load_family
+
+    with torch.no_grad():
+        if not load_family(family).frames_as_batch:
+            return vae.decode(latents, **kwargs).sample
+        batch, frames = latents.shape[0], latents.shape[2]
+        out = vae.decode(latents.permute(0, 2, 1, 3, 4).flatten(0, 1), num_frames=frames, **kwargs).sample
+        return out.unflatten(0, (batch, frames)).permute(0, 2, 1, 3, 4)
+
+
+def encode_as_family(family: str, vae, pixels: torch.Tensor) -> torch.Tensor:
+    """The encoder's deterministic latent (a distribution's mean, or the latent) of pixels [B, 3, (F,) H, W], as the
+    family's model takes them (SVD: the frames as a batch, back in [B, C, F, h, w])."""
+    from remote_vae.families import load_family
+    from remote_vae.vae import latent_of
+
+    with torch.no_grad():
+        if not load_family(family).frames_as_batch:
+            return latent_of(vae.encode(pixels))
+        batch, frames = pixels.shape[0], pixels.shape[2]
+        latent = latent_of(vae.encode(pixels.permute(0, 2, 1, 3, 4).flatten(0, 1)))
+        return latent.unflatten(0, (batch, frames)).permute(0, 2, 1, 3, 4)

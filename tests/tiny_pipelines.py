@@ -501,6 +501,44 @@ def hunyuanimage21(vae):
     return pipe, dict(**embeds, distilled_guidance_scale=None, **_size())
 
 
+def svd(vae):
+    """StableVideoDiffusionPipeline as its own tests build it: an image in, three frames out, decoded as one chunk."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    unet = d.UNetSpatioTemporalConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=32,
+        in_channels=8,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+        cross_attention_dim=32,
+        num_attention_heads=8,
+        projection_class_embeddings_input_dim=96,
+        addition_time_embed_dim=32,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        projection_dim=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        image_size=224,
+        patch_size=32,
+        intermediate_size=37,
+    )
+    pipe = d.StableVideoDiffusionPipeline(
+        vae=vae,
+        image_encoder=CLIPVisionModelWithProjection(vision).eval(),
+        unet=unet,
+        scheduler=d.EulerDiscreteScheduler(
+            prediction_type="v_prediction", use_karras_sigmas=True, timestep_type="continuous", sigma_max=700.0
+        ),
+        feature_extractor=CLIPImageProcessor(crop_size=224, size=224),
+    )
+    return pipe, dict(image=_image(), **_size(3), decode_chunk_size=3, num_inference_steps=2)
+
+
 # What an audio pipeline does to `vae.decode(latents).sample` before it returns (`samples`: the length it keeps)
 AUDIO_AFTER_DECODE = {
     "stableaudio": lambda audio, samples: audio[:, :, :samples],  # cropped to audio_end_in_s
@@ -528,6 +566,7 @@ PIPELINES = {
     "mochi": mochi,
     "easyanimate": easyanimate,
     "hunyuanimage21": hunyuanimage21,
+    "svd": svd,
     "stableaudio": stableaudio,
     "stableaudio3": stableaudio3,
 }

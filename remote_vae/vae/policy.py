@@ -105,7 +105,7 @@ class LoadedVae:
         self.exact_tiler = tiler_for(self.model)
         self.exact_tiling = self.exact_tiler is not None
         self.band_pixels = self.band_pixels or DEFAULT_BAND_PIXELS.get(self.device.type, DEFAULT_BAND_PIXELS["cpu"])
-        self.can_tile = hasattr(self.model, "enable_tiling") or self.exact_tiling
+        self.can_tile = hasattr(self.model, "use_tiling") or self.exact_tiling
         self.layout = self.family.layout
         self.samples_per_call = self.family.samples_per_call or 1 << 30
         # What do_scaling=True undoes: the family's factors or statistics, or those in the weights.
@@ -192,6 +192,8 @@ class LoadedVae:
         streams = frames if self.family.streams_frames else None
         extra = {self.timestep_argument: timestep} if self.timestep_argument and timestep is not None else {}
         call = lambda z, **kw: self.model.decode(z, **kw).sample  # noqa: E731
+        if self.family.frames_as_batch:
+            call = _frames_as_batch(call, num_frames=True)
         exact = self._exactly(call, frame_pixels * frame_count) if self.tiling_for(tiling) == "exact" else None
         sample = self._run("decode", latents, frame_pixels, frame_count, call, streams, extra, exact, tiling)
         return sample.squeeze(2) if self.layout.frame_axis else sample
@@ -207,6 +209,8 @@ class LoadedVae:
         frame_count = images.shape[2] if self.family.is_video else 1
         frame_pixels = images.shape[-2] * images.shape[-1]
         call = lambda x: latent_of(self.model.encode(x), latent_dist)  # noqa: E731
+        if self.family.frames_as_batch:
+            call = _frames_as_batch(call)
         exact = self._exactly(call, frame_pixels * frame_count) if self.tiling_for(tiling) == "exact" else None
         return self._run("encode", images, frame_pixels, frame_count, call, exact=exact, asked=tiling)
 
@@ -299,6 +303,19 @@ class LoadedVae:
         # Outside the except block: the exception and its frames' tensors are gone, so their memory can be freed.
         free_device_memory(self.device)
         return _OUT_OF_MEMORY
+
+
+def _frames_as_batch(call: Callable, num_frames: bool = False) -> Callable:
+    """call on videos [B, C, F, h, w] for a model that takes their frames as a batch [B*F, C, h, w] (and, decoding,
+    their count: SVD's temporal decoder mixes the frames of each clip), back in [B, C', F, H, W]."""
+
+    def run(videos: torch.Tensor, **extra) -> torch.Tensor:
+        batch, channels, frames = videos.shape[:3]
+        flat = videos.permute(0, 2, 1, 3, 4).reshape(batch * frames, channels, *videos.shape[3:])
+        out = call(flat, **({"num_frames": frames} if num_frames else {}), **extra)
+        return out.reshape(batch, frames, *out.shape[1:]).permute(0, 2, 1, 3, 4)
+
+    return run
 
 
 def latent_of(encoded, latent_dist: LatentDist = LatentDist.MEAN) -> torch.Tensor:

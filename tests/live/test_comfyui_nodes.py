@@ -18,7 +18,8 @@ from diffusers import Flux2Pipeline, LTXPipeline
 from remote_vae.families import available, load_family
 from remote_vae.vae import latent_of
 
-FAMILIES = [name for name in available() if not load_family(name).is_audio]  # ComfyUI's audio VAEs: not yet
+# Not offered by the nodes yet: audio families, and SVD's frames-as-batch latent (docs/comfyui.md)
+FAMILIES = [name for name in available() if not (load_family(name).is_audio or load_family(name).frames_as_batch)]
 PIXEL = 1 / 255 + 1e-6  # uint8 pixels: one step
 
 

@@ -11,6 +11,7 @@ import torch
 from conftest import NEW_FAMILIES, ROOT, seeded, tensor_of
 from diffusers import Flux2Pipeline, LTXPipeline
 from diffusers.utils.remote_utils import remote_decode, remote_encode
+from diffusers_reference import encode_as_family
 
 from remote_vae.cli import client_call, client_table
 from remote_vae.families import available, load_family
@@ -47,6 +48,10 @@ def native_case(family: str, model):
     if family == "cogvideox":  # as CogVideoXPipeline holds it: frames first
         latents = seeded(1, 3, 16, 8, 4, seed=31)
         return latents, vae_decode(model, latents.permute(0, 2, 1, 3, 4))
+    if family == "svd":  # frames first, as its pipeline holds them; the model takes them as a batch and their count
+        latents = seeded(1, 3, 4, 8, 4, seed=31)
+        frames = vae_decode(model, latents.flatten(0, 1), num_frames=3)
+        return latents, frames[None].permute(0, 2, 1, 3, 4)
     if family == "ltxvideo":  # conditioned on a decode timestep, 0 by default as in LTXPipeline
         latents = seeded(1, 128, 3, 2, 1, seed=31)
         return latents, vae_decode(model, latents, temb=torch.zeros(1))
@@ -135,7 +140,7 @@ def pipeline_normalised(family: str, model, latent: torch.Tensor) -> torch.Tenso
         view = (1, -1) + (1,) * (latent.ndim - 2)
         mean, inverse_std = torch.tensor(spec.latents_mean).view(view), 1.0 / torch.tensor(spec.latents_std).view(view)
         return (latent - mean) * inverse_std
-    if family == "cogvideox":  # CogVideoXImageToVideoPipeline: frames first, times the scaling factor
+    if spec.layout.frames_first:  # CogVideoXImageToVideoPipeline (and SVD's latents): frames first, times the factor
         return spec.scaling_factor * latent.permute(0, 2, 1, 3, 4)
     if spec.model_latents == "normalised":  # taesd: the encoder's latent is already the pipeline's
         return latent
@@ -156,9 +161,7 @@ def post_tensor(server, family: str, pixels: torch.Tensor, **params) -> requests
 @pytest.mark.parametrize("family", NEW_FAMILIES)
 def test_encode_is_the_pipelines_normalised_latent(families_server, reference, family):
     model, pixels = reference[family], sample_pixels(family)
-    with torch.no_grad():
-        encoded = model.encode(pixels.unsqueeze(2) if family == "qwenimage" else pixels)
-    latent = encoder_latent(encoded)
+    latent = encode_as_family(family, model, pixels.unsqueeze(2) if family == "qwenimage" else pixels)
     expected = pipeline_normalised(family, model, latent)
     out = tensor_of(post_tensor(families_server, family, pixels, do_scaling=True))
     torch.testing.assert_close(out, expected, **TOLERANCE)

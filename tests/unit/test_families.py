@@ -41,8 +41,19 @@ EXPECTED_FACTORS = {
     "stableaudio": (None, None),
     "stableaudio3": (None, None),
     "hunyuanimage21": (0.75289, None),
+    "svd": (0.18215, None),
 }
-VIDEO_FAMILIES = ("hunyuanvideo", "wan21", "wan22", "hunyuanvideo15", "ltxvideo", "cogvideox", "mochi", "easyanimate")
+VIDEO_FAMILIES = (
+    "hunyuanvideo",
+    "wan21",
+    "wan22",
+    "hunyuanvideo15",
+    "ltxvideo",
+    "cogvideox",
+    "mochi",
+    "easyanimate",
+    "svd",
+)
 
 
 def test_shipped_families():
@@ -69,8 +80,8 @@ def test_config_builds_its_architecture(name):
     spatial = getattr(model, "spatial_compression_ratio", None) or 2 ** (len(config.block_out_channels) - 1)
     assert spatial == family.spatial_compression
     temporal = config.get("temporal_compression_ratio", config.get("scale_factor_temporal"))
-    if family.is_video:  # Mochi's is the model's attribute only
-        temporal = temporal or getattr(model, "temporal_compression_ratio", None)
+    if family.is_video:  # Mochi's is the model's attribute only; SVD's decoder compresses no frames
+        temporal = temporal or getattr(model, "temporal_compression_ratio", None) or (family.frames_as_batch and 1)
     assert temporal == family.temporal_compression
     if family.model_latents == "normalised":  # a preview decoder reads the full family's normalised latents
         assert (config.get("scaling_factor"), config.get("shift_factor")) == (1.0, 0.0)
@@ -272,7 +283,6 @@ NOT_SERVED_YET = {
     "AutoencoderKLLTX2Video": "LTX-2: video with its audio VAE and vocoder in one reply",
     "AutoencoderKLQwenImage21": "Qwen-Image 2.1",
     "AutoencoderKLHunyuanImageRefiner": "HunyuanImage 2.1's refiner",
-    "AutoencoderKLTemporalDecoder": "Stable Video Diffusion (decode takes the frame count)",
     "AutoencoderKLCosmos": "Cosmos",
     "AutoencoderKLAllegro": "Allegro",
     "AsymmetricAutoencoderKL": "the asymmetric inpainting VAE (its decode takes the image and mask)",
