@@ -7,7 +7,8 @@ builds it, its latent layout and scaling, and the full diffusers model config
 
 Video families add `temporal_compression` (latent frames T decode to
 `temporal_compression * (T - 1) + 1` frames). Families normalised per channel
-(Wan) give `latents_mean` / `latents_std` instead of a scalar scaling factor.
+(Wan) give `latents_mean` / `latents_std` instead of a scalar scaling factor; with `latents_stats_frames`, those
+hold statistics per channel and latent frame (Cosmos 1.0), with a `scaling_factor` (its scheduler's sigma_data).
 `tile_above_pixels` switches the model's own tiled decoding on for frames
 larger than that many pixels, with `tiling_options` passed to `enable_tiling`.
 `min_diffusers` is the oldest diffusers release with the model class and every
@@ -90,6 +91,9 @@ class Family:
     temporal_compression: int | None = None
     latents_mean: tuple[float, ...] | None = None
     latents_std: tuple[float, ...] | None = None
+    # Statistics per channel and latent frame (Cosmos 1.0's, 16 frames): latents_mean / latents_std hold C x F values,
+    # channel-major, and scaling_factor divides as in WeightStats
+    latents_stats_frames: int | None = None
     tile_above_pixels: int | None = None
     tiling_options: dict[str, Any] = field(default_factory=dict)
     streams_frames: bool = False

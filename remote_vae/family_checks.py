@@ -77,19 +77,33 @@ def _check_normalisation(values: dict[str, Any], source: str) -> None:
     """Scalar factors or per-channel statistics, not both; and what a preview decoder's latents need."""
     if values.get("scaling_factor") == 0:
         raise FamilyError(f"{source}: scaling_factor must not be 0")
+    frames = values.get("latents_stats_frames")
+    if frames is not None and not (
+        isinstance(frames, int) and not isinstance(frames, bool) and frames >= 1 and values.get("temporal_compression")
+    ):
+        raise FamilyError(
+            f"{source}: latents_stats_frames is the number of latent frames a video family's statistics cover (C x F "
+            "values each), a positive integer"
+        )
     for key in ("latents_mean", "latents_std"):
         stats = values.get(key)
         if stats is None:
             continue
         channels = values["latent_channels"]
-        if not (isinstance(stats, list) and len(stats) == channels and all(isinstance(v, (int, float)) for v in stats)):
-            raise FamilyError(f"{source}: {key} must be a list of {channels} numbers (one per latent channel)")
+        count, each = (channels, "one per latent channel") if frames is None else (channels * frames, "channel-major")
+        if not (isinstance(stats, list) and len(stats) == count and all(isinstance(v, (int, float)) for v in stats)):
+            raise FamilyError(f"{source}: {key} must be a list of {count} numbers ({each})")
         values[key] = tuple(float(v) for v in stats)
     if (values.get("latents_mean") is None) != (values.get("latents_std") is None):
         raise FamilyError(f"{source}: latents_mean and latents_std come together")
+    if frames is not None and values.get("latents_mean") is None:
+        raise FamilyError(f"{source}: latents_stats_frames describes latents_mean and latents_std; give them")
     if values.get("latents_std") and 0 in values["latents_std"]:
         raise FamilyError(f"{source}: latents_std must not contain 0")
-    if values.get("latents_mean") and values.get("scaling_factor") is not None:
+    # Per-frame statistics take a scaling factor too (Cosmos: z * std / sigma_data + mean); per-channel ones do not
+    if values.get("latents_mean") and values.get("shift_factor") is not None:
+        raise FamilyError(f"{source}: give either scaling_factor/shift_factor or latents_mean/latents_std, not both")
+    if values.get("latents_mean") and values.get("scaling_factor") is not None and frames is None:
         raise FamilyError(f"{source}: give either scaling_factor/shift_factor or latents_mean/latents_std, not both")
     if values.get("model_latents", "raw") not in MODEL_LATENTS:
         raise FamilyError(f"{source}: model_latents must be one of {list(MODEL_LATENTS)}")

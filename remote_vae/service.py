@@ -238,6 +238,8 @@ class VaeService:
         finally:
             checked.close()
         normalisation = request.scaling.normalisation(self.vae.normalisation)
+        if frames is not None:
+            latent_ops.check_frames_covered(normalisation, (frames - 1) // (self.family.temporal_compression or 1) + 1)
         layout = self.vae.layout
         tiling = self.vae.checked_tiling(request.tiling)
         if request.latent_dist == LatentDist.PARAMETERS:

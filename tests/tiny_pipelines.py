@@ -539,6 +539,52 @@ def svd(vae):
     return pipe, dict(image=_image(), **_size(3), decode_chunk_size=3, num_inference_steps=2)
 
 
+class PassingGuardrail:
+    """Cosmos' safety checker, which its pipelines require, letting everything through (diffusers' own tests use one
+    the same): the pipeline still rounds the frames to uint8 around it, as with the real guardrail."""
+
+    def to(self, *args, **kwargs):
+        return self
+
+    def check_text_safety(self, prompt: str) -> bool:
+        return True
+
+    def check_video_safety(self, frames):
+        return frames
+
+
+def cosmos(vae, in_channels: int = 16):
+    transformer = d.CosmosTransformer3DModel(
+        in_channels=in_channels,
+        out_channels=16,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_layers=1,
+        mlp_ratio=2,
+        text_embed_dim=32,
+        adaln_lora_dim=4,
+        max_size=(4, 32, 32),
+        patch_size=(1, 2, 2),
+        concat_padding_mask=False,  # the padding mask is resized with torchvision, which the tests do without
+    )
+    # The scheduler CosmosTextToWorldPipeline ships with (diffusers' conversion script): sigma_data 0.5
+    scheduler = d.EDMEulerScheduler(sigma_min=0.002, sigma_max=80, sigma_data=0.5, sigma_schedule="karras", rho=7.0)
+    pipe = d.CosmosTextToWorldPipeline(
+        text_encoder=None,
+        tokenizer=None,
+        transformer=transformer,
+        vae=vae,
+        scheduler=scheduler,
+        safety_checker=PassingGuardrail(),
+    )
+    return pipe, dict(prompt_embeds=seeded(1, 8, 32, seed=1), guidance_scale=1.0, **_size(9))
+
+
+# Where a pipeline's own output is not the decoded pixels to float precision: Cosmos' guardrail pass makes the
+# frames uint8 (truncating) and back, one level at most below the decode's
+PIXEL_TOLERANCE = {"cosmos": dict(atol=1 / 255 + 1e-4, rtol=0)}
+
+
 # What an audio pipeline does to `vae.decode(latents).sample` before it returns (`samples`: the length it keeps)
 AUDIO_AFTER_DECODE = {
     "stableaudio": lambda audio, samples: audio[:, :, :samples],  # cropped to audio_end_in_s
@@ -567,6 +613,7 @@ PIPELINES = {
     "easyanimate": easyanimate,
     "hunyuanimage21": hunyuanimage21,
     "svd": svd,
+    "cosmos": cosmos,
     "stableaudio": stableaudio,
     "stableaudio3": stableaudio3,
 }
@@ -638,11 +685,20 @@ def wan21_image_to_video(vae):
     return pipe, dict(image=_image(), prompt_embeds=seeded(1, 8, 16, seed=1), guidance_scale=1.0, **_size(9))
 
 
+def cosmos_video_to_world(vae):
+    # The image's latent comes from an identity distribution (the encoder's output itself), normalised per frame; the
+    # denoiser also takes the conditioning mask, a channel more
+    pipe, arguments = cosmos(vae, in_channels=17)
+    pipe = d.CosmosVideoToWorldPipeline(**pipe.components)
+    return pipe, dict(arguments, image=_image())
+
+
 IMAGE_PIPELINES = {
     "sd15": sd15_img2img,
     "sdxl": sdxl_img2img,
     "flux": flux_img2img,
     "wan21": wan21_image_to_video,
+    "cosmos": cosmos_video_to_world,
 }
 
 

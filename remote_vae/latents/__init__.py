@@ -25,7 +25,15 @@ from .checks import (
     nearest_frame_counts,
 )
 from .layout import LatentPlan, check_dims, check_output_size, plan_decode, to_canonical
-from .normalisation import ChannelStats, Normalisation, ScalarFactors, Scaling, WeightStats, own_normalisation
+from .normalisation import (
+    ChannelStats,
+    Normalisation,
+    ScalarFactors,
+    Scaling,
+    WeightStats,
+    check_frames_covered,
+    own_normalisation,
+)
 
 __all__ = [
     "ChannelStats",
@@ -39,6 +47,7 @@ __all__ = [
     "check_dims",
     "check_finite",
     "check_frame_count",
+    "check_frames_covered",
     "check_image_size",
     "check_output_size",
     "check_pixel_shape",

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ..errors import RequestError
 from ..families import Family
 
 if TYPE_CHECKING:  # torch is imported where it is used: `remote-vae families` describes layouts without it
@@ -66,7 +67,9 @@ class ChannelStats:
 
 @dataclass(frozen=True, eq=False)
 class WeightStats:
-    """Flux.2 and LTX: per-channel statistics read from the VAE's weights, z_norm = (z - mean) * scaling_factor / std.
+    """Flux.2 and LTX: per-channel statistics read from the VAE's weights, z_norm = (z - mean) * scaling_factor / std;
+    Cosmos 1.0: statistics per channel and latent frame ([C, F] here), from its config, with its scheduler's
+    sigma_data as the scaling factor.
 
     `std` is computed as the pipeline computes it (Flux.2: sqrt(running_var + eps) in
     the model's dtype); the arithmetic is the pipelines' own.
@@ -76,11 +79,20 @@ class WeightStats:
     std: torch.Tensor
     scaling_factor: float = 1.0
 
+    @property
+    def frames(self) -> int | None:
+        """The latent frames statistics per frame cover, or None for per-channel ones."""
+        return self.mean.shape[1] if self.mean.ndim == 2 else None
+
     def _stats(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        view = (1, -1) + (1,) * (latents.ndim - 2)
-        return self.mean.view(view).to(latents.device, latents.dtype), self.std.view(view).to(
-            latents.device, latents.dtype
-        )
+        if self.frames is None:
+            view = (1, -1) + (1,) * (latents.ndim - 2)
+            mean, std = self.mean.view(view), self.std.view(view)
+        else:  # a clip's first latent frames take the first frames' statistics, as the pipeline slices them
+            check_frames_covered(self, latents.shape[2])
+            view = (1, *self.mean.shape, 1, 1)
+            mean, std = (stats.view(view)[:, :, : latents.shape[2]] for stats in (self.mean, self.std))
+        return mean.to(latents.device, latents.dtype), std.to(latents.device, latents.dtype)
 
     def unscale(self, latents: torch.Tensor) -> torch.Tensor:
         mean, std = self._stats(latents)
@@ -94,6 +106,17 @@ class WeightStats:
 Normalisation = ScalarFactors | ChannelStats | WeightStats
 
 
+def check_frames_covered(normalisation: Normalisation, latent_frames: int) -> None:
+    """Statistics per latent frame normalise at most as many frames as they have (the pipeline's own view of them
+    fails past that): a 400 that says so, before anything runs."""
+    covered = getattr(normalisation, "frames", None)
+    if covered is not None and latent_frames > covered:
+        raise RequestError(
+            f"this family's latent statistics cover {covered} latent frames; the latent has {latent_frames}. Send at "
+            "most that many, or latents already denormalised (do_scaling=false, no scaling_factor)"
+        )
+
+
 def own_normalisation(family: Family, weight_stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> Normalisation:
     """The family's own latent normalisation, what do_scaling=True asks for (`weight_stats`: (mean, std) read from the
     model)."""
@@ -101,6 +124,12 @@ def own_normalisation(family: Family, weight_stats: tuple[torch.Tensor, torch.Te
         if weight_stats is None:
             raise ValueError(f"{family.name} normalises with statistics from its weights; none were given")
         return WeightStats(*weight_stats, family.scaling_factor if family.scaling_factor is not None else 1.0)
+    if family.latents_stats_frames is not None:
+        import torch
+
+        shape = (family.latent_channels, family.latents_stats_frames)
+        mean, std = (torch.tensor(stats).view(shape) for stats in (family.latents_mean, family.latents_std))
+        return WeightStats(mean, std, family.scaling_factor if family.scaling_factor is not None else 1.0)
     if family.latents_mean is not None:
         return ChannelStats(family.latents_mean, family.latents_std)
     return ScalarFactors(family.scaling_factor, family.shift_factor)

@@ -40,6 +40,7 @@ from .loading import (
     WEIGHT_FILES,
     LoadError,
     UnsupportedFamily,
+    blends_tiles,
     default_source,
     download_weights,
     load_model,
@@ -103,8 +104,7 @@ def load_vae(
     model, source = load_model(family, source, dtype, random_weights)
     model = set_up_model(model, device, path)
     tile_above = family.tile_above_pixels if tile_above_pixels == "family" else tile_above_pixels
-    if not hasattr(model, "use_tiling"):
-        # a model without tiling decodes whole, whatever the threshold (SVD's enable_tiling is diffusers' that raises)
+    if not blends_tiles(model):  # a model without tiling decodes whole, whatever the threshold
         tile_above = None
     else:
         # Tile sizes are set once; each call switches use_tiling (above the threshold, or after running out of memory).

@@ -199,7 +199,8 @@ def _warn_on_other_normalisation(family: Family, config, source: str) -> None:
     if family.model_latents == ModelLatents.NORMALISED:
         return  # a preview decoder's config holds 1.0 / 0.0: its latents are the full family's, normalised
     pairs = [
-        ("scaling_factor", family.scaling_factor),
+        # Cosmos' factor is its scheduler's sigma_data; its VAE config's scaling_factor (1.0) is read by nothing
+        ("scaling_factor", None if family.latents_stats_frames else family.scaling_factor),
         ("shift_factor", family.shift_factor),
         ("latents_mean", family.latents_mean),
         ("latents_std", family.latents_std),
@@ -289,6 +290,12 @@ def _encode_output_field(model: ModelMixin) -> tuple[str, Any]:
     return "latent_dist", None
 
 
+def blends_tiles(model: ModelMixin) -> bool:
+    """Whether the model has diffusers' blended tiling: a use_tiling switch its decode reads (tiled_decode, or
+    taesd's and Oobleck's _tiled_decode). Cosmos sets the switch and has no tiled decode; SVD's enable_tiling raises."""
+    return hasattr(model, "use_tiling") and (hasattr(model, "tiled_decode") or hasattr(model, "_tiled_decode"))
+
+
 def encoder_output(model: ModelMixin) -> str:
     """The field of the model's encode output that holds its result: "latent_dist" (a distribution), or the latent
     itself ("latents": taesd's, SAME's; "latent": DC-AE's), read from the output class its encode is annotated to
@@ -298,10 +305,16 @@ def encoder_output(model: ModelMixin) -> str:
 
 def distribution_class(model: ModelMixin) -> str | None:
     """ "module:Class" of the distribution the model's encode returns, where it is a class of its own
-    (OobleckDiagonalGaussianDistribution, built from the encoder's mean and scale); None: diffusers'
-    DiagonalGaussianDistribution, or no distribution."""
+    (OobleckDiagonalGaussianDistribution, built from the encoder's mean and scale; IdentityDistribution, the latent);
+    None: diffusers' DiagonalGaussianDistribution, or no distribution."""
     name, annotation = _encode_output_field(model)
-    named = re.findall(r"\w+Distribution", str(annotation)) if name == "latent_dist" else []
+    if name != "latent_dist":
+        return None
+    # The annotation where it names one; else the class the encode builds (Cosmos' IdentityDistribution, the latent
+    # itself, under an encode annotated to return a tensor)
+    named = re.findall(r"\w+Distribution", str(annotation)) or re.findall(
+        r"(\w+Distribution)\(", inspect.getsource(type(model).encode)
+    )
     if not named or named[0] == "DiagonalGaussianDistribution":
         return None
     module = inspect.getmodule(type(model))

@@ -25,7 +25,7 @@ from ..families import Family
 from ..latents import Normalisation, ScalarFactors, own_normalisation
 from ..tiling import Tiler, tiler_for
 from ..vocabulary import LatentDist, ModelLatents, Tiling
-from .loading import model_description, weight_stats
+from .loading import blends_tiles, model_description, weight_stats
 
 log = logging.getLogger("remote_vae")
 
@@ -105,7 +105,8 @@ class LoadedVae:
         self.exact_tiler = tiler_for(self.model)
         self.exact_tiling = self.exact_tiler is not None
         self.band_pixels = self.band_pixels or DEFAULT_BAND_PIXELS.get(self.device.type, DEFAULT_BAND_PIXELS["cpu"])
-        self.can_tile = hasattr(self.model, "use_tiling") or self.exact_tiling
+        self.blends_tiles = blends_tiles(self.model)
+        self.can_tile = self.blends_tiles or self.exact_tiling
         self.layout = self.family.layout
         self.samples_per_call = self.family.samples_per_call or 1 << 30
         # What do_scaling=True undoes: the family's factors or statistics, or those in the weights.
@@ -233,7 +234,7 @@ class LoadedVae:
         with self._lock, torch.inference_mode(), self.compilation.stance(operation, inputs):
             values = to_device(inputs, self.device, self.dtype, self.path)
             extra = {name: value.to(self.device, self.dtype) for name, value in (extra or {}).items()}
-            tiled = self.tiles(frame_pixels) or (asked == Tiling.BLEND and hasattr(self.model, "use_tiling"))
+            tiled = self.tiles(frame_pixels) or (asked == Tiling.BLEND and self.blends_tiles)
             sliced = batch > self.samples_per_call or (
                 batch > 1 and not self.budget.allows(batch * frame_count * frame_pixels, self.device)
             )
@@ -287,7 +288,7 @@ class LoadedVae:
         Sliced runs one sample per call, as diffusers' use_slicing does, but here for every
         model and with per-sample arguments (LTX's slicing drops its timestep).
         """
-        if hasattr(self.model, "use_tiling"):
+        if self.blends_tiles:
             self.model.use_tiling = tiled
         hook = self.model.decoder.register_forward_hook(lambda module, args, out: frames.chunk(out)) if frames else None
         try:
@@ -324,7 +325,8 @@ def latent_of(encoded, latent_dist: LatentDist = LatentDist.MEAN) -> torch.Tenso
     distribution = getattr(encoded, "latent_dist", None)
     if distribution is None:  # latent_dist=parameters is refused for such a model before it runs (service.py)
         return encoded.latents if hasattr(encoded, "latents") else encoded.latent
-    return distribution.parameters if latent_dist == LatentDist.PARAMETERS else distribution.mean
+    # mode(): a Gaussian's mean, an identity distribution's latent (Cosmos)
+    return distribution.parameters if latent_dist == LatentDist.PARAMETERS else distribution.mode()
 
 
 def free_device_memory(device: torch.device) -> None:

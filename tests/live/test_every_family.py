@@ -119,7 +119,7 @@ def test_the_pipelines_latent_decodes_to_the_pipelines_pixels(families_server, p
     out = (raw / 2 + 0.5).clamp(0, 1)
     if out.ndim == 5:
         out = out.permute(0, 2, 1, 3, 4)  # [B, 3, F, H, W] -> the pipeline's [B, F, 3, H, W]
-    torch.testing.assert_close(out, pixels, **TOLERANCE)
+    torch.testing.assert_close(out, pixels, **tiny_pipelines.PIXEL_TOLERANCE.get(family, TOLERANCE))
     unnormalised = raw_decode(families_server, family, latents, **size, do_scaling=False)
     assert (unnormalised - raw).abs().max() > 1e-3  # the normalisation really is applied
 
@@ -136,6 +136,11 @@ def pipeline_normalised(family: str, model, latent: torch.Tensor) -> torch.Tenso
         return LTXPipeline._normalize_latents(
             latent, model.latents_mean, model.latents_std, model.config.scaling_factor
         )
+    if spec.latents_stats_frames:  # CosmosVideoToWorldPipeline.prepare_latents: per channel and frame, sigma_data
+        view = (1, spec.latent_channels, -1, 1, 1)
+        stats = (spec.latents_mean, spec.latents_std)
+        mean, std = (torch.tensor(values).view(view)[:, :, : latent.shape[2]] for values in stats)
+        return (latent - mean) * spec.scaling_factor / std
     if spec.latents_mean is not None:  # Wan 2.2, Qwen-Image: times 1/std
         view = (1, -1) + (1,) * (latent.ndim - 2)
         mean, inverse_std = torch.tensor(spec.latents_mean).view(view), 1.0 / torch.tensor(spec.latents_std).view(view)
@@ -294,6 +299,22 @@ def test_bad_encode_sizes_are_refused(families_server, family, size, message):
     response = post_tensor(families_server, family, torch.zeros(size))
     assert response.status_code == 400, response.text
     assert message in response.json()["error"]
+
+
+def test_cosmos_statistics_normalise_at_most_the_sixteen_latent_frames_they_cover(families_server, reference):
+    """Its pipeline views the statistics as [C, 16] and slices the clip's frames from them: a longer clip, normalised,
+    is a 400 before anything runs, each way; raw latents of any length decode as the model does."""
+    longer = seeded(1, 16, 17, 2, 1, seed=61)
+    refused = post_latent(families_server, "cosmos", longer, do_scaling=True)
+    assert refused.status_code == 400 and "cover 16 latent frames" in refused.json()["error"], refused.text
+    torch.testing.assert_close(
+        raw_decode(families_server, "cosmos", longer, do_scaling=False), vae_decode(reference["cosmos"], longer)
+    )
+    clip = torch.zeros(1, 3, 8 * 16 + 1, 16, 16)  # 17 latent frames
+    refused = post_tensor(families_server, "cosmos", clip, do_scaling=True)
+    assert refused.status_code == 400 and "cover 16 latent frames" in refused.json()["error"], refused.text
+    assert post_tensor(families_server, "cosmos", clip[:, :, :121], do_scaling=True).status_code == 200  # 16: covered
+    assert families_server.healthy()
 
 
 def test_decode_timestep_for_a_family_without_one_is_refused(families_server):

@@ -14,6 +14,7 @@ from diffusers.utils.remote_utils import remote_decode, remote_encode
 
 from remote_vae import families
 from remote_vae.families import FamilyError, load_family, match_model_config
+from remote_vae.latents import own_normalisation
 from remote_vae.tiling import tiler_for
 from remote_vae.tiling.group_norm import GroupNormTiler
 from remote_vae.tiling.halo import HaloTiler
@@ -42,6 +43,7 @@ EXPECTED_FACTORS = {
     "stableaudio3": (None, None),
     "hunyuanimage21": (0.75289, None),
     "svd": (0.18215, None),
+    "cosmos": (0.5, None),  # its scheduler's sigma_data, beside statistics per channel and latent frame
 }
 VIDEO_FAMILIES = (
     "hunyuanvideo",
@@ -53,6 +55,7 @@ VIDEO_FAMILIES = (
     "mochi",
     "easyanimate",
     "svd",
+    "cosmos",
 )
 
 
@@ -283,7 +286,6 @@ NOT_SERVED_YET = {
     "AutoencoderKLLTX2Video": "LTX-2: video with its audio VAE and vocoder in one reply",
     "AutoencoderKLQwenImage21": "Qwen-Image 2.1",
     "AutoencoderKLHunyuanImageRefiner": "HunyuanImage 2.1's refiner",
-    "AutoencoderKLCosmos": "Cosmos",
     "AutoencoderKLAllegro": "Allegro",
     "AsymmetricAutoencoderKL": "the asymmetric inpainting VAE (its decode takes the image and mask)",
     "Kandinsky6SRVAE": "Kandinsky 6 super-resolution",
@@ -362,3 +364,24 @@ def test_bad_audio_configs_are_refused(tmp_path):
     with pytest.raises(FamilyError, match="spatial_compression"):  # not audio, so an image family needs it
         load_family(str(path))
     assert load_family("stableaudio").layout.describe() == "[B, 64, T] (T latent steps)"
+
+
+def test_bad_per_frame_statistics_are_refused(tmp_path):
+    cosmos = json.loads((families.CONFIG_DIR / "cosmos.json").read_text())
+    path = tmp_path / "frames.json"
+    for change, message in [
+        ({"latents_stats_frames": 8}, "128 numbers"),  # 16 channels x 8 frames, not the 256 given
+        ({"latents_stats_frames": 0}, "positive integer"),
+        ({"latents_stats_frames": True}, "positive integer"),
+        ({"latents_mean": None, "latents_std": None}, "give them"),
+        ({"latents_stats_frames": None}, "16 numbers"),  # per channel, then
+        ({"shift_factor": 0.1}, "not both"),
+        ({"temporal_compression": None}, "a video family"),
+    ]:
+        path.write_text(json.dumps({**cosmos, **change}))
+        with pytest.raises(FamilyError, match=message):
+            load_family(str(path))
+    normalisation = own_normalisation(load_family("cosmos"))
+    assert normalisation.mean.shape == (16, 16) and normalisation.scaling_factor == 0.5
+    latent = torch.randn(1, 16, 3, 2, 2)
+    torch.testing.assert_close(normalisation.unscale(normalisation.scale(latent)), latent)
