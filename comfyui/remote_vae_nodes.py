@@ -75,13 +75,15 @@ class Connection:
         raise AssertionError("unreachable")
 
     def families(self) -> dict:
-        """The server's image and video families (not its audio ones, nor SVD's frames-as-batch latents, yet:
-        docs/comfyui.md)."""
+        """The server's image and video families (not its audio ones, SVD's frames-as-batch latents, nor RGBA ones
+        (ComfyUI's IMAGE is RGB), yet: docs/comfyui.md)."""
         served = json.loads(self.call("GET", "families")[1])["families"]
         return {
             name: document
             for name, document in served.items()
-            if document.get("kind") != "audio" and not document.get("model", {}).get("frames_as_batch")
+            if document.get("kind") != "audio"
+            and not document.get("model", {}).get("frames_as_batch")
+            and document.get("pixel_channels", 3) == 3
         }
 
 

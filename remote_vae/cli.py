@@ -86,14 +86,15 @@ def check_health(port: int, timeout: float) -> int:
 def client_call(family: Family) -> str:
     """The diffusers call that decodes the latents the family's pipeline hands out (output_type="latent") to that
     pipeline's pixels exactly: a PNG for an image (diffusers' default reply is a JPEG), uint8 frames [F, H, W, 3] for a
-    video (an MP4 is lossy). docs/families.md shows these; a test runs each."""
+    video (an MP4 is lossy), uint8 [1, H, W, 4] for an RGBA image (remote_decode makes a PNG's PIL image RGB).
+    docs/families.md shows these; a test runs each."""
     # remote_decode sends do_scaling=True by default (a deprecated argument): per-channel families' calls pass nothing.
     arguments = [f"{name}={value}" for name, value in family.client_scaling().items() if name != "do_scaling"]
     if family.layout.packing != Packing.NONE:
         arguments += ["height=H", "width=W"]
     if family.is_audio:  # the waveform as its pipeline's vae.decode returns it; remote_decode wants sizes for a 3-D one
         arguments += ['output_type="pt"', "partial_postprocess=False", 'return_type="pt"', "height=1", "width=1"]
-    elif family.is_video:
+    elif family.is_video or family.pixel_channels == 4:  # uint8 frames; RGBA pixels (remote_decode's PIL is RGB)
         arguments += ['output_type="pt"', "partial_postprocess=True", 'return_type="pt"']
     else:
         arguments += ['image_format="png"']

@@ -199,7 +199,9 @@ class Client:
             body, content_type = bytes(images), content_type or "application/octet-stream"
         else:
             tensor = (
-                images if isinstance(images, torch.Tensor) else pil_to_tensor(images, described["spatial_compression"])
+                images
+                if isinstance(images, torch.Tensor)
+                else pil_to_tensor(images, described["spatial_compression"], described.get("pixel_channels", 3))
             )
             body, shape, dtype = tensor_bytes(tensor)
             params.update(shape=list(shape), dtype=dtype)
@@ -262,14 +264,14 @@ def reply_tensor(reply: requests.Response) -> torch.Tensor:
     return torch.frombuffer(bytearray(reply.content), dtype=dtype).reshape(shape)
 
 
-def pil_to_tensor(images, spatial_compression: int) -> torch.Tensor:
-    """PIL image(s) -> [B, 3, H, W] float32 in -1..1: diffusers' VaeImageProcessor, as the pipelines and the server
-    prepare them."""
+def pil_to_tensor(images, spatial_compression: int, channels: int = 3) -> torch.Tensor:
+    """PIL image(s) -> [B, 3, H, W] float32 in -1..1 ([B, 4, H, W] RGBA for a four-channel family): diffusers'
+    VaeImageProcessor, as the pipelines and the server prepare them."""
     from diffusers.image_processor import VaeImageProcessor
 
     images = [images] if isinstance(images, PIL.Image.Image) else list(images)
     return VaeImageProcessor(vae_scale_factor=spatial_compression).preprocess(
-        [image.convert("RGB") for image in images]
+        [image.convert("RGBA" if channels == 4 else "RGB") for image in images]
     )
 
 

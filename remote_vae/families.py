@@ -115,6 +115,9 @@ class Family:
     hub_repos: tuple[str, ...] = ()
     # An audio family's sound: its latent is [B, C, T], each step `hop_length` samples of every channel
     audio: AudioSpec | None = None
+    # Channels of the pixels the VAE reads and writes: 3 (RGB), or 4 (RGBA: Qwen-Image 2.1, whose pipeline returns RGBA
+    # images and encodes its inputs as RGBA)
+    pixel_channels: int = 3
     # `latent_layout` parsed, once, when the family is made.
     layout: LatentLayout = field(init=False, repr=False, compare=False)
 
@@ -133,6 +136,11 @@ class Family:
     @property
     def is_audio(self) -> bool:
         return self.audio is not None
+
+    @property
+    def pixel_mode(self) -> str:
+        """Pillow's mode of the family's images: "RGB", or "RGBA" for a four-channel VAE."""
+        return "RGBA" if self.pixel_channels == 4 else "RGB"
 
     @property
     def kind(self) -> str:

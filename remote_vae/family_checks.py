@@ -30,6 +30,7 @@ def check_values(values: dict[str, Any], source: str) -> None:
     _check_stats_in_weights(values, source)
     _check_clients(values, source)
     _check_audio(values, source)
+    _check_pixel_channels(values, source)
 
 
 def _check_clients(values: dict[str, Any], source: str) -> None:
@@ -165,6 +166,15 @@ def _check_stats_in_weights(values: dict[str, Any], source: str) -> None:
 AUDIO_KEYS = ("sampling_rate", "channels", "hop_length")
 
 
+def _check_pixel_channels(values: dict[str, Any], source: str) -> None:
+    """RGB, or RGBA for an image family (MP4 has no alpha)."""
+    channels = values.get("pixel_channels", 3)
+    if channels not in (3, 4) or isinstance(channels, bool):
+        raise FamilyError(f"{source}: pixel_channels is 3 (RGB) or 4 (RGBA)")
+    if channels == 4 and values.get("temporal_compression") is not None:
+        raise FamilyError(f"{source}: pixel_channels 4 (RGBA) is for an image family; an MP4 has no alpha")
+
+
 def _check_audio(values: dict[str, Any], source: str) -> None:
     """An audio family's sound: three positive integers, and none of the image and video keys."""
     audio = values.get("audio")
@@ -177,6 +187,7 @@ def _check_audio(values: dict[str, Any], source: str) -> None:
             f'{source}: audio is {{"sampling_rate": Hz, "channels": n, "hop_length": samples per latent step}}, '
             "each a positive integer"
         )
-    pictures = [key for key in ("spatial_compression", "temporal_compression", "latent_layout") if key in values]
+    image_keys = ("spatial_compression", "temporal_compression", "latent_layout", "pixel_channels")
+    pictures = [key for key in image_keys if key in values]
     if pictures:
         raise FamilyError(f"{source}: an audio family has no {pictures}; its latent is [B, C, T]")

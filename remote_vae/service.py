@@ -145,6 +145,11 @@ class VaeService:
             else:
                 hint = "decodes images: output_type=mp4 is for video families; use output_type=pil or pt"
             raise RequestError(f"{self.family.name} {hint}")
+        if request.form == OutputForm.IMAGE and request.image.format == "JPEG" and self.family.pixel_channels == 4:
+            raise RequestError(
+                f"{self.family.name} decodes RGBA images and a JPEG has no alpha channel: ask for image_format=png or "
+                "webp, or output_type=pt"
+            )
         check_byte_count(raw.data, raw.shape, parse_dtype(raw.dtype))
         self._decode_timestep(request)
         pixels = plan.output_pixels(self.family)
@@ -155,7 +160,7 @@ class VaeService:
             result = pixels * MP4_REPLY_BYTES_PER_PIXEL
         else:
             element = 1 if request.form == OutputForm.UINT8 else self.vae.dtype.itemsize
-            result = tensor_reply_bytes(pixels * 3, element, reply_encoding)
+            result = tensor_reply_bytes(pixels * self.family.pixel_channels, element, reply_encoding)
         return Checked(latents + result, f"a decode to {pixels} pixels as {request.form}", plan=plan)
 
     def prepare_decode(self, request: DecodeRequest, checked: Checked | None = None) -> Job:
@@ -204,7 +209,7 @@ class VaeService:
         self._require("encode")
         if request.tensor is not None:
             count, frames, height, width = self._check_pixel_tensor(request.tensor)
-            values = count * frames * height * width * 3
+            values = count * frames * height * width * self.family.pixel_channels
             held = values * (parse_dtype(request.tensor.dtype).itemsize + max(4, self.vae.dtype.itemsize))
             header = None
         else:
@@ -259,7 +264,7 @@ class VaeService:
             inputs,
             respond,
             count,
-            inputs.numel() // 3,
+            inputs.numel() // self.family.pixel_channels,
             frames,
             tiling=tiling,
             expand=expand,
@@ -403,11 +408,12 @@ class VaeService:
         return header
 
     def _decoded(self, header: ImageHeader | VideoFile) -> torch.Tensor:
-        """A file's uint8 pixels, [1, H, W, 3] for an image family, [1, F, H, W, 3] for a video family."""
+        """A file's uint8 pixels, [1, H, W, 3] for an image family ([1, H, W, 4]: RGBA), [1, F, H, W, 3] for a video
+        family."""
         cap = self.limits.decode_cpu_seconds
         if isinstance(header, VideoFile):
             frames = header.frames(max_frames=header.frame_count, cap=cap)
             latent_ops.check_video_size(1, frames.shape[0], header.height, header.width, self.family, self.max_pixels)
         else:
-            frames = header.pixels(cap)[None]
+            frames = header.pixels(cap, self.family.pixel_mode)[None]
         return host_tensor(frames[None] if self.family.is_video else frames)

@@ -323,6 +323,15 @@ def tiny_cosmos_vae() -> AutoencoderKLCosmos:
     return model.eval()
 
 
+def tiny_qwenimage21_vae() -> diffusers.AutoencoderKLQwenImage21:
+    """Qwen-Image 2.1's RGBA in and out, 64-channel latent and 16x compression (four downsamplings), 8 channels a
+    block."""
+    torch.manual_seed(24)
+    return diffusers.AutoencoderKLQwenImage21(
+        base_dim=8, decoder_base_dim=8, dim_mult=[1, 1, 1, 1, 1], num_res_blocks=1
+    ).eval()
+
+
 def tiny_taesd(latent_channels: int, seed: int):
     def build() -> AutoencoderTiny:
         torch.manual_seed(seed)
@@ -357,6 +366,7 @@ TINY_MODELS = {
     "hunyuanimage21": tiny_hunyuanimage21_vae,
     "svd": tiny_svd_vae,
     "cosmos": tiny_cosmos_vae,
+    "qwenimage21": tiny_qwenimage21_vae,
     "stableaudio3": tiny_stableaudio3_vae,
     "taesd": tiny_taesd(4, 12),
     "taesdxl": tiny_taesd(4, 13),
@@ -382,13 +392,14 @@ MODEL_CLASSES = {
     "hunyuanimage21": AutoencoderKLHunyuanImage,
     "svd": AutoencoderKLTemporalDecoder,
     "cosmos": AutoencoderKLCosmos,
+    "qwenimage21": getattr(diffusers, "AutoencoderKLQwenImage21", None),
     "stableaudio3": getattr(diffusers, "AutoencoderSAME", None),
     "taesd": AutoencoderTiny,
     "taesdxl": AutoencoderTiny,
     "taef1": AutoencoderTiny,
 }
-# The families the installed diffusers cannot build (the toolkit stack's 0.37.1 predates stableaudio3's AutoencoderSAME)
-# have no tiny model here, so no fixture builds them and no test takes them.
+# The families the installed diffusers cannot build (the toolkit stack's 0.37.1 predates AutoencoderSAME and
+# AutoencoderKLQwenImage21) have no tiny model here, so no fixture builds them and no test takes them.
 UNBUILDABLE = {name for name in TINY_MODELS if unsupported(load_family(name))}
 for name in UNBUILDABLE:
     del TINY_MODELS[name], MODEL_CLASSES[name]
@@ -409,7 +420,9 @@ NEW_FAMILIES = (
     "hunyuanimage21",
     "svd",
     "cosmos",
+    "qwenimage21",
 )
+NEW_FAMILIES = tuple(name for name in NEW_FAMILIES if name in TINY_MODELS)
 
 
 @pytest.fixture(scope="session")

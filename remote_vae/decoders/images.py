@@ -111,7 +111,7 @@ def check_jpeg(data: bytes) -> bool:
 # the same pixels; 50-80 ms to start. Every other format decodes as it reads, and is checked between reads here.
 PILLOW_CHILD = (
     "import sys, PIL.Image as I; I.MAX_IMAGE_PIXELS = None; "
-    "sys.stdout.buffer.write(I.open(sys.argv[1], formats=['JPEG']).convert('RGB').tobytes())"
+    "sys.stdout.buffer.write(I.open(sys.argv[1], formats=['JPEG']).convert(sys.argv[2]).tobytes())"
 )
 
 
@@ -125,19 +125,20 @@ class ImageHeader:
     height: int
     progressive_jpeg: bytes | None = None  # the file, when it is a progressive JPEG
 
-    def pixels(self, cap: float = DEFAULT_DECODE_CPU_SECONDS) -> np.ndarray:
-        """uint8 [H, W, 3] RGB, decoded within its CPU deadline."""
+    def pixels(self, cap: float = DEFAULT_DECODE_CPU_SECONDS, mode: str = "RGB") -> np.ndarray:
+        """uint8 [H, W, 3] RGB (or [H, W, 4] for mode "RGBA", as Qwen-Image 2.1's pipeline converts its inputs),
+        decoded within its CPU deadline."""
         seconds = decode_cpu_seconds(self.width * self.height, cap)
         if self.progressive_jpeg is not None:
             self.image.close()
-            return self._pixels_in_child(seconds)
+            return self._pixels_in_child(seconds, mode)
         if self.reader is not None:
             self.reader.start(seconds)
         self.image.decodermaxblock = 16384  # a check every 16 KB of input
         try:
             self.image.load()
-            rgb = self.image if self.image.mode == "RGB" else self.image.convert("RGB")
-            pixels = np.asarray(rgb)  # Pillow holds 4 bytes a pixel; this is a packed copy of 3
+            rgb = self.image if self.image.mode == mode else self.image.convert(mode)
+            pixels = np.asarray(rgb)  # Pillow holds 4 bytes a pixel; this is a packed copy of 3 (or 4)
             self.image.close()  # frees Pillow's copy now, not when the request ends
             return pixels
         except DecodeDeadline:
@@ -148,12 +149,12 @@ class ImageHeader:
             if self.reader is not None:
                 self.reader.deadline = None
 
-    def _pixels_in_child(self, seconds: float) -> np.ndarray:
-        out = np.empty((self.height, self.width, 3), dtype=np.uint8)
+    def _pixels_in_child(self, seconds: float, mode: str) -> np.ndarray:
+        out = np.empty((self.height, self.width, len(mode)), dtype=np.uint8)
         with tempfile.TemporaryDirectory(prefix="remote-vae-") as folder:
             path = Path(folder) / "image.jpg"
             path.write_bytes(self.progressive_jpeg)
-            filled, returncode, errors = run_into(out, [sys.executable, "-c", PILLOW_CHILD, str(path)], seconds)
+            filled, returncode, errors = run_into(out, [sys.executable, "-c", PILLOW_CHILD, str(path), mode], seconds)
         if returncode in KILLED:
             raise too_slow("image", seconds)
         if returncode != 0 or filled != out.nbytes:

@@ -82,13 +82,13 @@ def check_video_size(batch: int, frames: int, height: int, width: int, family: F
 def check_pixel_shape(shape: tuple[int, ...], family: Family, max_batch: int, max_pixels: int) -> tuple[int, ...]:
     """(count, frames, height, width) of an encode's images [B, 3, H, W] (a video family: videos [B, 3, F, H, W]),
     checked from the shape alone."""
-    video = family.is_video
+    video, channels = family.is_video, family.pixel_channels
     kind, layout = (
         ("video", "[B, 3, F, H, W] in -1..1 (F = 1 for a single image)")
         if video
-        else ("image", "[B, 3, H, W] in -1..1")
+        else ("image", f"[B, {channels}, H, W] in -1..1" + (" (RGBA)" if channels == 4 else ""))
     )
-    if len(shape) != (5 if video else 4) or shape[1] != 3:
+    if len(shape) != (5 if video else 4) or shape[1] != channels:
         raise RequestError(f"{kind} tensor has shape {list(shape)}; expected {layout}")
     check_batch(shape[0], max_batch)
     if video:

@@ -181,7 +181,8 @@ def to_canonical(latents: torch.Tensor, plan: LatentPlan, layout: LatentLayout) 
         image = patches.permute(0, 3, 1, 4, 2, 5).reshape(batch, channels, h, w)
         return image.unsqueeze(2) if layout.frame_axis else image
     if arrangement == Arrangement.TOKENS:  # Flux2Pipeline._unpack_latents_with_ids, LTXPipeline._unpack_latents
-        cells = (plan.latent_frames,) if plan.latent_frames is not None else ()
+        # a frame axis for video latents, and for images a VAE takes as one-frame videos (Qwen-Image 2.1)
+        cells = (plan.latent_frames,) if plan.latent_frames is not None else (1,) if layout.frame_axis else ()
         cells += (plan.height // layout.patch, plan.width // layout.patch)
         if not plan.tokens_first:
             return latents.reshape(batch, -1, *cells)

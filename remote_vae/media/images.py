@@ -88,7 +88,7 @@ def stack_vertically(images: list[PIL.Image.Image]) -> PIL.Image.Image:
     if len(images) == 1:
         return images[0]
     width, height = images[0].size
-    sheet = PIL.Image.new("RGB", (width, height * len(images)))
+    sheet = PIL.Image.new(images[0].mode, (width, height * len(images)))
     for index, image in enumerate(images):
         sheet.paste(image, (0, index * height))
     return sheet

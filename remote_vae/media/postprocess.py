@@ -54,7 +54,7 @@ class Postprocessor:
         """The batch as one image, samples stacked top to bottom: a JPEG written on the device
         when it can be, else uint8 [B*H, W, 3] pixels for encode_pixels (after the device is free)."""
         pixels = uint8_images(sample)
-        sheet = pixels.reshape(-1, pixels.shape[2], 3)
+        sheet = pixels.reshape(-1, *pixels.shape[2:])  # [B*H, W, 3] (4: RGBA)
         if options.format == "JPEG" and self.jpeg is not None:  # set only for a model on CUDA (jpeg_encoder_for)
             return self.jpeg(sheet, options.quality)
         return self.to_host(sheet).numpy()
@@ -66,8 +66,8 @@ class Postprocessor:
     def preprocess_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] in -1..1 from uint8 [B, H, W, 3], as `preprocess` prepares those pixels as an image
         (VaeImageProcessor: x / 255 in float32, then 2x - 1), a band of rows at a time: no float copies of the whole."""
-        batch, height, width, _ = pixels.shape
-        out = torch.empty((batch, 3, height, width), dtype=torch.float32)
+        batch, height, width, channels = pixels.shape
+        out = torch.empty((batch, channels, height, width), dtype=torch.float32)
         step = self.processor.config.vae_scale_factor
         rows = max(step, PREPROCESS_PIXELS // max(1, width) // step * step)  # whole cells: the processor keeps the size
         for index in range(batch):

@@ -125,6 +125,7 @@ def family_document(slot: Slot, path: str) -> dict:
         "latent_channels": layout.pipeline_channels,
         "spatial_compression": family.spatial_compression,
         "temporal_compression": family.temporal_compression,
+        "pixel_channels": family.pixel_channels,  # 3 (RGB) or 4 (RGBA images in and out)
         "packed": layout.packing != Packing.NONE,
         "scaling": family.client_scaling(),
         "comfyui": family.comfyui_parameters(),  # what a ComfyUI LATENT needs sent (families.py, `comfyui`)

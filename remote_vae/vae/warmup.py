@@ -83,7 +83,7 @@ def warm_up_inputs(vae: LoadedVae, operation: str, batch: int, width: int, heigh
     family = vae.family
     frames = frames if family.is_video else None
     if operation == "encode":
-        return torch.zeros((batch, 3) + ((frames,) if frames else ()) + (height, width))
+        return torch.zeros((batch, family.pixel_channels) + ((frames,) if frames else ()) + (height, width))
     step = family.spatial_compression
     latent_frames = ((frames - 1) // family.temporal_compression + 1,) if frames else ()
     if latent_frames and family.latent_frames_odd:

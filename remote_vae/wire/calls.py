@@ -85,7 +85,7 @@ def inspect(service: VaeService, wire: WireRequest) -> Inspected:
     params, data, accept = wire.params, wire.data, wire.accept
     audio = service.family.audio
     operation = wire.operation or infer_operation(
-        wire.content_type, data, params.shape(), audio.channels if audio else None
+        wire.content_type, data, params.shape(), audio.channels if audio else None, service.family.pixel_channels
     )
     if operation == Operation.ENCODE:
         reply = ReplyShape(tensor_encoding=accept if accept in JSON_TYPES else "binary")

@@ -26,18 +26,23 @@ def is_file_upload(content_type: str, data: bytes) -> bool:
 
 
 def infer_operation(
-    content_type: str, data: bytes, shape: tuple[int, ...] | None, audio_channels: int | None = None
+    content_type: str,
+    data: bytes,
+    shape: tuple[int, ...] | None,
+    audio_channels: int | None = None,
+    pixel_channels: int = 3,
 ) -> str:
-    """Decode or encode on the shared routes (docs/protocol.md §1, §3); `audio_channels` for an audio family."""
+    """Decode or encode on the shared routes (docs/protocol.md §1, §3); `audio_channels` for an audio family,
+    `pixel_channels` 4 for an RGBA one."""
     if content_type.startswith("tensor/"):
         return "decode"
     if is_file_upload(content_type, data):
         return "encode"
     if shape is not None:
-        # An image tensor has 3 channels, a waveform the family's audio channels; no latent does.
+        # An image tensor has 3 channels (4: RGBA), a waveform the family's audio channels; no latent does.
         if audio_channels is not None:
             return "encode" if len(shape) == 3 and shape[1] == audio_channels else "decode"
-        return "encode" if len(shape) >= 4 and shape[1] == 3 else "decode"
+        return "encode" if len(shape) >= 4 and shape[1] == pixel_channels else "decode"
     raise RequestError(
         "cannot tell what to do with this request: to decode, send Content-Type: tensor/binary with "
         "shape and dtype; to encode, send an image file (PNG, JPEG, WebP), a video file (MP4, WebM, GIF), "

@@ -18,8 +18,12 @@ from diffusers import Flux2Pipeline, LTXPipeline
 from remote_vae.families import available, load_family
 from remote_vae.vae import latent_of
 
-# Not offered by the nodes yet: audio families, and SVD's frames-as-batch latent (docs/comfyui.md)
-FAMILIES = [name for name in available() if not (load_family(name).is_audio or load_family(name).frames_as_batch)]
+# Not offered by the nodes yet: audio families, SVD's frames-as-batch latent, RGBA images (docs/comfyui.md)
+FAMILIES = [
+    name
+    for name in available()
+    if not (load_family(name).is_audio or load_family(name).frames_as_batch or load_family(name).pixel_channels == 4)
+]
 PIXEL = 1 / 255 + 1e-6  # uint8 pixels: one step
 
 
@@ -111,7 +115,8 @@ def test_the_folder_loads_as_comfyui_loads_it_and_declares_its_nodes(nodes):
     assert loader.RETURN_TYPES == ("VAE",) and nodes["RemoteVAEDecode"].RETURN_TYPES == ("IMAGE",)
     assert nodes["RemoteVAEEncode"].RETURN_TYPES == ("LATENT",)
     families = loader.INPUT_TYPES()["required"]["family"][0]
-    assert families[0] == "auto" and set(FAMILIES) <= set(families)  # listed from REMOTE_VAE_URL's /families
+    # listed from REMOTE_VAE_URL's /families: the families the nodes take
+    assert families[0] == "auto" and set(families[1:]) == set(FAMILIES)
     assert loader.VALIDATE_INPUTS(family="not-listed") is True
 
 

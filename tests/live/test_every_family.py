@@ -42,8 +42,8 @@ def native_case(family: str, model):
     if family == "flux2":  # the pipeline's folded form: 128 channels of 2x2 cells
         folded = seeded(1, 128, 4, 3, seed=31)
         return folded, vae_decode(model, Flux2Pipeline._unpatchify_latents(folded))
-    if family == "qwenimage":  # an image as a one-frame video
-        latents = seeded(1, 16, 1, 8, 6, seed=31)
+    if load_family(family).layout.frame_axis:  # Qwen-Image (2.1): an image as a one-frame video
+        latents = seeded(1, load_family(family).latent_channels, 1, 8, 6, seed=31)
         return latents, vae_decode(model, latents)[:, :, 0]
     if family == "cogvideox":  # as CogVideoXPipeline holds it: frames first
         latents = seeded(1, 3, 16, 8, 4, seed=31)
@@ -155,7 +155,7 @@ def pipeline_normalised(family: str, model, latent: torch.Tensor) -> torch.Tenso
 def sample_pixels(family: str, batch: int = 1) -> torch.Tensor:
     spec = load_family(family)
     frames = (2 * spec.temporal_compression + 1,) if spec.is_video else ()
-    return seeded(batch, 3, *frames, 64, 32, seed=41).clamp(-1, 1)
+    return seeded(batch, spec.pixel_channels, *frames, 64, 32, seed=41).clamp(-1, 1)
 
 
 def post_tensor(server, family: str, pixels: torch.Tensor, **params) -> requests.Response:
@@ -166,7 +166,7 @@ def post_tensor(server, family: str, pixels: torch.Tensor, **params) -> requests
 @pytest.mark.parametrize("family", NEW_FAMILIES)
 def test_encode_is_the_pipelines_normalised_latent(families_server, reference, family):
     model, pixels = reference[family], sample_pixels(family)
-    latent = encode_as_family(family, model, pixels.unsqueeze(2) if family == "qwenimage" else pixels)
+    latent = encode_as_family(family, model, pixels.unsqueeze(2) if load_family(family).layout.frame_axis else pixels)
     expected = pipeline_normalised(family, model, latent)
     out = tensor_of(post_tensor(families_server, family, pixels, do_scaling=True))
     torch.testing.assert_close(out, expected, **TOLERANCE)
@@ -360,6 +360,8 @@ def test_the_printed_client_call_gives_the_pipelines_pixels_exactly(every_family
     local = (pixels * 255).round().to(torch.int16)
     if load_family(family).is_video:  # uint8 frames [F, H, W, 3]; the pipeline's [B, F, 3, H, W]
         got, local = out.to(torch.int16), local[0].permute(0, 2, 3, 1)
+    elif load_family(family).pixel_channels == 4:  # uint8 RGBA [1, H, W, 4]; the pipeline's [B, 4, H, W]
+        got, local = out[0].to(torch.int16), local[0].permute(1, 2, 0)
     else:  # a PNG: the PIL image
         got, local = torch.from_numpy(np.asarray(out)).to(torch.int16), local[0].permute(1, 2, 0)
     assert got.shape == local.shape and (got - local).abs().max() <= 1
@@ -399,3 +401,76 @@ def test_hunyuanvideo15_decodes_as_its_pipeline_tiled_or_not(every_family_server
 
 def uint8_frames(decoded: torch.Tensor) -> torch.Tensor:
     return ((decoded / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.int16)
+
+
+def test_qwenimage21_answers_and_reads_rgba(families_server, reference, pipeline_outputs):
+    """Qwen-Image 2.1's VAE makes and reads four channels: its pipeline's PIL image is RGBA, as the PNG reply is; a JPEG
+    (no alpha) is a 400 that says so; an encode converts an image file to RGBA, as the pipeline converts its inputs."""
+    import io
+
+    from PIL import Image
+
+    latents, pixels = pipeline_outputs("qwenimage21")
+    size = dict(height=tiny_pipelines.HEIGHT, width=tiny_pipelines.WIDTH)
+    png = remote_decode(
+        url(families_server, "qwenimage21"),
+        tensor=latents,
+        image_format="png",
+        output_type="pt",
+        return_type="pt",
+        partial_postprocess=True,
+        **size,
+    )
+    reply = requests.post(
+        url(families_server, "qwenimage21"),
+        params={
+            "shape": list(latents.shape),
+            "dtype": "float32",
+            "image_format": "png",
+            "do_scaling": "true",
+            "packed_memory": "tokens_first",
+            **size,
+        },
+        data=latents.contiguous().numpy().tobytes(),
+        headers={"Content-Type": "tensor/binary", "Accept": "image/png"},
+        timeout=60,
+    )
+    image = Image.open(io.BytesIO(reply.content))
+    local = tiny_pipelines.run("qwenimage21", reference["qwenimage21"], "pil")[0]
+    assert image.mode == local.mode == "RGBA" and png.shape[-1] == 4
+    assert np.abs(np.asarray(image, dtype=np.int16) - np.asarray(local, dtype=np.int16)).max() <= 1
+    assert np.asarray(local)[..., 3].std() > 0  # the alpha channel carries the decoder's output, not a constant
+    jpeg = requests.post(  # diffusers' remote_decode default: a JPEG
+        url(families_server, "qwenimage21"),
+        params={"shape": list(latents.shape), "dtype": "float32", "output_type": "pil", "image_format": "jpg", **size},
+        data=latents.contiguous().numpy().tobytes(),
+        headers={"Content-Type": "tensor/binary"},
+        timeout=60,
+    )
+    assert jpeg.status_code == 400 and "no alpha channel" in jpeg.json()["error"], jpeg.text
+
+    rgba = Image.fromarray((np.random.default_rng(7).random((64, 32, 4)) * 255).astype(np.uint8), "RGBA")
+    for picture in (rgba, rgba.convert("RGB")):  # an RGB file is made RGBA (opaque), as the pipeline does
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG")
+        out = tensor_of(
+            requests.post(
+                url(families_server, "qwenimage21"), data=buffer.getvalue(), params={"do_scaling": "true"}, timeout=60
+            )
+        )
+        expected = encode_as_family(
+            "qwenimage21",
+            reference["qwenimage21"],
+            tiny_pipelines.d.VaeImageProcessor(vae_scale_factor=16).preprocess(picture.convert("RGBA")).unsqueeze(2),
+        )
+        torch.testing.assert_close(
+            out, pipeline_normalised("qwenimage21", reference["qwenimage21"], expected), **TOLERANCE
+        )
+    rgb = torch.zeros(1, 3, 64, 32)  # to /encode: on the shared route three channels read as a (wrong) latent
+    three = requests.post(
+        url(families_server, "qwenimage21") + "encode",
+        params={"shape": list(rgb.shape), "dtype": "float32"},
+        data=rgb.numpy().tobytes(),
+        timeout=60,
+    )
+    assert three.status_code == 400 and "[B, 4, H, W]" in three.json()["error"], three.text

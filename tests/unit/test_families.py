@@ -44,6 +44,7 @@ EXPECTED_FACTORS = {
     "hunyuanimage21": (0.75289, None),
     "svd": (0.18215, None),
     "cosmos": (0.5, None),  # its scheduler's sigma_data, beside statistics per channel and latent frame
+    "qwenimage21": (None, None),  # per channel, in its config
 }
 VIDEO_FAMILIES = (
     "hunyuanvideo",
@@ -85,7 +86,9 @@ def test_config_builds_its_architecture(name):
     temporal = config.get("temporal_compression_ratio", config.get("scale_factor_temporal"))
     if family.is_video:  # Mochi's is the model's attribute only; SVD's decoder compresses no frames
         temporal = temporal or getattr(model, "temporal_compression_ratio", None) or (family.frames_as_batch and 1)
-    assert temporal == family.temporal_compression
+        assert temporal == family.temporal_compression
+    else:  # Qwen-Image 2.1's video architecture has a temporal factor; its pipeline makes images, one frame each
+        assert family.temporal_compression is None
     if family.model_latents == "normalised":  # a preview decoder reads the full family's normalised latents
         assert (config.get("scaling_factor"), config.get("shift_factor")) == (1.0, 0.0)
     elif family.latents_mean is not None:  # statistics in the family's config: any scaling there must be 1 (Mochi's)
@@ -284,7 +287,6 @@ def test_the_real_architecture_has_the_exact_tiler_its_tiny_model_is_tested_with
 # VAE classes of the installed diffusers' pipelines that no family serves yet (issue 27), each with what it needs.
 NOT_SERVED_YET = {
     "AutoencoderKLLTX2Video": "LTX-2: video with its audio VAE and vocoder in one reply",
-    "AutoencoderKLQwenImage21": "Qwen-Image 2.1",
     "AutoencoderKLHunyuanImageRefiner": "HunyuanImage 2.1's refiner",
     "AutoencoderKLAllegro": "Allegro",
     "AsymmetricAutoencoderKL": "the asymmetric inpainting VAE (its decode takes the image and mask)",
@@ -385,3 +387,17 @@ def test_bad_per_frame_statistics_are_refused(tmp_path):
     assert normalisation.mean.shape == (16, 16) and normalisation.scaling_factor == 0.5
     latent = torch.randn(1, 16, 3, 2, 2)
     torch.testing.assert_close(normalisation.unscale(normalisation.scale(latent)), latent)
+
+
+def test_bad_pixel_channels_are_refused(tmp_path):
+    path = tmp_path / "pixels.json"
+    for base, change, message in [
+        ("qwenimage21", {"pixel_channels": 5}, "3 \\(RGB\\) or 4"),
+        ("qwenimage21", {"pixel_channels": True}, "3 \\(RGB\\) or 4"),
+        ("wan21", {"pixel_channels": 4}, "an MP4 has no alpha"),
+        ("stableaudio", {"pixel_channels": 3}, "an audio family has no"),
+    ]:
+        path.write_text(json.dumps({**json.loads((families.CONFIG_DIR / f"{base}.json").read_text()), **change}))
+        with pytest.raises(FamilyError, match=message):
+            load_family(str(path))
+    assert load_family("qwenimage21").pixel_mode == "RGBA" and load_family("sd15").pixel_mode == "RGB"

@@ -66,6 +66,12 @@ def test_infer_operation(content_type, data, shape, operation):
     assert infer_operation(content_type, data, shape) == operation
 
 
+def test_an_rgba_familys_image_tensor_is_an_encode():
+    assert infer_operation("", b"", (1, 4, 64, 32), pixel_channels=4) == "encode"
+    assert infer_operation("", b"", (1, 64, 1, 4, 2), pixel_channels=4) == "decode"  # its latent
+    assert infer_operation("", b"", (1, 4, 64, 32)) == "decode"  # SD's latent has 4 channels
+
+
 @pytest.mark.parametrize(
     "params,accept,form,fmt",
     [
