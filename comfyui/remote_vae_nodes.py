@@ -207,6 +207,8 @@ class RemoteVAE:
         headers = {"Content-Type": "tensor/binary", "Accept": "tensor/binary"}
         path = self.path + "encode"
         latents = _reply_tensor(*self.connection.call("POST", path, params, body, headers, progress)).to(torch.float32)
+        if self.document["comfyui"].get("paired_frames"):  # the refiner's [B, 2C, 1, h, w]: ComfyUI holds the second C
+            latents = latents[:, latents.shape[1] // 2 :]
         return latents.transpose(1, 2) if self.document["comfyui"].get("frames_first") else latents
 
     def encode_tiled(self, pixel_samples, tile_x=None, tile_y=None, overlap=None, tile_t=None, overlap_t=None):

@@ -190,6 +190,8 @@ class Family:
             "spatial_compression": self.encode_step if normalised else self.spatial_compression,
             # an encode's latent comes back as the pipeline holds it, [B, T, C, h, w]; ComfyUI's is [B, C, T, h, w]
             "frames_first": self.layout.frames_first,
+            # an encode's reply is the pipeline's pair of frames in channels; ComfyUI holds the VAE's own, the second
+            "paired_frames": self.layout.paired_frames,
             "frame_step": self.frame_step,
             "decode": {**scaling, **self.comfyui.get("decode", {})},
             "encode": scaling,
@@ -275,6 +277,9 @@ class LatentLayout:
     patch: int = 1  # the pipeline folds patch x patch cells into channels (Flux.2)
     frames_first: bool = False  # the pipeline's video latent is [B, T, C, h, w] (CogVideoX)
     frame_axis: bool = False  # the VAE takes images as one-frame videos [B, C, 1, h, w] (Qwen-Image)
+    # The pipeline holds its one-frame latent as two frames folded into channels, the first a copy it drops before
+    # decoding (HunyuanImage 2.1's refiner: _reorder_image_tokens / _restore_image_tokens_order): [B, 2C, 1, h, w]
+    paired_frames: bool = False
     packing: Packing = Packing.NONE  # the pipeline's token sequence
     audio: bool = False  # [B, C, T]: channels, then latent steps in time
 
@@ -291,7 +296,7 @@ class LatentLayout:
 
     @property
     def pipeline_channels(self) -> int:
-        return self.channels * self.patch**2
+        return self.channels * self.patch**2 * (2 if self.paired_frames else 1)
 
     def describe(self) -> str:
         """The accepted latent forms, for error messages."""
@@ -308,6 +313,8 @@ class LatentLayout:
                 forms.append(f"packed [B, T*h*w, {c}] with height and width")
             return " or ".join(forms)
         forms = [f"[B, {c}, 1, h, w] or [B, {c}, h, w]" if self.frame_axis else f"[B, {c}, h, w]"]
+        if self.paired_frames:
+            forms.append(f"the VAE's own [B, {self.channels}, (1,) h, w]")
         if self.patch > 1:
             forms.append(f"the VAE's own [B, {self.channels}, {self.patch}h, {self.patch}w]")
         if self.packing == Packing.PATCHES:
@@ -317,14 +324,27 @@ class LatentLayout:
         return " or ".join(forms)
 
     def fold(self, latents: torch.Tensor) -> torch.Tensor:
-        """The VAE's [B, C, h, w] -> canonical [B, C*p*p, h/p, w/p] (Flux2Pipeline._patchify_latents)."""
+        """The VAE's [B, C, h, w] -> canonical [B, C*p*p, h/p, w/p] (Flux2Pipeline._patchify_latents); paired frames:
+        the VAE's [B, C, (1,) h, w] -> [B, 2C, 1, h, w], its frame repeated (_reorder_image_tokens)."""
+        if self.paired_frames:
+            import torch
+
+            frame = latents.unsqueeze(2) if latents.ndim == 4 else latents
+            pair = torch.cat((frame[:, :, :1], frame), dim=2)
+            b, c, f, h, w = pair.shape
+            return pair.permute(0, 2, 1, 3, 4).reshape(b, f // 2, c * 2, h, w).permute(0, 2, 1, 3, 4).contiguous()
         if self.patch == 1:
             return latents
         p, (b, c, h, w) = self.patch, latents.shape
         return latents.view(b, c, h // p, p, w // p, p).permute(0, 1, 3, 5, 2, 4).reshape(b, c * p * p, h // p, w // p)
 
     def unfold(self, latents: torch.Tensor) -> torch.Tensor:
-        """Canonical -> the VAE's latent (Flux2Pipeline._unpatchify_latents)."""
+        """Canonical -> the VAE's latent (Flux2Pipeline._unpatchify_latents; paired frames: the second of the two,
+        _restore_image_tokens_order)."""
+        if self.paired_frames:
+            b, c, f, h, w = latents.shape
+            pairs = latents.permute(0, 2, 1, 3, 4).reshape(b, f * 2, c // 2, h, w).permute(0, 2, 1, 3, 4)
+            return pairs[:, :, 1:]
         if self.patch == 1:
             return latents
         p, (b, c, h, w) = self.patch, latents.shape

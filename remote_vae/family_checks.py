@@ -118,7 +118,7 @@ def _check_normalisation(values: dict[str, Any], source: str) -> None:
 
 MODEL_LATENTS = ModelLatents.words()
 TILINGS = Tiling.words()
-LAYOUT_KEYS = {"patch": int, "frames_first": bool, "frame_axis": bool, "packing": str}
+LAYOUT_KEYS = {"patch": int, "frames_first": bool, "frame_axis": bool, "paired_frames": bool, "packing": str}
 PACKINGS = Packing.words()
 
 
@@ -142,6 +142,8 @@ def _check_layout(values: dict[str, Any], source: str) -> None:
         raise FamilyError(f"{source}: frame_axis and patch are for image families")
     if not video and layout.get("frames_first"):
         raise FamilyError(f"{source}: frames_first is for video families")
+    if layout.get("paired_frames") and not (layout.get("frame_axis") and layout.get("patch", 1) == 1):
+        raise FamilyError(f"{source}: paired_frames is for an image family with frame_axis and no patch")
     if video and layout.get("packing") == "patches":
         raise FamilyError(f"{source}: a video family packs 'tokens' or 'none'")
 

@@ -332,6 +332,16 @@ def tiny_qwenimage21_vae() -> diffusers.AutoencoderKLQwenImage21:
     ).eval()
 
 
+def tiny_hunyuanimage21refiner_vae() -> diffusers.AutoencoderKLHunyuanImageRefiner:
+    """The refiner's 32-channel latent and 16x compression, narrow blocks (as tiny_hunyuanvideo15_vae)."""
+    torch.manual_seed(25)
+    model = diffusers.AutoencoderKLHunyuanImageRefiner(
+        block_out_channels=(8, 16, 16, 64, 64), layers_per_block=1, latent_channels=32
+    )
+    _mostly_grey(model.decoder.conv_out.conv)
+    return model.eval()
+
+
 def tiny_taesd(latent_channels: int, seed: int):
     def build() -> AutoencoderTiny:
         torch.manual_seed(seed)
@@ -367,6 +377,7 @@ TINY_MODELS = {
     "svd": tiny_svd_vae,
     "cosmos": tiny_cosmos_vae,
     "qwenimage21": tiny_qwenimage21_vae,
+    "hunyuanimage21refiner": tiny_hunyuanimage21refiner_vae,
     "stableaudio3": tiny_stableaudio3_vae,
     "taesd": tiny_taesd(4, 12),
     "taesdxl": tiny_taesd(4, 13),
@@ -393,6 +404,7 @@ MODEL_CLASSES = {
     "svd": AutoencoderKLTemporalDecoder,
     "cosmos": AutoencoderKLCosmos,
     "qwenimage21": getattr(diffusers, "AutoencoderKLQwenImage21", None),
+    "hunyuanimage21refiner": diffusers.AutoencoderKLHunyuanImageRefiner,
     "stableaudio3": getattr(diffusers, "AutoencoderSAME", None),
     "taesd": AutoencoderTiny,
     "taesdxl": AutoencoderTiny,
@@ -421,6 +433,7 @@ NEW_FAMILIES = (
     "svd",
     "cosmos",
     "qwenimage21",
+    "hunyuanimage21refiner",
 )
 NEW_FAMILIES = tuple(name for name in NEW_FAMILIES if name in TINY_MODELS)
 

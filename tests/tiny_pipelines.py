@@ -501,6 +501,29 @@ def hunyuanimage21(vae):
     return pipe, dict(**embeds, distilled_guidance_scale=None, **_size())
 
 
+def hunyuanimage21refiner(vae):
+    """HunyuanImageRefinerPipeline: it encodes the image it refines (a sample of the distribution), conditions on it,
+    and decodes; its denoiser takes the noisy and the image latents, 64 channels each."""
+    transformer = d.HunyuanImageTransformer2DModel(
+        in_channels=128,
+        out_channels=64,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=1,
+        num_single_layers=1,
+        num_refiner_layers=1,
+        patch_size=(1, 1, 1),
+        guidance_embeds=True,
+        text_embed_dim=8,
+        rope_axes_dim=(2, 2, 4),
+    )
+    pipe = d.HunyuanImageRefinerPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None, transformer=transformer
+    )
+    embeds = dict(prompt_embeds=seeded(1, 3, 8, seed=1), prompt_embeds_mask=torch.ones(1, 3, dtype=torch.long))
+    return pipe, dict(image=_image(), **embeds, num_inference_steps=2, **_size())
+
+
 def svd(vae):
     """StableVideoDiffusionPipeline as its own tests build it: an image in, three frames out, decoded as one chunk."""
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
@@ -646,6 +669,7 @@ PIPELINES = {
     "mochi": mochi,
     "easyanimate": easyanimate,
     "hunyuanimage21": hunyuanimage21,
+    "hunyuanimage21refiner": hunyuanimage21refiner,
     "svd": svd,
     "cosmos": cosmos,
     "qwenimage21": qwenimage21,

@@ -82,6 +82,8 @@ def _plan_image(shape, layout: LatentLayout, height, width, expected: str) -> La
             shape[3] * p,
             Arrangement.NO_FRAME_AXIS if layout.frame_axis else Arrangement.CANONICAL,
         )
+    if layout.paired_frames and len(shape) in (4, 5) and shape[1] == layout.channels and shape[2:-2] in ((), (1,)):
+        return LatentPlan(shape, batch, shape[-2], shape[-1], Arrangement.UNFOLDED)  # the VAE's own, one frame
     if len(shape) == 4 and p > 1 and shape[1] == layout.channels:
         if shape[2] % p or shape[3] % p:
             raise RequestError(

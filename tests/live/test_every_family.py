@@ -9,7 +9,7 @@ import requests
 import tiny_pipelines
 import torch
 from conftest import NEW_FAMILIES, ROOT, seeded, tensor_of
-from diffusers import Flux2Pipeline, LTXPipeline
+from diffusers import Flux2Pipeline, HunyuanImageRefinerPipeline, LTXPipeline
 from diffusers.utils.remote_utils import remote_decode, remote_encode
 from diffusers_reference import encode_as_family
 
@@ -136,6 +136,8 @@ def pipeline_normalised(family: str, model, latent: torch.Tensor) -> torch.Tenso
         return LTXPipeline._normalize_latents(
             latent, model.latents_mean, model.latents_std, model.config.scaling_factor
         )
+    if spec.layout.paired_frames:  # HunyuanImageRefinerPipeline._encode_vae_image: the frame paired, times the factor
+        return HunyuanImageRefinerPipeline._reorder_image_tokens(latent) * spec.scaling_factor
     if spec.latents_stats_frames:  # CosmosVideoToWorldPipeline.prepare_latents: per channel and frame, sigma_data
         view = (1, spec.latent_channels, -1, 1, 1)
         stats = (spec.latents_mean, spec.latents_std)

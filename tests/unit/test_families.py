@@ -45,6 +45,7 @@ EXPECTED_FACTORS = {
     "svd": (0.18215, None),
     "cosmos": (0.5, None),  # its scheduler's sigma_data, beside statistics per channel and latent frame
     "qwenimage21": (None, None),  # per channel, in its config
+    "hunyuanimage21refiner": (1.03682, None),
 }
 VIDEO_FAMILIES = (
     "hunyuanvideo",
@@ -287,7 +288,6 @@ def test_the_real_architecture_has_the_exact_tiler_its_tiny_model_is_tested_with
 # VAE classes of the installed diffusers' pipelines that no family serves yet (issue 27), each with what it needs.
 NOT_SERVED_YET = {
     "AutoencoderKLLTX2Video": "LTX-2: video with its audio VAE and vocoder in one reply",
-    "AutoencoderKLHunyuanImageRefiner": "HunyuanImage 2.1's refiner",
     "AutoencoderKLAllegro": "Allegro",
     "AsymmetricAutoencoderKL": "the asymmetric inpainting VAE (its decode takes the image and mask)",
     "Kandinsky6SRVAE": "Kandinsky 6 super-resolution",
@@ -401,3 +401,19 @@ def test_bad_pixel_channels_are_refused(tmp_path):
         with pytest.raises(FamilyError, match=message):
             load_family(str(path))
     assert load_family("qwenimage21").pixel_mode == "RGBA" and load_family("sd15").pixel_mode == "RGB"
+
+
+def test_paired_frames_fold_as_the_refiner_pipeline_does(tmp_path):
+    from diffusers import HunyuanImageRefinerPipeline
+
+    layout = load_family("hunyuanimage21refiner").layout
+    latent = seeded(2, 32, 1, 3, 4, seed=9)
+    folded = layout.fold(latent)
+    assert torch.equal(folded, HunyuanImageRefinerPipeline._reorder_image_tokens(latent))
+    assert torch.equal(layout.unfold(folded), HunyuanImageRefinerPipeline._restore_image_tokens_order(folded))
+    assert torch.equal(layout.fold(latent[:, :, 0]), folded)  # the VAE's own latent, with or without its frame axis
+    path = tmp_path / "paired.json"
+    refiner = json.loads((families.CONFIG_DIR / "hunyuanimage21refiner.json").read_text())
+    path.write_text(json.dumps({**refiner, "latent_layout": {"paired_frames": True}}))
+    with pytest.raises(FamilyError, match="paired_frames is for an image family with frame_axis"):
+        load_family(str(path))
