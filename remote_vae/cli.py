@@ -116,9 +116,8 @@ def describe(family: Family) -> str:
     """A family for `families`: what it is, its weights, the latents it takes, and what a client passes to decode
     them."""
     extra = "; optional decode_timestep=, decode_noise_scale=, decode_noise_seed=" if family.decode_timestep else ""
-    kind = (
-        _sound(family) if family.is_audio else f"video, {family.frame_step}k+1 frames" if family.is_video else "image"
-    )
+    frames = f"{family.frame_step}k+1" if family.first_frame_alone else f"{family.frame_step}k"
+    kind = _sound(family) if family.is_audio else f"video, {frames} frames" if family.is_video else "image"
     wire = "&".join(f"{name}={value}" for name, value in family.client_scaling().items())
     return "\n".join(
         [

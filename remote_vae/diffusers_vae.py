@@ -85,6 +85,7 @@ class RemoteVae(ModelMixin, ConfigMixin):
         self.remote_class, self.frame_axis = described["model"]["class"], described["model"]["frame_axis"]
         # The model takes a clip's frames as a batch of images (SVD): sent to the server as the clips they are
         self.frames_as_batch = described["model"].get("frames_as_batch", False)
+        self.decoded_frames_first = described["model"].get("decoded_frames_first", False)
         # The server passes the model's own latents through untouched: sent as raw, or for a preview decoder (taesd),
         # whose latents are the full family's normalised ones, with the family's own scaling
         self.wire_scaling = {"normalised": described["model"]["latents"] == "normalised"}
@@ -147,6 +148,8 @@ class RemoteVae(ModelMixin, ConfigMixin):
             return DecoderOutput(sample=sample) if return_dict else (sample,)
         samples = [self._decode(part, step) for part, step in _by_timestep(z, timestep)]
         sample = (samples[0] if len(samples) == 1 else torch.cat(samples)).to(z.device, self.dtype)
+        if self.decoded_frames_first:  # as the model returns it, which its pipeline permutes back (Allegro)
+            sample = sample.permute(0, 2, 1, 3, 4)
         return DecoderOutput(sample=sample) if return_dict else (sample,)
 
     @apply_forward_hook

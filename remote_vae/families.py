@@ -106,6 +106,13 @@ class Family:
     # The VAE takes a clip's frames as a batch of images [B*F, C, h, w], its decode the frame count (SVD's temporal
     # decoder, `decode(z, num_frames)`), and compresses no frames
     frames_as_batch: bool = False
+    # False: every latent frame decodes to temporal_compression frames, the first too (Allegro: 4T frames)
+    first_frame_alone: bool = True
+    # The model's decode returns frames first, [B, F, C, H, W] (Allegro's tiled decode)
+    decoded_frames_first: bool = False
+    # The model decodes only in its own tiles (Allegro: the untiled path raises): {"frames": T, "side": config key},
+    # a tile's latent frames and the model config's key for its side in pixels; a latent smaller than a tile is refused
+    tiled_only: dict[str, Any] | None = None
     # The tiling a call uses when it tiles and the request names none ("exact" where the model has it)
     default_tiling: str = "exact"
     min_diffusers: str | None = None  # the oldest diffusers release that builds this family's model as configured
@@ -153,7 +160,10 @@ class Family:
         return (self.temporal_compression or 1) * (2 if self.latent_frames_odd else 1)
 
     def frames_for(self, latent_frames: int) -> int:
-        """Decoded frames for T latent frames: the first latent frame is one frame, each further one is several."""
+        """Decoded frames for T latent frames: the first latent frame is one frame, each further one is several (or,
+        without `first_frame_alone`, each is several)."""
+        if not self.first_frame_alone:
+            return self.temporal_compression * latent_frames
         return self.temporal_compression * (latent_frames - 1) + 1
 
     def dtype_for(self, device_type: str) -> str:

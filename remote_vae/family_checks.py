@@ -54,7 +54,7 @@ def _check_counts(values: dict[str, Any], source: str) -> None:
     tile_above = values.get("tile_above_pixels")
     if tile_above is not None and not (isinstance(tile_above, int) and tile_above >= 0):
         raise FamilyError(f"{source}: tile_above_pixels must be a non-negative integer or null (never tile)")
-    for key in ("streams_frames", "latent_frames_odd", "frames_as_batch"):
+    for key in ("streams_frames", "latent_frames_odd", "frames_as_batch", "first_frame_alone", "decoded_frames_first"):
         if not isinstance(values.get(key, False), bool):
             raise FamilyError(f"{source}: {key} must be true or false")
     if values.get("default_tiling", "exact") not in TILINGS:
@@ -64,6 +64,24 @@ def _check_counts(values: dict[str, Any], source: str) -> None:
         raise FamilyError(f'{source}: min_diffusers must be a release number like "0.36.0", or null')
     if values.get("frames_as_batch") and temporal != 1:
         raise FamilyError(f"{source}: frames_as_batch is for a video family whose temporal_compression is 1")
+    video_only = ["first_frame_alone", "decoded_frames_first", "tiled_only"]
+    if temporal is None and any(key in values for key in video_only):
+        raise FamilyError(f"{source}: {video_only} are for video families")
+    tiled_only = values.get("tiled_only")
+    if tiled_only is not None and not (
+        isinstance(tiled_only, dict)
+        and set(tiled_only) == {"frames", "side"}
+        and isinstance(tiled_only["frames"], int)
+        and not isinstance(tiled_only["frames"], bool)
+        and tiled_only["frames"] >= 1
+        and tiled_only["side"] in values.get("architecture", {})
+    ):
+        raise FamilyError(
+            f'{source}: tiled_only is {{"frames": T, "side": key}}: the latent frames of one of the model\'s tiles, '
+            "and the architecture's key for a tile's side in pixels (Allegro: sample_size), or null"
+        )
+    if tiled_only is not None and "encode" in values.get("operations", ["encode"]):
+        raise FamilyError(f'{source}: a tiled_only family decodes only (list operations: ["decode"])')
     per_call = values.get("samples_per_call")
     if per_call is not None and not (isinstance(per_call, int) and per_call >= 1):
         raise FamilyError(f"{source}: samples_per_call must be a positive integer or null (any batch)")

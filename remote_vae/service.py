@@ -135,6 +135,7 @@ class VaeService:
         raw = request.latent
         plan = latent_ops.plan_decode(raw.shape, self.family, request.height, request.width, request.packed_memory)
         latent_ops.check_batch(plan.batch, self.limits.max_images_per_request)
+        self.vae.check_covers_a_tile(plan.latent_frames, plan.height, plan.width)
         latent_ops.check_output_size(plan, self.family, self.max_pixels)
         if request.form not in self.forms:
             if self.family.is_video:

@@ -342,6 +342,18 @@ def tiny_hunyuanimage21refiner_vae() -> diffusers.AutoencoderKLHunyuanImageRefin
     return model.eval()
 
 
+def tiny_allegro_vae() -> diffusers.AutoencoderKLAllegro:
+    """Allegro's 8x4 compression and 4-channel latent, 8 channels a block, and tiles of 24 frames x 128x128 pixels
+    (sample_size 128: the smallest its fixed tile overlaps of 120 and 80 pixels allow, so a 6 x 16 x 16 latent is one
+    tile)."""
+    torch.manual_seed(26)
+    model = diffusers.AutoencoderKLAllegro(
+        block_out_channels=(8, 8, 8, 8), norm_num_groups=4, layers_per_block=1, sample_size=128
+    )
+    _mostly_grey(model.decoder.conv_out)
+    return model.eval()
+
+
 def tiny_taesd(latent_channels: int, seed: int):
     def build() -> AutoencoderTiny:
         torch.manual_seed(seed)
@@ -378,6 +390,7 @@ TINY_MODELS = {
     "cosmos": tiny_cosmos_vae,
     "qwenimage21": tiny_qwenimage21_vae,
     "hunyuanimage21refiner": tiny_hunyuanimage21refiner_vae,
+    "allegro": tiny_allegro_vae,
     "stableaudio3": tiny_stableaudio3_vae,
     "taesd": tiny_taesd(4, 12),
     "taesdxl": tiny_taesd(4, 13),
@@ -405,6 +418,7 @@ MODEL_CLASSES = {
     "cosmos": AutoencoderKLCosmos,
     "qwenimage21": getattr(diffusers, "AutoencoderKLQwenImage21", None),
     "hunyuanimage21refiner": diffusers.AutoencoderKLHunyuanImageRefiner,
+    "allegro": diffusers.AutoencoderKLAllegro,
     "stableaudio3": getattr(diffusers, "AutoencoderSAME", None),
     "taesd": AutoencoderTiny,
     "taesdxl": AutoencoderTiny,
@@ -434,6 +448,7 @@ NEW_FAMILIES = (
     "cosmos",
     "qwenimage21",
     "hunyuanimage21refiner",
+    "allegro",
 )
 NEW_FAMILIES = tuple(name for name in NEW_FAMILIES if name in TINY_MODELS)
 

@@ -66,11 +66,16 @@ def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
 
 def decode_as_family(family: str, vae, latents: torch.Tensor, **kwargs) -> torch.Tensor:
     """vae.decode(latents).sample on canonical latents [B, C, (T,) h, w], as the family's model takes them: a clip's
-    frames as a batch, with their count, for SVD's temporal decoder (`frames_as_batch`)."""
+    frames as a batch, with their count, for SVD's temporal decoder (`frames_as_batch`); Allegro's tiles
+    (`tiled_only`), its frames-first output as [B, 3, F, H, W]."""
     from remote_vae.families import load_family
 
+    spec = load_family(family)
     with torch.no_grad():
-        if not load_family(family).frames_as_batch:
+        if spec.tiled_only:  # Allegro: only in its tiles (as its docstring enables them), frames first
+            vae.enable_tiling()
+            return vae.decode(latents, **kwargs).sample.permute(0, 2, 1, 3, 4)
+        if not spec.frames_as_batch:
             return vae.decode(latents, **kwargs).sample
         batch, frames = latents.shape[0], latents.shape[2]
         out = vae.decode(latents.permute(0, 2, 1, 3, 4).flatten(0, 1), num_frames=frames, **kwargs).sample

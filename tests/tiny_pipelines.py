@@ -524,6 +524,28 @@ def hunyuanimage21refiner(vae):
     return pipe, dict(image=_image(), **embeds, num_inference_steps=2, **_size())
 
 
+def allegro(vae):
+    """AllegroPipeline: 24 frames of 128x128, one of the tiny VAE's tiles (6 latent frames of 16x16)."""
+    transformer = d.AllegroTransformer3DModel(
+        num_attention_heads=2,
+        attention_head_dim=12,  # its rotary embedding splits a head in three
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        cross_attention_dim=24,
+        sample_width=8,
+        sample_height=8,
+        sample_frames=8,
+        caption_channels=24,
+    )
+    vae.enable_tiling()  # as its docstring does: the untiled decode raises
+    pipe = d.AllegroPipeline(
+        transformer=transformer, vae=vae, scheduler=d.DDIMScheduler(), text_encoder=None, tokenizer=None
+    )
+    embeds = dict(prompt_embeds=seeded(1, 8, 24, seed=1), prompt_attention_mask=torch.ones(1, 8, dtype=torch.long))
+    return pipe, dict(**embeds, guidance_scale=1.0, height=128, width=128, num_frames=24)
+
+
 def svd(vae):
     """StableVideoDiffusionPipeline as its own tests build it: an image in, three frames out, decoded as one chunk."""
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
@@ -671,6 +693,7 @@ PIPELINES = {
     "hunyuanimage21": hunyuanimage21,
     "hunyuanimage21refiner": hunyuanimage21refiner,
     "svd": svd,
+    "allegro": allegro,
     "cosmos": cosmos,
     "qwenimage21": qwenimage21,
     "stableaudio": stableaudio,

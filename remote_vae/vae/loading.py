@@ -271,6 +271,7 @@ def model_description(family: Family, model: ModelMixin) -> dict[str, Any]:
         "buffers": buffers,
         "frame_axis": family.layout.frame_axis,  # the model takes images as one-frame videos [B, C, 1, h, w]
         "frames_as_batch": family.frames_as_batch,  # the model takes a clip's frames as a batch of images (SVD)
+        "decoded_frames_first": family.decoded_frames_first,  # its decode returns [B, F, 3, H, W] (Allegro)
         # what the model reads and writes: its own latent, or (a preview decoder) the full family's normalised one
         "latents": str(family.model_latents),
         "encoder_output": encoder_output(model),

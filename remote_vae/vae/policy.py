@@ -106,6 +106,11 @@ class LoadedVae:
         self.exact_tiling = self.exact_tiler is not None
         self.band_pixels = self.band_pixels or DEFAULT_BAND_PIXELS.get(self.device.type, DEFAULT_BAND_PIXELS["cpu"])
         self.blends_tiles = blends_tiles(self.model)
+        # A model that decodes only in its tiles: the smallest latent (frames, side) one covers, from its own config
+        tile = self.family.tiled_only
+        self.smallest_latent = (
+            (tile["frames"], self.model.config[tile["side"]] // self.family.spatial_compression) if tile else None
+        )
         self.can_tile = self.blends_tiles or self.exact_tiling
         self.layout = self.family.layout
         self.samples_per_call = self.family.samples_per_call or 1 << 30
@@ -120,6 +125,19 @@ class LoadedVae:
         self.oom_events = {"retried_sliced": 0, "retried_tiled": 0, "refused": 0}
         self.calls = {"whole": 0, "sliced": 0, "tiled": 0}
         self.compilation = Compilation(self.family)
+
+    def check_covers_a_tile(self, latent_frames: int | None, height: int, width: int) -> None:
+        """A 400 for a latent smaller than one of the model's tiles, where it decodes only in them (Allegro)."""
+        if self.smallest_latent is None:
+            return
+        frames, side = self.smallest_latent
+        if (latent_frames or 0) < frames or height < side or width < side:
+            compression = self.family.spatial_compression
+            raise RequestError(
+                f"latent [T={latent_frames}, h={height}, w={width}] is smaller than one of {self.family.name}'s decode "
+                f"tiles, {frames} x {side} x {side} latent cells ({self.family.frames_for(frames)} frames of "
+                f"{side * compression}x{side * compression} pixels): the model decodes only in its tiles"
+            )
 
     def tiles(self, frame_pixels: int) -> bool:
         """Whether an image or frame of this many pixels is decoded / encoded in tiles."""
@@ -195,6 +213,9 @@ class LoadedVae:
         call = lambda z, **kw: self.model.decode(z, **kw).sample  # noqa: E731
         if self.family.frames_as_batch:
             call = _frames_as_batch(call, num_frames=True)
+        if self.family.decoded_frames_first:  # Allegro's [B, F, C, H, W] as the others', as its pipeline permutes it
+            frames_first = call
+            call = lambda z, **kw: frames_first(z, **kw).permute(0, 2, 1, 3, 4)  # noqa: E731
         exact = self._exactly(call, frame_pixels * frame_count) if self.tiling_for(tiling) == "exact" else None
         sample = self._run("decode", latents, frame_pixels, frame_count, call, streams, extra, exact, tiling)
         return sample.squeeze(2) if self.layout.frame_axis else sample
@@ -234,7 +255,11 @@ class LoadedVae:
         with self._lock, torch.inference_mode(), self.compilation.stance(operation, inputs):
             values = to_device(inputs, self.device, self.dtype, self.path)
             extra = {name: value.to(self.device, self.dtype) for name, value in (extra or {}).items()}
-            tiled = self.tiles(frame_pixels) or (asked == Tiling.BLEND and self.blends_tiles)
+            tiled = (
+                self.tiles(frame_pixels)
+                or (asked == Tiling.BLEND and self.blends_tiles)
+                or self.family.tiled_only is not None  # its untiled path raises: every call in its own tiles
+            )
             sliced = batch > self.samples_per_call or (
                 batch > 1 and not self.budget.allows(batch * frame_count * frame_pixels, self.device)
             )

@@ -18,11 +18,13 @@ from diffusers import Flux2Pipeline, LTXPipeline
 from remote_vae.families import available, load_family
 from remote_vae.vae import latent_of
 
-# Not offered by the nodes yet: audio families, SVD's frames-as-batch latent, RGBA images (docs/comfyui.md)
+# Not offered by the nodes yet: audio families, SVD's frames-as-batch latent, RGBA images, decode-only Allegro
+# (docs/comfyui.md)
 FAMILIES = [
     name
     for name in available()
     if not (load_family(name).is_audio or load_family(name).frames_as_batch or load_family(name).pixel_channels == 4)
+    and "encode" in load_family(name).operations
 ]
 PIXEL = 1 / 255 + 1e-6  # uint8 pixels: one step
 

@@ -11,7 +11,7 @@ import torch
 from conftest import NEW_FAMILIES, ROOT, seeded, tensor_of
 from diffusers import Flux2Pipeline, HunyuanImageRefinerPipeline, LTXPipeline
 from diffusers.utils.remote_utils import remote_decode, remote_encode
-from diffusers_reference import encode_as_family
+from diffusers_reference import decode_as_family, encode_as_family
 
 from remote_vae.cli import client_call, client_table
 from remote_vae.families import available, load_family
@@ -52,6 +52,9 @@ def native_case(family: str, model):
         latents = seeded(1, 3, 4, 8, 4, seed=31)
         frames = vae_decode(model, latents.flatten(0, 1), num_frames=3)
         return latents, frames[None].permute(0, 2, 1, 3, 4)
+    if load_family(family).tiled_only:  # Allegro: a latent of one tile at least, decoded in its tiles
+        latents = seeded(1, 4, 6, 16, 16, seed=31)
+        return latents, decode_as_family(family, model, latents)
     if family == "ltxvideo":  # conditioned on a decode timestep, 0 by default as in LTXPipeline
         latents = seeded(1, 128, 3, 2, 1, seed=31)
         return latents, vae_decode(model, latents, temb=torch.zeros(1))
@@ -165,7 +168,10 @@ def post_tensor(server, family: str, pixels: torch.Tensor, **params) -> requests
     return requests.post(url(server, family), params=query, data=pixels.numpy().tobytes(), timeout=120)
 
 
-@pytest.mark.parametrize("family", NEW_FAMILIES)
+ENCODERS = [name for name in NEW_FAMILIES if "encode" in load_family(name).operations]  # Allegro decodes only
+
+
+@pytest.mark.parametrize("family", ENCODERS)
 def test_encode_is_the_pipelines_normalised_latent(families_server, reference, family):
     model, pixels = reference[family], sample_pixels(family)
     latent = encode_as_family(family, model, pixels.unsqueeze(2) if load_family(family).layout.frame_axis else pixels)
@@ -316,6 +322,22 @@ def test_cosmos_statistics_normalise_at_most_the_sixteen_latent_frames_they_cove
     refused = post_tensor(families_server, "cosmos", clip, do_scaling=True)
     assert refused.status_code == 400 and "cover 16 latent frames" in refused.json()["error"], refused.text
     assert post_tensor(families_server, "cosmos", clip[:, :, :121], do_scaling=True).status_code == 200  # 16: covered
+    assert families_server.healthy()
+
+
+def test_allegro_decodes_in_its_tiles_and_refuses_a_latent_smaller_than_one(families_server, reference):
+    """Its untiled decode raises; every call runs its tiles (two here, blended across one latent row), 4T frames; a
+    latent smaller than one tile is a 400 that gives the tile's size; it has no encode."""
+    latents = seeded(1, 4, 6, 17, 16, seed=62)
+    torch.testing.assert_close(
+        raw_decode(families_server, "allegro", latents, do_scaling=False),
+        decode_as_family("allegro", reference["allegro"], latents),
+        **TOLERANCE,
+    )
+    small = post_latent(families_server, "allegro", seeded(1, 4, 5, 16, 16, seed=63), do_scaling=False)
+    assert small.status_code == 400 and "6 x 16 x 16 latent cells" in small.json()["error"], small.text
+    encode = post_tensor(families_server, "allegro", torch.zeros(1, 3, 24, 128, 128))
+    assert encode.status_code in (400, 405) and "encode" in encode.json()["error"], encode.text
     assert families_server.healthy()
 
 

@@ -46,6 +46,7 @@ EXPECTED_FACTORS = {
     "cosmos": (0.5, None),  # its scheduler's sigma_data, beside statistics per channel and latent frame
     "qwenimage21": (None, None),  # per channel, in its config
     "hunyuanimage21refiner": (1.03682, None),
+    "allegro": (0.13, None),
 }
 VIDEO_FAMILIES = (
     "hunyuanvideo",
@@ -58,6 +59,7 @@ VIDEO_FAMILIES = (
     "easyanimate",
     "svd",
     "cosmos",
+    "allegro",
 )
 
 
@@ -288,7 +290,6 @@ def test_the_real_architecture_has_the_exact_tiler_its_tiny_model_is_tested_with
 # VAE classes of the installed diffusers' pipelines that no family serves yet (issue 27), each with what it needs.
 NOT_SERVED_YET = {
     "AutoencoderKLLTX2Video": "LTX-2: video with its audio VAE and vocoder in one reply",
-    "AutoencoderKLAllegro": "Allegro",
     "AsymmetricAutoencoderKL": "the asymmetric inpainting VAE (its decode takes the image and mask)",
     "Kandinsky6SRVAE": "Kandinsky 6 super-resolution",
     "LongCatAudioDiTVae": "LongCat audio",
@@ -417,3 +418,20 @@ def test_paired_frames_fold_as_the_refiner_pipeline_does(tmp_path):
     path.write_text(json.dumps({**refiner, "latent_layout": {"paired_frames": True}}))
     with pytest.raises(FamilyError, match="paired_frames is for an image family with frame_axis"):
         load_family(str(path))
+
+
+def test_bad_tiled_only_configs_are_refused(tmp_path):
+    allegro = json.loads((families.CONFIG_DIR / "allegro.json").read_text())
+    path = tmp_path / "tiled.json"
+    for change, message in [
+        ({"tiled_only": {"frames": 6}}, "tiled_only is"),
+        ({"tiled_only": {"frames": 0, "side": "sample_size"}}, "tiled_only is"),
+        ({"tiled_only": {"frames": 6, "side": "no_such_key"}}, "tiled_only is"),
+        ({"operations": ["decode", "encode"]}, "decodes only"),
+        ({"first_frame_alone": "no"}, "true or false"),
+        ({"temporal_compression": None}, "for video families"),
+    ]:
+        path.write_text(json.dumps({**allegro, **change}))
+        with pytest.raises(FamilyError, match=message):
+            load_family(str(path))
+    assert load_family("allegro").frames_for(22) == 88 and load_family("ltxvideo").frames_for(22) == 169
