@@ -139,6 +139,15 @@ class LoadedVae:
                 f"{side * compression}x{side * compression} pixels): the model decodes only in its tiles"
             )
 
+    def _starts_tiled(self, frame_pixels: int, asked: str | None) -> bool:
+        """Whether a call starts tiled: past the threshold, asked for blended tiles (the model then tiles where a local
+        enable_tiling() would), or a model that decodes only in its tiles (Allegro: its untiled path raises)."""
+        return (
+            self.tiles(frame_pixels)
+            or (asked == Tiling.BLEND and self.blends_tiles)
+            or self.family.tiled_only is not None
+        )
+
     def tiles(self, frame_pixels: int) -> bool:
         """Whether an image or frame of this many pixels is decoded / encoded in tiles."""
         return self.can_tile and self.tile_above_pixels is not None and frame_pixels > self.tile_above_pixels
@@ -255,11 +264,7 @@ class LoadedVae:
         with self._lock, torch.inference_mode(), self.compilation.stance(operation, inputs):
             values = to_device(inputs, self.device, self.dtype, self.path)
             extra = {name: value.to(self.device, self.dtype) for name, value in (extra or {}).items()}
-            tiled = (
-                self.tiles(frame_pixels)
-                or (asked == Tiling.BLEND and self.blends_tiles)
-                or self.family.tiled_only is not None  # its untiled path raises: every call in its own tiles
-            )
+            tiled = self._starts_tiled(frame_pixels, asked)
             sliced = batch > self.samples_per_call or (
                 batch > 1 and not self.budget.allows(batch * frame_count * frame_pixels, self.device)
             )
