@@ -21,6 +21,7 @@ from .audio_service import AudioService
 from .decoders import guard_decompression_bombs
 from .device import BatchBudget, DevicePath
 from .families import Family, FamilyError
+from .memory import limit_heaps
 from .server import Registry, Slot, create_app, load_in_background
 from .server.connections import ConnectionStats, connection_limit, limit_log_floods, protocol_class
 from .service import VaeService
@@ -36,6 +37,7 @@ def load_service(family: Family, source: str, settings: Settings) -> VaeService:
     device = resolve_device(model.device)
     limits = settings.limits_for(device.type)
     guard_decompression_bombs(max(limits.max_pixels, limits.max_video_pixels))
+    limit_heaps()  # handler.py and the Ray deployment start here, not in serve()
     dtype = resolve_dtype(model.dtype, family, device)
     path = DevicePath.default(device, compile=model.compile, channels_last=model.channels_last)
     # Compiled, a batch of one and a batch of several are two graphs: warm both when requests may be batched.
@@ -87,6 +89,7 @@ def plan(settings: Settings) -> tuple[Registry, Callable[[Family], VaeService]]:
 
 
 def serve(settings: Settings) -> int:
+    limit_heaps()  # before any of the server's threads makes a heap of its own
     registry, load = plan(settings)
     options = settings
     limit_log_floods()

@@ -144,3 +144,14 @@ def test_repeated_log_records_are_rate_limited_and_counted():
     filter_.interval = 0
     last = record()
     assert filter_.filter(last) and "999 more like it" in last.msg
+
+
+def test_heaps_are_capped_unless_malloc_arena_max_says_otherwise(monkeypatch):
+    from remote_vae import memory
+
+    if memory._LIBC is None or not hasattr(memory._LIBC, "mallopt"):
+        pytest.skip("no glibc mallopt here")
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    assert memory.limit_heaps() is True
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "8")
+    assert memory.limit_heaps() is False  # the operator's setting stands
