@@ -271,7 +271,7 @@ def pil_to_tensor(images, spatial_compression: int, channels: int = 3) -> torch.
 
     images = [images] if isinstance(images, PIL.Image.Image) else list(images)
     return VaeImageProcessor(vae_scale_factor=spatial_compression).preprocess(
-        [image.convert("RGBA" if channels == 4 else "RGB") for image in images]
+        [image.convert(vocabulary.PIXEL_MODES[channels]) for image in images]
     )
 
 

@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import FamilyError  # noqa: F401  (raised here; callers import it from families)
 from .family_checks import check_values
-from .vocabulary import ModelLatents, Operation, Packing
+from .vocabulary import PIXEL_MODES, ModelLatents, Operation, Packing
 
 if TYPE_CHECKING:  # torch is imported where it is used: `remote-vae families` describes layouts without it
     import torch
@@ -147,7 +147,7 @@ class Family:
     @property
     def pixel_mode(self) -> str:
         """Pillow's mode of the family's images: "RGB", or "RGBA" for a four-channel VAE."""
-        return "RGBA" if self.pixel_channels == 4 else "RGB"
+        return PIXEL_MODES[self.pixel_channels]
 
     @property
     def kind(self) -> str:

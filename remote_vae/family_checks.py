@@ -7,7 +7,7 @@ import re
 from typing import Any
 
 from .errors import FamilyError
-from .vocabulary import COMPUTE_DTYPES, ModelLatents, Operation, Packing, Tiling
+from .vocabulary import COMPUTE_DTYPES, PIXEL_MODES, ModelLatents, Operation, Packing, Tiling
 
 OPERATIONS = Operation.words()
 
@@ -120,9 +120,8 @@ def _check_normalisation(values: dict[str, Any], source: str) -> None:
     if values.get("latents_std") and 0 in values["latents_std"]:
         raise FamilyError(f"{source}: latents_std must not contain 0")
     # Per-frame statistics take a scaling factor too (Cosmos: z * std / sigma_data + mean); per-channel ones do not
-    if values.get("latents_mean") and values.get("shift_factor") is not None:
-        raise FamilyError(f"{source}: give either scaling_factor/shift_factor or latents_mean/latents_std, not both")
-    if values.get("latents_mean") and values.get("scaling_factor") is not None and frames is None:
+    factors = values.get("shift_factor") is not None or (values.get("scaling_factor") is not None and frames is None)
+    if values.get("latents_mean") and factors:
         raise FamilyError(f"{source}: give either scaling_factor/shift_factor or latents_mean/latents_std, not both")
     if values.get("model_latents", "raw") not in MODEL_LATENTS:
         raise FamilyError(f"{source}: model_latents must be one of {list(MODEL_LATENTS)}")
@@ -189,7 +188,7 @@ AUDIO_KEYS = ("sampling_rate", "channels", "hop_length")
 def _check_pixel_channels(values: dict[str, Any], source: str) -> None:
     """RGB, or RGBA for an image family (MP4 has no alpha)."""
     channels = values.get("pixel_channels", 3)
-    if channels not in (3, 4) or isinstance(channels, bool):
+    if channels not in PIXEL_MODES or isinstance(channels, bool):
         raise FamilyError(f"{source}: pixel_channels is 3 (RGB) or 4 (RGBA)")
     if channels == 4 and values.get("temporal_compression") is not None:
         raise FamilyError(f"{source}: pixel_channels 4 (RGBA) is for an image family; an MP4 has no alpha")

@@ -31,7 +31,10 @@ from .vocabulary import LatentDist, OutputForm, PackedMemory, Tiling
 LATENT_COPIES = 6  # from the bytes, canonical, in the model's dtype, scaled, unfolded, noised: 4 bytes a value each
 
 
-IMAGE_REPLY_BYTES_PER_PIXEL = 14  # uint8 sheet (3), Pillow's copy (4), the file twice while written (up to 2 x 3.5)
+def image_reply_bytes_per_pixel(channels: int = 3) -> int:
+    """What an image reply holds a pixel: the uint8 sheet (3, or 4 for RGBA), Pillow's copy (4), the file twice while
+    written (up to 2 x (channels + 0.5)): 14 for RGB, 17 for RGBA."""
+    return 3 * channels + 5
 
 
 MP4_REPLY_BYTES_PER_PIXEL = 7  # frames of later clips waiting their turn (3), the MP4 read back (up to 3.5)

@@ -42,7 +42,6 @@ from .errors import RequestError
 from .families import Family
 from .jobs import (
     IMAGE_DECODE_BYTES_PER_PIXEL,
-    IMAGE_REPLY_BYTES_PER_PIXEL,
     LATENT_COPIES,
     MP4_REPLY_BYTES_PER_PIXEL,
     VIDEO_DECODE_BYTES_PER_PIXEL,
@@ -54,6 +53,7 @@ from .jobs import (
     Job,
     RawTensor,
     expand_to,
+    image_reply_bytes_per_pixel,
     tensor_reply_bytes,
     unchanged,
 )
@@ -156,7 +156,7 @@ class VaeService:
         pixels = plan.output_pixels(self.family)
         latents = math.prod(raw.shape) * LATENT_COPIES * max(4, self.vae.dtype.itemsize)
         if request.form == OutputForm.IMAGE:
-            result = pixels * IMAGE_REPLY_BYTES_PER_PIXEL
+            result = pixels * image_reply_bytes_per_pixel(self.family.pixel_channels)
         elif request.form == OutputForm.MP4:
             result = pixels * MP4_REPLY_BYTES_PER_PIXEL
         else:
@@ -218,9 +218,11 @@ class VaeService:
             count, frames, height, width = 1, getattr(header, "frame_count", 1), header.height, header.width
             per_pixel = VIDEO_DECODE_BYTES_PER_PIXEL if isinstance(header, VideoFile) else IMAGE_DECODE_BYTES_PER_PIXEL
             held = frames * height * width * per_pixel
-        s, t = self.family.spatial_compression, self.family.temporal_compression or 1
+        s, latent_frames = self.family.spatial_compression, (frames - 1) // (self.family.temporal_compression or 1) + 1
+        if self.family.is_video:  # before a file's frames are decoded (it decodes at most the frames counted here)
+            latent_ops.check_frames_covered(request.scaling.normalisation(self.vae.normalisation), latent_frames)
         latent_values = (
-            count * ((frames - 1) // t + 1) * math.ceil(height / s) * math.ceil(width / s) * self.family.latent_channels
+            count * latent_frames * math.ceil(height / s) * math.ceil(width / s) * self.family.latent_channels
         ) * (2 if request.latent_dist == LatentDist.PARAMETERS else 1)  # parameters: a mean and a log-variance
         held += tensor_reply_bytes(latent_values, 4, reply_encoding) + latent_values * 4
         what = (
@@ -244,8 +246,6 @@ class VaeService:
         finally:
             checked.close()
         normalisation = request.scaling.normalisation(self.vae.normalisation)
-        if frames is not None:
-            latent_ops.check_frames_covered(normalisation, (frames - 1) // (self.family.temporal_compression or 1) + 1)
         layout = self.vae.layout
         tiling = self.vae.checked_tiling(request.tiling)
         if request.latent_dist == LatentDist.PARAMETERS:

@@ -101,3 +101,6 @@ MEDIA_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
 # Audio files by output_type, and their media types (Accept may name any of them).
 AUDIO_FORMATS = {"wav": "audio/wav", "flac": "audio/flac"}
 AUDIO_MEDIA_TYPES = {"audio/wav": "wav", "audio/x-wav": "wav", "audio/wave": "wav", "audio/flac": "flac"}
+
+# Pillow's mode for a family's pixel channels (its `pixel_channels`): RGB, or RGBA (Qwen-Image 2.1's VAE)
+PIXEL_MODES = {3: "RGB", 4: "RGBA"}

@@ -137,8 +137,8 @@ class ImageHeader:
         self.image.decodermaxblock = 16384  # a check every 16 KB of input
         try:
             self.image.load()
-            rgb = self.image if self.image.mode == mode else self.image.convert(mode)
-            pixels = np.asarray(rgb)  # Pillow holds 4 bytes a pixel; this is a packed copy of 3 (or 4)
+            converted = self.image if self.image.mode == mode else self.image.convert(mode)
+            pixels = np.asarray(converted)  # Pillow holds 4 bytes a pixel; this is a packed copy of 3 (or 4)
             self.image.close()  # frees Pillow's copy now, not when the request ends
             return pixels
         except DecodeDeadline:

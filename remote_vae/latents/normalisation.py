@@ -120,16 +120,17 @@ def check_frames_covered(normalisation: Normalisation, latent_frames: int) -> No
 def own_normalisation(family: Family, weight_stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> Normalisation:
     """The family's own latent normalisation, what do_scaling=True asks for (`weight_stats`: (mean, std) read from the
     model)."""
+    factor = family.scaling_factor if family.scaling_factor is not None else 1.0  # a WeightStats' divisor
     if family.latents_stats_in_weights is not None:
         if weight_stats is None:
             raise ValueError(f"{family.name} normalises with statistics from its weights; none were given")
-        return WeightStats(*weight_stats, family.scaling_factor if family.scaling_factor is not None else 1.0)
+        return WeightStats(*weight_stats, factor)
     if family.latents_stats_frames is not None:
         import torch
 
         shape = (family.latent_channels, family.latents_stats_frames)
         mean, std = (torch.tensor(stats).view(shape) for stats in (family.latents_mean, family.latents_std))
-        return WeightStats(mean, std, family.scaling_factor if family.scaling_factor is not None else 1.0)
+        return WeightStats(mean, std, factor)
     if family.latents_mean is not None:
         return ChannelStats(family.latents_mean, family.latents_std)
     return ScalarFactors(family.scaling_factor, family.shift_factor)
