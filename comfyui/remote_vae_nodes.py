@@ -75,8 +75,9 @@ class Connection:
         raise AssertionError("unreachable")
 
     def families(self) -> dict:
-        """The server's image and video families (not its audio ones, SVD's frames-as-batch latents, nor RGBA ones
-        (ComfyUI's IMAGE is RGB), nor decode-only ones, yet: docs/comfyui.md)."""
+        """The server's image and video families (not its audio ones, SVD's frames-as-batch latents, RGBA ones
+        (ComfyUI's IMAGE is RGB), decode-only ones, nor those with sound (ComfyUI holds LTX-2's video and sound as one
+        LATENT), yet: docs/comfyui.md)."""
         served = json.loads(self.call("GET", "families")[1])["families"]
         return {
             name: document
@@ -84,6 +85,7 @@ class Connection:
             if document.get("kind") != "audio"
             and not document.get("model", {}).get("frames_as_batch")
             and document.get("pixel_channels", 3) == 3
+            and not document.get("sound")
             and "encode" in document.get("operations", ["encode"])  # a ComfyUI VAE encodes too (Allegro does not)
         }
 

@@ -88,8 +88,10 @@ def client_call(family: Family) -> str:
     pipeline's pixels exactly: a PNG for an image (diffusers' default reply is a JPEG), uint8 frames [F, H, W, 3] for a
     video (an MP4 is lossy), uint8 [1, H, W, 4] for an RGBA image (remote_decode makes a PNG's PIL image RGB).
     docs/families.md shows these; a test runs each."""
-    # remote_decode sends do_scaling=True by default (a deprecated argument): per-channel families' calls pass nothing.
-    arguments = [f"{name}={value}" for name, value in family.client_scaling().items() if name != "do_scaling"]
+    # remote_decode sends do_scaling=True by default (a deprecated argument): per-channel families' calls pass nothing,
+    # and a family whose pipeline hands out its VAE's own latent (LTX-2) passes do_scaling=False.
+    scaling = family.client_scaling()
+    arguments = [f"{name}={value}" for name, value in scaling.items() if (name, value) != ("do_scaling", True)]
     if family.layout.packing != Packing.NONE:
         arguments += ["height=H", "width=W"]
     if family.is_audio:  # the waveform as its pipeline's vae.decode returns it; remote_decode wants sizes for a 3-D one
@@ -98,7 +100,10 @@ def client_call(family: Family) -> str:
         arguments += ['output_type="pt"', "partial_postprocess=True", 'return_type="pt"']
     else:
         arguments += ['image_format="png"']
-    return f"remote_decode(url, latents, {', '.join(arguments)})"
+    # LTX-2's pipeline hands out its sound latent as a transposed view, and remote_decode sends a non-contiguous
+    # tensor's bytes from a temporary it has freed (diffusers' safetensors._to_ndarray): a copy in order goes whole.
+    latents = "latents.contiguous()" if family.audio and family.audio.latent_bins else "latents"
+    return f"remote_decode(url, {latents}, {', '.join(arguments)})"
 
 
 def _sound(family: Family) -> str:
@@ -182,7 +187,8 @@ def add_client_commands(commands) -> None:
         "inputs",
         nargs="+",
         metavar="LATENTS",
-        help="a pipeline's output_type='latent', saved with safetensors.torch.save_file (or torch.save, numpy.save)",
+        help="a pipeline's output_type='latent', saved with safetensors.torch.save_file (or torch.save, numpy.save); "
+        "LTX-2's as keys 'latents' and 'audio_latents' decode to the video with its sound",
     )
     decode.add_argument("--key", help="the tensor's name in a file that holds several")
     decode.add_argument("--height", type=int, help="pixel height, for packed latents (Flux, Qwen-Image, LTX)")
@@ -263,16 +269,25 @@ def default_suffix(args: argparse.Namespace, kind: str) -> str:
 
 def run_one(client, args: argparse.Namespace, source: str, target: Path) -> list[Path]:
     """One input decoded or encoded on the server and written to target; the files written."""
-    from .client import load_latents, save_output
+    from .client import load_latents, load_with_sound, save_output
 
     if args.command == "decode":
         suffix = target.suffix.lower()
         files = {".mp4": "mp4", ".wav": "wav", ".flac": "flac", ".safetensors": "pt"}
         output = files.get(suffix, "pil")
         options = {"fps": args.fps} if args.fps else {}
-        latents = load_latents(source, args.key)
+        # A file of LTX-2's latents and audio_latents goes in one request to a family with sound: video and sound back
+        pair = load_with_sound(source) if args.key is None and client.family(args.family).get("sound") else None
+        latents, sound = pair or (load_latents(source, args.key), None)
         result = client.decode(
-            latents, args.family, output, normalised=not args.raw, height=args.height, width=args.width, **options
+            latents,
+            args.family,
+            output,
+            normalised=not args.raw,
+            height=args.height,
+            width=args.width,
+            audio_latents=sound,
+            **options,
         )
         return save_output(result, target)
     from safetensors.torch import save_file

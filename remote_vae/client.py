@@ -139,6 +139,7 @@ class Client:
         normalised: bool = True,
         height: int | None = None,
         width: int | None = None,
+        audio_latents: torch.Tensor | None = None,
         **options: Any,
     ):
         """Decode latents to pixels.
@@ -150,6 +151,9 @@ class Client:
         (a uint8 tensor [B, H, W, 3], or [F, H, W, 3] for a video), "pt" (the VAE's output,
         float, about -1..1; an audio family's waveform [B, channels, samples]), "mp4" (bytes), "wav" or
         "flac" (an audio file's bytes); default "mp4" for video families, "pt" for audio families, else "pil".
+        audio_latents: the video's sound latent, where the family has one (LTX-2: the `audio` its pipeline returns
+        with output_type="latent"), sent with `latents` in one safetensors body: "mp4" is then the video with its
+        sound track, and the other outputs a pair (the video as asked, the waveforms [B, channels, samples]).
         options: further query parameters (fps, crf, tiling, decode_timestep, ...), see docs/api.md.
         """
         described = self.family(family)
@@ -164,17 +168,17 @@ class Client:
         else:
             params.update(output_type="pt", partial_postprocess=output != "pt")
             accept = "tensor/binary"
-        body, shape, dtype = tensor_bytes(latents)
-        params.update(shape=list(shape), dtype=dtype)
-        headers = {"Content-Type": "tensor/binary", "Accept": accept}
+        body, content_type = decode_body(latents, audio_latents, params)
+        headers = {"Content-Type": content_type, "Accept": accept}
         reply = self._request("POST", described["path"], params=params, data=body, headers=headers)
         if output in FILE_OUTPUTS:
             return reply.content
-        tensor = reply_tensor(reply)
-        if output != "pil":
-            return tensor
-        images = [PIL.Image.fromarray(pixels.numpy()) for pixels in tensor]
-        return images[0] if len(images) == 1 and not described["video"] else images
+        if audio_latents is not None:
+            from safetensors.torch import load
+
+            video, waveforms = (load(reply.content)[name] for name in vocabulary.SOUND_REPLY_NAMES)
+            return as_output(video, output, described), waveforms
+        return as_output(reply_tensor(reply), output, described)
 
     # -- encode ---------------------------------------------------------------------------
 
@@ -249,13 +253,44 @@ def tensor_bytes(tensor: torch.Tensor) -> tuple[bytes, tuple[int, ...], str]:
     Float dtypes the protocol does not carry (float64) are sent as float32.
     """
     tensor = tensor.detach().cpu()
-    if tensor.dtype == torch.float64:
-        tensor = tensor.float()
-    if tensor.dtype not in WIRE_DTYPES:
-        raise ValueError(f"a {tensor.dtype} tensor cannot be sent; expected {', '.join(vocabulary.COMPUTE_DTYPES)}")
+    tensor = tensor.to(_wire_dtype(tensor))
     contiguous = tensor.contiguous()
     # Bytes are read from `contiguous`, which lives until they are copied (diffusers reads a freed temporary).
     return contiguous.view(torch.uint8).numpy().tobytes(), tuple(tensor.shape), WIRE_DTYPES[tensor.dtype]
+
+
+def decode_body(latents: torch.Tensor, audio_latents: torch.Tensor | None, params: dict[str, Any]) -> tuple[bytes, str]:
+    """(body, content type) of a decode: the latent's bytes (its shape and dtype added to `params`), or with a sound
+    latent both in one safetensors body, by the names LTX2Pipeline gives them."""
+    if audio_latents is None:
+        body, shape, dtype = tensor_bytes(latents)
+        params.update(shape=list(shape), dtype=dtype)
+        return body, "tensor/binary"
+    video_name, sound_name = vocabulary.SOUND_LATENT_NAMES
+    return named_tensors_bytes({video_name: latents, sound_name: audio_latents}), vocabulary.SAFETENSORS_TYPE
+
+
+def as_output(tensor: torch.Tensor, output: str, described: dict[str, Any]):
+    """A decode's tensor as the output asked for: itself, or (pil) its images, or a video's frames as images."""
+    if output != "pil":
+        return tensor
+    images = [PIL.Image.fromarray(pixels.numpy()) for pixels in tensor]
+    return images[0] if len(images) == 1 and not described["video"] else images
+
+
+def named_tensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    """Several tensors as one safetensors body, each in a dtype the protocol carries (float64 sent as float32)."""
+    from safetensors.torch import save
+
+    return save({name: tensor.detach().cpu().to(_wire_dtype(tensor)).contiguous() for name, tensor in tensors.items()})
+
+
+def _wire_dtype(tensor: torch.Tensor) -> torch.dtype:
+    if tensor.dtype == torch.float64:
+        return torch.float32
+    if tensor.dtype not in WIRE_DTYPES:
+        raise ValueError(f"a {tensor.dtype} tensor cannot be sent; expected {', '.join(vocabulary.COMPUTE_DTYPES)}")
+    return tensor.dtype
 
 
 def reply_tensor(reply: requests.Response) -> torch.Tensor:
@@ -292,20 +327,7 @@ def error_message(reply: requests.Response) -> str:
 def load_latents(path: str | Path, key: str | None = None) -> torch.Tensor:
     """A latent saved by a pipeline user: .safetensors (safetensors.torch.save_file; `key`, or the only
     tensor), .pt / .pth (torch.save of a tensor or a dict of them), or .npy."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix == ".npy":
-        return torch.from_numpy(np.load(path))
-    if suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        tensors = load_file(path)
-    elif suffix in (".pt", ".pth"):
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-        tensors = loaded if isinstance(loaded, dict) else {"": loaded}
-    else:
-        raise ValueError(f"{path}: expected a .safetensors, .pt or .npy file")
-    tensors = {name: value for name, value in tensors.items() if isinstance(value, torch.Tensor)}
+    tensors = _saved_tensors(Path(path))
     if key is not None:
         if key not in tensors:
             raise ValueError(f"{path} holds no tensor {key!r}; it holds {', '.join(tensors) or 'none'}")
@@ -315,14 +337,46 @@ def load_latents(path: str | Path, key: str | None = None) -> torch.Tensor:
     return next(iter(tensors.values()))
 
 
+def load_with_sound(path: str | Path) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A file's `latents` and `audio_latents` (LTX-2's pair, as its pipeline names them), where it holds both."""
+    tensors = _saved_tensors(Path(path))
+    if set(vocabulary.SOUND_LATENT_NAMES) <= set(tensors):
+        return tuple(tensors[name] for name in vocabulary.SOUND_LATENT_NAMES)
+    return None
+
+
+def _saved_tensors(path: Path) -> dict[str, torch.Tensor]:
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        return {"": torch.from_numpy(np.load(path))}
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        tensors = load_file(path)
+    elif suffix in (".pt", ".pth"):
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        tensors = loaded if isinstance(loaded, dict) else {"": loaded}
+    else:
+        raise ValueError(f"{path}: expected a .safetensors, .pt or .npy file")
+    return {name: value for name, value in tensors.items() if isinstance(value, torch.Tensor)}
+
+
 def save_output(result, path: Path) -> list[Path]:
     """A decode's result to `path`: images by its suffix (one file per image or frame: name-0.png, name-1.png, ...
-    when there are several), an MP4's bytes, or a tensor to .safetensors (key "pixels"). Returns the files written."""
+    when there are several), an MP4's bytes, or a tensor to .safetensors (key "pixels"; a video with its sound: keys
+    "pixels" and "audio"). Returns the files written."""
     suffix = path.suffix.lower()
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(result, bytes):
         path.write_bytes(result)
         return [path]
+    if isinstance(result, tuple) and isinstance(result[0], torch.Tensor):  # a video tensor and its sound's waveforms
+        from safetensors.torch import save_file
+
+        save_file({"pixels": result[0].contiguous(), "audio": result[1].contiguous()}, path)
+        return [path]
+    if isinstance(result, tuple):  # images, and their sound's waveforms beside them
+        return save_output(result[0], path) + save_output(result[1], path.with_suffix(".safetensors"))
     if isinstance(result, torch.Tensor):
         from safetensors.torch import save_file
 

@@ -19,6 +19,9 @@ returns what the local VAE would, on the caller's device and dtype. By default
 the reply is the server's uint8 pixels, made float again (p / 127.5 - 1): a
 pipeline's postprocess turns them back into those very pixels, at a quarter of
 float32's bytes (`pixels="raw"`: the server's float output, for float outputs).
+An audio VAE whose pipeline runs a vocoder after it (LTX-2's `audio_vae`, then `vocoder`) decodes to the waveform
+on the server, vocoder included: its `vocoder` attribute is what the pipeline's `vocoder` becomes, one line more
+(`LTX2Pipeline.from_pretrained(..., audio_vae=sound, vocoder=sound.vocoder)`).
 `encode` returns the encoder's distribution (the server's mean and
 log-variance, `latent_dist=parameters`), so `latent_dist.sample(generator)` draws
 what the local VAE would with the same generator.
@@ -102,6 +105,9 @@ class RemoteVae(ModelMixin, ConfigMixin):
         if "post_quant_conv" in self.__dict__.pop("_submodules", ()):
             # SDXL's pipelines cast latents to `next(vae.post_quant_conv.parameters()).dtype` after upcasting
             self.post_quant_conv = _DtypeCarrier()
+        # The server runs the family's vocoder after its VAE (LTX-2): the pipeline's own vocoder step passes it on
+        vocoder = described["model"].get("vocoder")
+        self.vocoder = RanOnTheServer(vocoder) if vocoder else None
 
     # -- what pipelines switch ------------------------------------------------------------
 
@@ -254,6 +260,21 @@ class LatentOutput(BaseOutput):
 
     latents: torch.Tensor | None = None
     latent: torch.Tensor | None = None
+
+
+class RanOnTheServer(ModelMixin, ConfigMixin):
+    """A pipeline's vocoder where the server has run it already (a RemoteVae of LTX-2's audio decodes to the
+    waveform): returns what it is given, and holds the real vocoder's config (`output_sampling_rate`, ...)."""
+
+    config_name = "config.json"
+
+    def __init__(self, config: dict[str, Any]):
+        super().__init__()
+        self.register_to_config(**{name: value for name, value in config.items() if not name.startswith("_")})
+        self.anchor = nn.Parameter(torch.empty(0), requires_grad=False)
+
+    def forward(self, waveforms: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return waveforms
 
 
 class _DtypeCarrier(nn.Module):

@@ -69,9 +69,14 @@ class AudioSpec:
     sampling_rate: int  # samples per second, per channel
     channels: int  # audio channels (2: stereo)
     hop_length: int  # samples per latent step: the VAE's downsampling
+    # Samples the first latent step decodes to, where a causal decoder makes fewer of it (LTX-2: one mel frame, 240)
+    first_step_samples: int | None = None
+    # The latent's fourth axis, where it has one: [B, C, T, bins] (LTX-2's 16 latent mel bins); None: [B, C, T]
+    latent_bins: int | None = None
 
     def samples_for(self, latent_steps: int) -> int:
-        return latent_steps * self.hop_length
+        first = self.hop_length if self.first_step_samples is None else self.first_step_samples
+        return first + (latent_steps - 1) * self.hop_length if latent_steps else 0
 
 
 @dataclass(frozen=True)
@@ -125,6 +130,16 @@ class Family:
     # Channels of the pixels the VAE reads and writes: 3 (RGB), or 4 (RGBA: Qwen-Image 2.1, whose pipeline returns RGBA
     # images and encodes its inputs as RGBA)
     pixel_channels: int = 3
+    # What the pipeline's output_type="latent" returns: "normalised" (most: the pipeline denormalises before its
+    # decode), or "denormalised" (LTX-2: already the VAE's own latent, so a client sends it with no scaling)
+    pipeline_latents: str = "normalised"
+    # The fewest latent cells a side the decoder takes (LTX-2's pads by reflection, which needs 2): smaller is a 400
+    min_latent_side: int = 1
+    # The audio family whose model decodes this family's sound, in the same request (LTX-2's video: ltx2audio)
+    sound: str | None = None
+    # A model the VAE's decoded output runs through before it is the waveform (LTX-2's vocoder: mel -> samples):
+    # {"model_class", "module" (where diffusers keeps it), "hub_subfolder" (beside the VAE's), "architecture"}
+    vocoder: dict[str, Any] | None = None
     # `latent_layout` parsed, once, when the family is made.
     layout: LatentLayout = field(init=False, repr=False, compare=False)
 
@@ -186,6 +201,8 @@ class Family:
 
     def client_scaling(self) -> dict[str, Any]:
         """The scaling arguments a client passes to diffusers' remote_decode / remote_encode for this family."""
+        if self.pipeline_latents == "denormalised":  # the pipeline's latent is the VAE's own already
+            return {"do_scaling": False}
         if self.per_channel:  # the server holds the statistics
             return {"do_scaling": True}
         factors = {"scaling_factor": self.scaling_factor, "shift_factor": self.shift_factor}
@@ -292,6 +309,7 @@ class LatentLayout:
     paired_frames: bool = False
     packing: Packing = Packing.NONE  # the pipeline's token sequence
     audio: bool = False  # [B, C, T]: channels, then latent steps in time
+    audio_bins: int | None = None  # [B, C, T, bins]: and the latent's bins (LTX-2's mel bins)
 
     @classmethod
     def of(cls, family: Family) -> LatentLayout:
@@ -302,6 +320,7 @@ class LatentLayout:
             family.is_video,
             **{**family.latent_layout, "packing": Packing(packing)},
             audio=family.is_audio,
+            audio_bins=family.audio.latent_bins if family.audio else None,
         )
 
     @property
@@ -312,7 +331,8 @@ class LatentLayout:
         """The accepted latent forms, for error messages."""
         c = self.pipeline_channels
         if self.audio:
-            return f"[B, {c}, T] (T latent steps)"
+            bins = f", {self.audio_bins}" if self.audio_bins else ""
+            return f"[B, {c}, T{bins}] (T latent steps)"
         if self.video:
             forms = [
                 f"[B, T, {c}, h, w] (as the pipeline holds it) or [B, {c}, T, h, w]"

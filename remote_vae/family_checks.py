@@ -82,6 +82,9 @@ def _check_counts(values: dict[str, Any], source: str) -> None:
         )
     if tiled_only is not None and "encode" in values.get("operations", ["encode"]):
         raise FamilyError(f'{source}: a tiled_only family decodes only (list operations: ["decode"])')
+    side = values.get("min_latent_side", 1)
+    if not (isinstance(side, int) and not isinstance(side, bool) and side >= 1):
+        raise FamilyError(f"{source}: min_latent_side is a positive integer (latent cells a side)")
     per_call = values.get("samples_per_call")
     if per_call is not None and not (isinstance(per_call, int) and per_call >= 1):
         raise FamilyError(f"{source}: samples_per_call must be a positive integer or null (any batch)")
@@ -183,6 +186,9 @@ def _check_stats_in_weights(values: dict[str, Any], source: str) -> None:
 
 
 AUDIO_KEYS = ("sampling_rate", "channels", "hop_length")
+AUDIO_OPTIONAL_KEYS = ("first_step_samples", "latent_bins")
+VOCODER_KEYS = {"model_class", "module", "hub_subfolder", "architecture"}
+PIPELINE_LATENTS = ("normalised", "denormalised")
 
 
 def _check_pixel_channels(values: dict[str, Any], source: str) -> None:
@@ -196,16 +202,36 @@ def _check_pixel_channels(values: dict[str, Any], source: str) -> None:
 
 def _check_audio(values: dict[str, Any], source: str) -> None:
     """An audio family's sound: three positive integers, and none of the image and video keys."""
+    if values.get("pipeline_latents", "normalised") not in PIPELINE_LATENTS:
+        raise FamilyError(f"{source}: pipeline_latents is one of {list(PIPELINE_LATENTS)}")
+    sound = values.get("sound")
+    if sound is not None and not (isinstance(sound, str) and values.get("temporal_compression")):
+        raise FamilyError(f"{source}: sound names the audio family that decodes a video family's sound, or is null")
+    vocoder = values.get("vocoder")
+    if vocoder is not None and not (
+        isinstance(vocoder, dict)
+        and set(vocoder) == VOCODER_KEYS
+        and all(isinstance(vocoder[key], str) for key in VOCODER_KEYS - {"architecture"})
+        and isinstance(vocoder["architecture"], dict)
+        and values.get("audio") is not None
+    ):
+        raise FamilyError(
+            f"{source}: vocoder (an audio family's) is {{{', '.join(sorted(VOCODER_KEYS))}}}: the diffusers class, "
+            "the module that has it, the subfolder beside the VAE's, and its config"
+        )
     audio = values.get("audio")
     if audio is None:
         return
-    if not (isinstance(audio, dict) and set(audio) == set(AUDIO_KEYS)) or not all(
-        isinstance(audio[key], int) and not isinstance(audio[key], bool) and audio[key] >= 1 for key in AUDIO_KEYS
+    keys = set(audio) if isinstance(audio, dict) else set()
+    if not (set(AUDIO_KEYS) <= keys <= set(AUDIO_KEYS + AUDIO_OPTIONAL_KEYS)) or not all(
+        isinstance(audio[key], int) and not isinstance(audio[key], bool) and audio[key] >= 1 for key in keys
     ):
         raise FamilyError(
-            f'{source}: audio is {{"sampling_rate": Hz, "channels": n, "hop_length": samples per latent step}}, '
-            "each a positive integer"
+            f'{source}: audio is {{"sampling_rate": Hz, "channels": n, "hop_length": samples per latent step}} and '
+            f"optionally {list(AUDIO_OPTIONAL_KEYS)}, each a positive integer"
         )
+    if audio.get("first_step_samples", 0) > audio["hop_length"]:
+        raise FamilyError(f"{source}: audio.first_step_samples is at most hop_length")
     image_keys = ("spatial_compression", "temporal_compression", "latent_layout", "pixel_channels")
     pictures = [key for key in image_keys if key in values]
     if pictures:

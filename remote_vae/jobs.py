@@ -90,6 +90,8 @@ class DecodeRequest:
     decode_timestep: DecodeTimestep | None = None
     packed_memory: PackedMemory | None = None  # token sequences; None: channels first, the pipelines' memory
     tiling: Tiling | None = None  # when the call tiles; None: exact where the model allows
+    # The sound's latent, decoded by the family's `sound` family in the same request (LTX-2's audio_latents)
+    sound: RawTensor | None = None
 
 
 @dataclass(frozen=True)
@@ -104,14 +106,16 @@ class DecodeTimestep:
     noise_scale: float | None = None  # None: the timestep, as in LTXPipeline
     noise_seed: int = 0
 
-    def apply(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(latents with the noise mixed in, the timestep per sample)."""
+    def apply(
+        self, latents: torch.Tensor, noise_space: Callable[[torch.Tensor], torch.Tensor] = lambda noise: noise
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(latents with the noise mixed in, the timestep per sample). `noise_space` takes the noise into the latent's
+        space first: LTX-2's pipeline mixes it into the normalised latent, so the VAE's own takes it denormalised."""
         scale = self.timestep if self.noise_scale is None else self.noise_scale
         timestep = torch.full((latents.shape[0],), self.timestep, dtype=latents.dtype)
         if scale:  # (1 - 0) * z + 0 * noise is z: no noise to draw
-            noise = torch.randn(
-                latents.shape, generator=torch.Generator().manual_seed(self.noise_seed), dtype=latents.dtype
-            )
+            generator = torch.Generator().manual_seed(self.noise_seed)
+            noise = noise_space(torch.randn(latents.shape, generator=generator, dtype=latents.dtype))
             scales = torch.full((latents.shape[0],) + (1,) * (latents.ndim - 1), scale, dtype=latents.dtype)
             latents = (1 - scales) * latents + scales * noise
         return latents, timestep
@@ -155,6 +159,9 @@ class Job:
     expand: Callable[[torch.Tensor], torch.Tensor] = unchanged  # held inputs -> the model's input, in the model call
     latent_dist: LatentDist = LatentDist.MEAN  # what an encode returns of the encoder's distribution
     sampling_rate: int | None = None  # audio: `count` clips of `pixels // count` samples per channel at this rate
+    # The sound's job (LTX-2's audio), run by the sound family's service after this one's model call: the result is
+    # then (this job's result, the waveforms [B, channels, N] on the host)
+    sound: Job | None = None
 
     def model_inputs(self) -> torch.Tensor:
         return self.expand(self.inputs)

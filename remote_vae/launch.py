@@ -82,7 +82,7 @@ def plan(settings: Settings) -> tuple[Registry, Callable[[Family], VaeService]]:
     model_dirs = [os.environ.get("HF_MODEL_DIR"), settings.weights_dir]
 
     def load(family: Family) -> VaeService:
-        source = served.sources.get(family.name) or default_source(family, model_dirs, several=len(loaded) > 1)
+        source = served.sources.get(family.name) or default_source(family, model_dirs, several=served.named > 1)
         return load_service(family, source, settings)
 
     return registry, load

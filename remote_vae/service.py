@@ -72,19 +72,11 @@ from .media import (
     tensor_from_bytes,
 )
 from .settings import Limits
+from .sound import SoundService, check_sound, sound_of, with_sound_job
 from .vae import LoadedVae
 from .vocabulary import IMAGE_FORMS, VIDEO_FORMS, LatentDist, ModelLatents, OutputForm
 
 log = logging.getLogger("remote_vae")
-
-# What a decode returns, by name (images / videos; a video batch's clips follow one another):
-#   raw:   [B, 3, H, W] / [B, 3, F, H, W] decoder output in the model dtype (about -1..1)
-#   uint8: [B, H, W, 3] / [B*F, H, W, 3] denormalised 0..255
-#   unit:  [B, 3, H, W] / [B*F, 3, H, W] float in 0..1
-#   image: the bytes of one JPEG / PNG / WebP file, the batch stacked top to bottom; images only
-#   pil:   PIL images (handler.py: the toolkit writes the file); images only
-#   mp4:   the bytes of an H.264 MP4; videos only
-
 
 # Factors finite on their own can still overflow the latent (scaling_factor=1e-320, shift_factor=1e39): every output
 # NaN.
@@ -115,6 +107,8 @@ class VaeService:
             OutputForm.PIL: self.post.pil,
         }
         self.max_pixels = limits.max_video_pixels if video else limits.max_pixels
+        # The service of the family that decodes this one's sound (`Family.sound`), once both are loaded
+        self.sound: SoundService | None = None
 
     def images_per_call(self, job: Job) -> int:
         """How many images or videos like this job's one model call takes whole (at least 1):
@@ -153,6 +147,7 @@ class VaeService:
             )
         check_byte_count(raw.data, raw.shape, parse_dtype(raw.dtype))
         self._decode_timestep(request)
+        sound = check_sound(self.family, self.sound, request, plan.batch, reply_encoding)
         pixels = plan.output_pixels(self.family)
         latents = math.prod(raw.shape) * LATENT_COPIES * max(4, self.vae.dtype.itemsize)
         if request.form == OutputForm.IMAGE:
@@ -162,7 +157,8 @@ class VaeService:
         else:
             element = 1 if request.form == OutputForm.UINT8 else self.vae.dtype.itemsize
             result = tensor_reply_bytes(pixels * self.family.pixel_channels, element, reply_encoding)
-        return Checked(latents + result, f"a decode to {pixels} pixels as {request.form}", plan=plan)
+        held = latents + result + (sound.hold_bytes if sound else 0)
+        return Checked(held, f"a decode to {pixels} pixels as {request.form}", plan=plan)
 
     def prepare_decode(self, request: DecodeRequest, checked: Checked | None = None) -> Job:
         """The job for a decode, checked first unless `check_decode` already has been (the memory it needs reserved)."""
@@ -181,7 +177,8 @@ class VaeService:
         )
         latent_ops.check_finite(latents, "latent after scaling", SCALED_FINITE.format(dtype=dtype_name(self.vae.dtype)))
         if timestep is not None:
-            latents, timestep = timestep.apply(latents)
+            denormalised = self.family.pipeline_latents == "denormalised"  # LTX-2 mixes its noise in before that
+            latents, timestep = timestep.apply(latents, *([self.vae.normalisation.unscale] if denormalised else []))
         frames = plan.output_frames(self.family) if plan.latent_frames else None
         job = partial(
             Job,
@@ -196,13 +193,15 @@ class VaeService:
         if request.form == OutputForm.MP4:
             width, height = plan.output_size(self.family)
             stream = Mp4Stream(plan.batch, frames, width, height, request.mp4)
-            return job(partial(self.post.mp4, stream=stream), finish=Mp4Stream.result, stream=stream)
-        if request.form == OutputForm.IMAGE:
+            built = job(partial(self.post.mp4, stream=stream), finish=Mp4Stream.result, stream=stream)
+        elif request.form == OutputForm.IMAGE:
             # A JPEG may be written on the device; anything else is written after the device is free.
-            return job(
+            built = job(
                 partial(self.post.image, options=request.image), finish=partial(encode_pixels, options=request.image)
             )
-        return job(self.finish_on_device[request.form])
+        else:
+            built = job(self.finish_on_device[request.form])
+        return with_sound_job(self.family, self.sound, built, request, frames or 1)
 
     def check_encode(self, request: EncodeRequest, reply_encoding: str = "binary") -> Checked:
         """Every check an encode needs before its pixels are decoded or allocated (a file's size from its headers),
@@ -328,7 +327,7 @@ class VaeService:
                 if job.stream is not None:
                     job.stream.close()  # its writer would wait for frames that never come
                 results.append(exc)
-        return results
+        return [sound_of(self.sound, job, result) for job, result in zip(jobs, results, strict=True)]
 
     def _model_call(self, jobs: Sequence[Job]) -> Sequence[torch.Tensor]:
         """The model's output for all jobs at once, split back into each job's rows."""

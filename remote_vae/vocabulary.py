@@ -26,12 +26,13 @@ class Operation(Word):
 
 
 class OutputForm(Word):
-    """What a decode returns, before the wire writes it."""
+    """What a decode returns, before the wire writes it (images / videos; a video batch's clips follow one another)."""
 
-    RAW = "raw"  # the decoder's output tensor, -1..1 (output_type=pt)
-    UINT8 = "uint8"  # pixels 0..255, channels last (partial_postprocess=true)
-    UNIT = "unit"  # float pixels 0..1, for a client-side processor (output_type=pil, Accept: tensor/binary)
-    IMAGE = "image"  # an image file's bytes (output_type=pil)
+    RAW = "raw"  # the decoder's output, -1..1, in the model dtype: [B, 3, H, W] / [B, 3, F, H, W] (output_type=pt)
+    UINT8 = "uint8"  # pixels 0..255, channels last: [B, H, W, 3] / [B*F, H, W, 3] (partial_postprocess=true)
+    UNIT = "unit"  # float pixels 0..1, [B, 3, H, W] / [B*F, 3, H, W], for a client-side processor (output_type=pil,
+    # Accept: tensor/binary)
+    IMAGE = "image"  # one image file's bytes, the batch stacked top to bottom (output_type=pil)
     PIL = "pil"  # PIL images (handler.py, whose toolkit writes the file)
     MP4 = "mp4"  # an H.264 video's bytes (output_type=mp4)
     AUDIO = "audio"  # an audio file's bytes (output_type=wav or flac)
@@ -98,6 +99,12 @@ WIRE_DTYPES = (*COMPUTE_DTYPES, "uint8")
 # Image files: Pillow's format names by the names clients use (`image_format`, Accept), and their media types.
 IMAGE_FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
 MEDIA_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
+# A body of several named tensors (a video's latents and its sound's, LTX-2), and a reply of several (the video and its
+# waveforms): a safetensors file, with these names (LTX2Pipeline's own keywords for them) and dtypes
+SAFETENSORS_TYPE = "application/safetensors"
+SOUND_LATENT_NAMES = ("latents", "audio_latents")
+SOUND_REPLY_NAMES = ("video", "audio")
+SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 # Audio files by output_type, and their media types (Accept may name any of them).
 AUDIO_FORMATS = {"wav": "audio/wav", "flac": "audio/flac"}
 AUDIO_MEDIA_TYPES = {"audio/wav": "wav", "audio/x-wav": "wav", "audio/wave": "wav", "audio/flac": "flac"}

@@ -354,6 +354,66 @@ def tiny_allegro_vae() -> diffusers.AutoencoderKLAllegro:
     return model.eval()
 
 
+def tiny_ltx2_vae() -> diffusers.AutoencoderKLLTX2Video:
+    """LTX-2's real latent (128 channels, 32x / 8x) and decoder layout, narrow; not timestep-conditioned, as LTX-2's."""
+    torch.manual_seed(22)
+    model = diffusers.AutoencoderKLLTX2Video(
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=(1, 1, 1, 1, 1),
+        decoder_block_out_channels=(16, 32, 64),
+        decoder_layers_per_block=(1, 1, 1, 1),
+        timestep_conditioning=False,
+        latent_channels=128,
+        decoder_causal=False,
+        spatial_compression_ratio=32,
+        temporal_compression_ratio=8,
+    )
+    _random_stats(model, "latents_mean", "latents_std", seed=22)
+    _mostly_grey(model.decoder.conv_out.conv)
+    return model.eval()
+
+
+class Ltx2Sound:
+    """LTX-2's audio VAE and vocoder, saved as a pipeline's folders hold them: the VAE at the root, its vocoder in
+    vocoder/ (where the server looks for it beside the VAE)."""
+
+    def __init__(self):
+        from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+
+        torch.manual_seed(23)
+        # 128 base channels: its statistics are per feature of the pipeline's packed tokens, 8 channels x 16 bins
+        self.audio_vae = diffusers.AutoencoderKLLTX2Audio(
+            base_channels=128,
+            output_channels=2,
+            ch_mult=(1, 1, 1),
+            num_res_blocks=1,
+            in_channels=2,
+            latent_channels=8,
+            norm_type="pixel",
+            causality_axis="height",
+            mid_block_add_attention=False,
+            sample_rate=16000,
+            mel_hop_length=160,
+            is_causal=True,
+            mel_bins=64,
+        ).eval()
+        _random_stats(self.audio_vae, "latents_mean", "latents_std", seed=23)
+        self.vocoder = LTX2Vocoder(  # the real 240x upsampling to 24 kHz, narrow
+            in_channels=128,
+            hidden_channels=32,
+            out_channels=2,
+            upsample_kernel_sizes=[16, 15, 8, 4, 4],
+            upsample_factors=[6, 5, 2, 2, 2],
+            resnet_kernel_sizes=[3],
+            resnet_dilations=[[1]],
+            output_sampling_rate=24000,
+        ).eval()
+
+    def save_pretrained(self, folder: Path) -> None:
+        self.audio_vae.save_pretrained(folder)
+        self.vocoder.save_pretrained(Path(folder) / "vocoder")
+
+
 def tiny_taesd(latent_channels: int, seed: int):
     def build() -> AutoencoderTiny:
         torch.manual_seed(seed)
@@ -392,6 +452,8 @@ TINY_MODELS = {
     "hunyuanimage21refiner": tiny_hunyuanimage21refiner_vae,
     "allegro": tiny_allegro_vae,
     "stableaudio3": tiny_stableaudio3_vae,
+    "ltx2": tiny_ltx2_vae,
+    "ltx2audio": Ltx2Sound,
     "taesd": tiny_taesd(4, 12),
     "taesdxl": tiny_taesd(4, 13),
     "taef1": tiny_taesd(16, 14),
@@ -420,6 +482,8 @@ MODEL_CLASSES = {
     "hunyuanimage21refiner": diffusers.AutoencoderKLHunyuanImageRefiner,
     "allegro": diffusers.AutoencoderKLAllegro,
     "stableaudio3": getattr(diffusers, "AutoencoderSAME", None),
+    "ltx2": getattr(diffusers, "AutoencoderKLLTX2Video", None),
+    "ltx2audio": getattr(diffusers, "AutoencoderKLLTX2Audio", None),
     "taesd": AutoencoderTiny,
     "taesdxl": AutoencoderTiny,
     "taef1": AutoencoderTiny,
@@ -449,6 +513,7 @@ NEW_FAMILIES = (
     "qwenimage21",
     "hunyuanimage21refiner",
     "allegro",
+    "ltx2",
 )
 NEW_FAMILIES = tuple(name for name in NEW_FAMILIES if name in TINY_MODELS)
 
@@ -721,8 +786,9 @@ def video_server(model_dirs, tmp_path_factory):
 @pytest.fixture(scope="session")
 def families_server(model_dirs, tmp_path_factory):
     """Every family added for diffusers' current VAEs on one server, each under /<family>/."""
+    sounds = [load_family(name).sound for name in NEW_FAMILIES if load_family(name).sound]  # served beside theirs
     args = list(NEW_FAMILIES) + [
-        option for name in NEW_FAMILIES for option in ("--model", f"{name}={model_dirs[name]}")
+        option for name in (*NEW_FAMILIES, *sounds) for option in ("--model", f"{name}={model_dirs[name]}")
     ]
     server = LiveServer(args, offline_env(), tmp_path_factory.mktemp("logs") / "families.log")
     yield server

@@ -659,6 +659,95 @@ def cosmos(vae, in_channels: int = 16):
     return pipe, dict(prompt_embeds=seeded(1, 8, 32, seed=1), guidance_scale=1.0, **_size(9))
 
 
+def ltx2(vae, sound=None):
+    """LTX2Pipeline as its own tests build it, around LTX-2's tiny video VAE and its tiny audio VAE and vocoder
+    (conftest.Ltx2Sound: the same seeded weights as the server's ltx2audio), with precomputed prompt embeddings."""
+    from conftest import Ltx2Sound
+    from diffusers.pipelines.ltx2 import LTX2TextConnectors
+
+    sound = sound or Ltx2Sound()
+    transformer = d.LTX2VideoTransformer3DModel(
+        in_channels=128,
+        out_channels=128,
+        patch_size=1,
+        patch_size_t=1,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        cross_attention_dim=16,
+        audio_in_channels=128,  # 8 latent channels x 16 latent mel bins, packed
+        audio_out_channels=128,
+        audio_num_attention_heads=2,
+        audio_attention_head_dim=4,
+        audio_cross_attention_dim=8,
+        num_layers=1,
+        qk_norm="rms_norm_across_heads",
+        caption_channels=32,
+        rope_double_precision=False,
+        rope_type="split",
+    )
+    connectors = LTX2TextConnectors(
+        caption_channels=32,
+        text_proj_in_factor=2,
+        video_connector_num_attention_heads=4,
+        video_connector_attention_head_dim=8,
+        video_connector_num_layers=1,
+        video_connector_num_learnable_registers=None,
+        audio_connector_num_attention_heads=4,
+        audio_connector_attention_head_dim=8,
+        audio_connector_num_layers=1,
+        audio_connector_num_learnable_registers=None,
+        connector_rope_base_seq_len=32,
+        rope_theta=10000.0,
+        rope_double_precision=False,
+        causal_temporal_positioning=False,
+        rope_type="split",
+    )
+    pipe = d.LTX2Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        audio_vae=sound.audio_vae,
+        text_encoder=None,
+        tokenizer=None,
+        connectors=connectors.eval(),
+        transformer=transformer,
+        vocoder=sound.vocoder,
+    )
+    return pipe, dict(
+        prompt_embeds=seeded(1, 8, 64, seed=1),  # the text encoder's 32 features of 2 layers, flattened
+        prompt_attention_mask=torch.ones(1, 8, dtype=torch.long),
+        # no guidance of any kind (as its own tests pin them), so no negative prompt is needed
+        guidance_scale=1.0,
+        stg_scale=0.0,
+        modality_scale=1.0,
+        guidance_rescale=0.0,
+        audio_guidance_scale=1.0,
+        audio_stg_scale=0.0,
+        audio_modality_scale=1.0,
+        audio_guidance_rescale=0.0,
+        spatio_temporal_guidance_blocks=None,
+        use_cross_timestep=False,
+        frame_rate=24.0,
+        height=64,  # two latent cells a side: the decoder's reflect padding needs two
+        width=64,
+        num_frames=9,
+    )
+
+
+def ltx2audio(audio_vae):
+    """LTX2Pipeline around LTX-2's tiny video VAE (conftest.tiny_ltx2_vae) and `audio_vae`: the tiny one (its vocoder
+    the tiny one's), or a RemoteVae of ltx2audio (its vocoder: the RemoteVae's stand-in, the server having run it)."""
+    from conftest import Ltx2Sound, tiny_ltx2_vae
+
+    sound = Ltx2Sound()
+    sound.vocoder = getattr(audio_vae, "vocoder", None) or sound.vocoder
+    sound.audio_vae = audio_vae
+    return ltx2(tiny_ltx2_vae(), sound)
+
+
+# What a pipeline returns, where it is not its `frames`, `audios` or `images`: LTX-2's sound, for ltx2audio
+OUTPUTS = {"ltx2audio": "audio"}
+
+
 # Where a pipeline's own output is not the decoded pixels to float precision: Cosmos' guardrail pass makes the
 # frames uint8 (truncating) and back, one level at most below the decode's
 PIXEL_TOLERANCE = {"cosmos": dict(atol=1 / 255 + 1e-4, rtol=0)}
@@ -668,6 +757,7 @@ PIXEL_TOLERANCE = {"cosmos": dict(atol=1 / 255 + 1e-4, rtol=0)}
 AUDIO_AFTER_DECODE = {
     "stableaudio": lambda audio, samples: audio[:, :, :samples],  # cropped to audio_end_in_s
     "stableaudio3": lambda audio, samples: audio[:, :, :samples].clamp(-1.0, 1.0),  # cropped to duration, clipped
+    "ltx2audio": lambda audio, samples: audio,  # the vocoder's output as it is
 }
 
 
@@ -698,6 +788,8 @@ PIPELINES = {
     "qwenimage21": qwenimage21,
     "stableaudio": stableaudio,
     "stableaudio3": stableaudio3,
+    "ltx2": ltx2,
+    "ltx2audio": ltx2audio,
 }
 
 
@@ -716,6 +808,8 @@ def run(family: str, vae, output_type: str, **extra) -> torch.Tensor:
         output_type=output_type,
         generator=torch.Generator().manual_seed(3),
     )
+    if family in OUTPUTS:
+        return getattr(output, OUTPUTS[family])
     return output.frames if hasattr(output, "frames") else output.audios if hasattr(output, "audios") else output.images
 
 

@@ -56,6 +56,12 @@ def plan_decode(
     plan = planner(shape, layout, height, width, expected)
     if packed_memory == PackedMemory.TOKENS_FIRST:
         plan = replace(plan, tokens_first=True)
+    if min(plan.height, plan.width) < family.min_latent_side:
+        side = family.min_latent_side
+        raise RequestError(
+            f"latent is {plan.height}x{plan.width} cells a frame; {family.name}'s decoder takes at least {side} a side "
+            f"({side * family.spatial_compression} pixels)"
+        )
     if plan.latent_frames is not None and family.latent_frames_odd and plan.latent_frames % 2 == 0:
         frames = plan.latent_frames
         raise RequestError(
@@ -114,10 +120,13 @@ def _plan_video(shape, layout: LatentLayout, height, width, expected: str) -> La
 
 
 def _plan_audio(shape, layout: LatentLayout, height, width, expected: str) -> LatentPlan:
-    """[B, C, T]: held as `height` 1 and `width` T latent steps."""
-    if len(shape) == 3 and shape[1] == layout.channels:
+    """[B, C, T] (or [B, C, T, bins]): held as `height` 1 and `width` T latent steps."""
+    dims = 4 if layout.audio_bins else 3
+    if len(shape) == dims and shape[1] == layout.channels and shape[3:] in ((), (layout.audio_bins,)):
         return LatentPlan(shape, shape[0], 1, shape[2])
-    if len(shape) == 3:
+    if len(shape) == dims and shape[1] == layout.channels:
+        raise RequestError(f"latent has {shape[3]} bins, but {expected}")
+    if len(shape) == dims:
         raise RequestError(f"latent has {shape[1]} channels, but {expected}")
     raise RequestError(f"got a {len(shape)}-D latent {list(shape)}, but {expected}")
 

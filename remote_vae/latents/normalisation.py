@@ -81,13 +81,15 @@ class WeightStats:
 
     @property
     def frames(self) -> int | None:
-        """The latent frames statistics per frame cover, or None for per-channel ones."""
+        """The latent frames statistics per frame cover, or None for others."""
         return self.mean.shape[1] if self.mean.ndim == 2 else None
 
     def _stats(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.frames is None:
+        if self.mean.ndim == 1:
             view = (1, -1) + (1,) * (latents.ndim - 2)
             mean, std = self.mean.view(view), self.std.view(view)
+        elif self.frames is None:  # shaped as one sample's latent axes already (LTX-2's audio: [C, 1, bins])
+            mean, std = self.mean[None], self.std[None]
         else:  # a clip's first latent frames take the first frames' statistics, as the pipeline slices them
             check_frames_covered(self, latents.shape[2])
             view = (1, *self.mean.shape, 1, 1)
@@ -124,6 +126,10 @@ def own_normalisation(family: Family, weight_stats: tuple[torch.Tensor, torch.Te
     if family.latents_stats_in_weights is not None:
         if weight_stats is None:
             raise ValueError(f"{family.name} normalises with statistics from its weights; none were given")
+        if family.audio is not None and family.audio.latent_bins:
+            # LTX-2's audio statistics are per feature of its packed tokens [B, T, C * bins], channel-major
+            shape = (family.latent_channels, 1, family.audio.latent_bins)
+            return WeightStats(*(stats.reshape(shape) for stats in weight_stats), factor)
         return WeightStats(*weight_stats, factor)
     if family.latents_stats_frames is not None:
         import torch

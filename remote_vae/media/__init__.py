@@ -9,7 +9,7 @@
 Image and video files coming in are decoders/ (bounded decoding of untrusted files).
 """
 
-from .audio import AudioFile, write_audio
+from .audio import AudioFile, with_sound, write_audio
 from .images import (
     PNG_COMPRESSION,
     ImageFile,
@@ -66,6 +66,7 @@ __all__ = [
     "tensor_from_bytes",
     "tensor_to_bytes",
     "uint8_images",
+    "with_sound",
     "write_audio",
     "write_mp4",
 ]

@@ -1,4 +1,5 @@
-"""Audio out: a decode's waveform [B, C, N] as one WAV or FLAC file, the clips of a batch one after another.
+"""Audio out: a decode's waveform [B, C, N] as one WAV or FLAC file, the clips of a batch one after another; or as
+the sound track of a video's MP4 (`with_sound`: LTX-2's video and its audio, in one reply).
 
 WAV is 32-bit float: the decoder's samples exactly, unclipped (a pipeline's own output is not clipped either).
 FLAC is 24-bit integer through the ffmpeg imageio-ffmpeg ships: lossless to 2^-23 of full scale, clipped to -1..1.
@@ -65,6 +66,32 @@ def flac_bytes(samples: np.ndarray, options: AudioFile) -> bytes:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+SOUND_BITRATE = "192k"  # AAC, as MP4 players expect; LTX-2's own export writes AAC too
+
+
+def with_sound(mp4: bytes, waveforms: torch.Tensor, sampling_rate: int, clip_seconds: float) -> bytes:
+    """An MP4 (its clips one after another, each `clip_seconds` long) with `waveforms` [B, C, N] as its AAC sound track:
+    each clip's sound cut or padded with silence to its clip's length, so every clip keeps its sound in step. The video
+    stream is copied as it is."""
+    per_clip = round(clip_seconds * sampling_rate)
+    fitted = torch.zeros(waveforms.shape[0], waveforms.shape[1], per_clip)
+    kept = min(per_clip, waveforms.shape[2])
+    fitted[:, :, :kept] = waveforms[:, :, :kept].float()
+    samples = interleaved(fitted)
+    folder = tempfile.mkdtemp(prefix="remote-vae-")
+    try:
+        video, sound, out = (Path(folder) / name for name in ("video.mp4", "sound.wav", "reply.mp4"))
+        video.write_bytes(mp4)
+        sound.write_bytes(wav_bytes(samples, sampling_rate))
+        command = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error"]
+        command += ["-i", str(video), "-f", "wav", "-i", str(sound), "-map", "0:v", "-map", "1:a", "-c:v", "copy"]
+        command += ["-c:a", "aac", "-b:a", SOUND_BITRATE, "-movflags", "+faststart", "-f", "mp4", str(out)]
+        _run_ffmpeg(command, np.zeros((0, 1), np.float32), seconds=max(FLAC_FLOOR_SECONDS, samples.size * 1e-6))
+        return out.read_bytes()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _flac_command(channels: int, sampling_rate: int, path: Path) -> list[str]:
     return [
         imageio_ffmpeg.get_ffmpeg_exe(),
@@ -92,8 +119,9 @@ def _flac_command(channels: int, sampling_rate: int, path: Path) -> list[str]:
     ]
 
 
-def _run_ffmpeg(command: list[str], samples: np.ndarray) -> None:
-    seconds = max(FLAC_FLOOR_SECONDS, samples.size * FLAC_SECONDS_PER_SAMPLE)
+def _run_ffmpeg(command: list[str], samples: np.ndarray, seconds: float | None = None) -> None:
+    """ffmpeg run on `samples` (its stdin), within a CPU-time cap."""
+    seconds = seconds or max(FLAC_FLOOR_SECONDS, samples.size * FLAC_SECONDS_PER_SAMPLE)
     process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     limit_cpu(process, seconds)
     try:
@@ -101,6 +129,6 @@ def _run_ffmpeg(command: list[str], samples: np.ndarray) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.communicate()
-        raise RequestError("the FLAC reply took too long to write; ask for output_type=wav", status=503) from None
+        raise RequestError("the audio took too long to write; ask for a WAV or output_type=pt", status=503) from None
     if process.returncode != 0:
-        raise RuntimeError(f"ffmpeg could not write FLAC: {errors.decode(errors='replace')[-500:]}")
+        raise RuntimeError(f"ffmpeg could not write the audio: {errors.decode(errors='replace')[-500:]}")

@@ -78,11 +78,20 @@ def load_in_background(
                 log.error("cannot serve %s: %s", slot.family.name, exc)
                 on_failure(slot.error)
                 return
+        link_sounds(registry)
         log.info("ready: %s", ", ".join(registry.slots))
 
     thread = threading.Thread(target=run, name="model-loader", daemon=True)
     thread.start()
     return thread
+
+
+def link_sounds(registry: Registry) -> None:
+    """A video family's sound decodes through its sound family's service, where both are served (LTX-2's audio)."""
+    for slot in registry.slots.values():
+        sound = registry.slots.get(slot.family.sound or "")
+        if slot.service is not None and sound is not None and sound.service is not None:
+            slot.service.sound = sound.service
 
 
 def serving(slots: list[Slot]) -> bool:
@@ -118,7 +127,7 @@ def family_document(slot: Slot, path: str) -> dict:
         "video": family.is_video,
         "kind": family.kind,  # image, video or audio
         # An audio family's sound: sampling_rate (Hz), channels, hop_length (samples per latent step)
-        **({"audio": asdict(family.audio)} if family.audio else {}),
+        **({"audio": {k: v for k, v in asdict(family.audio).items() if v is not None}} if family.audio else {}),
         "description": family.description,
         "weights": slot.service.vae.source if slot.service else family.hub_id,
         "latents": layout.describe(),
@@ -126,6 +135,12 @@ def family_document(slot: Slot, path: str) -> dict:
         "spatial_compression": family.spatial_compression,
         "temporal_compression": family.temporal_compression,
         "pixel_channels": family.pixel_channels,  # 3 (RGB) or 4 (RGBA images in and out)
+        # The family that decodes this one's sound in the same request (audio_latents), where it has one and it serves
+        **(
+            {"sound": family.sound, "sound_served": slot.service.sound is not None}
+            if family.sound and slot.service
+            else {}
+        ),
         "packed": layout.packing != Packing.NONE,
         "scaling": family.client_scaling(),
         "comfyui": family.comfyui_parameters(),  # what a ComfyUI LATENT needs sent (families.py, `comfyui`)

@@ -13,7 +13,7 @@ from typing import Any
 
 from .. import __version__
 from ..families import Family
-from ..vocabulary import AUDIO_FORMATS
+from ..vocabulary import AUDIO_FORMATS, SAFETENSORS_TYPE
 from ..wire.parameters import BOTH, DECODE, ENCODE, PARAMETERS
 
 ERROR = {
@@ -46,7 +46,16 @@ JSON_FORM = {
         },
     }
 }
-DECODE_BODIES = {"tensor/binary": BINARY, "tensor/base64": JSON_FORM, "application/json": JSON_FORM}
+# A video with its sound (LTX-2): a safetensors file of `latents` and `audio_latents` in, of `video` and `audio` out
+NAMED_TENSORS = {
+    "schema": {"type": "string", "format": "binary", "description": "a safetensors file of named tensors (§2.2)"}
+}
+DECODE_BODIES = {
+    "tensor/binary": BINARY,
+    "tensor/base64": JSON_FORM,
+    "application/json": JSON_FORM,
+    SAFETENSORS_TYPE: NAMED_TENSORS,
+}
 ENCODE_BODIES = {
     "tensor/binary": BINARY,
     **{kind: BINARY for kind in ("image/png", "image/jpeg", "image/webp", "video/mp4", "video/webm", "image/gif")},
@@ -60,6 +69,7 @@ DECODE_REPLIES = {
     **{kind: BINARY for kind in AUDIO_FORMATS.values()},
     "tensor/binary": BINARY,
     "application/json": JSON_FORM,
+    SAFETENSORS_TYPE: NAMED_TENSORS,
 }
 
 

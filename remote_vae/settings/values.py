@@ -7,6 +7,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
+from pathlib import Path
 
 from ..errors import RequestError
 from ..families import Family, FamilyError, available, load_family
@@ -190,7 +191,18 @@ class Settings:
             raise FamilyError(f"a family is named twice in {names}")
         for family in loaded:
             warmup_sizes_for(family, self.model.warmup_sizes)  # refused now, not after the first model has loaded
-        return ServedFamilies(loaded, model_sources([family.name for family in loaded], self.models))
+        # A video family's sound family is served beside it (LTX-2's audio VAE and vocoder), from the same pipeline
+        # folder where its --model is one
+        named = {family.name for family in loaded}
+        wanted = dict.fromkeys(family.sound for family in loaded if family.sound)
+        sounds = tuple(load_family(name) for name in wanted if name not in named)
+        sources = model_sources([family.name for family in loaded], self.models, [sound.name for sound in sounds])
+        for family in loaded:
+            if family.sound in {sound.name for sound in sounds} and family.name in sources:
+                folder = sound_folder(sources[family.name], load_family(family.sound))
+                if folder is not None:
+                    sources.setdefault(family.sound, folder)
+        return ServedFamilies(loaded + sounds, sources, named=len(loaded))
 
 
 @dataclass(frozen=True)
@@ -199,6 +211,7 @@ class ServedFamilies:
 
     families: tuple[Family, ...]
     sources: dict[str, str]
+    named: int = 0  # of `families`, those named (the others are their sound families)
 
 
 GROUPS = {
@@ -232,8 +245,19 @@ def warmup_sizes_for(family: Family, sizes: Sequence[tuple[int, ...]]) -> list[t
     return fitted
 
 
-def model_sources(names: Sequence[str], specs: Sequence[str]) -> dict[str, str]:
-    """--model values by family: 'FAMILY=SOURCE', or a bare SOURCE when serving one family."""
+def sound_folder(source: str, sound: Family) -> str | None:
+    """The pipeline folder a video family's --model lies in (itself, or the one its vae/ folder is in), where it also
+    holds the sound family's weights; None where it does not."""
+    path = Path(source)
+    for folder in (path, path.parent):
+        if sound.hub_subfolder and (folder / sound.hub_subfolder / "config.json").is_file():
+            return str(folder)
+    return None
+
+
+def model_sources(names: Sequence[str], specs: Sequence[str], sounds: Sequence[str] = ()) -> dict[str, str]:
+    """--model values by family: 'FAMILY=SOURCE', or a bare SOURCE when serving one family (`sounds`, the families
+    served for their sound, take FAMILY=SOURCE only)."""
     sources: dict[str, str] = {}
     for spec in specs:
         family, sep, source = spec.partition("=")
@@ -241,7 +265,7 @@ def model_sources(names: Sequence[str], specs: Sequence[str]) -> dict[str, str]:
             if len(names) != 1:
                 raise FamilyError(f"--model {spec!r} is ambiguous with several families; write --model FAMILY={spec}")
             family, source = names[0], spec
-        if family not in names:
+        if family not in (*names, *sounds):
             raise FamilyError(
                 f"--model {spec!r} names family {family!r}, which is not being served ({', '.join(names)})"
             )

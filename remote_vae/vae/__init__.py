@@ -44,6 +44,7 @@ from .loading import (
     default_source,
     download_weights,
     load_model,
+    load_vocoder,
     model_class,
     model_description,
     network_failure,
@@ -103,6 +104,8 @@ def load_vae(
     path = path or DevicePath.default(device)
     model, source = load_model(family, source, dtype, random_weights)
     model = set_up_model(model, device, path)
+    vocoder = load_vocoder(family, source, dtype, random_weights)
+    vocoder = None if vocoder is None else set_up_model(vocoder, device, path)
     tile_above = family.tile_above_pixels if tile_above_pixels == "family" else tile_above_pixels
     if not blends_tiles(model):  # a model without tiling decodes whole, whatever the threshold
         tile_above = None
@@ -111,7 +114,7 @@ def load_vae(
         model.enable_tiling(**family.tiling_options)
         model.use_tiling = False
     budget = budget or BatchBudget()
-    vae = LoadedVae(family, model, device, dtype, source, tile_above, path, budget, band_pixels, store_bytes)
+    vae = LoadedVae(family, model, device, dtype, source, tile_above, path, budget, band_pixels, store_bytes, vocoder)
     compile_and_warm_up(vae, warmup_sizes, warmup_batches)
     tiling = f", tiling frames above {tile_above} pixels" if tile_above is not None else ""
     compiled = ", compiled" if vae.compilation.enabled else ""

@@ -4,6 +4,7 @@ diffusers class and dtype, and the model itself, checked against the family."""
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 import json
 import logging
@@ -156,6 +157,11 @@ def download_weights(family: Family, target: Path) -> Path:
     for name in WEIGHT_FILES:
         cached = hf_hub_download(family.hub_repo, name, subfolder=family.hub_subfolder)
         shutil.copyfile(cached, target / name)
+    if family.vocoder is not None:  # found beside the VAE's folder when loaded (load_vocoder)
+        subfolder = family.vocoder["hub_subfolder"]
+        (target / subfolder).mkdir(exist_ok=True)
+        for name in WEIGHT_FILES:
+            shutil.copyfile(hf_hub_download(family.hub_repo, name, subfolder=subfolder), target / subfolder / name)
     return target
 
 
@@ -239,6 +245,50 @@ def load_model(family: Family, source: str | None, dtype: torch.dtype, random_we
         )
     _warn_on_other_normalisation(family, model.config, source)
     return model, source
+
+
+def vocoder_class(family: Family) -> type[ModelMixin]:
+    """The class of the family's vocoder (`vocoder`), from the diffusers module its pipelines import it from."""
+    spec = family.vocoder
+    try:
+        cls = getattr(importlib.import_module(spec["module"]), spec["model_class"], None)
+    except (ImportError, RuntimeError) as exc:
+        raise UnsupportedFamily(
+            f"family {family.name}: cannot import its vocoder's module {spec['module']}: {exc}"
+        ) from exc
+    if cls is None:
+        raise UnsupportedFamily(
+            f"family {family.name}: the installed diffusers {diffusers.__version__} has no {spec['model_class']} in "
+            f"{spec['module']}"
+        )
+    return cls
+
+
+def load_vocoder(family: Family, source: str, dtype: torch.dtype, random_weights: bool) -> ModelMixin | None:
+    """The model an audio family's decoded output runs through (LTX-2's vocoder), from the subfolder beside the VAE's:
+    in a pipeline's directory, or beside the VAE's own folder, or in the Hub repo; None for a family without one."""
+    spec = family.vocoder
+    if spec is None:
+        return None
+    cls, subfolder = vocoder_class(family), spec["hub_subfolder"]
+    if random_weights:
+        torch.manual_seed(RANDOM_WEIGHTS_SEED)
+        return cls.from_config(spec["architecture"]).to(dtype=dtype).eval()
+    path = Path(source)
+    if path.is_dir():
+        folder = next((p for p in (path / subfolder, path.parent / subfolder) if _has_weights(p)), None)
+        if folder is None:
+            raise LoadError(
+                f"{path}: family {family.name} needs its {spec['model_class']} too, in {path / subfolder} or "
+                f"{path.parent / subfolder} (config.json + diffusion_pytorch_model.safetensors)"
+            )
+        name, kwargs = str(folder), {}
+    else:
+        name, kwargs = "/".join(source.strip("/").split("/")[:2]), {"subfolder": subfolder}
+    try:
+        return cls.from_pretrained(name, torch_dtype=dtype, **kwargs).eval()
+    except (OSError, ValueError) as exc:
+        raise _load_failure(family, f"{name} {kwargs or ''}", exc) from exc
 
 
 def _load_failure(family: Family, source: str, exc: Exception) -> LoadError:

@@ -9,6 +9,7 @@ cache and runs again one sample at a time, then tiled, as far as the model can; 
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Callable
@@ -97,6 +98,8 @@ class LoadedVae:
     band_pixels: int | None = None  # output pixels per band of the exact tiled path; None: by device
     # The most one whole activation of the exact tiled path may take in host memory; None: DEFAULT_STORE_BYTES.
     store_bytes: int | None = None
+    # What the VAE's decoded output runs through to become the waveform (LTX-2's vocoder), or None
+    vocoder: ModelMixin | None = None
 
     def __post_init__(self):
         # One inference at a time per model: the device is the bottleneck, and
@@ -118,6 +121,8 @@ class LoadedVae:
         self.normalisation: Normalisation = own_normalisation(self.family, weight_stats(self.family, self.model))
         # What a drop-in VAE needs (GET /families), read once: it copies buffers from the device
         self.description = model_description(self.family, self.model)
+        if self.vocoder is not None:  # the vocoder the server runs after the VAE (LTX-2's audio): a drop-in's stand-in
+            self.description["vocoder"] = json.loads(json.dumps(dict(self.vocoder.config), default=str))
         # The decode keyword for a decode timestep, where the model is conditioned on one (LTX 0.9.1+).
         timestep = self.family.decode_timestep
         self.timestep_argument = timestep if timestep and self.model.config.get("timestep_conditioning", True) else None
@@ -220,6 +225,9 @@ class LoadedVae:
         streams = frames if self.family.streams_frames else None
         extra = {self.timestep_argument: timestep} if self.timestep_argument and timestep is not None else {}
         call = lambda z, **kw: self.model.decode(z, **kw).sample  # noqa: E731
+        if self.vocoder is not None:  # LTX-2's audio: latent -> mel spectrogram -> waveform, as its pipeline runs them
+            spectrogram = call
+            call = lambda z, **kw: self.vocoder(spectrogram(z, **kw))  # noqa: E731
         if self.family.frames_as_batch:
             call = _frames_as_batch(call, num_frames=True)
         if self.family.decoded_frames_first:  # Allegro's [B, F, C, H, W] as the others', as its pipeline permutes it

@@ -12,8 +12,17 @@ import PIL.Image
 import torch
 
 from ..service import Checked, DecodeRequest, EncodeRequest, Job, VaeService
-from ..vocabulary import AUDIO_FORMATS, MEDIA_TYPES, Operation, OutputForm
-from .http import JSON_TYPES, HttpCall, HttpReply, first_accepted, media_type, read_payload, tensor_reply
+from ..vocabulary import AUDIO_FORMATS, MEDIA_TYPES, SOUND_REPLY_NAMES, Operation, OutputForm
+from .http import (
+    JSON_TYPES,
+    HttpCall,
+    HttpReply,
+    first_accepted,
+    media_type,
+    named_tensors_reply,
+    read_payload,
+    tensor_reply,
+)
 from .parameters import Params
 from .parse import ReplyShape, infer_operation, mp4_options, negotiate_decode, parse_decode, parse_encode
 
@@ -30,7 +39,8 @@ def count_headers(job: Job) -> dict[str, str]:
         return {"audio-count": str(job.count), "sample-count": samples, "sample-rate": str(job.sampling_rate)}
     if job.frames is None:
         return {"image-count": str(job.count)}
-    return {"video-count": str(job.count), "frame-count": str(job.frames)}
+    counts = {"video-count": str(job.count), "frame-count": str(job.frames)}
+    return counts if job.sound is None else {**counts, **count_headers(job.sound)}
 
 
 # -- one call ----------------------------------------------------------------
@@ -92,7 +102,7 @@ def inspect(service: VaeService, wire: WireRequest) -> Inspected:
         request = parse_encode(wire.content_type, params, data)
         return Inspected(Operation.ENCODE, request, service.check_encode(request, reply.tensor_encoding), reply)
     form, reply = negotiate_decode(params, accept, service.png_compression, audio is not None)
-    request = parse_decode(params, data)
+    request = parse_decode(params, data, wire.content_type)
     request.form = wire.images_as if form == OutputForm.IMAGE else form
     if form == OutputForm.MP4:
         request.mp4 = mp4_options(params)
@@ -136,6 +146,8 @@ def render(prepared: Prepared, result: Any) -> HttpReply:
         return HttpReply(200, value, "video/mp4", prepared.headers)
     if prepared.form == OutputForm.AUDIO:
         return HttpReply(200, value, AUDIO_FORMATS[prepared.reply.audio.format], prepared.headers)
+    if prepared.job.sound is not None:  # the video's tensor and its waveforms
+        return named_tensors_reply(dict(zip(SOUND_REPLY_NAMES, value, strict=True)), prepared.headers)
     return tensor_reply(value, prepared.reply.tensor_encoding, prepared.headers)
 
 

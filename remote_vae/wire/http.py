@@ -14,7 +14,7 @@ import torch
 from ..errors import ERROR_MEDIA_TYPE, RequestError, error_body
 from ..media import dtype_name, tensor_to_bytes
 from ..service import Limits
-from ..vocabulary import MEDIA_TYPES
+from ..vocabulary import MEDIA_TYPES, SAFETENSORS_TYPE
 from .parameters import Params
 
 log = logging.getLogger("remote_vae")
@@ -119,6 +119,14 @@ def tensor_reply(tensor: torch.Tensor, encoding: str, headers: dict[str, str] | 
         document = {"inputs": base64.b64encode(data).decode(), "parameters": {"shape": shape, "dtype": dtype}}
         return HttpReply(200, json.dumps(document).encode(), encoding, headers)
     return HttpReply(200, data, "tensor/binary", headers)
+
+
+def named_tensors_reply(tensors: dict[str, torch.Tensor], headers: dict[str, str] | None = None) -> HttpReply:
+    """Several tensors in one reply, as one safetensors file (a video and its sound's waveforms)."""
+    from safetensors.torch import save
+
+    body = save({name: tensor.contiguous() for name, tensor in tensors.items()})
+    return HttpReply(200, body, SAFETENSORS_TYPE, headers)
 
 
 def failure_reply(exc: Exception) -> HttpReply:

@@ -10,7 +10,18 @@ from ..errors import RequestError
 from ..latents import Scaling
 from ..media import AudioFile, ImageFile, Mp4Options
 from ..service import DecodeRequest, DecodeTimestep, EncodeRequest, RawTensor
-from ..vocabulary import AUDIO_FORMATS, AUDIO_MEDIA_TYPES, IMAGE_FORMATS, LatentDist, OutputForm, PackedMemory, Tiling
+from ..vocabulary import (
+    AUDIO_FORMATS,
+    AUDIO_MEDIA_TYPES,
+    IMAGE_FORMATS,
+    SAFETENSORS_DTYPES,
+    SAFETENSORS_TYPE,
+    SOUND_LATENT_NAMES,
+    LatentDist,
+    OutputForm,
+    PackedMemory,
+    Tiling,
+)
 from .http import FORMATS_BY_MEDIA_TYPE, JSON_TYPES
 from .parameters import Params
 
@@ -34,7 +45,7 @@ def infer_operation(
 ) -> str:
     """Decode or encode on the shared routes (docs/protocol.md §1, §3); `audio_channels` for an audio family,
     `pixel_channels` 4 for an RGBA one."""
-    if content_type.startswith("tensor/"):
+    if content_type.startswith("tensor/") or content_type == SAFETENSORS_TYPE:
         return "decode"
     if is_file_upload(content_type, data):
         return "encode"
@@ -133,9 +144,45 @@ def mp4_options(params: Params) -> Mp4Options:
     return Mp4Options(fps=fps or Mp4Options.fps, crf=Mp4Options.crf if crf is None else crf)
 
 
-def parse_decode(params: Params, data: bytes) -> DecodeRequest:
-    latent = raw_tensor(params, data)
-    request = DecodeRequest(latent=latent, scaling=scaling(params))
+MAX_SAFETENSORS_HEADER = 64 * 1024
+
+
+def named_latents(data: bytes) -> tuple[RawTensor, RawTensor | None]:
+    """A safetensors body's `latents` and, where it has them, `audio_latents` (docs/protocol.md §2.1)."""
+    from safetensors import SafetensorError, deserialize
+
+    expected = f"a safetensors file of {' and '.join(SOUND_LATENT_NAMES)} ({', '.join(SAFETENSORS_DTYPES)})"
+    # Its JSON header names two tensors in a few hundred bytes; safetensors would parse one of up to 100 MB
+    header = int.from_bytes(data[:8], "little") if len(data) >= 8 else 0
+    if header > MAX_SAFETENSORS_HEADER:
+        raise RequestError(
+            f"body is not a safetensors file this server takes (its header length says {header} bytes, at most "
+            f"{MAX_SAFETENSORS_HEADER}); expected {expected}"
+        )
+    try:
+        tensors = dict(deserialize(data))
+    except SafetensorError as exc:
+        raise RequestError(f"body is not a safetensors file ({exc}); expected {expected}") from None
+    unknown = sorted(set(tensors) - set(SOUND_LATENT_NAMES))
+    if SOUND_LATENT_NAMES[0] not in tensors or unknown:
+        raise RequestError(f"the safetensors body holds {sorted(tensors)}; expected {expected}")
+
+    def raw(name: str) -> RawTensor:
+        info = tensors[name]
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise RequestError(f"{name} is {info['dtype']}; expected {expected}")
+        return RawTensor(tuple(info["shape"]), SAFETENSORS_DTYPES[info["dtype"]], bytes(info["data"]))
+
+    return raw(SOUND_LATENT_NAMES[0]), raw(SOUND_LATENT_NAMES[1]) if SOUND_LATENT_NAMES[1] in tensors else None
+
+
+def parse_decode(params: Params, data: bytes, content_type: str = "") -> DecodeRequest:
+    sound = None
+    if content_type == SAFETENSORS_TYPE:
+        latent, sound = named_latents(data)
+    else:
+        latent = raw_tensor(params, data)
+    request = DecodeRequest(latent=latent, scaling=scaling(params), sound=sound)
     if len(latent.shape) == 3:
         # Only packed latents need pixel sizes; other clients send nonsense ones.
         request.height = params.integer("height")

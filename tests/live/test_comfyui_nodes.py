@@ -23,7 +23,12 @@ from remote_vae.vae import latent_of
 FAMILIES = [
     name
     for name in available()
-    if not (load_family(name).is_audio or load_family(name).frames_as_batch or load_family(name).pixel_channels == 4)
+    if not (
+        load_family(name).is_audio
+        or load_family(name).frames_as_batch
+        or load_family(name).pixel_channels == 4
+        or load_family(name).sound
+    )
     and "encode" in load_family(name).operations
 ]
 PIXEL = 1 / 255 + 1e-6  # uint8 pixels: one step

@@ -2,6 +2,7 @@
 
 import inspect
 import json
+import math
 import re
 import shutil
 
@@ -47,6 +48,8 @@ EXPECTED_FACTORS = {
     "qwenimage21": (None, None),  # per channel, in its config
     "hunyuanimage21refiner": (1.03682, None),
     "allegro": (0.13, None),
+    "ltx2": (1.0, None),  # with per-channel statistics in the weights
+    "ltx2audio": (None, None),  # statistics per channel and latent bin, in the weights
 }
 VIDEO_FAMILIES = (
     "hunyuanvideo",
@@ -60,11 +63,28 @@ VIDEO_FAMILIES = (
     "svd",
     "cosmos",
     "allegro",
+    "ltx2",
 )
 
 
 def test_shipped_families():
     assert set(EXPECTED_FACTORS) == set(families.available())
+
+
+def check_vocoded_sound(family, vae) -> None:
+    """The sound an audio VAE with a vocoder makes: the vocoder's rate and channels; per latent step, the VAE's mel
+    frames (one for the first: it is causal) times the vocoder's upsampling; the latent's bins, the VAE's mel bins
+    compressed; and the vocoder reads the VAE's mel channels of all its bins."""
+    from remote_vae.vae.loading import vocoder_class
+
+    with torch.device("meta"):
+        vocoder = vocoder_class(family).from_config(family.vocoder["architecture"])
+    upsampling, audio = math.prod(vocoder.config.upsample_factors), family.audio
+    assert (vocoder.config.output_sampling_rate, vocoder.config.out_channels) == (audio.sampling_rate, audio.channels)
+    assert (audio.first_step_samples, audio.hop_length) == (upsampling, upsampling * vae.temporal_compression_ratio)
+    assert audio.latent_bins == vae.config.mel_bins // vae.mel_compression_ratio
+    assert vocoder.config.in_channels == vae.config.output_channels * vae.config.mel_bins
+    assert vae.config.base_channels == vae.config.latent_channels * audio.latent_bins  # its statistics' features
 
 
 @pytest.mark.parametrize("name", families.available())
@@ -75,6 +95,9 @@ def test_config_builds_its_architecture(name):
     config = model.config
     assert families.config_latent_channels(config) == family.latent_channels
     assert (family.scaling_factor, family.shift_factor) == EXPECTED_FACTORS[name]
+    if family.vocoder:  # LTX-2: the VAE makes a mel spectrogram; its vocoder, the sound
+        check_vocoded_sound(family, model)
+        return
     if family.is_audio:  # the sound the family says is the model's: rate, channels, samples per latent step
         hop = getattr(model, "hop_length", None) or model.downsampling_ratio
         audio = family.audio

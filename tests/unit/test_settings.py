@@ -48,3 +48,18 @@ def test_the_readme_lists_every_option_with_its_variable():
     for option in OPTIONS:
         if option.flag in documented:
             assert option.variable in documented[option.flag], option.flag
+
+
+def test_a_family_with_sound_serves_its_sound_family_from_the_same_pipeline_folder(tmp_path, monkeypatch):
+    monkeypatch.delenv("REMOTE_VAE_FAMILIES", raising=False)
+    for folder in ("vae", "audio_vae", "vocoder"):  # an LTX-2 pipeline's folders
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "config.json").write_text("{}")
+    served = read_settings(["ltx2", "--model", str(tmp_path)]).served
+    assert [family.name for family in served.families] == ["ltx2", "ltx2audio"] and served.named == 1
+    assert served.sources == {"ltx2": str(tmp_path), "ltx2audio": str(tmp_path)}
+    served = read_settings(["ltx2", "--model", str(tmp_path / "vae")]).served  # its vae/ folder: the pipeline's beside
+    assert served.sources["ltx2audio"] == str(tmp_path)
+    served = read_settings(["ltx2", "--model", "ltx2audio=elsewhere/repo"]).served  # named: that one wins
+    assert served.sources == {"ltx2audio": "elsewhere/repo"}
+    assert [family.name for family in read_settings(["ltx2", "ltx2audio"]).served.families] == ["ltx2", "ltx2audio"]
