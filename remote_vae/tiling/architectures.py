@@ -1,6 +1,6 @@
-"""What the halo tiler needs of each row-local architecture (Wan, Qwen-Image, HunyuanVideo 1.5, LTX-Video): how its
-decoder and encoder split at the mid block into a part run whole and a part run in bands, and which module types the
-banded part may hold. Registered by the diffusers module that defines the architecture (`_BUILDERS`), and built the
+"""What the halo tiler needs of each row-local architecture (Wan, Qwen-Image, HunyuanVideo 1.5, LTX-Video, LTX-2): how
+its decoder and encoder split at the mid block into a part run whole and a part run in bands, and which module types
+the banded part may hold. Registered by the diffusers module that defines the architecture (`_BUILDERS`), and built the
 first time a model from that module is loaded.
 """
 
@@ -162,6 +162,58 @@ def _ltx_encoder_whole(encoder, x, call):
     )  # the last channel repeated, as the encoder does
 
 
+def _ltx2_temb(decoder, call):
+    return None if call.temb is None else _ltx_temb(decoder, call)  # LTX-2's VAE is not timestep-conditioned
+
+
+# LTX-2's: LTX-Video's split, its convolutions told whether they are causal (the part's own `is_causal`, which its
+# forward uses when the model passes none), its norms per pixel over channels already
+def _ltx2_decoder_whole(decoder, x, call):
+    causal = decoder.is_causal
+    return decoder.mid_block(decoder.conv_in(x, causal=causal), _ltx2_temb(decoder, call), causal=causal)
+
+
+def _ltx2_decoder_banded(decoder, x, call):
+    causal, temb = decoder.is_causal, _ltx2_temb(decoder, call)
+    for block in decoder.up_blocks:
+        x = block(x, temb, causal=causal)
+    x = decoder.norm_out(x)
+    if decoder.time_embedder is not None:
+        embedded = decoder.time_embedder(
+            timestep=temb.flatten(), resolution=None, aspect_ratio=None, batch_size=x.shape[0], hidden_dtype=x.dtype
+        )
+        shift, scale = (
+            embedded.view(x.shape[0], 2, -1, 1, 1, 1) + decoder.scale_shift_table[None, ..., None, None, None]
+        ).unbind(dim=1)
+        x = x * (1 + scale) + shift
+    x = decoder.conv_out(decoder.conv_act(x), causal=causal)
+    p, p_t = decoder.patch_size, decoder.patch_size_t
+    batch, _, frames, height, width = x.shape
+    x = x.reshape(batch, -1, p_t, p, p, frames, height, width)
+    return x.permute(0, 1, 5, 2, 6, 4, 7, 3).flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+
+def _ltx2_encoder_banded(encoder, x, call):
+    causal, p, p_t = encoder.is_causal, encoder.patch_size, encoder.patch_size_t
+    batch, channels, frames, height, width = x.shape
+    x = (
+        x.reshape(batch, channels, frames // p_t, p_t, height // p, p, width // p, p)
+        .permute(0, 1, 3, 7, 5, 2, 4, 6)
+        .flatten(1, 4)
+    )
+    x = encoder.conv_in(x, causal=causal)
+    for block in encoder.down_blocks:
+        x = block(x, causal=causal)
+    return x
+
+
+def _ltx2_encoder_whole(encoder, x, call):
+    causal = encoder.is_causal
+    x = encoder.mid_block(x, causal=causal)
+    x = encoder.conv_out(encoder.conv_act(encoder.norm_out(x)), causal=causal)
+    return torch.cat([x, x[:, -1:].repeat(1, x.shape[1] - 2, 1, 1, 1)], dim=1)
+
+
 def _draws_no_noise(module: nn.Module) -> bool:
     """LTX 0.9.1's decoder can add spatial noise per resnet, drawn for the shape it sees: a band would draw other
     noise."""
@@ -288,6 +340,37 @@ def _ltx(ltx) -> Architecture:
     )
 
 
+def _ltx2(ltx2) -> Architecture:
+    from diffusers.models import embeddings
+
+    return Architecture(
+        ltx2.LTX2VideoDecoder3d,
+        ltx2.LTX2VideoEncoder3d,
+        _ltx2_decoder_whole,
+        _ltx2_decoder_banded,
+        _ltx2_encoder_banded,
+        _ltx2_encoder_whole,
+        _CONTAINERS
+        # Its norms normalise each pixel's channels (its convolutions pad by reflection or zeros: either way a band's
+        # padded edge lies in its halo); time embeddings, a sample's
+        + (
+            ltx2.LTX2VideoCausalConv3d,
+            ltx2.LTX2VideoResnetBlock3d,
+            ltx2.LTX2VideoUpsampler3d,
+            ltx2.LTX2VideoDownsampler3d,
+            ltx2.LTX2VideoUpBlock3d,
+            ltx2.LTX2VideoDownBlock3D,
+            ltx2.PerChannelRMSNorm,
+            nn.LayerNorm,
+            nn.Linear,
+            embeddings.PixArtAlphaCombinedTimestepSizeEmbeddings,
+            embeddings.Timesteps,
+            embeddings.TimestepEmbedding,
+        ),
+        _draws_no_noise,
+    )
+
+
 # The architectures by the diffusers module that defines their decoder and encoder. A module is imported, and its
 # architecture built, only when a loaded model's decoder comes from it: a diffusers that lacks or renamed one of these
 # classes loses that architecture's exact path, never the import of this module or another family.
@@ -296,6 +379,7 @@ _BUILDERS: dict[str, Callable[[object], Architecture]] = {
     "diffusers.models.autoencoders.autoencoder_kl_qwenimage": _qwen,
     "diffusers.models.autoencoders.autoencoder_kl_hunyuanvideo15": _hv15,
     "diffusers.models.autoencoders.autoencoder_kl_ltx": _ltx,
+    "diffusers.models.autoencoders.autoencoder_kl_ltx2": _ltx2,
 }
 
 

@@ -300,6 +300,7 @@ EXACT_TILER = {
     "qwenimage": HaloTiler,
     "hunyuanvideo15": HaloTiler,
     "ltxvideo": HaloTiler,
+    "ltx2": HaloTiler,
 }  # the rest (CogVideoX, the preview decoders, Sana's DC-AE: attention across the whole image) tile with blend only
 
 
@@ -312,7 +313,6 @@ def test_the_real_architecture_has_the_exact_tiler_its_tiny_model_is_tested_with
 
 # VAE classes of the installed diffusers' pipelines that no family serves yet (issue 27), each with what it needs.
 NOT_SERVED_YET = {
-    "AutoencoderKLLTX2Video": "LTX-2: video with its audio VAE and vocoder in one reply",
     "AsymmetricAutoencoderKL": "the asymmetric inpainting VAE (its decode takes the image and mask)",
     "Kandinsky6SRVAE": "Kandinsky 6 super-resolution",
     "LongCatAudioDiTVae": "LongCat audio",

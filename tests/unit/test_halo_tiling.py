@@ -17,7 +17,9 @@ from remote_vae.tiling.halo import HaloTiler
 from remote_vae.tiling.steps import first_conv
 from remote_vae.vae import load_vae
 
-ROW_LOCAL = ("wan21", "wan22", "qwenimage", "hunyuanvideo15", "ltxvideo")
+ROW_LOCAL = tuple(
+    name for name in ("wan21", "wan22", "qwenimage", "hunyuanvideo15", "ltxvideo", "ltx2") if name in TINY_MODELS
+)
 
 
 def test_the_halo_tiler_covers_the_row_local_families_and_no_groupnorm_one(reference):
@@ -75,7 +77,9 @@ def test_a_latent_row_per_band_gives_the_untiled_decode_and_encode(reference, fa
     assert decode_bands >= 11 and encode_bands >= 11
 
 
-@pytest.mark.parametrize("family", ["wan21", "hunyuanvideo15", "ltxvideo"])
+@pytest.mark.parametrize(
+    "family", [name for name in ("wan21", "hunyuanvideo15", "ltxvideo", "ltx2") if name in ROW_LOCAL]
+)
 def test_the_measured_halo_is_what_makes_bands_exact(reference, family):
     """Half the halo, and band edges show: the test above would fail without the measured halo."""
     model = reference[family]
