@@ -80,6 +80,7 @@ class AudioService(VaeService):
         tiling = self.vae.checked_tiling(request.tiling)
         latents = tensor_from_bytes(raw.data, raw.shape, parse_dtype(raw.dtype))
         latent_ops.check_finite(latents, "latent")
+        latents = latent_ops.to_canonical(latents, plan, self.vae.layout)
         latents = self._to_model_space(
             request.scaling.normalisation(self.vae.normalisation), latents.to(self.vae.dtype)
         )
@@ -147,7 +148,7 @@ class AudioService(VaeService):
             latent_ops.check_finite(
                 scaled, "latent after scaling", SCALED_FINITE.format(dtype=dtype_name(scaled.dtype))
             )
-            return self.to_host(scaled)
+            return self.to_host(self.vae.layout.as_pipeline_holds(scaled))
 
         return Job(
             "encode",

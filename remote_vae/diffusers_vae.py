@@ -88,6 +88,7 @@ class RemoteVae(ModelMixin, ConfigMixin):
         self.remote_class, self.frame_axis = described["model"]["class"], described["model"]["frame_axis"]
         # The model takes a clip's frames as a batch of images (SVD): sent to the server as the clips they are
         self.frames_as_batch = described["model"].get("frames_as_batch", False)
+        self.frames_first = described["model"].get("frames_first", False)
         self.decoded_frames_first = described["model"].get("decoded_frames_first", False)
         # The server passes the model's own latents through untouched: sent as raw, or for a preview decoder (taesd),
         # whose latents are the full family's normalised ones, with the family's own scaling
@@ -178,6 +179,8 @@ class RemoteVae(ModelMixin, ConfigMixin):
 
     def _decode(self, z: torch.Tensor, timestep: float | None) -> torch.Tensor:
         latents = z.squeeze(2) if self.frame_axis and z.ndim == 5 else z
+        if self.frames_first:  # as the pipeline holds it, which the server takes for that whatever the sizes
+            latents = latents.transpose(1, 2)
         options = {**self.wire_scaling, **self._tiling()}
         if timestep is not None:  # the pipeline has mixed its own noise in already: the server adds none
             options.update(decode_timestep=timestep, decode_noise_scale=0)

@@ -33,6 +33,7 @@ What each family's pipeline does between its denoiser and `vae.decode` is data t
                         the pipeline passes with noise mixed into the latent;
   samples_per_call      a model that must see one sample at a time (HunyuanVideo 1.5:
                         its attention mask breaks on batches);
+  (an audio family's `latent_layout` may say `frames_first`: ACE-Step holds its latent [B, T, C])
   latent_frames_odd     a video model whose latent frame count must be odd (CogVideoX:
                         an even count decodes to 4T frames, and its pipelines never make one);
   frames_as_batch       a video model that takes a clip's frames as a batch of images and the frame count
@@ -276,12 +277,27 @@ def match_model_config(config: dict[str, Any]) -> Family:
         if family.model_class == config.get("_class_name") and family.latent_channels == channels
     ]
     exact = [family for family in candidates if family.scaling_factor == config.get("scaling_factor")]
+    if len(exact) > 1:  # one class and latent for several families (Stable Audio's Oobleck, ACE-Step's): its config
+        exact = [family for family in exact if _same_architecture(family, config)] or exact
     if len(exact) == 1 or (not exact and len(candidates) == 1):
         return (exact or candidates)[0]
     names = [family.name for family in (exact or candidates)]
     raise FamilyError(
         f"cannot tell the family of a {config.get('_class_name')} with {channels} latent channels "
         f"(candidates: {names or 'none'}); set REMOTE_VAE_FAMILIES"
+    )
+
+
+def _same_architecture(family: Family, config: dict[str, Any]) -> bool:
+    """Whether a model config gives the family's architecture (its rates, strides, widths), where it names them."""
+
+    def plain(value: Any) -> Any:
+        return list(value) if isinstance(value, (list, tuple)) else value
+
+    return all(
+        plain(config.get(key, value)) == plain(value)
+        for key, value in family.architecture.items()
+        if not key.startswith("_")
     )
 
 
@@ -332,7 +348,8 @@ class LatentLayout:
         c = self.pipeline_channels
         if self.audio:
             bins = f", {self.audio_bins}" if self.audio_bins else ""
-            return f"[B, {c}, T{bins}] (T latent steps)"
+            held = f"[B, T, {c}] (as the pipeline holds it) or " if self.frames_first else ""
+            return f"{held}[B, {c}, T{bins}] (T latent steps)"
         if self.video:
             forms = [
                 f"[B, T, {c}, h, w] (as the pipeline holds it) or [B, {c}, T, h, w]"
@@ -385,5 +402,6 @@ class LatentLayout:
         )
 
     def as_pipeline_holds(self, latents: torch.Tensor) -> torch.Tensor:
-        """Canonical -> the layout the pipeline holds (an encode's reply)."""
-        return latents.permute(0, 2, 1, 3, 4).contiguous() if self.frames_first else latents
+        """Canonical -> the layout the pipeline holds (an encode's reply): frames or latent steps first, where it holds
+        them so."""
+        return latents.transpose(1, 2).contiguous() if self.frames_first else latents

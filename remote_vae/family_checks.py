@@ -160,8 +160,10 @@ def _check_layout(values: dict[str, Any], source: str) -> None:
     video = values.get("temporal_compression") is not None
     if video and (layout.get("frame_axis") or layout.get("patch", 1) > 1):
         raise FamilyError(f"{source}: frame_axis and patch are for image families")
-    if not video and layout.get("frames_first"):
-        raise FamilyError(f"{source}: frames_first is for video families")
+    if not video and values.get("audio") is None and layout.get("frames_first"):
+        raise FamilyError(f"{source}: frames_first is for video and audio families")
+    if values.get("audio") is not None and set(layout) - {"frames_first"}:
+        raise FamilyError(f"{source}: an audio family's latent_layout says only frames_first (its latent [B, T, C])")
     if layout.get("paired_frames") and not (layout.get("frame_axis") and layout.get("patch", 1) == 1):
         raise FamilyError(f"{source}: paired_frames is for an image family with frame_axis and no patch")
     if video and layout.get("packing") == "patches":
@@ -232,7 +234,7 @@ def _check_audio(values: dict[str, Any], source: str) -> None:
         )
     if audio.get("first_step_samples", 0) > audio["hop_length"]:
         raise FamilyError(f"{source}: audio.first_step_samples is at most hop_length")
-    image_keys = ("spatial_compression", "temporal_compression", "latent_layout", "pixel_channels")
+    image_keys = ("spatial_compression", "temporal_compression", "pixel_channels")
     pictures = [key for key in image_keys if key in values]
     if pictures:
         raise FamilyError(f"{source}: an audio family has no {pictures}; its latent is [B, C, T]")

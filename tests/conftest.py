@@ -373,6 +373,20 @@ def tiny_ltx2_vae() -> diffusers.AutoencoderKLLTX2Video:
     return model.eval()
 
 
+def tiny_acestep_vae() -> AutoencoderOobleck:
+    """ACE-Step 1.5's strides (1920 samples of 48 kHz per latent step) and 64-channel latent, narrow elsewhere."""
+    torch.manual_seed(24)
+    return AutoencoderOobleck(
+        encoder_hidden_size=128,
+        downsampling_ratios=[2, 4, 4, 6, 10],
+        channel_multiples=[1, 1, 1, 1, 1],
+        decoder_channels=8,
+        decoder_input_channels=64,
+        audio_channels=2,
+        sampling_rate=48000,
+    ).eval()
+
+
 class Ltx2Sound:
     """LTX-2's audio VAE and vocoder, saved as a pipeline's folders hold them: the VAE at the root, its vocoder in
     vocoder/ (where the server looks for it beside the VAE)."""
@@ -454,6 +468,7 @@ TINY_MODELS = {
     "stableaudio3": tiny_stableaudio3_vae,
     "ltx2": tiny_ltx2_vae,
     "ltx2audio": Ltx2Sound,
+    "acestep": tiny_acestep_vae,
     "taesd": tiny_taesd(4, 12),
     "taesdxl": tiny_taesd(4, 13),
     "taef1": tiny_taesd(16, 14),
@@ -484,6 +499,7 @@ MODEL_CLASSES = {
     "stableaudio3": getattr(diffusers, "AutoencoderSAME", None),
     "ltx2": getattr(diffusers, "AutoencoderKLLTX2Video", None),
     "ltx2audio": getattr(diffusers, "AutoencoderKLLTX2Audio", None),
+    "acestep": AutoencoderOobleck,
     "taesd": AutoencoderTiny,
     "taesdxl": AutoencoderTiny,
     "taef1": AutoencoderTiny,

@@ -744,6 +744,77 @@ def ltx2audio(audio_vae):
     return ltx2(tiny_ltx2_vae(), sound)
 
 
+class StubTokenizer:
+    """A tokenizer of a few ids for AceStepPipeline, which takes prompts, not embeddings: ids from a text's letters."""
+
+    def __call__(self, texts: list[str], **kwargs):
+        ids = torch.tensor([[(sum(map(ord, text)) + i) % 32 for i in range(6)] for text in texts])
+        return type("Tokens", (), {"input_ids": ids, "attention_mask": torch.ones_like(ids)})()
+
+
+class StubTextEncoder(torch.nn.Module):
+    """AceStepPipeline's text encoder as it uses one: hidden states of the prompt's ids, and their embedding layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(32, 16)
+
+    def forward(self, input_ids: torch.Tensor):
+        return type("Encoded", (), {"last_hidden_state": 2 * self.embed(input_ids)})()
+
+    def get_input_embeddings(self) -> torch.nn.Embedding:
+        return self.embed
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+
+def acestep(vae):
+    """AceStepPipeline around ACE-Step's tiny VAE, with a tiny DiT and condition encoder and stub text encoding, for
+    0.2 s of sound (5 latent steps)."""
+    transformer = d.AceStepTransformer1DModel(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        encoder_hidden_size=32,
+    )
+    condition_encoder = d.AceStepConditionEncoder(
+        hidden_size=32,
+        intermediate_size=64,
+        text_hidden_dim=16,
+        num_lyric_encoder_hidden_layers=1,
+        num_timbre_encoder_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+    )
+    pipe = d.AceStepPipeline(
+        vae=vae,
+        text_encoder=StubTextEncoder().eval(),
+        tokenizer=StubTokenizer(),
+        transformer=transformer,
+        condition_encoder=condition_encoder.eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+    )
+    return pipe, dict(prompt="a song", audio_duration=0.2, guidance_scale=1.0)
+
+
+def _peak_at_minus_1_dbfs(audio: torch.Tensor) -> torch.Tensor:
+    """AceStepPipeline after `vae.decode`: a clip whose peak passes 1 divided by it, then every clip's peak set to -1
+    dBFS."""
+    audio = audio.float()
+    audio = audio / audio.abs().amax(dim=[1, 2], keepdim=True).clamp(min=1.0)
+    return audio * (10.0 ** (-1.0 / 20.0) / audio.abs().amax(dim=[1, 2], keepdim=True).clamp(min=1e-6))
+
+
 # What a pipeline returns, where it is not its `frames`, `audios` or `images`: LTX-2's sound, for ltx2audio
 OUTPUTS = {"ltx2audio": "audio"}
 
@@ -758,6 +829,7 @@ AUDIO_AFTER_DECODE = {
     "stableaudio": lambda audio, samples: audio[:, :, :samples],  # cropped to audio_end_in_s
     "stableaudio3": lambda audio, samples: audio[:, :, :samples].clamp(-1.0, 1.0),  # cropped to duration, clipped
     "ltx2audio": lambda audio, samples: audio,  # the vocoder's output as it is
+    "acestep": lambda audio, samples: _peak_at_minus_1_dbfs(audio),
 }
 
 
@@ -790,6 +862,7 @@ PIPELINES = {
     "stableaudio3": stableaudio3,
     "ltx2": ltx2,
     "ltx2audio": ltx2audio,
+    "acestep": acestep,
 }
 
 

@@ -120,8 +120,11 @@ def _plan_video(shape, layout: LatentLayout, height, width, expected: str) -> La
 
 
 def _plan_audio(shape, layout: LatentLayout, height, width, expected: str) -> LatentPlan:
-    """[B, C, T] (or [B, C, T, bins]): held as `height` 1 and `width` T latent steps."""
+    """[B, C, T] (or [B, C, T, bins]; [B, T, C] where the pipeline holds its steps first, which wins where T is C too):
+    held as `height` 1 and `width` T latent steps."""
     dims = 4 if layout.audio_bins else 3
+    if layout.frames_first and len(shape) == 3 and shape[2] == layout.channels:  # as the pipeline holds it (ACE-Step)
+        return LatentPlan(shape, shape[0], 1, shape[1], Arrangement.FRAMES_FIRST)
     if len(shape) == dims and shape[1] == layout.channels and shape[3:] in ((), (layout.audio_bins,)):
         return LatentPlan(shape, shape[0], 1, shape[2])
     if len(shape) == dims and shape[1] == layout.channels:
@@ -180,8 +183,8 @@ def to_canonical(latents: torch.Tensor, plan: LatentPlan, layout: LatentLayout) 
     channels first; `tokens_first` reads a C-contiguous [B, seq, C] instead.
     """
     batch, arrangement = plan.batch, plan.arrangement
-    if arrangement == Arrangement.FRAMES_FIRST:
-        return latents.permute(0, 2, 1, 3, 4).contiguous()
+    if arrangement == Arrangement.FRAMES_FIRST:  # [B, T, C, h, w], or an audio latent's [B, T, C]
+        return latents.transpose(1, 2).contiguous()
     if arrangement == Arrangement.NO_FRAME_AXIS:
         return latents.unsqueeze(2)
     if arrangement == Arrangement.UNFOLDED:

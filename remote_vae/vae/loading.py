@@ -321,6 +321,9 @@ def model_description(family: Family, model: ModelMixin) -> dict[str, Any]:
         "buffers": buffers,
         "frame_axis": family.layout.frame_axis,  # the model takes images as one-frame videos [B, C, 1, h, w]
         "frames_as_batch": family.frames_as_batch,  # the model takes a clip's frames as a batch of images (SVD)
+        # the pipeline holds the latent frames (or steps) first, [B, T, C, ...]: a drop-in sends the VAE's latent so,
+        # which the server reads as that however many channels T is (CogVideoX, ACE-Step)
+        "frames_first": family.layout.frames_first,
         "decoded_frames_first": family.decoded_frames_first,  # its decode returns [B, F, 3, H, W] (Allegro)
         # what the model reads and writes: its own latent, or (a preview decoder) the full family's normalised one
         "latents": str(family.model_latents),

@@ -13,7 +13,7 @@ import pytest
 import requests
 import tiny_pipelines
 import torch
-from conftest import seeded, tensor_of
+from conftest import TINY_MODELS, seeded, tensor_of
 from diffusers.utils.remote_utils import remote_decode, remote_encode
 
 from remote_vae import RemoteVae
@@ -25,7 +25,12 @@ from remote_vae.media import AudioFile, write_audio
 
 FAMILY = "stableaudio"
 RATE, CHANNELS, HOP = 44100, 2, 2048
-AUDIO_FAMILIES = {"stableaudio": (64, 2048), "stableaudio3": (256, 4096)}  # latent channels, samples per step
+# Latent channels and samples per step; ACE-Step's Oobleck (48 kHz) holds its latent steps first
+AUDIO_FAMILIES = {
+    name: (channels, hop)
+    for name, channels, hop in (("stableaudio", 64, 2048), ("stableaudio3", 256, 4096), ("acestep", 64, 1920))
+    if name in TINY_MODELS
+}
 FLAC_STEP = 2.0**-23  # one step of a 24-bit sample
 
 
@@ -82,7 +87,10 @@ def test_decode_is_the_waveform_diffusers_makes(every_family_server, reference, 
         torch.testing.assert_close(client.decode(latents), expected, atol=1e-5, rtol=1e-5)
         wav = AudioHeader.read(client.decode(latents, output="wav"))
         clips = expected.permute(1, 0, 2).reshape(CHANNELS, -1).numpy()
-        np.testing.assert_allclose(wav.samples(RATE, CHANNELS), clips, atol=1e-6)
+        rate = load_family(family).audio.sampling_rate
+        np.testing.assert_allclose(wav.samples(rate, CHANNELS), clips, atol=1e-6)
+        if load_family(family).layout.frames_first:  # as its pipeline holds it, [B, T, C]: the same
+            torch.testing.assert_close(client.decode(latents.transpose(1, 2)), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("family", AUDIO_FAMILIES)
@@ -91,9 +99,14 @@ def test_encode_is_the_encoders_latent(every_family_server, reference, family):
     url = f"{every_family_server.url}/{family}/"
     waveform = local_decode(reference[family], seeded(2, channels, 2, seed=47)).clamp(-1, 1)
     expected = local_mean(reference[family], waveform)
-    torch.testing.assert_close(remote_encode(url, waveform), expected, atol=1e-5, rtol=1e-5)
+    held = load_family(family).layout.as_pipeline_holds(expected)  # ACE-Step's pipeline holds [B, T, C]
+    torch.testing.assert_close(remote_encode(url, waveform), held, atol=1e-5, rtol=1e-5)
     drop_in = RemoteVae(url)
     assert next(drop_in.parameters()).dtype == torch.float32  # SA3's pipelines read the VAE's dtype this way
+    square = seeded(1, channels, channels, seed=48)  # as many latent steps as channels: the drop-in says which is which
+    torch.testing.assert_close(
+        drop_in.decode(square).sample, local_decode(reference[family], square), atol=1e-5, rtol=1e-5
+    )
     encoded = drop_in.encode(waveform)
     got = encoded.latent_dist.mean if hasattr(encoded, "latent_dist") else encoded.latents
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

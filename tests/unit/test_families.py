@@ -50,6 +50,7 @@ EXPECTED_FACTORS = {
     "allegro": (0.13, None),
     "ltx2": (1.0, None),  # with per-channel statistics in the weights
     "ltx2audio": (None, None),  # statistics per channel and latent bin, in the weights
+    "acestep": (None, None),
 }
 VIDEO_FAMILIES = (
     "hunyuanvideo",
