@@ -373,6 +373,20 @@ def tiny_ltx2_vae() -> diffusers.AutoencoderKLLTX2Video:
     return model.eval()
 
 
+def tiny_cogview4_vae() -> AutoencoderKL:
+    """CogView 4's VAE as its conversion script builds it (16 channels, no quant convs nor mid-block attention)."""
+    torch.manual_seed(25)
+    return AutoencoderKL(
+        latent_channels=16,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        mid_block_add_attention=False,
+        scaling_factor=1.0,
+        shift_factor=0.0,
+        **TINY_BLOCKS,
+    ).eval()
+
+
 def tiny_acestep_vae() -> AutoencoderOobleck:
     """ACE-Step 1.5's strides (1920 samples of 48 kHz per latent step) and 64-channel latent, narrow elsewhere."""
     torch.manual_seed(24)
@@ -469,6 +483,7 @@ TINY_MODELS = {
     "ltx2": tiny_ltx2_vae,
     "ltx2audio": Ltx2Sound,
     "acestep": tiny_acestep_vae,
+    "cogview4": tiny_cogview4_vae,
     "taesd": tiny_taesd(4, 12),
     "taesdxl": tiny_taesd(4, 13),
     "taef1": tiny_taesd(16, 14),
@@ -500,6 +515,7 @@ MODEL_CLASSES = {
     "ltx2": getattr(diffusers, "AutoencoderKLLTX2Video", None),
     "ltx2audio": getattr(diffusers, "AutoencoderKLLTX2Audio", None),
     "acestep": AutoencoderOobleck,
+    "cogview4": AutoencoderKL,
     "taesd": AutoencoderTiny,
     "taesdxl": AutoencoderTiny,
     "taef1": AutoencoderTiny,
@@ -530,6 +546,7 @@ NEW_FAMILIES = (
     "hunyuanimage21refiner",
     "allegro",
     "ltx2",
+    "cogview4",
 )
 NEW_FAMILIES = tuple(name for name in NEW_FAMILIES if name in TINY_MODELS)
 

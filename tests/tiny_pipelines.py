@@ -53,6 +53,27 @@ def sd3(vae):
     )
 
 
+def cogview4(vae):
+    transformer = d.CogView4Transformer2DModel(
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        text_embed_dim=32,
+        time_embed_dim=16,
+        condition_dim=4,
+        pos_embed_max_size=16,
+        sample_size=16,
+        rope_axes_dim=(4, 4),
+    )
+    pipe = d.CogView4Pipeline(
+        tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler()
+    )
+    return pipe, dict(prompt_embeds=seeded(1, 8, 32, seed=1), guidance_scale=1.0, **_size())
+
+
 def flux2(vae):
     transformer = d.Flux2Transformer2DModel(
         patch_size=1,
@@ -863,6 +884,7 @@ PIPELINES = {
     "ltx2": ltx2,
     "ltx2audio": ltx2audio,
     "acestep": acestep,
+    "cogview4": cogview4,
 }
 
 

@@ -51,6 +51,7 @@ EXPECTED_FACTORS = {
     "ltx2": (1.0, None),  # with per-channel statistics in the weights
     "ltx2audio": (None, None),  # statistics per channel and latent bin, in the weights
     "acestep": (None, None),
+    "cogview4": (1.0, None),  # its pipeline divides by 1.0 and adds no shift
 }
 VIDEO_FAMILIES = (
     "hunyuanvideo",
@@ -302,6 +303,7 @@ EXACT_TILER = {
     "hunyuanvideo15": HaloTiler,
     "ltxvideo": HaloTiler,
     "ltx2": HaloTiler,
+    "cogview4": GroupNormTiler,
 }  # the rest (CogVideoX, the preview decoders, Sana's DC-AE: attention across the whole image) tile with blend only
 
 
