@@ -34,8 +34,9 @@ from dataclasses import dataclass, field
 from .errors import RequestError
 
 # What a body costs the budget per byte received: the chunks and their join (2), or for JSON the text, its parse and
-# the base64 payload decoded (4).
-BODY_COST, JSON_BODY_COST = 2, 4
+# the base64 payload decoded (4), or for a safetensors body of named tensors the chunks, their join and the copy of
+# each tensor safetensors' deserialize makes (3).
+BODY_COST, JSON_BODY_COST, SAFETENSORS_BODY_COST = 2, 4, 3
 
 log = logging.getLogger("remote_vae")
 

@@ -25,9 +25,10 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from ..errors import ERROR_MEDIA_TYPE, RequestError, error_body
-from ..memory import BODY_COST, JSON_BODY_COST, MemoryBudget, Reservation
+from ..memory import BODY_COST, JSON_BODY_COST, SAFETENSORS_BODY_COST, MemoryBudget, Reservation
 from ..service import VaeService
 from ..settings import Limits, Settings
+from ..vocabulary import SAFETENSORS_TYPE
 from ..wire import (
     JSON_TYPES,
     HttpCall,
@@ -77,8 +78,10 @@ async def read_body(request: Request, limits: Limits, options: Settings, reserva
     own, smaller one), from Content-Length before reading; 408 if it arrives slower than the minimum rate after the
     grace
     period, or not within the body timeout. Waiting for memory does not count against the client."""
-    json_body = media_type(request.headers.get("content-type")) in JSON_TYPES
+    kind = media_type(request.headers.get("content-type"))
+    json_body = kind in JSON_TYPES
     limit, cost = (limits.max_json_bytes, JSON_BODY_COST) if json_body else (limits.max_body_bytes, BODY_COST)
+    cost = SAFETENSORS_BODY_COST if kind == SAFETENSORS_TYPE else cost
     declared = request.headers.get("content-length")
     if declared is not None and not declared.isdigit():
         raise RequestError(f"Content-Length {declared!r} is not a byte count")

@@ -343,6 +343,9 @@ def _ltx(ltx) -> Architecture:
 def _ltx2(ltx2) -> Architecture:
     from diffusers.models import embeddings
 
+    # Its samplers: LTX2Video*sampler3d in newer diffusers, LTXVideo*sampler3d (LTX-2's own, of that name) in 0.37
+    names = ("LTX2VideoUpsampler3d", "LTX2VideoDownsampler3d", "LTXVideoUpsampler3d", "LTXVideoDownsampler3d")
+    samplers = tuple(getattr(ltx2, name) for name in names if hasattr(ltx2, name))
     return Architecture(
         ltx2.LTX2VideoDecoder3d,
         ltx2.LTX2VideoEncoder3d,
@@ -354,10 +357,9 @@ def _ltx2(ltx2) -> Architecture:
         # Its norms normalise each pixel's channels (its convolutions pad by reflection or zeros: either way a band's
         # padded edge lies in its halo); time embeddings, a sample's
         + (
+            *samplers,
             ltx2.LTX2VideoCausalConv3d,
             ltx2.LTX2VideoResnetBlock3d,
-            ltx2.LTX2VideoUpsampler3d,
-            ltx2.LTX2VideoDownsampler3d,
             ltx2.LTX2VideoUpBlock3d,
             ltx2.LTX2VideoDownBlock3D,
             ltx2.PerChannelRMSNorm,

@@ -84,9 +84,11 @@ def model_class(family: Family) -> type[ModelMixin]:
 
 
 def unsupported(family: Family) -> str | None:
-    """Why the installed diffusers cannot build the family, or None when it can."""
+    """Why the installed diffusers cannot build the family (its VAE, or its vocoder), or None when it can."""
     try:
         model_class(family)
+        if family.vocoder is not None:
+            vocoder_class(family)
     except UnsupportedFamily as exc:
         return str(exc)
     return None

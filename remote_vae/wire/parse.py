@@ -171,7 +171,7 @@ def named_latents(data: bytes) -> tuple[RawTensor, RawTensor | None]:
         info = tensors[name]
         if info["dtype"] not in SAFETENSORS_DTYPES:
             raise RequestError(f"{name} is {info['dtype']}; expected {expected}")
-        return RawTensor(tuple(info["shape"]), SAFETENSORS_DTYPES[info["dtype"]], bytes(info["data"]))
+        return RawTensor(tuple(info["shape"]), SAFETENSORS_DTYPES[info["dtype"]], info["data"])  # its one copy
 
     return raw(SOUND_LATENT_NAMES[0]), raw(SOUND_LATENT_NAMES[1]) if SOUND_LATENT_NAMES[1] in tensors else None
 

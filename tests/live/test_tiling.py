@@ -107,7 +107,7 @@ def test_exact_tiling_where_the_model_has_none_is_refused(families_server):
 
 def test_exact_tiling_covers_the_groupnorm_families(reference):
     supported = {name for name, model in reference.items() if GroupNormTiler.supports(model)}
-    assert supported == {"sd15", "sdxl", "flux", "sd3", "flux2", "hunyuanvideo"}
+    assert supported == {"sd15", "sdxl", "flux", "sd3", "flux2", "hunyuanvideo", "cogview4"}
 
 
 def tiled_in_process(model, call, store_limit):
