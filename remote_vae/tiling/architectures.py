@@ -121,45 +121,59 @@ def _ltx_decoder_whole(decoder, x, call):
     return decoder.mid_block(decoder.conv_in(x), _ltx_temb(decoder, call))
 
 
-def _ltx_decoder_banded(decoder, x, call):
-    temb = _ltx_temb(decoder, call)
-    for block in decoder.up_blocks:
-        x = block(x, temb)
-    x = _ltx_norm(decoder.norm_out, x)
-    if decoder.time_embedder is not None:
-        embedded = decoder.time_embedder(
-            timestep=temb.flatten(), resolution=None, aspect_ratio=None, batch_size=x.shape[0], hidden_dtype=x.dtype
-        )
-        shift, scale = (
-            embedded.view(x.shape[0], 2, -1, 1, 1, 1) + decoder.scale_shift_table[None, ..., None, None, None]
-        ).unbind(dim=1)
-        x = x * (1 + scale) + shift
-    x = decoder.conv_out(decoder.conv_act(x))
-    p, p_t = decoder.patch_size, decoder.patch_size_t  # unpatchified as the decoder does, in its order
+def _ltx_time_shift(decoder, x, temb):
+    """The decoder's output scale and shift from its time embedding, where it is timestep-conditioned."""
+    if decoder.time_embedder is None:
+        return x
+    embedded = decoder.time_embedder(
+        timestep=temb.flatten(), resolution=None, aspect_ratio=None, batch_size=x.shape[0], hidden_dtype=x.dtype
+    )
+    shift, scale = (
+        embedded.view(x.shape[0], 2, -1, 1, 1, 1) + decoder.scale_shift_table[None, ..., None, None, None]
+    ).unbind(dim=1)
+    return x * (1 + scale) + shift
+
+
+def _ltx_unpatchify(decoder, x):
+    """The decoder's output patches back to pixels, as the decoder does, in its order."""
+    p, p_t = decoder.patch_size, decoder.patch_size_t
     batch, _, frames, height, width = x.shape
     x = x.reshape(batch, -1, p_t, p, p, frames, height, width)
     return x.permute(0, 1, 5, 2, 6, 4, 7, 3).flatten(6, 7).flatten(4, 5).flatten(2, 3)
 
 
-def _ltx_encoder_banded(encoder, x, call):
-    p, p_t = encoder.patch_size, encoder.patch_size_t  # patchified as the encoder does, in its order
+def _ltx_patchify(encoder, x):
+    """Pixels into the encoder's patches, as the encoder does, in its order."""
+    p, p_t = encoder.patch_size, encoder.patch_size_t
     batch, channels, frames, height, width = x.shape
-    x = (
-        x.reshape(batch, channels, frames // p_t, p_t, height // p, p, width // p, p)
-        .permute(0, 1, 3, 7, 5, 2, 4, 6)
-        .flatten(1, 4)
-    )
-    x = encoder.conv_in(x)
+    x = x.reshape(batch, channels, frames // p_t, p_t, height // p, p, width // p, p)
+    return x.permute(0, 1, 3, 7, 5, 2, 4, 6).flatten(1, 4)
+
+
+def _ltx_last_channel_repeated(x):
+    """The encoder's output with its last channel repeated, as the encoder returns it (one log-variance for all)."""
+    return torch.cat([x, x[:, -1:].repeat(1, x.shape[1] - 2, 1, 1, 1)], dim=1)
+
+
+def _ltx_decoder_banded(decoder, x, call):
+    temb = _ltx_temb(decoder, call)
+    for block in decoder.up_blocks:
+        x = block(x, temb)
+    x = _ltx_time_shift(decoder, _ltx_norm(decoder.norm_out, x), temb)
+    return _ltx_unpatchify(decoder, decoder.conv_out(decoder.conv_act(x)))
+
+
+def _ltx_encoder_banded(encoder, x, call):
+    x = encoder.conv_in(_ltx_patchify(encoder, x))
     for block in encoder.down_blocks:
         x = block(x)
     return x
 
 
 def _ltx_encoder_whole(encoder, x, call):
-    x = encoder.conv_out(encoder.conv_act(_ltx_norm(encoder.norm_out, encoder.mid_block(x))))
-    return torch.cat(
-        [x, x[:, -1:].repeat(1, x.shape[1] - 2, 1, 1, 1)], dim=1
-    )  # the last channel repeated, as the encoder does
+    return _ltx_last_channel_repeated(
+        encoder.conv_out(encoder.conv_act(_ltx_norm(encoder.norm_out, encoder.mid_block(x))))
+    )
 
 
 def _ltx2_temb(decoder, call):
@@ -177,31 +191,13 @@ def _ltx2_decoder_banded(decoder, x, call):
     causal, temb = decoder.is_causal, _ltx2_temb(decoder, call)
     for block in decoder.up_blocks:
         x = block(x, temb, causal=causal)
-    x = decoder.norm_out(x)
-    if decoder.time_embedder is not None:
-        embedded = decoder.time_embedder(
-            timestep=temb.flatten(), resolution=None, aspect_ratio=None, batch_size=x.shape[0], hidden_dtype=x.dtype
-        )
-        shift, scale = (
-            embedded.view(x.shape[0], 2, -1, 1, 1, 1) + decoder.scale_shift_table[None, ..., None, None, None]
-        ).unbind(dim=1)
-        x = x * (1 + scale) + shift
-    x = decoder.conv_out(decoder.conv_act(x), causal=causal)
-    p, p_t = decoder.patch_size, decoder.patch_size_t
-    batch, _, frames, height, width = x.shape
-    x = x.reshape(batch, -1, p_t, p, p, frames, height, width)
-    return x.permute(0, 1, 5, 2, 6, 4, 7, 3).flatten(6, 7).flatten(4, 5).flatten(2, 3)
+    x = _ltx_time_shift(decoder, decoder.norm_out(x), temb)
+    return _ltx_unpatchify(decoder, decoder.conv_out(decoder.conv_act(x), causal=causal))
 
 
 def _ltx2_encoder_banded(encoder, x, call):
-    causal, p, p_t = encoder.is_causal, encoder.patch_size, encoder.patch_size_t
-    batch, channels, frames, height, width = x.shape
-    x = (
-        x.reshape(batch, channels, frames // p_t, p_t, height // p, p, width // p, p)
-        .permute(0, 1, 3, 7, 5, 2, 4, 6)
-        .flatten(1, 4)
-    )
-    x = encoder.conv_in(x, causal=causal)
+    causal = encoder.is_causal
+    x = encoder.conv_in(_ltx_patchify(encoder, x), causal=causal)
     for block in encoder.down_blocks:
         x = block(x, causal=causal)
     return x
@@ -209,9 +205,8 @@ def _ltx2_encoder_banded(encoder, x, call):
 
 def _ltx2_encoder_whole(encoder, x, call):
     causal = encoder.is_causal
-    x = encoder.mid_block(x, causal=causal)
-    x = encoder.conv_out(encoder.conv_act(encoder.norm_out(x)), causal=causal)
-    return torch.cat([x, x[:, -1:].repeat(1, x.shape[1] - 2, 1, 1, 1)], dim=1)
+    x = encoder.conv_out(encoder.conv_act(encoder.norm_out(encoder.mid_block(x, causal=causal))), causal=causal)
+    return _ltx_last_channel_repeated(x)
 
 
 def _draws_no_noise(module: nn.Module) -> bool:
