@@ -77,8 +77,13 @@ def check_vocoded_sound(family, vae) -> None:
     """The sound an audio VAE with a vocoder makes: the vocoder's rate and channels; per latent step, the VAE's mel
     frames (one for the first: it is causal) times the vocoder's upsampling; the latent's bins, the VAE's mel bins
     compressed; and the vocoder reads the VAE's mel channels of all its bins."""
+    import importlib.util
+
     from remote_vae.vae.loading import vocoder_class
 
+    # A module of its own, not a package: diffusers' pipeline packages export their classes only where transformers is
+    # installed, and a plain `pip install .` has none (the README's fresh venv served ltx2 without its sound)
+    assert importlib.util.find_spec(family.vocoder["module"]).submodule_search_locations is None
     with torch.device("meta"):
         vocoder = vocoder_class(family).from_config(family.vocoder["architecture"])
     upsampling, audio = math.prod(vocoder.config.upsample_factors), family.audio
