@@ -75,6 +75,14 @@ TINY_ARCHITECTURES = {
     "AutoencoderKLHunyuanVideo": dict(block_out_channels=[8, 16, 16, 16], layers_per_block=1, norm_num_groups=8),
     "AutoencoderKLWan": dict(base_dim=8, dim_mult=[1, 2, 2, 2], num_res_blocks=1),
     "AutoencoderKLHunyuanVideo15": dict(block_out_channels=[8, 16, 16, 64, 64], layers_per_block=1),
+    "AutoencoderKLLTX2Video": dict(
+        block_out_channels=[8, 8, 16, 16],
+        layers_per_block=[1, 1, 1, 1, 1],
+        decoder_block_out_channels=[16, 32, 64],
+        decoder_layers_per_block=[1, 1, 1, 1],
+    ),
+    "AutoencoderKLLTX2Audio": dict(ch_mult=[1, 1, 1], num_res_blocks=1),  # 128 base channels: its statistics' count
+    "LTX2Vocoder": dict(hidden_channels=32, resnet_kernel_sizes=[3], resnet_dilations=[[1]]),
 }
 
 

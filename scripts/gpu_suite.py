@@ -23,7 +23,8 @@ minimum is skipped with a note; each finished stage prints one line and rewrites
   throughput   1 and 8 concurrent clients, SD1.5 512² and SDXL 1024², batching on and off
   compile      --compile: Flux 1024² decode, compile time apart from decode time
   large        SDXL 4096² exact tiled against untiled (time, peak memory, PSNR); Wan 2.1 832x480x81 to MP4 (time,
-               peak memory, the server's model and media time: how much the MP4 writing overlaps the decode)
+               peak memory, the server's model and media time: how much the MP4 writing overlaps the decode); LTX-2
+               768x512x121 with its sound in one request, to an MP4 with the sound track and to the two tensors
   profile      a torch profiler trace of one SDXL 1024² request through the server's stages (trace.json.gz)
 
 Models are the families' real architectures (--tiny: the tests' widths, at small sizes) with seeded random weights,
@@ -76,6 +77,7 @@ SIZES = {
         "compile": 1024,
         "tiled": 4096,
         "wan": (832, 480, 81),
+        "ltx2": (768, 512, 121),
         "profile": 1024,
         "repeats": 5,
         "warm": 2,
@@ -88,6 +90,7 @@ SIZES = {
         "compile": 64,
         "tiled": 512,
         "wan": (64, 48, 9),
+        "ltx2": (64, 64, 9),
         "profile": 128,
         "repeats": 2,
         "warm": 1,
@@ -205,18 +208,27 @@ class Suite:
 
             from remote_vae.families import load_family
             from remote_vae.vae import RANDOM_WEIGHTS_SEED, model_class
+            from remote_vae.vae.loading import vocoder_class
 
             family = load_family(family_name)
-            architecture = dict(family.architecture)
-            if self.args.tiny:
-                from bench import TINY_ARCHITECTURES
-
-                architecture.update(TINY_ARCHITECTURES[family.model_class])
-            torch.manual_seed(RANDOM_WEIGHTS_SEED)
-            with torch.device(self.args.device):
-                model = model_class(family).from_config(architecture)
             folder = self.scratch / family_name
-            model.save_pretrained(folder)
+            # A family with sound as its pipeline's folder holds it (LTX-2: vae/, audio_vae/, vocoder/), which the
+            # server serves both from; any other the VAE's own folder
+            parts = [(model_class(family), family.architecture, family.hub_subfolder if family.sound else "")]
+            if family.sound:
+                sound = load_family(family.sound)
+                parts.append((model_class(sound), sound.architecture, sound.hub_subfolder))
+                parts.append((vocoder_class(sound), sound.vocoder["architecture"], sound.vocoder["hub_subfolder"]))
+            for cls, architecture, subfolder in parts:
+                architecture = dict(architecture)
+                if self.args.tiny:
+                    from bench import TINY_ARCHITECTURES
+
+                    architecture.update(TINY_ARCHITECTURES[cls.__name__])
+                torch.manual_seed(RANDOM_WEIGHTS_SEED)
+                with torch.device(self.args.device):
+                    model = cls.from_config(architecture)
+                model.save_pretrained(folder / subfolder)
             self.models[family_name] = folder
         return self.models[family_name]
 
@@ -678,6 +690,43 @@ def large(suite: Suite, deadline: float) -> dict:
         "server_stage_ms": stages,
         "media_share": round(stages.get("media", 0) / max(1e-9, sum(stages.values())), 3),
     }
+    if time.monotonic() > deadline:
+        return found | {"ltx2": "skipped: the stage's time ran out"}
+    return found | {"ltx2_with_sound": ltx2_with_sound(suite, sizes["ltx2"])}
+
+
+def ltx2_with_sound(suite: Suite, size: tuple[int, int, int]) -> dict:
+    """LTX-2's video and its sound in one request (its pipeline folder served: vae/, audio_vae/, vocoder/), to an MP4
+    with the sound track and to the two tensors: seconds, bytes, the server's peak and stage times."""
+    import requests
+    import torch
+    from safetensors.torch import save
+
+    width, height, frames = size
+    generator = torch.Generator().manual_seed(17)
+    video = torch.randn(1, 128, (frames - 1) // 8 + 1, height // 32, width // 32, generator=generator)
+    steps = -(-frames * 25 // 24)  # LTX-2's 25 audio latent steps a second, for the clip's frames at 24 fps
+    body = save({"latents": video, "audio_latents": torch.randn(1, 8, steps, 16, generator=generator)})
+    server = suite.server("ltx2")
+    found = {"width": width, "height": height, "frames": frames, "audio_steps": steps}
+    for output_type in ("mp4", "pt"):
+        before = server.stages()
+        began = time.perf_counter()
+        reply = requests.post(
+            server.url + "ltx2/",
+            data=body,
+            params={"output_type": output_type, "fps": 24},
+            headers={"Content-Type": "application/safetensors"},
+            timeout=600,
+        )
+        reply.raise_for_status()
+        found[output_type] = {
+            "seconds": round(time.perf_counter() - began, 2),
+            "bytes": len(reply.content),
+            "samples": int(reply.headers["sample-count"]),
+            "server_stage_ms": per_request(before, server.stages()),
+        }
+    found["server_peak_mib"] = server.peak_mib()
     return found
 
 
