@@ -304,8 +304,21 @@ def _hv15(hv15) -> Architecture:
     )
 
 
+def _time_embeddings() -> tuple[type, ...]:
+    """LTX's time-embedding modules and their norms and projections: each works on a sample's timestep, not on rows."""
+    from diffusers.models import embeddings
+
+    return (
+        nn.LayerNorm,
+        nn.Linear,
+        embeddings.PixArtAlphaCombinedTimestepSizeEmbeddings,
+        embeddings.Timesteps,
+        embeddings.TimestepEmbedding,
+    )
+
+
 def _ltx(ltx) -> Architecture:
-    from diffusers.models import embeddings, normalization
+    from diffusers.models import normalization
 
     return Architecture(
         ltx.LTXVideoDecoder3d,
@@ -325,19 +338,13 @@ def _ltx(ltx) -> Architecture:
             ltx.LTXVideoDownBlock3D,
             ltx.LTXVideo095DownBlock3D,
             normalization.RMSNorm,
-            nn.LayerNorm,
-            nn.Linear,
-            embeddings.PixArtAlphaCombinedTimestepSizeEmbeddings,
-            embeddings.Timesteps,
-            embeddings.TimestepEmbedding,
+            *_time_embeddings(),
         ),
         _draws_no_noise,
     )
 
 
 def _ltx2(ltx2) -> Architecture:
-    from diffusers.models import embeddings
-
     # Its samplers: LTX2Video*sampler3d in newer diffusers, LTXVideo*sampler3d (LTX-2's own, of that name) in 0.37
     names = ("LTX2VideoUpsampler3d", "LTX2VideoDownsampler3d", "LTXVideoUpsampler3d", "LTXVideoDownsampler3d")
     samplers = tuple(getattr(ltx2, name) for name in names if hasattr(ltx2, name))
@@ -358,11 +365,7 @@ def _ltx2(ltx2) -> Architecture:
             ltx2.LTX2VideoUpBlock3d,
             ltx2.LTX2VideoDownBlock3D,
             ltx2.PerChannelRMSNorm,
-            nn.LayerNorm,
-            nn.Linear,
-            embeddings.PixArtAlphaCombinedTimestepSizeEmbeddings,
-            embeddings.Timesteps,
-            embeddings.TimestepEmbedding,
+            *_time_embeddings(),
         ),
         _draws_no_noise,
     )
