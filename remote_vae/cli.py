@@ -277,8 +277,10 @@ def run_one(client, args: argparse.Namespace, source: str, target: Path) -> list
         output = files.get(suffix, "pil")
         options = {"fps": args.fps} if args.fps else {}
         # A file of LTX-2's latents and audio_latents goes in one request to a family with sound: video and sound back
-        pair = load_with_sound(source) if args.key is None and client.family(args.family).get("sound") else None
-        latents, sound = pair or (load_latents(source, args.key), None)
+        if client.family(args.family).get("sound"):
+            latents, sound = load_with_sound(source, args.key)
+        else:
+            latents, sound = load_latents(source, args.key), None
         result = client.decode(
             latents,
             args.family,

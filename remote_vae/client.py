@@ -327,7 +327,21 @@ def error_message(reply: requests.Response) -> str:
 def load_latents(path: str | Path, key: str | None = None) -> torch.Tensor:
     """A latent saved by a pipeline user: .safetensors (safetensors.torch.save_file; `key`, or the only
     tensor), .pt / .pth (torch.save of a tensor or a dict of them), or .npy."""
+    return _named(_saved_tensors(Path(path)), path, key)
+
+
+def load_with_sound(path: str | Path, key: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A file's `latents` and `audio_latents` (LTX-2's pair, as its pipeline names them) where it holds both and no
+    `key` is named; else its latent as load_latents reads it, and no sound. The file is read once."""
     tensors = _saved_tensors(Path(path))
+    if key is None and set(vocabulary.SOUND_LATENT_NAMES) <= set(tensors):
+        video, sound = (tensors[name] for name in vocabulary.SOUND_LATENT_NAMES)
+        return video, sound
+    return _named(tensors, path, key), None
+
+
+def _named(tensors: dict[str, torch.Tensor], path: str | Path, key: str | None) -> torch.Tensor:
+    """The file's tensor `key`, or its only one."""
     if key is not None:
         if key not in tensors:
             raise ValueError(f"{path} holds no tensor {key!r}; it holds {', '.join(tensors) or 'none'}")
@@ -335,14 +349,6 @@ def load_latents(path: str | Path, key: str | None = None) -> torch.Tensor:
     if len(tensors) != 1:
         raise ValueError(f"{path} holds {len(tensors)} tensors ({', '.join(tensors)}); name one with --key")
     return next(iter(tensors.values()))
-
-
-def load_with_sound(path: str | Path) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """A file's `latents` and `audio_latents` (LTX-2's pair, as its pipeline names them), where it holds both."""
-    tensors = _saved_tensors(Path(path))
-    if set(vocabulary.SOUND_LATENT_NAMES) <= set(tensors):
-        return tuple(tensors[name] for name in vocabulary.SOUND_LATENT_NAMES)
-    return None
 
 
 def _saved_tensors(path: Path) -> dict[str, torch.Tensor]:

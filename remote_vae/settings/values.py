@@ -194,15 +194,15 @@ class Settings:
         # A video family's sound family is served beside it (LTX-2's audio VAE and vocoder), from the same pipeline
         # folder where its --model is one
         named = {family.name for family in loaded}
-        wanted = dict.fromkeys(family.sound for family in loaded if family.sound)
-        sounds = tuple(load_family(name) for name in wanted if name not in named)
-        sources = model_sources([family.name for family in loaded], self.models, [sound.name for sound in sounds])
+        sounds = {name: load_family(name) for family in loaded if (name := family.sound) and name not in named}
+        sources = model_sources([family.name for family in loaded], self.models, list(sounds))
         for family in loaded:
-            if family.sound in {sound.name for sound in sounds} and family.name in sources:
-                folder = sound_folder(sources[family.name], load_family(family.sound))
+            sound = sounds.get(family.sound or "")
+            if sound is not None and family.name in sources:
+                folder = sound_folder(sources[family.name], sound)
                 if folder is not None:
-                    sources.setdefault(family.sound, folder)
-        return ServedFamilies(loaded + sounds, sources, named=len(loaded))
+                    sources.setdefault(sound.name, folder)
+        return ServedFamilies(loaded + tuple(sounds.values()), sources, named=len(loaded))
 
 
 @dataclass(frozen=True)

@@ -155,15 +155,13 @@ def network_failure(exc: BaseException | None) -> BaseException | None:
 
 def download_weights(family: Family, target: Path) -> Path:
     """Copy the family's VAE files from the Hub (through the cache) into `target`, a diffusers model directory."""
-    target.mkdir(parents=True, exist_ok=True)
-    for name in WEIGHT_FILES:
-        cached = hf_hub_download(family.hub_repo, name, subfolder=family.hub_subfolder)
-        shutil.copyfile(cached, target / name)
+    folders = [(family.hub_subfolder, target)]
     if family.vocoder is not None:  # found beside the VAE's folder when loaded (load_vocoder)
-        subfolder = family.vocoder["hub_subfolder"]
-        (target / subfolder).mkdir(exist_ok=True)
+        folders.append((family.vocoder["hub_subfolder"], target / family.vocoder["hub_subfolder"]))
+    for subfolder, folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
         for name in WEIGHT_FILES:
-            shutil.copyfile(hf_hub_download(family.hub_repo, name, subfolder=subfolder), target / subfolder / name)
+            shutil.copyfile(hf_hub_download(family.hub_repo, name, subfolder=subfolder), folder / name)
     return target
 
 
@@ -285,8 +283,8 @@ def load_vocoder(family: Family, source: str, dtype: torch.dtype, random_weights
                 f"{path.parent / subfolder} (config.json + diffusion_pytorch_model.safetensors)"
             )
         name, kwargs = str(folder), {}
-    else:
-        name, kwargs = "/".join(source.strip("/").split("/")[:2]), {"subfolder": subfolder}
+    else:  # the repo of the VAE's Hub id, its vocoder's subfolder
+        name, kwargs = _pretrained_args(family, source)[0], {"subfolder": subfolder}
     try:
         return cls.from_pretrained(name, torch_dtype=dtype, **kwargs).eval()
     except (OSError, ValueError) as exc:
@@ -308,18 +306,24 @@ def _load_failure(family: Family, source: str, exc: Exception) -> LoadError:
     return LoadError(f"cannot load {family.name} from {source}{cached}: {exc}{hint}")
 
 
-def model_description(family: Family, model: ModelMixin) -> dict[str, Any]:
+def _plain_config(model: ModelMixin) -> dict[str, Any]:
+    """A model's config as JSON holds it, without diffusers' own `_` keys."""
+    config = {name: value for name, value in model.config.items() if not name.startswith("_")}
+    return json.loads(json.dumps(config, default=str))
+
+
+def model_description(family: Family, model: ModelMixin, vocoder: ModelMixin | None = None) -> dict[str, Any]:
     """What a drop-in VAE (remote_vae.diffusers_vae) needs to stand in for this model in a pipeline: its class, its
     config as diffusers holds it, and the buffers the family's pipeline reads from the weights
-    (`latents_stats_in_weights`: LTX's latents_mean, Flux.2's batch-norm statistics)."""
-    config = {name: value for name, value in model.config.items() if not name.startswith("_")}
+    (`latents_stats_in_weights`: LTX's latents_mean, Flux.2's batch-norm statistics); and the config of the vocoder the
+    server runs after it (LTX-2's audio), which a drop-in's stand-in holds."""
     names = family.latents_stats_in_weights or {}
     buffers = {
         name: model.get_buffer(name).detach().float().cpu().tolist() for key, name in names.items() if key != "eps"
     }
     return {
         "class": type(model).__name__,
-        "config": json.loads(json.dumps(config, default=str)),
+        "config": _plain_config(model),
         "buffers": buffers,
         "frame_axis": family.layout.frame_axis,  # the model takes images as one-frame videos [B, C, 1, h, w]
         "frames_as_batch": family.frames_as_batch,  # the model takes a clip's frames as a batch of images (SVD)
@@ -332,6 +336,7 @@ def model_description(family: Family, model: ModelMixin) -> dict[str, Any]:
         "encoder_output": encoder_output(model),
         # the class of that distribution, where it is not diffusers' DiagonalGaussianDistribution (Oobleck's)
         "distribution": distribution_class(model),
+        **({"vocoder": _plain_config(vocoder)} if vocoder is not None else {}),
     }
 
 

@@ -9,7 +9,6 @@ cache and runs again one sample at a time, then tiled, as far as the model can; 
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Callable
@@ -120,9 +119,7 @@ class LoadedVae:
         # What do_scaling=True undoes: the family's factors or statistics, or those in the weights.
         self.normalisation: Normalisation = own_normalisation(self.family, weight_stats(self.family, self.model))
         # What a drop-in VAE needs (GET /families), read once: it copies buffers from the device
-        self.description = model_description(self.family, self.model)
-        if self.vocoder is not None:  # the vocoder the server runs after the VAE (LTX-2's audio): a drop-in's stand-in
-            self.description["vocoder"] = json.loads(json.dumps(dict(self.vocoder.config), default=str))
+        self.description = model_description(self.family, self.model, self.vocoder)
         # The decode keyword for a decode timestep, where the model is conditioned on one (LTX 0.9.1+).
         timestep = self.family.decode_timestep
         self.timestep_argument = timestep if timestep and self.model.config.get("timestep_conditioning", True) else None

@@ -148,7 +148,7 @@ MAX_SAFETENSORS_HEADER = 64 * 1024
 
 
 def named_latents(data: bytes) -> tuple[RawTensor, RawTensor | None]:
-    """A safetensors body's `latents` and, where it has them, `audio_latents` (docs/protocol.md §2.1)."""
+    """A safetensors body's `latents` and, where it has them, `audio_latents` (docs/protocol.md §2.2)."""
     from safetensors import SafetensorError, deserialize
 
     expected = f"a safetensors file of {' and '.join(SOUND_LATENT_NAMES)} ({', '.join(SAFETENSORS_DTYPES)})"
